@@ -1,0 +1,36 @@
+# keyrotation: `make demo` and `make test` do all set-up on a fresh clone.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+UV_VERSION := 0.13.9
+export PYTHONPATH := $(CURDIR)/include:$(CURDIR)/plugins:$(CURDIR)/dags
+
+.PHONY: install test demo up lint lock bench clean
+
+$(VENV)/.installed: requirements.txt constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(VENV)/bin/uv pip install --quiet --python $(PY) -r requirements.txt -c constraints.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest
+
+demo: install
+	$(PY) scripts/demo.py
+
+up: install
+	$(PY) scripts/up.py
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff check --select AIR3 dags plugins
+
+lock: install
+	$(VENV)/bin/uv pip freeze --python $(PY) | grep -v -E '^(uv|pip)==' > constraints.txt
+
+clean:
+	rm -rf var

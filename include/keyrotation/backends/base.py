@@ -1,0 +1,94 @@
+"""The interface every KMS backend implements, named after Tink's plain key-management terms."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class KeyVersion:
+    number: int
+    created_at: datetime | None
+
+
+@dataclass(frozen=True)
+class KeyState:
+    """What the KMS says about a master key. Holds no key material."""
+
+    key_ref: str
+    exists: bool
+    latest_version: int = 0
+    min_decryption_version: int = 1
+    min_encryption_version: int = 0
+    min_available_version: int = 0
+    versions: dict[int, KeyVersion] = field(default_factory=dict)
+
+    def created_at(self, version: int) -> datetime | None:
+        v = self.versions.get(version)
+        return v.created_at if v else None
+
+    def summary(self) -> dict:
+        """A JSON-safe summary for logs and XCom."""
+        return {
+            "key_ref": self.key_ref,
+            "exists": self.exists,
+            "latest_version": self.latest_version,
+            "min_decryption_version": self.min_decryption_version,
+            "min_encryption_version": self.min_encryption_version,
+            "versions": {
+                str(n): v.created_at.isoformat() if v.created_at else None for n, v in sorted(self.versions.items())
+            },
+        }
+
+
+class KmsBackend(abc.ABC):
+    """A master key in a KMS, with versions.
+
+    ``wrap``/``unwrap`` protect small secrets (data keys, KEKs); the plaintext they take or give
+    must stay in memory and never reach a log, an exception or XCom.
+    """
+
+    kind: str
+    key_ref: str
+
+    @abc.abstractmethod
+    def key_state(self) -> KeyState: ...
+
+    @abc.abstractmethod
+    def create_key(self) -> KeyState: ...
+
+    @abc.abstractmethod
+    def rotate(self) -> int:
+        """Add a new primary version; return its number."""
+
+    @abc.abstractmethod
+    def wrap(self, plaintext: bytes, version: int | None = None) -> str:
+        """Encrypt a small secret with ``version`` (default: the primary); the result names its version."""
+
+    @abc.abstractmethod
+    def unwrap(self, wrapped: str) -> bytes: ...
+
+    @abc.abstractmethod
+    def rewrap(self, wrapped: list[str], version: int | None = None) -> list[str]:
+        """Re-encrypt wrapped secrets under ``version`` without exposing them (server-side where possible)."""
+
+    @abc.abstractmethod
+    def version_of(self, wrapped: str) -> int:
+        """The key version a wrapped secret was made with, read from the wrapped form alone."""
+
+    @abc.abstractmethod
+    def retire_below(self, min_version: int, *, trim: bool = False) -> KeyState:
+        """Make versions below ``min_version`` unusable for encryption and decryption (and delete them if trim)."""
+
+    def is_version_usable(self, version: int) -> bool:
+        """Round-trip a random probe through ``version``: true when it encrypts and decrypts."""
+        import secrets
+
+        probe = secrets.token_bytes(32)
+        try:
+            wrapped = self.wrap(probe, version)
+            return self.version_of(wrapped) == version and self.unwrap(wrapped) == probe
+        except Exception:  # noqa: BLE001 - any failure means "not usable yet"
+            return False

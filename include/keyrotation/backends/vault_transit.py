@@ -1,0 +1,147 @@
+"""HashiCorp Vault / OpenBao Transit secrets engine, through an ``hvac.Client``."""
+
+from __future__ import annotations
+
+import base64
+import re
+from datetime import UTC, datetime
+
+import hvac
+from hvac.exceptions import InvalidPath, VaultError
+
+from keyrotation.backends.base import KeyState, KeyVersion, KmsBackend
+from keyrotation.errors import BackendError, KeyNotFoundError
+
+_CIPHERTEXT = re.compile(r"^vault:v(\d+):")
+# OpenBao's default JSON limits refuse a rewrap batch of 500 strings; 250 passes.
+REWRAP_BATCH = 250
+
+
+def _created(value: object) -> datetime | None:
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, tz=UTC)
+    if isinstance(value, dict) and "creation_time" in value:
+        return datetime.fromisoformat(str(value["creation_time"]).replace("Z", "+00:00"))
+    return None
+
+
+class VaultTransitBackend(KmsBackend):
+    kind = "vault_transit"
+
+    def __init__(self, client: hvac.Client, key_ref: str, mount_point: str = "transit") -> None:
+        self.client = client
+        self.key_ref = key_ref
+        self.mount_point = mount_point
+        self._transit = client.secrets.transit
+
+    def _fail(self, action: str, exc: Exception) -> BackendError:
+        # hvac errors carry the server's message, which never contains plaintext.
+        return BackendError(f"Transit key {self.key_ref!r} at mount {self.mount_point!r}: {action} failed: {exc}")
+
+    def key_state(self) -> KeyState:
+        try:
+            data = self._transit.read_key(self.key_ref, mount_point=self.mount_point)["data"]
+        except InvalidPath:
+            return KeyState(key_ref=self.key_ref, exists=False)
+        except VaultError as exc:
+            raise self._fail("read key", exc) from None
+        versions = {int(n): KeyVersion(int(n), _created(v)) for n, v in (data.get("keys") or {}).items()}
+        return KeyState(
+            key_ref=self.key_ref,
+            exists=True,
+            latest_version=int(data["latest_version"]),
+            min_decryption_version=int(data.get("min_decryption_version") or 1),
+            min_encryption_version=int(data.get("min_encryption_version") or 0),
+            min_available_version=int(data.get("min_available_version") or 0),
+            versions=versions,
+        )
+
+    def create_key(self) -> KeyState:
+        try:
+            self._transit.create_key(self.key_ref, key_type="aes256-gcm96", mount_point=self.mount_point)
+        except VaultError as exc:
+            raise self._fail("create key", exc) from None
+        return self.key_state()
+
+    def _require_key(self) -> KeyState:
+        state = self.key_state()
+        if not state.exists:
+            raise KeyNotFoundError(f"Transit key {self.key_ref!r} does not exist at mount {self.mount_point!r}")
+        return state
+
+    def rotate(self) -> int:
+        before = self._require_key().latest_version
+        try:
+            self._transit.rotate_key(self.key_ref, mount_point=self.mount_point)
+        except VaultError as exc:
+            raise self._fail("rotate", exc) from None
+        after = self.key_state().latest_version
+        if after <= before:
+            raise BackendError(f"Transit key {self.key_ref!r}: rotate did not add a version (still v{after})")
+        return after
+
+    def wrap(self, plaintext: bytes, version: int | None = None) -> str:
+        try:
+            resp = self._transit.encrypt_data(
+                self.key_ref,
+                base64.b64encode(plaintext).decode("ascii"),
+                key_version=version,
+                mount_point=self.mount_point,
+            )
+        except VaultError as exc:
+            raise self._fail(f"encrypt with version {version or 'latest'}", exc) from None
+        return resp["data"]["ciphertext"]
+
+    def unwrap(self, wrapped: str) -> bytes:
+        try:
+            resp = self._transit.decrypt_data(self.key_ref, wrapped, mount_point=self.mount_point)
+        except VaultError as exc:
+            raise self._fail(f"decrypt (ciphertext version v{self.version_of(wrapped)})", exc) from None
+        return base64.b64decode(resp["data"]["plaintext"])
+
+    def rewrap(self, wrapped: list[str], version: int | None = None) -> list[str]:
+        out: list[str] = []
+        for start in range(0, len(wrapped), REWRAP_BATCH):
+            batch = [{"ciphertext": c} for c in wrapped[start : start + REWRAP_BATCH]]
+            try:
+                resp = self._transit.rewrap_data(
+                    self.key_ref, ciphertext="", batch_input=batch, key_version=version, mount_point=self.mount_point
+                )
+            except VaultError as exc:
+                raise self._fail("rewrap", exc) from None
+            for i, item in enumerate(resp["data"]["batch_results"]):
+                if item.get("error"):
+                    raise BackendError(
+                        f"Transit key {self.key_ref!r}: rewrap of item {start + i} failed: {item['error']}"
+                    )
+                out.append(item["ciphertext"])
+        return out
+
+    def version_of(self, wrapped: str) -> int:
+        match = _CIPHERTEXT.match(wrapped or "")
+        if not match:
+            raise BackendError(f"Transit key {self.key_ref!r}: not a Transit ciphertext (no vault:vN: prefix)")
+        return int(match.group(1))
+
+    def retire_below(self, min_version: int, *, trim: bool = False) -> KeyState:
+        state = self._require_key()
+        if min_version > state.latest_version:
+            raise BackendError(
+                f"Transit key {self.key_ref!r}: cannot retire below v{min_version}, latest is v{state.latest_version}"
+            )
+        try:
+            # min_encryption_version first, in its own request (Transit checks each against the stored other):
+            # a retired version must never encrypt again, and 0 does not mean "latest only" (OpenBao#3508).
+            self._transit.update_key_configuration(
+                self.key_ref, min_encryption_version=max(min_version, state.min_encryption_version),
+                mount_point=self.mount_point,
+            )
+            self._transit.update_key_configuration(
+                self.key_ref, min_decryption_version=max(min_version, state.min_decryption_version),
+                mount_point=self.mount_point,
+            )
+            if trim:
+                self._transit.trim_key(self.key_ref, min_version=min_version, mount_point=self.mount_point)
+        except VaultError as exc:
+            raise self._fail(f"retire versions below v{min_version}", exc) from None
+        return self.key_state()

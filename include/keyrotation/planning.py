@@ -1,0 +1,62 @@
+"""Which partitions a re-encryption run touches, and how they are cut into mapped-task chunks."""
+
+from __future__ import annotations
+
+import logging
+from datetime import date
+
+from keyrotation.census import Census
+from keyrotation.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Airflow's [core] max_map_length default: a mapped task may fan out over at most this many items.
+MAX_MAPPED_TASKS = 1024
+SCOPES = ("auto", "interval", "sweep", "range")
+
+
+def _date(value: str, field: str) -> str:
+    try:
+        return date.fromisoformat(value).isoformat()
+    except (TypeError, ValueError):
+        raise ConfigError(f"parameter {field}: {value!r} is not a date (YYYY-MM-DD)") from None
+
+
+def select_partitions(census: Census, target_version: int, mode: str, scope: str, *,
+                      interval_partition: str | None = None, partition_from: str | None = None,
+                      partition_to: str | None = None) -> list[str]:
+    """Partitions in scope that are not yet under ``target_version``.
+
+    ``interval``: the run's own partition (a scheduled or backfill run); ``range``: partitions from
+    ``partition_from`` to ``partition_to`` inclusive; ``sweep``: every partition of the dataset.
+    """
+    if scope not in SCOPES or scope == "auto":
+        raise ConfigError(f"parameter scope: {scope!r} must be one of interval, sweep, range")
+    needing = set(census.needing(target_version, mode))
+    if scope == "interval":
+        if not interval_partition:
+            raise ConfigError("parameter scope: 'interval' needs a run with a data interval (scheduled or backfill)")
+        if interval_partition not in census.partitions and interval_partition not in census.errors:
+            log.warning("%s: no partition %s (no data for this interval); nothing to do", census.dataset,
+                        interval_partition)
+            return []
+        candidates = [interval_partition]
+    elif scope == "range":
+        if not partition_from or not partition_to:
+            raise ConfigError("parameters partition_from and partition_to are both required for scope 'range'")
+        low, high = _date(partition_from, "partition_from"), _date(partition_to, "partition_to")
+        if low > high:
+            raise ConfigError(f"parameter partition_from: {low} is after partition_to {high}")
+        candidates = [p for p in [*census.partitions, *census.errors] if low <= p <= high]
+    else:
+        candidates = [*census.partitions, *census.errors]
+    # Unreadable partitions are planned too: the engine records their failure in the ledger.
+    return sorted(p for p in candidates if p in needing or p in census.errors)
+
+
+def chunk(partitions: list[str], chunk_size: int, max_chunks: int = MAX_MAPPED_TASKS) -> list[list[str]]:
+    """Split into chunks of ``chunk_size``, enlarged if needed to stay within ``max_chunks``."""
+    if not partitions:
+        return []
+    size = max(chunk_size, -(-len(partitions) // max_chunks))
+    return [partitions[i : i + size] for i in range(0, len(partitions), size)]

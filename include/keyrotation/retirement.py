@@ -1,0 +1,98 @@
+"""The retirement gate: the one place that decides whether old key versions may be retired.
+
+Every retire path goes through :func:`retire`. It refuses unless the census of every dataset of
+the key class shows no partition under a version being retired (and none unreadable), the grace
+period since the current version became the reference has passed, and, where the policy says
+so, a person approved.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+from keyrotation import ledger as lg
+from keyrotation.backends.base import KeyState, KmsBackend
+from keyrotation.census import Census
+from keyrotation.config import KeyClass
+from keyrotation.errors import RetirementRefused
+from keyrotation.ledger import Ledger, RunContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetirementPlan:
+    key_class: str
+    reference_version: int
+    current_min_version: int
+    new_min_version: int
+
+    @property
+    def versions(self) -> list[int]:
+        return list(range(self.current_min_version, self.new_min_version))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "versions": self.versions}
+
+
+def plan_retirement(kc: KeyClass, state: KeyState, reference_version: int | None) -> RetirementPlan | None:
+    """Versions older than the newest ``versions_kept`` (counted back from the reference); None if none."""
+    if reference_version is None:
+        raise RetirementRefused(f"key class {kc.name!r}: no current version recorded in the ledger yet")
+    new_min = max(1, reference_version - kc.retire.versions_kept + 1)
+    if new_min <= state.min_decryption_version:
+        return None
+    return RetirementPlan(kc.name, reference_version, state.min_decryption_version, new_min)
+
+
+def gate_reasons(kc: KeyClass, plan: RetirementPlan, censuses: list[Census], reference_time: datetime | None,
+                 approval: dict | None, now: datetime) -> list[str]:
+    """Why retirement must not happen now; empty when every condition holds."""
+    reasons: list[str] = []
+    for census in censuses:
+        if census.errors:
+            reasons.append(f"dataset {census.dataset}: {len(census.errors)} partitions unreadable, cannot prove "
+                           f"they are not under v{plan.versions[0]}..v{plan.versions[-1]}: "
+                           + ", ".join(sorted(census.errors)[:5]))
+        old = census.under(plan.new_min_version)
+        if old:
+            reasons.append(f"dataset {census.dataset}: {len(old)} partitions still under versions below "
+                           f"v{plan.new_min_version}: " + ", ".join(old[:5]) + (" ..." if len(old) > 5 else ""))
+    grace = kc.retire.grace_period
+    if reference_time is None:
+        reasons.append(f"no time recorded for reference v{plan.reference_version}; cannot check the grace period")
+    elif now - reference_time < grace:
+        reasons.append(f"grace period of {grace} since v{plan.reference_version} became current "
+                       f"({reference_time.isoformat()}) ends at {(reference_time + grace).isoformat()}")
+    if kc.retire.approval_required and not (approval and approval.get("approved")):
+        reasons.append("the retire policy requires an approval and none was given")
+    return reasons
+
+
+def retire(backend: KmsBackend, kc: KeyClass, plan: RetirementPlan, censuses: list[Census], ledger: Ledger,
+           ctx: RunContext, *, approval: dict | None = None, now: datetime | None = None) -> KeyState:
+    """Retire ``plan.versions`` if the gate passes; otherwise record the refusal and raise."""
+    now = now or datetime.now(UTC)
+    reference = ledger.current_reference(kc.name)
+    reference_time = reference["recorded_at"] if reference else None
+    if reference_time is not None and reference_time.tzinfo is None:
+        reference_time = reference_time.replace(tzinfo=UTC)
+    reasons = gate_reasons(kc, plan, censuses, reference_time, approval, now)
+    detail = {"plan": plan.to_dict(), "census": [c.summary() for c in censuses]}
+    if reasons:
+        ledger.record(lg.RETIREMENT_REFUSED, kc.name, ctx, status="refused",
+                      from_version=plan.current_min_version, to_version=plan.new_min_version,
+                      detail={**detail, "reasons": reasons})
+        message = f"key class {kc.name!r}: retirement of v{plan.versions[0]}..v{plan.versions[-1]} refused: " + \
+            "; ".join(reasons)
+        log.error(message)
+        raise RetirementRefused(message)
+    state = backend.retire_below(plan.new_min_version, trim=kc.retire.trim)
+    ledger.record(lg.VERSIONS_RETIRED, kc.name, ctx, from_version=plan.current_min_version,
+                  to_version=plan.new_min_version, actor=(approval or {}).get("approved_by") or ctx.actor,
+                  detail={**detail, "trim": kc.retire.trim, "approval": approval})
+    log.info("key class %s: retired v%s..v%s (min_decryption_version now v%s)", kc.name, plan.versions[0],
+             plan.versions[-1], state.min_decryption_version)
+    return state

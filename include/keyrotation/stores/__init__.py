@@ -1,0 +1,1 @@
+"""Stores: where encrypted datasets live and how their partitions are laid out."""

@@ -1,0 +1,136 @@
+"""A partitioned dataset on a pyarrow filesystem: ``<root>/dt=YYYY-MM-DD/part-NNNNN.parquet``.
+
+Each partition directory holds a manifest, ``_PARTITION.json``, that names the partition's live
+data files. Writing the manifest (to a temporary name, then a rename) is the single commit point
+of a re-encryption, so a reader that follows the manifest always sees one consistent generation
+of files, whatever point a writer crashed at. Files not named by the manifest are leftovers of an
+interrupted run and are removed by :meth:`PartitionStore.clean`.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from keyrotation.errors import PartitionError
+from keyrotation.formats.parquet_pme import KEY_MATERIAL_PREFIX, key_material_path
+
+MANIFEST = "_PARTITION.json"
+STAGING_PREFIX = ".staging-"
+# pyarrow's rotate_master_keys writes new key material under this prefix, then renames it.
+PYARROW_TEMP_PREFIX = "_TMP"
+_GENERATION = re.compile(r"^part-(\d+)\.parquet$")
+
+
+@dataclass
+class Manifest:
+    files: list[str]
+    generation: int = 1
+    rows: int | None = None
+    bytes: int | None = None
+    digest: str | None = None
+    written_under_version: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def open_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and root path for a local path or a filesystem URI."""
+    if "://" not in location:
+        location = str(Path(location).expanduser().resolve())
+    try:
+        return pafs.FileSystem.from_uri(location)
+    except (ValueError, OSError) as exc:
+        raise PartitionError(location, f"cannot open dataset location: {exc}") from None
+
+
+class PartitionStore:
+    def __init__(self, location: str, partitioning: str = "dt") -> None:
+        self.location = location
+        self.partitioning = partitioning
+        self.fs, self.root = open_filesystem(location)
+
+    # -- layout -------------------------------------------------------------------------------
+    def partition_dir(self, partition: str) -> str:
+        return posixpath.join(self.root, f"{self.partitioning}={partition}")
+
+    def path(self, partition: str, name: str) -> str:
+        return posixpath.join(self.partition_dir(partition), name)
+
+    def require_root(self) -> None:
+        info = self.fs.get_file_info(self.root)
+        if info.type != pafs.FileType.Directory:
+            raise PartitionError("*", f"dataset location {self.location} does not exist or is not a directory")
+
+    def list_partitions(self) -> list[str]:
+        self.require_root()
+        prefix = f"{self.partitioning}="
+        names = [
+            posixpath.basename(i.path)
+            for i in self.fs.get_file_info(pafs.FileSelector(self.root))
+            if i.type == pafs.FileType.Directory
+        ]
+        return sorted(n[len(prefix):] for n in names if n.startswith(prefix))
+
+    def _listing(self, partition: str) -> list[str]:
+        directory = self.partition_dir(partition)
+        info = self.fs.get_file_info(directory)
+        if info.type != pafs.FileType.Directory:
+            raise PartitionError(partition, f"partition directory {directory} does not exist")
+        return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(pafs.FileSelector(directory)))
+
+    # -- manifest -----------------------------------------------------------------------------
+    def read_manifest(self, partition: str) -> Manifest | None:
+        path = self.path(partition, MANIFEST)
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        try:
+            with self.fs.open_input_stream(path) as stream:
+                return Manifest(**json.loads(stream.read()))
+        except (ValueError, TypeError) as exc:
+            raise PartitionError(partition, f"manifest {path} is not valid: {exc}") from None
+
+    def write_manifest(self, partition: str, manifest: Manifest) -> None:
+        """Commit point: write to a temporary name, then rename over the manifest."""
+        tmp = self.path(partition, f"{STAGING_PREFIX}{MANIFEST}")
+        with self.fs.open_output_stream(tmp) as stream:
+            stream.write(json.dumps(asdict(manifest), indent=1, sort_keys=True).encode())
+        self.fs.move(tmp, self.path(partition, MANIFEST))
+
+    def live_files(self, partition: str) -> list[str]:
+        """The partition's data files: those in the manifest, else every visible ``*.parquet``."""
+        manifest = self.read_manifest(partition)
+        if manifest is not None:
+            return list(manifest.files)
+        files = [n for n in self._listing(partition) if n.endswith(".parquet") and not n.startswith((".", "_"))]
+        if not files:
+            raise PartitionError(partition, "partition holds no Parquet files")
+        return files
+
+    def next_generation(self, partition: str) -> int:
+        manifest = self.read_manifest(partition)
+        gens = [int(m.group(1)) for n in self._listing(partition) if (m := _GENERATION.match(n))]
+        return max([manifest.generation if manifest else 0, *gens]) + 1
+
+    def clean(self, partition: str) -> list[str]:
+        """Remove what an interrupted run left: staging files and files the manifest does not name."""
+        manifest = self.read_manifest(partition)
+        if manifest is None:
+            return []
+        keep = {MANIFEST, *manifest.files, *(posixpath.basename(key_material_path(f)) for f in manifest.files)}
+        removed = []
+        for name in self._listing(partition):
+            stray = name.startswith((STAGING_PREFIX, PYARROW_TEMP_PREFIX)) or (
+                name not in keep and (name.endswith(".parquet") or name.startswith(KEY_MATERIAL_PREFIX))
+            )
+            if stray:
+                self.fs.delete_file(self.path(partition, name))
+                removed.append(name)
+        return removed
+
+    def size(self, partition: str, files: list[str]) -> int:
+        return sum(self.fs.get_file_info(self.path(partition, f)).size or 0 for f in files)

@@ -1,0 +1,196 @@
+"""Re-encryption engine against a real OpenBao: rewrap, reencrypt, crashes, validation."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from helpers import CANARY, customers, days, runtime, seed
+from keyrotation import ledger as lg
+from keyrotation.errors import BackendError, ValidationError
+from keyrotation.formats.digest import table_digest
+from keyrotation.formats.parquet_pme import key_material_path
+
+
+def _hashes(root: Path, pattern: str) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob(pattern))}
+
+
+def _read_all(rt, dataset, partitions):
+    engine = rt.engine(dataset)
+    return {p: table_digest(engine._read(p, rt.store(dataset).live_files(p))) for p in partitions}
+
+
+def test_rewrap_30_partitions_keeps_data_files_and_reads_after_old_version_retired(make_key_class, vault):
+    config = make_key_class(mode="rewrap")
+    rt = runtime(config, vault)
+    parts = days("2024-01-01", 30)
+    v1 = seed(rt, "customers", parts)
+    root = Path(config.dataset("customers").location)
+    data_before = _hashes(root, "part-*.parquet")
+    material_before = _hashes(root, "_KEY_MATERIAL_FOR_*")
+    assert rt.census("customers").by_version() == {v1: 30}
+
+    v2 = rt.backend.rotate()
+    assert v2 == v1 + 1
+    engine = rt.engine("customers")
+    results = engine.run(parts, lambda p: engine.process(p, v2, "rewrap"))
+    assert [r.action for r in results] == ["rewrapped"] * 30
+
+    assert _hashes(root, "part-*.parquet") == data_before  # data files untouched
+    material_after = _hashes(root, "_KEY_MATERIAL_FOR_*")
+    assert material_after.keys() == material_before.keys()
+    assert all(material_after[k] != material_before[k] for k in material_before)
+    assert rt.census("customers").by_version() == {v2: 30}
+
+    rt.backend.retire_below(v2)
+    assert rt.backend.key_state().min_decryption_version == v2
+    for p in parts:
+        assert rt.engine("customers")._read(p, rt.store("customers").live_files(p)).equals(customers(p))
+
+    # Idempotent: a second run does nothing and records nothing new.
+    before = len(rt.ledger.rows())
+    again = engine.run(parts, lambda p: engine.process(p, v2, "rewrap"))
+    assert {r.action for r in again} == {"up_to_date"}
+    assert len(rt.ledger.rows()) == before
+
+
+def test_reencrypt_writes_new_data_keys_and_identical_plaintext(make_key_class, vault):
+    config = make_key_class(mode="reencrypt")
+    rt = runtime(config, vault)
+    parts = days("2024-02-01", 5)
+    seed(rt, "customers", parts)
+    root = Path(config.dataset("customers").location)
+    data_before = _hashes(root, "part-*.parquet")
+    digests_before = _read_all(rt, "customers", parts)
+
+    v2 = rt.backend.rotate()
+    engine = rt.engine("customers")
+    results = engine.run(parts, lambda p: engine.process(p, v2, "reencrypt"))
+    assert [r.action for r in results] == ["reencrypted"] * 5
+    data_after = _hashes(root, "part-*.parquet")
+    assert set(data_after).isdisjoint(data_before)  # new generation of files, old ones gone
+    assert len(data_after) == 5
+    rt.backend.retire_below(v2)
+    assert _read_all(rt, "customers", parts) == digests_before
+    for p in parts:
+        assert engine.validate(p, min_version=v2).action == "validated"
+    rows = rt.ledger.rows(events_in=(lg.PARTITION_REENCRYPTED,))
+    assert [r["partition"] for r in rows] == parts
+    assert all(r["from_version"] == v2 - 1 and r["to_version"] == v2 and r["rows"] == 50 for r in rows)
+
+
+@pytest.mark.parametrize("point", ["staged", "material_moved", "data_moved", "committed", "cleaned"])
+def test_crash_at_any_step_leaves_partition_decryptable_and_rerun_completes(make_key_class, vault, point):
+    config = make_key_class(mode="reencrypt")
+    rt = runtime(config, vault)
+    parts = days("2024-03-01", 2)
+    seed(rt, "customers", parts)
+    expected = _read_all(rt, "customers", parts)
+    v2 = rt.backend.rotate()
+
+    class Crash(Exception):
+        pass
+
+    def crash(name):
+        if name == point:
+            raise Crash(name)
+
+    crashing = rt.engine("customers", checkpoint=crash)
+    with pytest.raises(Crash):
+        crashing.process(parts[0], v2, "reencrypt")
+    # Right after the crash, every partition still decrypts to what it held.
+    assert _read_all(rt, "customers", parts) == expected
+
+    engine = rt.engine("customers")
+    results = engine.run(parts, lambda p: engine.process(p, v2, "reencrypt"))
+    assert results[0].action in ("reencrypted", "reconciled")
+    assert results[1].action == "reencrypted"
+    rt.backend.retire_below(v2)
+    assert _read_all(rt, "customers", parts) == expected
+    assert rt.census("customers").by_version() == {v2: 2}
+    # Exactly one generation of files per partition remains.
+    root = Path(config.dataset("customers").location)
+    assert sorted(p.parent.name for p in root.rglob("*.parquet")) == [f"dt={p}" for p in parts]
+    # The second run did not re-encrypt the first partition twice when the crash came after the commit.
+    if point in ("committed", "cleaned"):
+        assert results[0].action == "reconciled"
+
+
+def test_crash_during_rewrap_leaves_partitions_decryptable(make_key_class, vault):
+    config = make_key_class(mode="rewrap")
+    rt = runtime(config, vault)
+    parts = days("2024-04-01", 3)
+    seed(rt, "customers", parts)
+    expected = _read_all(rt, "customers", parts)
+    v2 = rt.backend.rotate()
+    calls = []
+
+    def crash(name):
+        calls.append(name)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+
+    engine = rt.engine("customers", checkpoint=crash)
+    with pytest.raises(RuntimeError):
+        for p in parts:
+            engine.process(p, v2, "rewrap")
+    assert _read_all(rt, "customers", parts) == expected
+    assert rt.census("customers").by_version() == {v2: 2, v2 - 1: 1}
+    engine = rt.engine("customers")
+    # The second partition was re-wrapped but the crash came before its ledger row: reconciled, not redone.
+    assert [r.action for r in engine.run(parts, lambda p: engine.process(p, v2, "rewrap"))] == [
+        "up_to_date", "reconciled", "rewrapped"]
+    rt.backend.retire_below(v2)
+    assert _read_all(rt, "customers", parts) == expected
+
+
+def test_tampered_partition_fails_alone_and_is_left_untouched(make_key_class, vault):
+    config = make_key_class(mode="reencrypt")
+    rt = runtime(config, vault)
+    parts = days("2024-05-01", 3)
+    seed(rt, "customers", parts)
+    root = Path(config.dataset("customers").location)
+    material = Path(key_material_path(str(root / f"dt={parts[1]}" / "part-00001.parquet")))
+    material.write_text("{not json")
+    before = _hashes(root / f"dt={parts[1]}", "*")
+    v2 = rt.backend.rotate()
+    engine = rt.engine("customers")
+    results = engine.run(parts, lambda p: engine.process(p, v2, "reencrypt"))
+    assert [r.action for r in results] == ["reencrypted", "failed", "reencrypted"]
+    assert parts[1] in results[1].error and "key material is not valid" in results[1].error
+    assert _hashes(root / f"dt={parts[1]}", "*") == before
+    failed = rt.ledger.rows(events_in=(lg.PARTITION_FAILED,))
+    assert [r["partition"] for r in failed] == [parts[1]]
+    census = rt.census("customers")
+    assert list(census.errors) == [parts[1]]
+    assert CANARY not in results[1].error
+
+
+def test_validation_detects_a_digest_mismatch(make_key_class, vault):
+    config = make_key_class(mode="reencrypt")
+    rt = runtime(config, vault)
+    [part] = days("2024-06-01", 1)
+    v1 = seed(rt, "customers", [part])
+    engine = rt.engine("customers")
+    assert engine.validate(part).action == "validated"
+    # Replace the partition's content behind the ledger's back: validation must catch it.
+    engine.write_partition(part, customers(part, rows=49), v1)
+    rt.ledger.record(lg.PARTITION_REWRAPPED, rt.name, dataset="customers", partition=part, to_version=v1,
+                     digest=table_digest(customers(part)))
+    with pytest.raises(ValidationError, match=part):
+        engine.validate(part)
+
+
+def test_wrong_key_class_for_dataset_is_named(make_key_class, vault):
+    config = make_key_class(name="pii", mode="rewrap")
+    rt = runtime(config, vault)
+    [part] = days("2024-07-01", 1)
+    seed(rt, "customers", [part])
+    other = runtime(make_key_class(name="other", mode="rewrap", dataset="customers"), vault)
+    other.backend.create_key()
+    with pytest.raises(BackendError, match="protected by master key"):
+        other.pme("customers").wrapping_versions(
+            rt.store("customers").path(part, "part-00001.parquet"), rt.store("customers").fs)
