@@ -15,9 +15,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 _AIRFLOW_HOME = tempfile.mkdtemp(prefix="keyrotation-airflow-")
+# Tests write their key classes (and one DAG file each) into these session folders, so that
+# dag.test(), which re-parses the DAG folder, finds every test DAG.
+CONFIG_DIR = Path(_AIRFLOW_HOME) / "config"
+DAGS_DIR = Path(_AIRFLOW_HOME) / "dags"
+CONFIG_DIR.mkdir()
+DAGS_DIR.mkdir()
 os.environ.update({
     "AIRFLOW_HOME": _AIRFLOW_HOME,
-    "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+    "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_DIR),
+    "KEYROTATION_CONFIG_DIR": str(CONFIG_DIR),
     "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
     "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
     "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
@@ -69,14 +76,22 @@ datasets:
 """
 
 
+DAG_STUB = """\
+\"\"\"Airflow DAGs of test key class {name}.\"\"\"
+from keyrotation_factory import key_class_dags
+
+globals().update(key_class_dags("{name}"))
+"""
+
+
 @pytest.fixture
 def make_key_class(tmp_path, monkeypatch, openbao):
-    """Write a key class file (unique Transit key per test) into a fresh config dir; return its config."""
+    """Write a key class file (unique Transit key per test) and its DAG file; return its config.
+
+    DAG tests must give each key class a name no other test uses.
+    """
     from keyrotation.config import load_key_class
 
-    config_dir = tmp_path / "config"
-    config_dir.mkdir()
-    monkeypatch.setenv("KEYROTATION_CONFIG_DIR", str(config_dir))
     monkeypatch.setenv("KEYROTATION_LEDGER_URL", f"sqlite:///{tmp_path / 'ledger.db'}")
 
     def make(name="pii", mode="rewrap", dataset="customers", grace="0s", chunk_size=16, **overrides):
@@ -86,7 +101,8 @@ def make_key_class(tmp_path, monkeypatch, openbao):
         )
         for old, new in overrides.items():
             text = text.replace(old, new)
-        (config_dir / f"{name}.yaml").write_text(text)
+        (CONFIG_DIR / f"{name}.yaml").write_text(text)
+        (DAGS_DIR / f"{name}.py").write_text(DAG_STUB.format(name=name))
         return load_key_class(name)
 
     return make

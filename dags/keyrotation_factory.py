@@ -1,0 +1,200 @@
+"""Builds the DAGs of one key class from its config file: wiring only, no logic.
+
+Each key class gets ``rotate__<key_class>``, ``retire__<key_class>`` and one
+``reencrypt__<dataset>`` per dataset. A DAG file per key class calls :func:`key_class_dags`, so a
+bad config fails that file's import with a message naming the file, the key class and the field,
+and every other DAG keeps loading.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.providers.standard.operators.hitl import ApprovalOperator
+from airflow.sdk import DAG, Asset, AssetAny, AssetOrTimeSchedule, CronDataIntervalTimetable, Param
+
+from keyrotation.config import KeyClassConfig, load_key_class
+from keyrotation_airflow.operators.reencrypt import (
+    CensusSummaryOperator,
+    PlanReencryptionOperator,
+    ReencryptPartitionsOperator,
+    ValidatePartitionsOperator,
+)
+from keyrotation_airflow.operators.retire import RetireKeyVersionsOperator
+from keyrotation_airflow.operators.rotation import RotateKeyOperator, UpdateKeyReferenceOperator
+from keyrotation_airflow.sensors.census import CensusGateSensor
+from keyrotation_airflow.sensors.key_version import KeyVersionReadySensor
+
+DEFAULT_ARGS = {"owner": "keyrotation", "retries": 2, "retry_delay": timedelta(minutes=1)}
+
+
+def key_class_asset(name: str) -> Asset:
+    return Asset(name=f"keyrotation.key_class.{name}", uri=f"keyrotation://key-class/{name}", group="keyrotation")
+
+
+def dataset_asset(name: str) -> Asset:
+    return Asset(name=f"keyrotation.dataset.{name}", uri=f"keyrotation://dataset/{name}", group="keyrotation")
+
+
+def _start(date: str) -> datetime:
+    return datetime.fromisoformat(date).replace(tzinfo=None)
+
+
+ROTATE_DOC = """
+### Rotate key class `{name}`
+
+Checks the master key `{key_ref}` ({backend}, connection `{conn_id}`): when the current version is
+older than {due} days (cryptoperiod {period} days), or when triggered with **force**, creates a new
+version, waits until it is usable, records it in the ledger as the key class's current version and
+emits the asset `keyrotation.key_class.{name}`, which starts a re-encryption sweep of every dataset
+under this key class. Not due: the run is skipped and the skip is recorded.
+
+Config: `{source}`.
+"""
+
+REENCRYPT_DOC = """
+### Re-encrypt dataset `{dataset}` (key class `{name}`)
+
+Brings partitions of `{location}` under the key class's current master key version, mode
+**{mode}** by default (`rewrap`: new key material, data files untouched; `reencrypt`: new data
+keys, data rewritten). Each partition is idempotent and crash-safe, then validated by decrypting it
+and comparing its digest with the ledger.
+
+- A **scheduled or backfill** run handles its own partition, `dt=<data interval start>`:
+  `airflow backfill create --dag-id reencrypt__{dataset} --from-date 2024-01-01 --to-date 2024-01-31`.
+- A run started by the key class asset (after a rotation) or **by hand** sweeps every partition
+  the census finds under an older version, fanned out in chunks of {chunk}.
+"""
+
+RETIRE_DOC = """
+### Retire old versions of key class `{name}`
+
+Waits (census gate) until no partition of any dataset of the key class is under a version older
+than the newest {kept}, then retires them through the retirement gate: grace period {grace} since
+the current version became the reference{approval}. Otherwise the retire task fails, with the
+reasons in its log and in the ledger. Nothing due: the run is skipped.
+"""
+
+
+def build_rotation_dag(config: KeyClassConfig) -> DAG:
+    kc = config.key_class
+    with DAG(
+        dag_id=f"rotate__{kc.name}",
+        description=f"Rotate the master key of key class {kc.name}",
+        schedule=kc.rotation.schedule,
+        start_date=_start("2024-01-01"),
+        catchup=False,
+        max_active_runs=1,
+        default_args=DEFAULT_ARGS,
+        tags=["keyrotation", "rotate", kc.name, kc.backend],
+        doc_md=ROTATE_DOC.format(name=kc.name, key_ref=kc.key_ref, backend=kc.backend, conn_id=kc.conn_id,
+                                 due=kc.rotation.due_after.days, period=kc.rotation.cryptoperiod.days,
+                                 source=config.source),
+        render_template_as_native_obj=True,
+        params={
+            "force": Param(False, type="boolean", title="Force",
+                           description="Rotate even if the current version is not due yet."),
+            "reason": Param(None, type=["null", "string"], title="Reason",
+                            description="Why this rotation runs; recorded in the ledger."),
+        },
+    ) as dag:
+        rotate = RotateKeyOperator(task_id="rotate_key", key_class=kc.name, force="{{ params.force }}",
+                                   reason="{{ params.reason }}")
+        ready = KeyVersionReadySensor(task_id="wait_version_ready", key_class=kc.name,
+                                      version="{{ ti.xcom_pull(task_ids='rotate_key') }}",
+                                      poke_interval=10, timeout=3600, mode="reschedule")
+        reference = UpdateKeyReferenceOperator(task_id="update_reference", key_class=kc.name,
+                                               version="{{ ti.xcom_pull(task_ids='rotate_key') }}",
+                                               outlets=[key_class_asset(kc.name)])
+        rotate >> ready >> reference
+    return dag
+
+
+def build_reencrypt_dag(config: KeyClassConfig, dataset: str) -> DAG:
+    kc, ds = config.key_class, config.dataset(dataset)
+    trigger = key_class_asset(kc.name)
+    schedule = (AssetOrTimeSchedule(timetable=CronDataIntervalTimetable(ds.schedule, timezone="UTC"),
+                                    assets=[trigger]) if ds.schedule else [trigger])
+    with DAG(
+        dag_id=f"reencrypt__{ds.name}",
+        description=f"Re-encrypt dataset {ds.name} under the current version of key class {kc.name}",
+        schedule=schedule,
+        start_date=_start(ds.start_date),
+        catchup=False,
+        default_args=DEFAULT_ARGS,
+        tags=["keyrotation", "reencrypt", kc.name],
+        doc_md=REENCRYPT_DOC.format(dataset=ds.name, name=kc.name, location=ds.location,
+                                    mode=kc.reencryption.mode, chunk=kc.reencryption.chunk_size),
+        render_template_as_native_obj=True,
+        params={
+            "scope": Param("auto", type="string", enum=["auto", "sweep", "range", "interval"], title="Scope",
+                           description="auto: the run's own partition for scheduled/backfill runs, every "
+                                       "partition under an old version otherwise; range: the dates below."),
+            "partition_from": Param(None, type=["null", "string"], format="date", title="From partition",
+                                    description="First partition date for scope 'range'."),
+            "partition_to": Param(None, type=["null", "string"], format="date", title="To partition",
+                                  description="Last partition date for scope 'range'."),
+            "mode": Param(None, type=["null", "string"], enum=[None, "rewrap", "reencrypt"], title="Mode",
+                          description=f"Override the key class's mode ({kc.reencryption.mode})."),
+            "dry_run": Param(False, type="boolean", title="Dry run",
+                             description="Log the census and the plan; change nothing."),
+        },
+    ) as dag:
+        plan = PlanReencryptionOperator(
+            task_id="plan", key_class=kc.name, dataset=ds.name, scope="{{ params.scope }}",
+            partition_from="{{ params.partition_from }}", partition_to="{{ params.partition_to }}",
+            mode="{{ params.mode }}", dry_run="{{ params.dry_run }}",
+        )
+        reencrypt = ReencryptPartitionsOperator.partial(
+            task_id="reencrypt", key_class=kc.name, dataset=ds.name, retries=3,
+            map_index_template="{{ task.partitions[0] }}..{{ task.partitions[-1] }}",
+        ).expand_kwargs(plan.output)
+        validate = ValidatePartitionsOperator.partial(
+            task_id="validate", key_class=kc.name, dataset=ds.name,
+        ).expand(results=reencrypt.output)
+        summary = CensusSummaryOperator(task_id="census_after", key_class=kc.name, dataset=ds.name,
+                                        trigger_rule="none_failed", outlets=[dataset_asset(ds.name)])
+        plan >> reencrypt >> validate >> summary
+    return dag
+
+
+def build_retire_dag(config: KeyClassConfig) -> DAG:
+    kc = config.key_class
+    policy = kc.retire
+    assets = [dataset_asset(ds.name) for ds in config.datasets]
+    with DAG(
+        dag_id=f"retire__{kc.name}",
+        description=f"Retire old master key versions of key class {kc.name}",
+        schedule=AssetAny(*assets) if assets else "@daily",
+        start_date=_start("2024-01-01"),
+        catchup=False,
+        max_active_runs=1,
+        default_args={**DEFAULT_ARGS, "retries": 0},
+        tags=["keyrotation", "retire", kc.name],
+        doc_md=RETIRE_DOC.format(name=kc.name, kept=policy.versions_kept, grace=policy.grace_period,
+                                 approval=", and a human approval" if policy.approval_required else ""),
+    ) as dag:
+        gate = CensusGateSensor(task_id="census_gate", key_class=kc.name, poke_interval=300,
+                                timeout=policy.census_timeout.total_seconds(), mode="reschedule")
+        retire = RetireKeyVersionsOperator(task_id="retire_versions", key_class=kc.name,
+                                           approval_task_id="approve" if policy.approval_required else None)
+        if policy.approval_required:
+            approve = ApprovalOperator(
+                task_id="approve",
+                subject=f"Retire old versions of key class {kc.name}?",
+                body=f"The census gate passed: no partition of {', '.join(d.name for d in config.datasets)} is "
+                     f"under a version due for retirement. See the census_gate log for the figures.",
+                response_timeout=policy.approval_timeout,
+            )
+            gate >> approve >> retire
+        else:
+            gate >> retire
+    return dag
+
+
+def key_class_dags(name: str) -> dict[str, DAG]:
+    """All DAGs of key class ``name``, by dag_id; raises ConfigError for a bad config file."""
+    config = load_key_class(name)
+    dags = [build_rotation_dag(config), build_retire_dag(config)]
+    dags += [build_reencrypt_dag(config, ds.name) for ds in config.datasets]
+    return {dag.dag_id: dag for dag in dags}

@@ -1,0 +1,175 @@
+"""Operators of the re-encryption DAG: plan (census), re-encrypt chunks, validate, summarise."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowException
+
+from keyrotation.planning import chunk, select_partitions
+from keyrotation_airflow.operators.rotation import as_bool
+from keyrotation_airflow.runtime import key_class_runtime, run_context
+
+INTERVAL_RUN_TYPES = ("scheduled", "backfill")
+
+
+def _run_type(context: Any) -> str:
+    run_type = getattr(context.get("dag_run"), "run_type", "") or ""
+    return getattr(run_type, "value", str(run_type))
+
+
+class PlanReencryptionOperator(BaseOperator):
+    """
+    Take the census of a dataset and plan the partitions to bring under the key class's current version.
+
+    Returns a list of ``{"partitions": [...], "target_version": N, "mode": ...}``, one per mapped
+    re-encryption task (chunked to stay under Airflow's ``max_map_length``).
+
+    :param key_class: Key class name. (templated)
+    :param dataset: Dataset name within the key class. (templated)
+    :param scope: ``auto`` (the run's own partition for scheduled and backfill runs, every partition
+        otherwise), ``interval``, ``range`` or ``sweep``. (templated)
+    :param partition_from: First partition (YYYY-MM-DD) for scope ``range``. (templated)
+    :param partition_to: Last partition (YYYY-MM-DD) for scope ``range``. (templated)
+    :param mode: ``rewrap`` or ``reencrypt``; default: the key class's policy. (templated)
+    :param dry_run: Log the plan and change nothing. (templated)
+    """
+
+    template_fields: Sequence[str] = ("key_class", "dataset", "scope", "partition_from", "partition_to", "mode",
+                                      "dry_run")
+    ui_color = "#e3f4d7"
+
+    def __init__(self, *, key_class: str, dataset: str, scope: str = "auto", partition_from: str | None = None,
+                 partition_to: str | None = None, mode: str | None = None, dry_run: bool | str = False,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.key_class = key_class
+        self.dataset = dataset
+        self.scope = scope
+        self.partition_from = partition_from
+        self.partition_to = partition_to
+        self.mode = mode
+        self.dry_run = dry_run
+
+    def execute(self, context: Any) -> list[dict]:
+        rt = key_class_runtime(self.key_class)
+        policy = rt.config.key_class.reencryption
+        mode = self.mode or policy.mode
+        target = rt.target_version()
+        census = rt.census(self.dataset)
+        self.log.info("before: %s; target v%s, mode %s", census.format(), target, mode)
+        scope = self.scope
+        if scope == "auto":
+            scope = "interval" if _run_type(context) in INTERVAL_RUN_TYPES else "sweep"
+        start = context.get("data_interval_start")
+        partitions = select_partitions(
+            census, target, mode, scope, interval_partition=start.date().isoformat() if start else None,
+            partition_from=self.partition_from, partition_to=self.partition_to,
+        )
+        chunks = chunk(partitions, policy.chunk_size)
+        self.log.info("plan (%s): %d partitions to bring under v%s in %d chunks: %s", scope, len(partitions),
+                      target, len(chunks), ", ".join(partitions[:10]) + (" ..." if len(partitions) > 10 else ""))
+        if as_bool(self.dry_run):
+            self.log.info("dry run: nothing changed")
+            return []
+        return [{"partitions": c, "target_version": target, "mode": mode} for c in chunks]
+
+
+class ReencryptPartitionsOperator(BaseOperator):
+    """
+    Bring a chunk of partitions under ``target_version`` (idempotent, crash-safe per partition).
+
+    A failing partition is recorded in the ledger and does not stop the others; the task fails at
+    the end, naming every failed partition. Returns one result per partition (no key material).
+
+    :param key_class: Key class name. (templated)
+    :param dataset: Dataset name. (templated)
+    :param partitions: Partition values (``YYYY-MM-DD``).
+    :param target_version: Master key version to bring them under.
+    :param mode: ``rewrap`` or ``reencrypt``.
+    """
+
+    template_fields: Sequence[str] = ("key_class", "dataset")
+    ui_color = "#e3f4d7"
+
+    def __init__(self, *, key_class: str, dataset: str, partitions: list[str], target_version: int, mode: str,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.key_class = key_class
+        self.dataset = dataset
+        self.partitions = partitions
+        self.target_version = target_version
+        self.mode = mode
+
+    def execute(self, context: Any) -> list[dict]:
+        rt = key_class_runtime(self.key_class)
+        engine = rt.engine(self.dataset, run_context(context))
+        target = int(self.target_version)
+        results = engine.run(list(self.partitions), lambda p: engine.process(p, target, self.mode))
+        failed = [r for r in results if r.action == "failed"]
+        if failed:
+            raise AirflowException(f"{self.dataset}: {len(failed)} of {len(results)} partitions failed: "
+                                   + "; ".join(f"{r.partition}: {r.error}" for r in failed))
+        return [r.to_dict() for r in results]
+
+
+class ValidatePartitionsOperator(BaseOperator):
+    """
+    Decrypt each re-encrypted partition and check its digest against the ledger, and that its keys
+    are all under the target version.
+
+    :param key_class: Key class name. (templated)
+    :param dataset: Dataset name. (templated)
+    :param results: The re-encryption task's results for one chunk.
+    """
+
+    template_fields: Sequence[str] = ("key_class", "dataset")
+    ui_color = "#d7e8f4"
+
+    def __init__(self, *, key_class: str, dataset: str, results: list[dict], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.key_class = key_class
+        self.dataset = dataset
+        self.results = results
+
+    def execute(self, context: Any) -> list[dict]:
+        rt = key_class_runtime(self.key_class)
+        engine = rt.engine(self.dataset, run_context(context))
+        targets = {r["partition"]: r["to_version"] for r in self.results}
+        validated = engine.run(list(targets), lambda p: engine.validate(p, min_version=targets[p]))
+        failed = [r for r in validated if r.action == "failed"]
+        if failed:
+            raise AirflowException(f"{self.dataset}: validation failed for {len(failed)} partitions: "
+                                   + "; ".join(f"{r.partition}: {r.error}" for r in failed))
+        self.log.info("%s: %d partitions decrypt to their recorded digests", self.dataset, len(validated))
+        return [r.to_dict() for r in validated]
+
+
+class CensusSummaryOperator(BaseOperator):
+    """
+    Log the dataset's census after the run and emit the dataset's Asset event with it.
+
+    :param key_class: Key class name. (templated)
+    :param dataset: Dataset name. (templated)
+    """
+
+    template_fields: Sequence[str] = ("key_class", "dataset")
+
+    def __init__(self, *, key_class: str, dataset: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.key_class = key_class
+        self.dataset = dataset
+
+    def execute(self, context: Any) -> dict:
+        rt = key_class_runtime(self.key_class)
+        census = rt.census(self.dataset)
+        target = rt.target_version()
+        self.log.info("after: %s; %d partitions under versions older than v%s", census.format(),
+                      len(census.under(target)), target)
+        summary = {**census.summary(), "key_class": rt.name, "current_version": target,
+                   "under_old_versions": len(census.under(target))}
+        for outlet in self.outlets:
+            context["outlet_events"][outlet].extra = summary
+        return summary

@@ -1,0 +1,59 @@
+"""Operator of the retirement DAG: retire old versions through the one retirement gate."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from keyrotation.errors import RetirementRefused
+from keyrotation.retirement import plan_retirement, retire
+from keyrotation_airflow.runtime import key_class_runtime, run_context
+
+
+def approval_from_hitl(result: dict | None) -> dict | None:
+    """The ledger's approval record from an ApprovalOperator's XCom result."""
+    if not result:
+        return None
+    return {
+        "approved": "Approve" in (result.get("chosen_options") or []),
+        "approved_by": str(result.get("responded_by_user") or result.get("responded_by") or ""),
+        "responded_at": str(result.get("responded_at") or ""),
+    }
+
+
+class RetireKeyVersionsOperator(BaseOperator):
+    """
+    Retire the key class's versions older than the newest ``versions_kept`` (raise
+    ``min_decryption_version``, and trim if the policy says so), only if the retirement gate passes:
+    census clean, grace period over, approval given where required. Otherwise the task fails, and
+    does not retry, with the reasons in the log and in the ledger.
+
+    :param key_class: Key class name. (templated)
+    :param approval_task_id: Task whose XCom holds the human approval, if the policy requires one.
+    """
+
+    template_fields: Sequence[str] = ("key_class",)
+    ui_color = "#f4a1a1"
+
+    def __init__(self, *, key_class: str, approval_task_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.key_class = key_class
+        self.approval_task_id = approval_task_id
+
+    def execute(self, context: Any) -> dict:
+        rt = key_class_runtime(self.key_class)
+        plan = plan_retirement(rt.config.key_class, rt.backend.key_state(), rt.ledger.current_version(rt.name))
+        if plan is None:
+            raise AirflowSkipException(f"key class {rt.name}: no version is due for retirement")
+        approval = None
+        if self.approval_task_id:
+            approval = approval_from_hitl(context["ti"].xcom_pull(task_ids=self.approval_task_id))
+        try:
+            state = retire(rt.backend, rt.config.key_class, plan, rt.censuses(), rt.ledger, run_context(context),
+                           approval=approval)
+        except RetirementRefused as exc:
+            raise AirflowFailException(str(exc)) from None
+        return {"retired": plan.versions, "min_decryption_version": state.min_decryption_version}

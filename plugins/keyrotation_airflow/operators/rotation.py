@@ -1,0 +1,87 @@
+"""Operators of the rotation DAG: create the new master key version, then make it the reference."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowSkipException
+
+from keyrotation import ledger as lg
+from keyrotation.rotation import check_rotation, create_version, update_reference
+from keyrotation_airflow.runtime import key_class_runtime, run_context
+
+
+def as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+class RotateKeyOperator(BaseOperator):
+    """
+    Check a key class's master key (state, age against the rotation policy) and create a new version
+    when rotation is due. Skips, and records the skip in the ledger, when it is not due.
+
+    Returns the new version number (XCom). Creates the key first when it does not exist and the key
+    class has ``create_if_missing``.
+
+    :param key_class: Key class name (file ``<config dir>/<key_class>.yaml``). (templated)
+    :param force: Rotate even when the current version is not yet due. (templated)
+    :param reason: Why this rotation runs, recorded in the ledger. (templated)
+    """
+
+    template_fields: Sequence[str] = ("key_class", "force", "reason")
+    ui_color = "#f4d7a1"
+
+    def __init__(self, *, key_class: str, force: bool | str = False, reason: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.key_class = key_class
+        self.force = force
+        self.reason = reason
+
+    def execute(self, context: Any) -> int:
+        rt = key_class_runtime(self.key_class)
+        ctx = run_context(context)
+        state = rt.backend.key_state()
+        check = check_rotation(rt.config.key_class, state, rt.ledger.current_version(rt.name),
+                               force=as_bool(self.force))
+        self.log.info("key class %s (%s %s): %s -> %s", rt.name, rt.config.key_class.backend,
+                      rt.config.key_class.key_ref, check.reason, check.action)
+        if not check.due:
+            rt.ledger.record(lg.ROTATION_SKIPPED, rt.name, ctx, status="skipped",
+                             from_version=check.latest_version, detail={"check": check.reason})
+            raise AirflowSkipException(f"key class {rt.name}: rotation not due: {check.reason}")
+        version = create_version(rt.backend, check, rt.ledger, ctx, reason=self.reason)
+        self.log.info("key class %s: master key now at v%s", rt.name, version)
+        return version
+
+
+class UpdateKeyReferenceOperator(BaseOperator):
+    """
+    Record a version as the key class's current version in the ledger (the reference every
+    re-encryption targets) and emit the key class's Asset event with the new version in its extra.
+
+    :param key_class: Key class name. (templated)
+    :param version: The version to make current, usually pulled from the rotate task. (templated)
+    """
+
+    template_fields: Sequence[str] = ("key_class", "version")
+    ui_color = "#f4d7a1"
+
+    def __init__(self, *, key_class: str, version: int | str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.key_class = key_class
+        self.version = version
+
+    def execute(self, context: Any) -> dict:
+        rt = key_class_runtime(self.key_class)
+        version = int(self.version)
+        previous = update_reference(rt.name, version, rt.ledger, run_context(context))
+        self.log.info("key class %s: current version v%s (was %s)", rt.name, version,
+                      f"v{previous}" if previous else "none")
+        extra = {"key_class": rt.name, "version": version, "previous_version": previous}
+        for outlet in self.outlets:
+            context["outlet_events"][outlet].extra = extra
+        return extra

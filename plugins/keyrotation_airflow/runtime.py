@@ -1,0 +1,26 @@
+"""Glue between an Airflow task and the core: config, backend, ledger and the run context."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from keyrotation.config import load_key_class
+from keyrotation.ledger import Ledger, RunContext
+from keyrotation.runtime import KeyClassRuntime
+from keyrotation_airflow.hooks.kms import KeyClassKmsHook
+
+
+def run_context(context: Any) -> RunContext:
+    """Who acts, for the ledger: the task instance, and the user who triggered the run if any."""
+    ti = context["ti"]
+    dag_run = context.get("dag_run")
+    actor = getattr(dag_run, "triggering_user_name", None) if dag_run is not None else None
+    return RunContext(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id, try_number=ti.try_number,
+                      actor=actor)
+
+
+def key_class_runtime(key_class: str) -> KeyClassRuntime:
+    """Load the key class config afresh (so a run sees the file as it is now) and connect its KMS."""
+    config = load_key_class(key_class)
+    backend = KeyClassKmsHook(config.key_class).get_backend()
+    return KeyClassRuntime(config, backend, Ledger())

@@ -1,0 +1,42 @@
+"""Sensor: the census gate before retirement."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.sdk import BaseSensorOperator
+from airflow.sdk.exceptions import AirflowSkipException
+
+from keyrotation.retirement import plan_retirement
+from keyrotation_airflow.runtime import key_class_runtime
+
+
+class CensusGateSensor(BaseSensorOperator):
+    """
+    Wait until no partition of any dataset of the key class is under a version due for retirement.
+
+    Skips (and so skips retirement) when no version is due for retirement.
+
+    :param key_class: Key class name. (templated)
+    """
+
+    template_fields: Sequence[str] = ("key_class",)
+    ui_color = "#d7e8f4"
+
+    def __init__(self, *, key_class: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.key_class = key_class
+
+    def poke(self, context: Any) -> bool:
+        rt = key_class_runtime(self.key_class)
+        plan = plan_retirement(rt.config.key_class, rt.backend.key_state(), rt.ledger.current_version(rt.name))
+        if plan is None:
+            raise AirflowSkipException(f"key class {rt.name}: no version is due for retirement")
+        blocking = 0
+        for census in rt.censuses():
+            old = census.under(plan.new_min_version)
+            blocking += len(old) + len(census.errors)
+            self.log.info("%s; %d partitions under versions below v%s", census.format(), len(old),
+                          plan.new_min_version)
+        return blocking == 0

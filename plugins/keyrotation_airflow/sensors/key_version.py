@@ -1,0 +1,54 @@
+"""Sensor: wait until a new master key version is usable (HSM-backed keys take a while)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from airflow.sdk import BaseSensorOperator, conf
+from airflow.sdk.exceptions import AirflowException
+
+from keyrotation_airflow.triggers.key_version import KeyVersionReadyTrigger, version_usable
+
+
+class KeyVersionReadySensor(BaseSensorOperator):
+    """
+    Wait until ``version`` of a key class's master key encrypts and decrypts a random probe.
+
+    :param key_class: Key class name. (templated)
+    :param version: The version to wait for, usually pulled from the rotate task. (templated)
+    :param deferrable: Wait in the triggerer instead of a worker slot.
+        (default: False, or ``[operators] default_deferrable``)
+    """
+
+    template_fields: Sequence[str] = ("key_class", "version")
+    ui_color = "#d7e8f4"
+
+    def __init__(self, *, key_class: str, version: int | str,
+                 deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.key_class = key_class
+        self.version = version
+        self.deferrable = deferrable
+
+    def execute(self, context: Any) -> Any:
+        if self.deferrable and not self.poke(context):
+            self.defer(
+                trigger=KeyVersionReadyTrigger(self.key_class, int(self.version), float(self.poke_interval)),
+                method_name="execute_complete",
+                timeout=timedelta(seconds=self.timeout),
+            )
+        elif not self.deferrable:
+            super().execute(context=context)
+
+    def execute_complete(self, context: Any, event: dict | None = None) -> None:
+        if not event or event.get("status") != "ready":
+            raise AirflowException(f"key class {self.key_class}: waiting for v{self.version} failed: {event}")
+        self.log.info("key class %s: v%s is usable", self.key_class, event["version"])
+
+    def poke(self, context: Any) -> bool:
+        ready = version_usable(self.key_class, int(self.version))
+        self.log.info("key class %s: v%s %s", self.key_class, self.version, "usable" if ready else "not usable yet")
+        return ready
