@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -167,6 +166,3 @@ class Ledger:
                 events.c.status == "ok",
             )
         )
-
-    def iter_events(self) -> Iterator[dict]:
-        yield from self.rows()
