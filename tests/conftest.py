@@ -33,9 +33,8 @@ os.environ.update({
     "KEYROTATION_HOME": str(Path(_AIRFLOW_HOME) / "keyrotation"),
 })
 
+from helpers import CONN_ID, DAG_STUB, KEY_CLASS_YAML  # noqa: E402
 from keyrotation.devserver import OpenBaoDevServer  # noqa: E402
-
-CONN_ID = "vault_keyrotation"
 
 
 @pytest.fixture(scope="session")
@@ -49,39 +48,6 @@ def openbao(tmp_path_factory):
 @pytest.fixture
 def vault(openbao):
     return openbao.client()
-
-
-KEY_CLASS_YAML = """\
-key_class:
-  name: {name}
-  backend: vault_transit
-  key_ref: {key_ref}
-  conn_id: {conn_id}
-  create_if_missing: true
-  rotation:
-    schedule: "@daily"
-    cryptoperiod: 90d
-  reencryption:
-    mode: {mode}
-    chunk_size: {chunk_size}
-  retire:
-    grace_period: {grace}
-    versions_kept: 1
-    approval_required: false
-datasets:
-  - name: {dataset}
-    location: {location}
-    encrypted_columns: [email, ssn]
-    start_date: "2024-01-01"
-"""
-
-
-DAG_STUB = """\
-\"\"\"Airflow DAGs of test key class {name}.\"\"\"
-from keyrotation_factory import key_class_dags
-
-globals().update(key_class_dags("{name}"))
-"""
 
 
 @pytest.fixture

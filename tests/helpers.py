@@ -13,6 +13,38 @@ from keyrotation.ledger import Ledger
 from keyrotation.runtime import KeyClassRuntime
 
 CANARY = "CANARY-" + secrets.token_hex(6)
+CONN_ID = "vault_keyrotation"
+
+KEY_CLASS_YAML = """\
+key_class:
+  name: {name}
+  backend: vault_transit
+  key_ref: {key_ref}
+  conn_id: {conn_id}
+  create_if_missing: true
+  rotation:
+    schedule: "@daily"
+    cryptoperiod: 90d
+  reencryption:
+    mode: {mode}
+    chunk_size: {chunk_size}
+  retire:
+    grace_period: {grace}
+    versions_kept: 1
+    approval_required: false
+datasets:
+  - name: {dataset}
+    location: {location}
+    encrypted_columns: [email, ssn]
+    start_date: "2024-01-01"
+"""
+
+DAG_STUB = """\
+\"\"\"Airflow DAGs of test key class {name}.\"\"\"
+from keyrotation_factory import key_class_dags
+
+globals().update(key_class_dags("{name}"))
+"""
 
 
 def customers(day: str, rows: int = 50) -> pa.Table:

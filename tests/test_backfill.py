@@ -78,6 +78,9 @@ def test_backfill_reencrypts_exactly_the_partitions_of_its_range(tmp_path, openb
     cli("db", "migrate")
     cli("dags", "reserialize")
     cli("dags", "unpause", "reencrypt__bf_customers")
+    # Created before the scheduler starts: SQLite takes one writer at a time.
+    cli("backfill", "create", "--dag-id", "reencrypt__bf_customers", "--from-date", "2024-01-03",
+        "--to-date", "2024-01-05", "--max-active-runs", "1")
     logs = []
     procs = []
     try:
@@ -85,8 +88,6 @@ def test_backfill_reencrypts_exactly_the_partitions_of_its_range(tmp_path, openb
             log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - closed below
             logs.append(log)
             procs.append(subprocess.Popen([AIRFLOW, *args], env=env, stdout=log, stderr=subprocess.STDOUT))
-        cli("backfill", "create", "--dag-id", "reencrypt__bf_customers", "--from-date", "2024-01-03",
-            "--to-date", "2024-01-05", "--max-active-runs", "1")
         deadline = time.monotonic() + 300
         while True:
             runs = [r for r in _runs(home / "airflow.db", "reencrypt__bf_customers") if r[0] == "backfill"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from helpers import days, runtime, seed
 
+from helpers import days, runtime, seed
 from keyrotation import ledger as lg
 from keyrotation.errors import RetirementRefused
 from keyrotation.ledger import RunContext

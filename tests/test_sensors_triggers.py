@@ -6,8 +6,8 @@ import asyncio
 import importlib
 
 import pytest
-from helpers import runtime
 
+from helpers import runtime
 from keyrotation_airflow.sensors.key_version import KeyVersionReadySensor
 from keyrotation_airflow.triggers.key_version import KeyVersionReadyTrigger
 

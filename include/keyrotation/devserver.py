@@ -90,3 +90,70 @@ class OpenBaoDevServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class OpenBaoFileServer(OpenBaoDevServer):
+    """An OpenBao server with integrated (raft) storage under ``directory``, for ``make up``: keys survive restarts.
+
+    Initialised with one unseal key on first start; the unseal key and root token are written to
+    ``<directory>/init.json`` (mode 0600). Local use only: a real deployment keeps these elsewhere.
+    """
+
+    def __init__(self, directory: str | Path, port: int | None = None, log_path: str | None = None) -> None:
+        super().__init__(port=port, token="", log_path=log_path)
+        self.directory = Path(directory)
+
+    def start(self, timeout: float = 30) -> OpenBaoFileServer:
+        import json
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        config = self.directory / "server.hcl"
+        (self.directory / "data").mkdir(exist_ok=True)
+        cluster_port = free_port()
+        config.write_text(
+            f'storage "raft" {{\n  path = "{self.directory / "data"}"\n  node_id = "keyrotation"\n}}\n'
+            f'listener "tcp" {{\n  address = "127.0.0.1:{self.port}"\n'
+            f'  cluster_address = "127.0.0.1:{cluster_port}"\n  tls_disable = 1\n}}\n'
+            f'api_addr = "http://127.0.0.1:{self.port}"\ncluster_addr = "http://127.0.0.1:{cluster_port}"\nui = false\n'
+        )
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen([bao_binary(), "server", f"-config={config}"], stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        client = hvac.Client(url=self.url)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"OpenBao server exited with code {self.proc.returncode} (log: {self.log_path})")
+            try:
+                client.sys.read_health_status(method="GET")
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TimeoutError(f"OpenBao server on {self.url} not listening after {timeout}s") from None
+                time.sleep(0.1)
+        init_file = self.directory / "init.json"
+        if not client.sys.is_initialized():
+            result = client.sys.initialize(secret_shares=1, secret_threshold=1)
+            init_file.write_text(json.dumps({"unseal_key": result["keys_base64"][0],
+                                             "root_token": result["root_token"]}))
+            os.chmod(init_file, 0o600)
+        init = json.loads(init_file.read_text())
+        if client.sys.is_sealed():
+            client.sys.submit_unseal_key(init["unseal_key"])
+        self.token = init["root_token"]
+        client = self.client()
+        deadline = time.monotonic() + timeout
+        while True:  # after unseal, the raft node elects itself leader before it takes writes
+            try:
+                if client.sys.read_leader_status().get("is_self"):
+                    break
+            except Exception:  # noqa: BLE001 - still coming up
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"OpenBao server on {self.url} not active {timeout}s after unseal")
+            time.sleep(0.2)
+        if "transit/" not in client.sys.list_mounted_secrets_engines()["data"]:
+            client.sys.enable_secrets_engine("transit")
+        return self
