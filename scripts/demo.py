@@ -84,6 +84,7 @@ def run(bao) -> int:  # noqa: ANN001
     from keyrotation.sample_data import DATASET_WRITERS
     from keyrotation_airflow.hooks.kms import KeyClassKmsHook
 
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # Airflow's logging setup resets filters
     bag = DagBag(dag_folder=str(ROOT / "dags"))
     if bag.import_errors:
         for path, error in bag.import_errors.items():

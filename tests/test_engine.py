@@ -194,3 +194,27 @@ def test_wrong_key_class_for_dataset_is_named(make_key_class, vault):
     with pytest.raises(BackendError, match="protected by master key"):
         other.pme("customers").wrapping_versions(
             rt.store("customers").path(part, "part-00001.parquet"), rt.store("customers").fs)
+
+
+def test_rewrap_is_server_side_on_transit_and_falls_back_to_pyarrow(make_key_class, vault):
+    """Transit re-wraps KEKs in the KMS (nothing is unwrapped here); a backend without it uses pyarrow."""
+    config = make_key_class(mode="rewrap")
+    rt = runtime(config, vault)
+    parts = days("2024-08-01", 4)
+    seed(rt, "customers", parts)
+    expected = _read_all(rt, "customers", parts)
+    v2 = rt.backend.rotate()
+    unwrapped = []
+    real_unwrap = rt.backend.unwrap
+    rt.backend.unwrap = lambda wrapped: unwrapped.append(wrapped) or real_unwrap(wrapped)
+    engine = rt.engine("customers")
+    engine.process(parts[0], v2, "rewrap")
+    engine.process(parts[1], v2, "rewrap")
+    assert unwrapped == []  # server-side: no KEK came back in plaintext
+    rt.backend.server_side_rewrap = False  # instance attribute: this backend now behaves like one without
+    engine.process(parts[2], v2, "rewrap")
+    assert unwrapped  # pyarrow's rotate_master_keys unwrapped the KEKs locally
+    engine.process(parts[3], v2, "rewrap")
+    assert rt.census("customers").by_version() == {v2: 4}
+    rt.backend.retire_below(v2)
+    assert _read_all(rt, "customers", parts) == expected

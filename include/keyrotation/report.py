@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import html
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,9 +71,12 @@ def build_rows(evidence: list[KeyClassEvidence], ledger: Ledger, now: datetime |
                 coverage.append({"key_class": kc.name, "dataset": census.dataset, "version": version,
                                  "current": version == reference, **cov})
         for row in ledger.rows(key_class=kc.name, events_in=(lg.VERSIONS_RETIRED, lg.RETIREMENT_REFUSED)):
+            detail = json.loads(row["detail"] or "{}")
             retirements.append({
                 "key_class": kc.name, "time": _iso(row["recorded_at"].replace(tzinfo=UTC)), "event": row["event"],
-                "versions_below": row["to_version"], "approved_by": row["actor"] or "",
+                "versions_below": row["to_version"],
+                "approved_by": (detail.get("approval") or {}).get("approved_by") or "",
+                "reasons": "; ".join(detail.get("reasons") or []),
                 "dag_id": row["dag_id"] or "", "run_id": row["run_id"] or "",
             })
     return classes, coverage, retirements

@@ -52,6 +52,8 @@ class KmsBackend(abc.ABC):
 
     kind: str
     key_ref: str
+    #: True when :meth:`rewrap` runs in the KMS, so wrapped keys never appear in plaintext outside it.
+    server_side_rewrap: bool = False
 
     @abc.abstractmethod
     def key_state(self) -> KeyState: ...

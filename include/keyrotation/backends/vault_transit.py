@@ -27,6 +27,7 @@ def _created(value: object) -> datetime | None:
 
 class VaultTransitBackend(KmsBackend):
     kind = "vault_transit"
+    server_side_rewrap = True
 
     def __init__(self, client: hvac.Client, key_ref: str, mount_point: str = "transit") -> None:
         self.client = client

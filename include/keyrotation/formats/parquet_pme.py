@@ -22,6 +22,9 @@ from keyrotation.backends.base import KmsBackend
 from keyrotation.errors import BackendError
 
 KEY_MATERIAL_PREFIX = "_KEY_MATERIAL_FOR_"
+# Prefix of re-wrapped key material before it is renamed over the old: pyarrow's rotate_master_keys
+# uses it too, so a crash leaves only names that PartitionStore.clean recognises.
+TEMP_MATERIAL_PREFIX = "_TMP"
 
 
 def key_material_path(data_path: str) -> str:
@@ -86,30 +89,64 @@ class ParquetEncryption:
         return pq.read_table(path, decryption_properties=props, filesystem=filesystem)
 
     def rotate(self, path: str, filesystem: pafs.FileSystem, version: int) -> None:
-        """Re-wrap the file's key material under ``version``; the data file is not touched."""
+        """Re-wrap the file's key material under ``version``; the data file is not touched.
+
+        Server-side (:meth:`rewrap`) where the backend can; otherwise pyarrow's ``rotate_master_keys``,
+        which unwraps each KEK here, in memory, and wraps a new one.
+        """
+        if self.backend.server_side_rewrap:
+            self.rewrap(path, filesystem, version)
+            return
         self._factory(version).rotate_master_keys(
             pe.KmsConnectionConfig(), path, filesystem, double_wrapping=True, cache_lifetime_seconds=60
         )
 
-    def wrapping_versions(self, path: str, filesystem: pafs.FileSystem) -> set[int]:
-        """Master key versions that wrap the file's keys, read from its key material sidecar."""
+    def rewrap(self, path: str, filesystem: pafs.FileSystem, version: int) -> None:
+        """Re-wrap the file's key material under ``version`` server-side (the KMS's batch rewrap).
+
+        The KEKs never leave the KMS in plaintext, and one batch call serves the whole file. The new
+        material is written under a temporary name and renamed over the old, so a crash leaves one or
+        the other, both decryptable.
+        """
         material_path = key_material_path(path)
+        entries = self._material(material_path, filesystem)
+        field = {name: "wrappedKEK" if m.get("doubleWrapping") else "wrappedDEK" for name, m in entries.items()}
+        rewrapped = self.backend.rewrap([entries[name][field[name]] for name in entries], version)
+        out = {}
+        for (name, material), wrapped in zip(entries.items(), rewrapped, strict=True):
+            out[name] = json.dumps({**material, field[name]: wrapped}, separators=(",", ":"))
+        directory, base = posixpath.split(material_path)
+        tmp = posixpath.join(directory, f"{TEMP_MATERIAL_PREFIX}{base}")
+        with filesystem.open_output_stream(tmp) as stream:
+            stream.write(json.dumps(out, separators=(",", ":")).encode())
+        filesystem.move(tmp, material_path)
+
+    def _material(self, material_path: str, filesystem: pafs.FileSystem) -> dict[str, dict]:
+        """The key material entries of a sidecar, checked to belong to this key class's master key."""
         with filesystem.open_input_stream(material_path) as stream:
             raw = stream.read()
         try:
-            entries = json.loads(raw)
-            versions: set[int] = set()
-            for entry in entries.values():
-                material = json.loads(entry) if isinstance(entry, str) else entry
+            entries = {name: json.loads(e) if isinstance(e, str) else e for name, e in json.loads(raw).items()}
+            for material in entries.values():
                 if material.get("masterKeyID") != self.backend.key_ref:
                     raise BackendError(
                         f"{material_path}: protected by master key {material.get('masterKeyID')!r}, "
                         f"but its key class uses {self.backend.key_ref!r}"
                     )
-                wrapped = material.get("wrappedKEK") if material.get("doubleWrapping") else material.get("wrappedDEK")
-                versions.add(self.backend.version_of(wrapped))
         except (ValueError, AttributeError, TypeError) as exc:
             raise BackendError(f"{material_path}: key material is not valid ({type(exc).__name__})") from None
-        if not versions:
+        if not entries:
             raise BackendError(f"{material_path}: key material holds no keys")
-        return versions
+        return entries
+
+    def wrapping_versions(self, path: str, filesystem: pafs.FileSystem) -> set[int]:
+        """Master key versions that wrap the file's keys, read from its key material sidecar."""
+        material_path = key_material_path(path)
+        entries = self._material(material_path, filesystem)
+        try:
+            return {
+                self.backend.version_of(m.get("wrappedKEK") if m.get("doubleWrapping") else m.get("wrappedDEK"))
+                for m in entries.values()
+            }
+        except (ValueError, AttributeError, TypeError) as exc:
+            raise BackendError(f"{material_path}: key material is not valid ({type(exc).__name__})") from None

@@ -18,12 +18,10 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from keyrotation.errors import PartitionError
-from keyrotation.formats.parquet_pme import KEY_MATERIAL_PREFIX, key_material_path
+from keyrotation.formats.parquet_pme import KEY_MATERIAL_PREFIX, TEMP_MATERIAL_PREFIX, key_material_path
 
 MANIFEST = "_PARTITION.json"
 STAGING_PREFIX = ".staging-"
-# pyarrow's rotate_master_keys writes new key material under this prefix, then renames it.
-PYARROW_TEMP_PREFIX = "_TMP"
 _GENERATION = re.compile(r"^part-(\d+)\.parquet$")
 
 
@@ -124,7 +122,7 @@ class PartitionStore:
         keep = {MANIFEST, *manifest.files, *(posixpath.basename(key_material_path(f)) for f in manifest.files)}
         removed = []
         for name in self._listing(partition):
-            stray = name.startswith((STAGING_PREFIX, PYARROW_TEMP_PREFIX)) or (
+            stray = name.startswith((STAGING_PREFIX, TEMP_MATERIAL_PREFIX)) or (
                 name not in keep and (name.endswith(".parquet") or name.startswith(KEY_MATERIAL_PREFIX))
             )
             if stray:
