@@ -218,3 +218,55 @@ def test_rewrap_is_server_side_on_transit_and_falls_back_to_pyarrow(make_key_cla
     assert rt.census("customers").by_version() == {v2: 4}
     rt.backend.retire_below(v2)
     assert _read_all(rt, "customers", parts) == expected
+
+
+@pytest.mark.parametrize("mode", ["rewrap", "reencrypt"])
+def test_two_runs_of_the_same_partitions_at_once_do_the_work_once(make_key_class, vault, mode):
+    """A backfill overlapping a sweep: each partition is changed once, and none is lost."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = make_key_class(mode=mode)
+    rt = runtime(config, vault)
+    parts = days("2024-09-01", 6)
+    seed(rt, "customers", parts)
+    expected = _read_all(rt, "customers", parts)
+    v2 = rt.backend.rotate()
+
+    def sweep(order):
+        engine = rt.engine("customers")
+        return engine.run(order, lambda p: engine.process(p, v2, mode))
+
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(sweep, [parts, list(reversed(parts))])
+    actions = sorted(r.action for r in a + b)
+    done = "rewrapped" if mode == "rewrap" else "reencrypted"
+    assert actions == sorted([done] * 6 + ["up_to_date"] * 6)
+    changes = rt.ledger.rows(events_in=(lg.PARTITION_REWRAPPED, lg.PARTITION_REENCRYPTED))
+    assert sorted(r["partition"] for r in changes) == parts
+    rt.backend.retire_below(v2)
+    assert _read_all(rt, "customers", parts) == expected
+
+
+def test_a_lease_left_by_a_killed_process_on_this_host_is_taken_over(make_key_class, vault):
+    import subprocess
+    import sys
+    from datetime import UTC, datetime, timedelta
+
+    from keyrotation.locks import PartitionLeases, PartitionLocked, leases
+
+    rt = runtime(make_key_class(), vault)
+    [part] = days("2024-10-01", 1)
+    seed(rt, "customers", [part])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    with rt.ledger.engine.begin() as conn:
+        conn.execute(leases.insert().values(dataset="customers", partition=part, expires_at=datetime.now(UTC)
+                                            + timedelta(hours=1), owner=f"{socket.gethostname()}:"
+                                            f"{dead.stdout.strip()}:x"))
+    v2 = rt.backend.rotate()
+    assert rt.engine("customers").process(part, v2, "rewrap").action == "rewrapped"
+    # A live holder (this process) is waited for, then reported by name.
+    with rt.engine("customers").leases.hold("customers", part), pytest.raises(PartitionLocked, match=part):
+        with PartitionLeases(rt.ledger).hold("customers", part, wait=0.2):
+            pass

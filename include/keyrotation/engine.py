@@ -28,6 +28,7 @@ from keyrotation.errors import KeyRotationError, PartitionError, ValidationError
 from keyrotation.formats.digest import table_digest
 from keyrotation.formats.parquet_pme import ParquetEncryption, key_material_path
 from keyrotation.ledger import Ledger, RunContext
+from keyrotation.locks import PartitionLeases
 from keyrotation.stores.partitions import STAGING_PREFIX, Manifest, PartitionStore
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class ReencryptionEngine:
         self.ctx = ctx or RunContext()
         # Tests pass a checkpoint that raises at a named step to simulate a crash there.
         self.checkpoint = checkpoint or _no_checkpoint
+        self.leases = PartitionLeases(ledger)
 
     # -- helpers ------------------------------------------------------------------------------
     def _record(self, event: str, result: PartitionResult, status: str = "ok", detail: dict | None = None) -> None:
@@ -117,6 +119,10 @@ class ReencryptionEngine:
     # -- operations ---------------------------------------------------------------------------
     def write_partition(self, partition: str, table: pa.Table, version: int) -> PartitionResult:
         """Write a new partition (or a new generation replacing it) under ``version``."""
+        with self.leases.hold(self.dataset, partition):
+            return self._write_partition(partition, table, version)
+
+    def _write_partition(self, partition: str, table: pa.Table, version: int) -> PartitionResult:
         start = time.monotonic()
         self.store.fs.create_dir(self.store.partition_dir(partition), recursive=True)
         self.store.clean(partition)
@@ -127,9 +133,16 @@ class ReencryptionEngine:
         return result
 
     def process(self, partition: str, target_version: int, mode: str) -> PartitionResult:
-        """Bring ``partition`` under ``target_version``; a no-op when it already is."""
+        """Bring ``partition`` under ``target_version``; a no-op when it already is.
+
+        Holds the partition's lease: a second run of the same partition waits, then finds it done.
+        """
         if mode not in ("rewrap", "reencrypt"):
             raise PartitionError(partition, f"unknown re-encryption mode {mode!r} (use rewrap or reencrypt)")
+        with self.leases.hold(self.dataset, partition):
+            return self._process(partition, target_version, mode)
+
+    def _process(self, partition: str, target_version: int, mode: str) -> PartitionResult:
         start = time.monotonic()
         self.store.clean(partition)
         manifest = self._adopt(partition)
@@ -181,6 +194,10 @@ class ReencryptionEngine:
 
     def validate(self, partition: str, min_version: int | None = None) -> PartitionResult:
         """Decrypt the partition and compare its digest with the one recorded in the ledger."""
+        with self.leases.hold(self.dataset, partition):
+            return self._validate(partition, min_version)
+
+    def _validate(self, partition: str, min_version: int | None) -> PartitionResult:
         start = time.monotonic()
         manifest = self.store.read_manifest(partition)
         if manifest is None:

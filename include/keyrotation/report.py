@@ -57,14 +57,14 @@ def build_rows(evidence: list[KeyClassEvidence], ledger: Ledger, now: datetime |
         elif any(c.errors for c in ev.censuses):
             status = "WARN: unreadable partitions"
         classes.append({
-            "key_class": kc.name, "backend": kc.backend, "key_ref": kc.key_ref, "owner": kc.owner,
+            "key_class": kc.name, "status": status, "backend": kc.backend, "key_ref": kc.key_ref, "owner": kc.owner,
             "current_version": reference or "", "kms_latest_version": state.latest_version,
             "min_decryption_version": state.min_decryption_version,
             "current_version_created": _iso(created), "age_days": _days(age),
             "cryptoperiod_days": period.days, "next_due": _iso(created + kc.rotation.due_after) if created else "",
             "rotations_on_record": len(rotations),
             "last_rotation": _iso(rotations[-1]["recorded_at"].replace(tzinfo=UTC)) if rotations else "",
-            "partitions_under_old_versions": "" if old is None else old, "status": status,
+            "partitions_under_old_versions": "" if old is None else old,
         })
         for census in ev.censuses:
             for version, cov in census.coverage().items():

@@ -15,13 +15,18 @@ def daily_partitions(count: int, start: str = "2024-01-01") -> list[str]:
     return [(first + timedelta(days=i)).isoformat() for i in range(count)]
 
 
+def _seed(partition: str, seed: int) -> int:
+    # Stable across processes (str hash() is salted per process).
+    return seed * 1_000_003 + date.fromisoformat(partition).toordinal()
+
+
 def _digits(rng: np.random.Generator, rows: int, width: int) -> pa.Array:
     values = rng.integers(0, 10**width, rows)
     return pc.utf8_lpad(pa.array(values).cast(pa.string()), width, "0")
 
 
 def customers(partition: str, rows: int, seed: int = 0) -> pa.Table:
-    rng = np.random.default_rng(seed + hash(partition) % 10_000)
+    rng = np.random.default_rng(_seed(partition, seed))
     ids = pa.array(np.arange(rows, dtype=np.int64))
     first = pa.array(rng.choice(["ana", "bo", "chen", "dana", "eli", "femi", "gus", "hana"], rows))
     return pa.table({
@@ -36,7 +41,7 @@ def customers(partition: str, rows: int, seed: int = 0) -> pa.Table:
 
 
 def payments(partition: str, rows: int, seed: int = 1) -> pa.Table:
-    rng = np.random.default_rng(seed + hash(partition) % 10_000)
+    rng = np.random.default_rng(_seed(partition, seed))
     return pa.table({
         "payment_id": pa.array(np.arange(rows, dtype=np.int64)),
         "day": pa.array([partition] * rows),

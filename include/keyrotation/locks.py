@@ -1,0 +1,98 @@
+"""Per-partition leases, so two runs never change the same partition at once.
+
+A scheduled run, a backfill and a sweep may reach the same partition together. Each change takes a
+lease first: a row in ``partition_leases`` (next to the ledger, in the same database, so every
+worker sees it). A lease ends when released, when it expires, or, on the same host, when the
+process that holds it is gone (a task killed with SIGKILL and re-run there need not wait).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+
+import sqlalchemy as sa
+
+from keyrotation.errors import PartitionError
+from keyrotation.ledger import Ledger, metadata
+
+leases = sa.Table(
+    "partition_leases",
+    metadata,
+    sa.Column("dataset", sa.String(128), primary_key=True),
+    sa.Column("partition", sa.String(256), primary_key=True),
+    sa.Column("owner", sa.String(256), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+class PartitionLocked(PartitionError):
+    """Another run holds the partition's lease."""
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _holder_is_gone(owner: str) -> bool:
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class PartitionLeases:
+    def __init__(self, ledger: Ledger, ttl: timedelta = timedelta(minutes=30)) -> None:
+        self.engine = ledger.engine
+        self.ttl = ttl
+        leases.create(self.engine, checkfirst=True)
+
+    def _try_acquire(self, dataset: str, partition: str, owner: str) -> str | None:
+        """Take the lease; return None on success, else the current holder."""
+        now = datetime.now(UTC)
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(leases).where(leases.c.dataset == dataset,
+                                                       leases.c.partition == partition)).first()
+            if row is not None:
+                if _aware(row.expires_at) > now and not _holder_is_gone(row.owner):
+                    return f"{row.owner} until {_aware(row.expires_at).isoformat(timespec='seconds')}"
+                conn.execute(leases.delete().where(leases.c.dataset == dataset, leases.c.partition == partition,
+                                                   leases.c.owner == row.owner))
+            try:
+                conn.execute(leases.insert().values(dataset=dataset, partition=partition, owner=owner,
+                                                    expires_at=now + self.ttl))
+            except sa.exc.IntegrityError:
+                return "another run (taken just now)"
+        return None
+
+    @contextmanager
+    def hold(self, dataset: str, partition: str, wait: float = 600.0, poll: float = 0.5) -> Iterator[str]:
+        """Hold the partition's lease for the ``with`` block, waiting up to ``wait`` seconds for it."""
+        owner = _owner()
+        deadline = time.monotonic() + wait
+        while (holder := self._try_acquire(dataset, partition, owner)) is not None:
+            if time.monotonic() >= deadline:
+                raise PartitionLocked(partition, f"is being changed by {holder}; waited {wait:.0f}s")
+            time.sleep(poll)
+        try:
+            yield owner
+        finally:
+            with self.engine.begin() as conn:
+                conn.execute(leases.delete().where(leases.c.dataset == dataset, leases.c.partition == partition,
+                                                   leases.c.owner == owner))
