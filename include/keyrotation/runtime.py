@@ -12,6 +12,7 @@ from keyrotation.config import Dataset, KeyClassConfig
 from keyrotation.engine import Checkpoint, ReencryptionEngine
 from keyrotation.formats.parquet_pme import ParquetEncryption
 from keyrotation.ledger import Ledger, RunContext
+from keyrotation.retirement import RetirementPlan, plan_retirement
 from keyrotation.stores.partitions import PartitionStore
 
 
@@ -43,6 +44,10 @@ class KeyClassRuntime:
 
     def censuses(self) -> list[Census]:
         return [self.census(ds.name) for ds in self.config.datasets]
+
+    def retirement_plan(self) -> RetirementPlan | None:
+        """The versions due for retirement now, counted back from the ledger's reference."""
+        return plan_retirement(self.config.key_class, self.backend.key_state(), self.ledger.current_version(self.name))
 
     def target_version(self) -> int:
         """The version data must be brought under: the ledger's reference, else the KMS's latest."""

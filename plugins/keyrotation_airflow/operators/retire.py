@@ -9,7 +9,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from keyrotation.errors import RetirementRefused
-from keyrotation.retirement import plan_retirement, retire
+from keyrotation.retirement import retire
 from keyrotation_airflow.runtime import key_class_runtime, run_context
 
 
@@ -45,7 +45,7 @@ class RetireKeyVersionsOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict:
         rt = key_class_runtime(self.key_class)
-        plan = plan_retirement(rt.config.key_class, rt.backend.key_state(), rt.ledger.current_version(rt.name))
+        plan = rt.retirement_plan()
         if plan is None:
             raise AirflowSkipException(f"key class {rt.name}: no version is due for retirement")
         approval = None

@@ -8,7 +8,6 @@ from typing import Any
 from airflow.sdk import BaseSensorOperator
 from airflow.sdk.exceptions import AirflowSkipException
 
-from keyrotation.retirement import plan_retirement
 from keyrotation_airflow.runtime import key_class_runtime
 
 
@@ -30,7 +29,7 @@ class CensusGateSensor(BaseSensorOperator):
 
     def poke(self, context: Any) -> bool:
         rt = key_class_runtime(self.key_class)
-        plan = plan_retirement(rt.config.key_class, rt.backend.key_state(), rt.ledger.current_version(rt.name))
+        plan = rt.retirement_plan()
         if plan is None:
             raise AirflowSkipException(f"key class {rt.name}: no version is due for retirement")
         blocking = 0
