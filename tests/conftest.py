@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -45,6 +47,13 @@ def openbao(tmp_path_factory):
         yield server
 
 
+@pytest.fixture(scope="session")
+def airflow_db():
+    """The session's Airflow metadata DB (SQLite), migrated once."""
+    subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True,
+                   capture_output=True, env=os.environ.copy())
+
+
 @pytest.fixture
 def vault(openbao):
     return openbao.client()
@@ -60,10 +69,11 @@ def make_key_class(tmp_path, monkeypatch, openbao):
 
     monkeypatch.setenv("KEYROTATION_LEDGER_URL", f"sqlite:///{tmp_path / 'ledger.db'}")
 
-    def make(name="pii", mode="rewrap", dataset="customers", grace="0s", chunk_size=16, **overrides):
+    def make(name="pii", mode="rewrap", dataset="customers", grace="0s", chunk_size=16, location=None,
+             **overrides):
         text = KEY_CLASS_YAML.format(
             name=name, key_ref=f"{name}-{secrets.token_hex(4)}", conn_id=CONN_ID, mode=mode,
-            chunk_size=chunk_size, grace=grace, dataset=dataset, location=tmp_path / "data" / dataset,
+            chunk_size=chunk_size, grace=grace, dataset=dataset, location=location or tmp_path / "data" / dataset,
         )
         for old, new in overrides.items():
             text = text.replace(old, new)

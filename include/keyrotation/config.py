@@ -111,12 +111,21 @@ class KeyClass(_Strict):
     backend: Literal["vault_transit"]
     key_ref: str = Field(min_length=1, description="Key name (Transit), ARN/alias (AWS) or resource name (GCP).")
     conn_id: str = Field(min_length=1, description="Airflow connection that reaches the KMS.")
+    connections: dict[Literal["rotate", "reencrypt", "retire", "report"], str] = Field(
+        default_factory=dict,
+        description="Per-role Airflow connections (least privilege); a role not listed uses conn_id.",
+    )
     mount_point: str = Field(default="transit", description="Transit secrets engine mount (vault_transit).")
     create_if_missing: bool = False
     owner: str = "security"
     rotation: RotationPolicy
     reencryption: ReencryptionPolicy = ReencryptionPolicy()
     retire: RetirePolicy = RetirePolicy()
+
+
+    def conn_for(self, role: str) -> str:
+        """The Airflow connection of ``role`` (rotate, reencrypt, retire, report)."""
+        return self.connections.get(role, self.conn_id)
 
 
 class Dataset(_Strict):

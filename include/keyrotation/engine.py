@@ -70,8 +70,14 @@ class ReencryptionEngine:
         # Tests pass a checkpoint that raises at a named step to simulate a crash there.
         self.checkpoint = checkpoint or _no_checkpoint
         self.leases = PartitionLeases(ledger)
+        self._latest: int | None = None
 
     # -- helpers ------------------------------------------------------------------------------
+    def _latest_version(self) -> int:
+        if self._latest is None:
+            self._latest = self.pme.backend.key_state().latest_version
+        return self._latest
+
     def _record(self, event: str, result: PartitionResult, status: str = "ok", detail: dict | None = None) -> None:
         self.ledger.record(
             event, self.key_class, self.ctx, status=status, detail=detail, dataset=self.dataset,
@@ -80,7 +86,13 @@ class ReencryptionEngine:
         )
 
     def _read(self, partition: str, files: list[str]) -> pa.Table:
-        tables = [self.pme.read(self.store.path(partition, f), self.store.fs) for f in files]
+        tables = []
+        for name in files:
+            try:
+                tables.append(self.pme.read(self.store.path(partition, name), self.store.fs))
+            except (OSError, ValueError, pa.ArrowException) as exc:
+                hint = " (file or key material altered, or protected by another key)" if "decrypt" in str(exc) else ""
+                raise PartitionError(partition, f"cannot read {name}: {exc}{hint}") from None
         return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
 
     def _adopt(self, partition: str) -> Manifest:
@@ -147,6 +159,11 @@ class ReencryptionEngine:
         self.store.clean(partition)
         manifest = self._adopt(partition)
         before = partition_census(self.store, self.pme, partition)
+        unknown = sorted(v for v in before.versions if v > self._latest_version())
+        if unknown:
+            raise PartitionError(partition, f"key material names version(s) {unknown} that the master key "
+                                            f"{self.pme.backend.key_ref!r} does not have (latest "
+                                            f"v{self._latest_version()}): unknown key version")
         needs = before.oldest < target_version or (
             mode == "reencrypt" and (manifest.written_under_version or 0) < target_version
         )
@@ -180,6 +197,7 @@ class ReencryptionEngine:
         result = PartitionResult(partition, action, before.oldest, target_version, manifest.rows, manifest.bytes,
                                  manifest.digest, time.monotonic() - start)
         self._record(event, result, detail={"mode": mode, "files": manifest.files})
+        self.checkpoint("recorded")
         return result
 
     def _reconcile(self, partition: str, manifest: Manifest, version: int, start: float) -> PartitionResult:
@@ -228,10 +246,11 @@ class ReencryptionEngine:
             try:
                 result = operation(partition)
             except (KeyRotationError, OSError, ValueError) as exc:
-                result = PartitionResult(partition, "failed", error=str(exc))
+                message = str(exc) if isinstance(exc, PartitionError) else f"partition {partition}: {exc}"
+                result = PartitionResult(partition, "failed", error=message)
                 if not isinstance(exc, ValidationError):
-                    self._record(lg.PARTITION_FAILED, result, status="failed", detail={"error": str(exc)})
-                log.error("%s/%s %s failed: %s", self.dataset, partition, self.key_class, exc)
+                    self._record(lg.PARTITION_FAILED, result, status="failed", detail={"error": message})
+                log.error("%s (key class %s): %s", self.dataset, self.key_class, message)
             results.append(result)
             elapsed = time.monotonic() - started
             eta = elapsed / i * (len(partitions) - i)

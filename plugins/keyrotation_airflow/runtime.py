@@ -19,8 +19,9 @@ def run_context(context: Any) -> RunContext:
                       actor=actor)
 
 
-def key_class_runtime(key_class: str) -> KeyClassRuntime:
-    """Load the key class config afresh (so a run sees the file as it is now) and connect its KMS."""
+def key_class_runtime(key_class: str, role: str) -> KeyClassRuntime:
+    """Load the key class config afresh (so a run sees the file as it is now) and connect its KMS
+    with the connection of ``role`` (rotate, reencrypt, retire, report)."""
     config = load_key_class(key_class)
-    backend = KeyClassKmsHook(config.key_class).get_backend()
+    backend = KeyClassKmsHook(config.key_class, role).get_backend()
     return KeyClassRuntime(config, backend, Ledger())

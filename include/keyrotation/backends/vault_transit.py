@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import hvac
-from hvac.exceptions import InvalidPath, VaultError
+import requests
+from hvac.exceptions import BadGateway, InternalServerError, InvalidPath, RateLimitExceeded, VaultDown, VaultError
 
 from keyrotation.backends.base import KeyState, KeyVersion, KmsBackend
+from keyrotation.backends.retry import RetryPolicy, TransientFailure, call_with_retries
 from keyrotation.errors import BackendError, KeyNotFoundError
+
+T = TypeVar("T")
+# Worth retrying: the server is unreachable, sealed, electing a leader or overloaded.
+RETRYABLE = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, VaultDown, BadGateway,
+             InternalServerError, RateLimitExceeded)
 
 _CIPHERTEXT = re.compile(r"^vault:v(\d+):")
 # OpenBao's default JSON limits refuse a rewrap batch of 500 strings; 250 passes.
@@ -29,23 +38,38 @@ class VaultTransitBackend(KmsBackend):
     kind = "vault_transit"
     server_side_rewrap = True
 
-    def __init__(self, client: hvac.Client, key_ref: str, mount_point: str = "transit") -> None:
+    def __init__(self, client: hvac.Client, key_ref: str, mount_point: str = "transit",
+                 retry: RetryPolicy | None = None) -> None:
         self.client = client
         self.key_ref = key_ref
         self.mount_point = mount_point
+        self.retry = retry or RetryPolicy()
         self._transit = client.secrets.transit
 
     def _fail(self, action: str, exc: Exception) -> BackendError:
         # hvac errors carry the server's message, which never contains plaintext.
         return BackendError(f"Transit key {self.key_ref!r} at mount {self.mount_point!r}: {action} failed: {exc}")
 
-    def key_state(self) -> KeyState:
+    def _call(self, action: str, fn: Callable[[], T], done: Callable[[], T | None] | None = None) -> T:
+        """Run one Transit request with retries on transient errors; any failure becomes a BackendError."""
         try:
-            data = self._transit.read_key(self.key_ref, mount_point=self.mount_point)["data"]
-        except InvalidPath:
-            return KeyState(key_ref=self.key_ref, exists=False)
+            return call_with_retries(fn, policy=self.retry, retryable=RETRYABLE, done=done,
+                                     describe=f"Transit key {self.key_ref!r} at {self.client.url}: {action}")
+        except TransientFailure as exc:
+            raise BackendError(f"KMS unreachable: {exc}") from None
         except VaultError as exc:
-            raise self._fail("read key", exc) from None
+            raise self._fail(action, exc) from None
+
+    def key_state(self) -> KeyState:
+        def read() -> dict | None:
+            try:
+                return self._transit.read_key(self.key_ref, mount_point=self.mount_point)["data"]
+            except InvalidPath:
+                return None
+
+        data = self._call("read key", read)
+        if data is None:
+            return KeyState(key_ref=self.key_ref, exists=False)
         versions = {int(n): KeyVersion(int(n), _created(v)) for n, v in (data.get("keys") or {}).items()}
         return KeyState(
             key_ref=self.key_ref,
@@ -58,10 +82,8 @@ class VaultTransitBackend(KmsBackend):
         )
 
     def create_key(self) -> KeyState:
-        try:
-            self._transit.create_key(self.key_ref, key_type="aes256-gcm96", mount_point=self.mount_point)
-        except VaultError as exc:
-            raise self._fail("create key", exc) from None
+        self._call("create key", lambda: self._transit.create_key(self.key_ref, key_type="aes256-gcm96",
+                                                                  mount_point=self.mount_point))
         return self.key_state()
 
     def _require_key(self) -> KeyState:
@@ -72,44 +94,35 @@ class VaultTransitBackend(KmsBackend):
 
     def rotate(self) -> int:
         before = self._require_key().latest_version
-        try:
-            self._transit.rotate_key(self.key_ref, mount_point=self.mount_point)
-        except VaultError as exc:
-            raise self._fail("rotate", exc) from None
+
+        def rotated_already() -> int | None:  # a retry after a lost response must not add a second version
+            latest = self.key_state().latest_version
+            return latest if latest > before else None
+
+        self._call("rotate", lambda: self._transit.rotate_key(self.key_ref, mount_point=self.mount_point),
+                   done=rotated_already)
         after = self.key_state().latest_version
         if after <= before:
             raise BackendError(f"Transit key {self.key_ref!r}: rotate did not add a version (still v{after})")
         return after
 
     def wrap(self, plaintext: bytes, version: int | None = None) -> str:
-        try:
-            resp = self._transit.encrypt_data(
-                self.key_ref,
-                base64.b64encode(plaintext).decode("ascii"),
-                key_version=version,
-                mount_point=self.mount_point,
-            )
-        except VaultError as exc:
-            raise self._fail(f"encrypt with version {version or 'latest'}", exc) from None
+        encoded = base64.b64encode(plaintext).decode("ascii")
+        resp = self._call(f"encrypt with version {version or 'latest'}", lambda: self._transit.encrypt_data(
+            self.key_ref, encoded, key_version=version, mount_point=self.mount_point))
         return resp["data"]["ciphertext"]
 
     def unwrap(self, wrapped: str) -> bytes:
-        try:
-            resp = self._transit.decrypt_data(self.key_ref, wrapped, mount_point=self.mount_point)
-        except VaultError as exc:
-            raise self._fail(f"decrypt (ciphertext version v{self.version_of(wrapped)})", exc) from None
+        resp = self._call(f"decrypt (ciphertext version v{self.version_of(wrapped)})",
+                          lambda: self._transit.decrypt_data(self.key_ref, wrapped, mount_point=self.mount_point))
         return base64.b64decode(resp["data"]["plaintext"])
 
     def rewrap(self, wrapped: list[str], version: int | None = None) -> list[str]:
         out: list[str] = []
         for start in range(0, len(wrapped), REWRAP_BATCH):
             batch = [{"ciphertext": c} for c in wrapped[start : start + REWRAP_BATCH]]
-            try:
-                resp = self._transit.rewrap_data(
-                    self.key_ref, ciphertext="", batch_input=batch, key_version=version, mount_point=self.mount_point
-                )
-            except VaultError as exc:
-                raise self._fail("rewrap", exc) from None
+            resp = self._call("rewrap", lambda batch=batch: self._transit.rewrap_data(
+                self.key_ref, ciphertext="", batch_input=batch, key_version=version, mount_point=self.mount_point))
             for i, item in enumerate(resp["data"]["batch_results"]):
                 if item.get("error"):
                     raise BackendError(
@@ -117,6 +130,11 @@ class VaultTransitBackend(KmsBackend):
                     )
                 out.append(item["ciphertext"])
         return out
+
+    def is_version_usable(self, version: int) -> bool:
+        """Transit versions are usable as soon as they exist; reading the key needs no encrypt permission."""
+        state = self.key_state()
+        return state.exists and version in state.versions and version >= state.min_encryption_version
 
     def version_of(self, wrapped: str) -> int:
         match = _CIPHERTEXT.match(wrapped or "")
@@ -130,19 +148,16 @@ class VaultTransitBackend(KmsBackend):
             raise BackendError(
                 f"Transit key {self.key_ref!r}: cannot retire below v{min_version}, latest is v{state.latest_version}"
             )
-        try:
-            # min_encryption_version first, in its own request (Transit checks each against the stored other):
-            # a retired version must never encrypt again, and 0 does not mean "latest only" (OpenBao#3508).
-            self._transit.update_key_configuration(
-                self.key_ref, min_encryption_version=max(min_version, state.min_encryption_version),
-                mount_point=self.mount_point,
-            )
-            self._transit.update_key_configuration(
-                self.key_ref, min_decryption_version=max(min_version, state.min_decryption_version),
-                mount_point=self.mount_point,
-            )
-            if trim:
-                self._transit.trim_key(self.key_ref, min_version=min_version, mount_point=self.mount_point)
-        except VaultError as exc:
-            raise self._fail(f"retire versions below v{min_version}", exc) from None
+        # min_encryption_version first, in its own request (Transit checks each against the stored other):
+        # a retired version must never encrypt again, and 0 does not mean "latest only" (OpenBao#3508).
+        action = f"retire versions below v{min_version}"
+        self._call(action, lambda: self._transit.update_key_configuration(
+            self.key_ref, min_encryption_version=max(min_version, state.min_encryption_version),
+            mount_point=self.mount_point))
+        self._call(action, lambda: self._transit.update_key_configuration(
+            self.key_ref, min_decryption_version=max(min_version, state.min_decryption_version),
+            mount_point=self.mount_point))
+        if trim:
+            self._call(f"trim versions below v{min_version}", lambda: self._transit.trim_key(
+                self.key_ref, min_version=min_version, mount_point=self.mount_point))
         return self.key_state()

@@ -14,18 +14,22 @@ class KeyClassKmsHook(BaseHook):
     """
     Connects to the KMS of a key class and returns its :class:`~keyrotation.backends.base.KmsBackend`.
 
-    The connection is the key class's ``conn_id``: for ``vault_transit`` a Vault connection
-    (``vault``/``vaults`` type, any auth type the hashicorp provider's ``VaultHook`` supports),
-    so credentials come from Airflow connections or a secrets backend, never from config files.
+    The connection is the key class's connection for ``role`` (``connections.<role>``, else
+    ``conn_id``): for ``vault_transit`` a Vault connection (``vault``/``vaults`` type, any auth type
+    the hashicorp provider's ``VaultHook`` supports), so credentials come from Airflow connections
+    or a secrets backend, never from config files, and each role's token can do only its part.
 
     :param key_class: The key class whose master key to reach.
+    :param role: ``rotate``, ``reencrypt``, ``retire`` or ``report``.
     """
 
     hook_name = "Key rotation KMS"
 
-    def __init__(self, key_class: KeyClass, **kwargs: Any) -> None:
+    def __init__(self, key_class: KeyClass, role: str = "rotate", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.key_class = key_class
+        self.role = role
+        self.conn_id = key_class.conn_for(role)
         self._backend: KmsBackend | None = None
 
     def get_conn(self) -> Any:
@@ -33,7 +37,7 @@ class KeyClassKmsHook(BaseHook):
         if self.key_class.backend == "vault_transit":
             from airflow.providers.hashicorp.hooks.vault import VaultHook
 
-            return VaultHook(vault_conn_id=self.key_class.conn_id).get_conn()
+            return VaultHook(vault_conn_id=self.conn_id).get_conn()
         raise ValueError(f"key class {self.key_class.name!r}: unsupported backend {self.key_class.backend!r}")
 
     def get_backend(self) -> KmsBackend:

@@ -8,6 +8,8 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
+from keyrotation import ledger as lg
+from keyrotation.errors import PartitionError
 from keyrotation.planning import chunk, select_partitions
 from keyrotation_airflow.operators.rotation import as_bool
 from keyrotation_airflow.runtime import key_class_runtime, run_context
@@ -54,11 +56,16 @@ class PlanReencryptionOperator(BaseOperator):
         self.dry_run = dry_run
 
     def execute(self, context: Any) -> list[dict]:
-        rt = key_class_runtime(self.key_class)
+        rt = key_class_runtime(self.key_class, "reencrypt")
         policy = rt.config.key_class.reencryption
         mode = self.mode or policy.mode
         target = rt.target_version()
-        census = rt.census(self.dataset)
+        try:
+            census = rt.census(self.dataset)
+        except PartitionError as exc:  # the dataset as a whole is unreadable (e.g. its location is gone)
+            rt.ledger.record(lg.PARTITION_FAILED, rt.name, run_context(context), status="failed",
+                             dataset=self.dataset, partition=exc.partition, detail={"error": str(exc)})
+            raise
         self.log.info("before: %s; target v%s, mode %s", census.format(), target, mode)
         scope = self.scope
         if scope == "auto":
@@ -104,7 +111,7 @@ class ReencryptPartitionsOperator(BaseOperator):
         self.mode = mode
 
     def execute(self, context: Any) -> list[dict]:
-        rt = key_class_runtime(self.key_class)
+        rt = key_class_runtime(self.key_class, "reencrypt")
         engine = rt.engine(self.dataset, run_context(context))
         target = int(self.target_version)
         results = engine.run(list(self.partitions), lambda p: engine.process(p, target, self.mode))
@@ -135,7 +142,7 @@ class ValidatePartitionsOperator(BaseOperator):
         self.results = results
 
     def execute(self, context: Any) -> list[dict]:
-        rt = key_class_runtime(self.key_class)
+        rt = key_class_runtime(self.key_class, "reencrypt")
         engine = rt.engine(self.dataset, run_context(context))
         targets = {r["partition"]: r["to_version"] for r in self.results}
         validated = engine.run(list(targets), lambda p: engine.validate(p, min_version=targets[p]))
@@ -163,7 +170,7 @@ class CensusSummaryOperator(BaseOperator):
         self.dataset = dataset
 
     def execute(self, context: Any) -> dict:
-        rt = key_class_runtime(self.key_class)
+        rt = key_class_runtime(self.key_class, "reencrypt")
         census = rt.census(self.dataset)
         target = rt.target_version()
         self.log.info("after: %s; %d partitions under versions older than v%s", census.format(),

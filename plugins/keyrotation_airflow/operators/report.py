@@ -39,7 +39,7 @@ class ComplianceReportOperator(BaseOperator):
         evidence, problems = [], []
         for name in self.key_classes or list_key_classes():
             try:
-                rt = key_class_runtime(name)
+                rt = key_class_runtime(name, "report")
                 evidence.append(KeyClassEvidence(rt.config.key_class, rt.backend.key_state(), rt.censuses()))
             except (KeyRotationError, OSError, ValueError) as exc:
                 problems.append(f"{name}: {exc}")

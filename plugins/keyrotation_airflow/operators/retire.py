@@ -44,7 +44,7 @@ class RetireKeyVersionsOperator(BaseOperator):
         self.approval_task_id = approval_task_id
 
     def execute(self, context: Any) -> dict:
-        rt = key_class_runtime(self.key_class)
+        rt = key_class_runtime(self.key_class, "retire")
         plan = rt.retirement_plan()
         if plan is None:
             raise AirflowSkipException(f"key class {rt.name}: no version is due for retirement")

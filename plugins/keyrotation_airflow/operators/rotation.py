@@ -42,7 +42,7 @@ class RotateKeyOperator(BaseOperator):
         self.reason = reason
 
     def execute(self, context: Any) -> int:
-        rt = key_class_runtime(self.key_class)
+        rt = key_class_runtime(self.key_class, "rotate")
         ctx = run_context(context)
         state = rt.backend.key_state()
         check = check_rotation(rt.config.key_class, state, rt.ledger.current_version(rt.name),
@@ -76,7 +76,7 @@ class UpdateKeyReferenceOperator(BaseOperator):
         self.version = version
 
     def execute(self, context: Any) -> dict:
-        rt = key_class_runtime(self.key_class)
+        rt = key_class_runtime(self.key_class, "rotate")
         version = int(self.version)
         previous = update_reference(rt.name, version, rt.ledger, run_context(context))
         self.log.info("key class %s: current version v%s (was %s)", rt.name, version,

@@ -28,7 +28,7 @@ class CensusGateSensor(BaseSensorOperator):
         self.key_class = key_class
 
     def poke(self, context: Any) -> bool:
-        rt = key_class_runtime(self.key_class)
+        rt = key_class_runtime(self.key_class, "retire")
         plan = rt.retirement_plan()
         if plan is None:
             raise AirflowSkipException(f"key class {rt.name}: no version is due for retirement")
