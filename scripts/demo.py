@@ -156,7 +156,10 @@ def run(bao) -> int:  # noqa: ANN001
     reports = sorted((HOME / "reports").glob("*/report.html"))
     print(f"   report: {reports[-1]}")
     print(f"   CSV:    {', '.join(str(p) for p in sorted(reports[-1].parent.glob('*.csv')))}")
-    print(f"   ledger: {ledger.url} ({len(ledger.rows())} events)")
+    chain = ledger.verify()
+    print(f"   ledger: {ledger.url} ({chain.rows_checked} events, hash chain "
+          f"{'intact' if chain.ok else f'BROKEN at row {chain.first_broken_id}'}; "
+          f"check with: python -m keyrotation.ledger verify --url {ledger.url})")
     print(f"\nDemo finished. The OpenBao dev server on {bao.url} is being stopped.")
     return 0
 

@@ -110,8 +110,15 @@ def test_the_dags_run_with_exactly_the_role_tokens(make_key_class, vault, openba
     # With the report token in the rotate role's place, the rotation is refused by OpenBao.
     monkeypatch.setenv("AIRFLOW_CONN_KR_ROTATE", json.dumps(
         {"conn_type": "vault", "host": "127.0.0.1", "port": openbao.port, "password": tokens["report"]}))
-    assert state(dags["rotate__lpdag"].test(run_conf={"force": True, "reason": "wrong token"})) == "failed"
+    failed = dags["rotate__lpdag"].test(run_conf={"force": True, "reason": "wrong token"})
+    assert state(failed) == "failed"
     assert rt.backend.key_state().latest_version == 2
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.settings import Session
+
+    ti = Session().query(TaskInstance).filter_by(dag_id=failed.dag_id, run_id=failed.run_id,
+                                                task_id="rotate_key").one()
+    assert ti.try_number == 1  # a policy refusal is not retried
 
 
 @pytest.mark.airflow

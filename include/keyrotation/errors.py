@@ -15,6 +15,10 @@ class BackendError(KeyRotationError):
     """A KMS backend refused or failed an operation."""
 
 
+class PermissionDenied(BackendError):
+    """The KMS refused the credentials for this operation; retrying will not help."""
+
+
 class KeyNotFoundError(BackendError):
     """The configured master key does not exist in the KMS."""
 

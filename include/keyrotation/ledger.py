@@ -25,6 +25,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from keyrotation.errors import KeyRotationError
+
 # Event names, as they appear in the ledger and in reports.
 KEY_CREATED = "key_created"
 VERSION_CREATED = "version_created"
@@ -91,6 +93,10 @@ _APPEND_ONLY = {
         "FOR EACH ROW EXECUTE FUNCTION ledger_events_append_only()",
     ],
 }
+
+
+class LedgerFormatError(KeyRotationError):
+    """The database holds a ledger in a format this version cannot extend."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,11 @@ class Ledger:
         # Under the write lock, so that workers opening a brand-new ledger together do not race.
         with self._writing() as conn:
             metadata.create_all(conn)
+            columns = {c["name"] for c in sa.inspect(conn).get_columns("ledger_events")}
+            if "row_hash" not in columns:
+                shown = self.engine.url.render_as_string(hide_password=True)
+                raise LedgerFormatError(f"ledger {shown} predates the hash chain (no row_hash column): keep it "
+                                        "as evidence and point KEYROTATION_LEDGER_URL at a new ledger")
             for statement in _APPEND_ONLY.get(self.engine.dialect.name, []):
                 conn.exec_driver_sql(statement)
 
@@ -262,8 +273,16 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("--url", help="ledger database URL (default: $KEYROTATION_LEDGER_URL, else the SQLite file)")
     args = parser.parse_args(argv)
     url = args.url or default_url()
-    result = Ledger(url).verify()
     shown = sa.make_url(url).render_as_string(hide_password=True)
+    database = sa.make_url(url).database
+    if url.startswith("sqlite") and database and not Path(database).exists():
+        print(f"ledger {shown}: no such file; nothing verified")  # opening it would create an empty ledger
+        return 2
+    try:
+        result = Ledger(url).verify()
+    except KeyRotationError as exc:
+        print(exc)
+        return 2
     if result.ok:
         print(f"ledger {shown}: {result.rows_checked} rows, chain intact")
         return 0

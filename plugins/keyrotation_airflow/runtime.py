@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+from airflow.sdk.exceptions import AirflowFailException
+
 from keyrotation.config import load_key_class
+from keyrotation.errors import PermissionDenied
 from keyrotation.ledger import Ledger, RunContext
 from keyrotation.runtime import KeyClassRuntime
 from keyrotation_airflow.hooks.kms import KeyClassKmsHook
@@ -25,3 +30,12 @@ def key_class_runtime(key_class: str, role: str) -> KeyClassRuntime:
     config = load_key_class(key_class)
     backend = KeyClassKmsHook(config.key_class, role).get_backend()
     return KeyClassRuntime(config, backend, Ledger())
+
+
+@contextmanager
+def denied_fails_fast() -> Iterator[None]:
+    """A refusal by the KMS's policy fails the task at once: retries cannot change the policy."""
+    try:
+        yield
+    except PermissionDenied as exc:
+        raise AirflowFailException(f"{exc}; not retried") from None

@@ -10,11 +10,19 @@ from typing import TypeVar
 
 import hvac
 import requests
-from hvac.exceptions import BadGateway, InternalServerError, InvalidPath, RateLimitExceeded, VaultDown, VaultError
+from hvac.exceptions import (
+    BadGateway,
+    Forbidden,
+    InternalServerError,
+    InvalidPath,
+    RateLimitExceeded,
+    VaultDown,
+    VaultError,
+)
 
 from keyrotation.backends.base import KeyState, KeyVersion, KmsBackend
 from keyrotation.backends.retry import RetryPolicy, TransientFailure, call_with_retries
-from keyrotation.errors import BackendError, KeyNotFoundError
+from keyrotation.errors import BackendError, KeyNotFoundError, PermissionDenied
 
 T = TypeVar("T")
 # Worth retrying: the server is unreachable, sealed, electing a leader or overloaded.
@@ -57,6 +65,9 @@ class VaultTransitBackend(KmsBackend):
                                      describe=f"Transit key {self.key_ref!r} at {self.client.url}: {action}")
         except TransientFailure as exc:
             raise BackendError(f"KMS unreachable: {exc}") from None
+        except Forbidden as exc:
+            raise PermissionDenied(f"Transit key {self.key_ref!r} at mount {self.mount_point!r}: {action} "
+                                   f"refused: {exc} (the token's policy does not allow it)") from None
         except VaultError as exc:
             raise self._fail(action, exc) from None
 

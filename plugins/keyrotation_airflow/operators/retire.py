@@ -10,7 +10,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from keyrotation.errors import RetirementRefused
 from keyrotation.retirement import retire
-from keyrotation_airflow.runtime import key_class_runtime, run_context
+from keyrotation_airflow.runtime import denied_fails_fast, key_class_runtime, run_context
 
 
 def approval_from_hitl(result: dict | None) -> dict | None:
@@ -44,6 +44,10 @@ class RetireKeyVersionsOperator(BaseOperator):
         self.approval_task_id = approval_task_id
 
     def execute(self, context: Any) -> dict:
+        with denied_fails_fast():
+            return self._retire(context)
+
+    def _retire(self, context: Any) -> dict:
         rt = key_class_runtime(self.key_class, "retire")
         plan = rt.retirement_plan()
         if plan is None:

@@ -10,7 +10,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from keyrotation import ledger as lg
 from keyrotation.rotation import check_rotation, create_version, update_reference
-from keyrotation_airflow.runtime import key_class_runtime, run_context
+from keyrotation_airflow.runtime import denied_fails_fast, key_class_runtime, run_context
 
 
 def as_bool(value: Any) -> bool:
@@ -42,6 +42,10 @@ class RotateKeyOperator(BaseOperator):
         self.reason = reason
 
     def execute(self, context: Any) -> int:
+        with denied_fails_fast():
+            return self._rotate(context)
+
+    def _rotate(self, context: Any) -> int:
         rt = key_class_runtime(self.key_class, "rotate")
         ctx = run_context(context)
         state = rt.backend.key_state()

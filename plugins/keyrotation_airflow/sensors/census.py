@@ -8,7 +8,7 @@ from typing import Any
 from airflow.sdk import BaseSensorOperator
 from airflow.sdk.exceptions import AirflowSkipException
 
-from keyrotation_airflow.runtime import key_class_runtime
+from keyrotation_airflow.runtime import denied_fails_fast, key_class_runtime
 
 
 class CensusGateSensor(BaseSensorOperator):
@@ -29,7 +29,8 @@ class CensusGateSensor(BaseSensorOperator):
 
     def poke(self, context: Any) -> bool:
         rt = key_class_runtime(self.key_class, "retire")
-        plan = rt.retirement_plan()
+        with denied_fails_fast():
+            plan = rt.retirement_plan()
         if plan is None:
             raise AirflowSkipException(f"key class {rt.name}: no version is due for retirement")
         blocking = 0

@@ -9,6 +9,7 @@ from typing import Any
 from airflow.sdk import BaseSensorOperator, conf
 from airflow.sdk.exceptions import AirflowException
 
+from keyrotation_airflow.runtime import denied_fails_fast
 from keyrotation_airflow.triggers.key_version import KeyVersionReadyTrigger, version_usable
 
 
@@ -49,6 +50,7 @@ class KeyVersionReadySensor(BaseSensorOperator):
         self.log.info("key class %s: v%s is usable", self.key_class, event["version"])
 
     def poke(self, context: Any) -> bool:
-        ready = version_usable(self.key_class, int(self.version))
+        with denied_fails_fast():
+            ready = version_usable(self.key_class, int(self.version))
         self.log.info("key class %s: v%s %s", self.key_class, self.version, "usable" if ready else "not usable yet")
         return ready
