@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from airflow.sdk import BaseHook
+from airflow.sdk.log import mask_secret
 
 from keyrotation.backends.base import KmsBackend
 from keyrotation.config import KeyClass
@@ -37,7 +38,10 @@ class KeyClassKmsHook(BaseHook):
         if self.key_class.backend == "vault_transit":
             from airflow.providers.hashicorp.hooks.vault import VaultHook
 
-            return VaultHook(vault_conn_id=self.conn_id).get_conn()
+            client = VaultHook(vault_conn_id=self.conn_id).get_conn()
+            if client.token:  # resolved by an auth method (AppRole, Kubernetes, ...): not masked as a password
+                mask_secret(client.token)
+            return client
         raise ValueError(f"key class {self.key_class.name!r}: unsupported backend {self.key_class.backend!r}")
 
     def get_backend(self) -> KmsBackend:
