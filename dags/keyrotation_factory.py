@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import DAG, Asset, AssetAny, AssetOrTimeSchedule, CronDataIntervalTimetable, Param
 
 from keyrotation.config import KeyClassConfig, load_key_class
@@ -20,7 +19,7 @@ from keyrotation_airflow.operators.reencrypt import (
     ReencryptPartitionsOperator,
     ValidatePartitionsOperator,
 )
-from keyrotation_airflow.operators.retire import RetireKeyVersionsOperator
+from keyrotation_airflow.operators.retire import RetireKeyVersionsOperator, RetirementApprovalOperator
 from keyrotation_airflow.operators.rotation import RotateKeyOperator, UpdateKeyReferenceOperator
 from keyrotation_airflow.sensors.census import CensusGateSensor
 from keyrotation_airflow.sensors.key_version import KeyVersionReadySensor
@@ -76,6 +75,25 @@ reasons in its log and in the ledger. Nothing due: the run is skipped.
 """
 
 
+APPROVAL_BODY = """
+**Key class** `{name}`, master key `{key_ref}` ({backend}).
+
+Approving raises the key's minimum decryption and encryption version to
+**v{{{{ ti.xcom_pull(task_ids='census_gate')['retire_below'] }}}}**: versions
+{{{{ ti.xcom_pull(task_ids='census_gate')['versions'] }}}} can no longer decrypt or encrypt
+(trim: {trim}, grace period {grace}).
+
+**Census the gate passed on** (partitions per oldest wrapping version, read from the key material):
+
+{{% for ds in ti.xcom_pull(task_ids='census_gate')['datasets'] %}}
+- `{{{{ ds.dataset }}}}`: {{{{ ds.partitions }}}} partitions, {{{{ ds.by_version }}}};
+  under the versions to retire: **{{{{ ds.under_retired_versions }}}}**, unreadable: {{{{ ds.unreadable }}}}
+{{% endfor %}}
+
+Reject to keep the versions enabled; the decision, your name and the time go to the ledger.
+"""
+
+
 def build_rotation_dag(config: KeyClassConfig) -> DAG:
     kc = config.key_class
     with DAG(
@@ -92,10 +110,11 @@ def build_rotation_dag(config: KeyClassConfig) -> DAG:
                                  source=config.source),
         render_template_as_native_obj=True,
         params={
-            "force": Param(False, type="boolean", title="Force",
+            "force": Param(False, type="boolean", title="Force", section="Rotation",
                            description="Rotate even if the current version is not due yet."),
-            "reason": Param(None, type=["null", "string"], title="Reason",
-                            description="Why this rotation runs; recorded in the ledger."),
+            "reason": Param(None, type=["null", "string"], title="Reason", section="Rotation",
+                            description="Why this rotation runs; required for a manual run, recorded in the "
+                                        "ledger."),
         },
     ) as dag:
         rotate = RotateKeyOperator(task_id="rotate_key", key_class=kc.name, force="{{ params.force }}",
@@ -128,15 +147,19 @@ def build_reencrypt_dag(config: KeyClassConfig, dataset: str) -> DAG:
         render_template_as_native_obj=True,
         params={
             "scope": Param("auto", type="string", enum=["auto", "sweep", "range", "interval"], title="Scope",
+                           section="Partitions",
                            description="auto: the run's own partition for scheduled/backfill runs, every "
                                        "partition under an old version otherwise; range: the dates below."),
             "partition_from": Param(None, type=["null", "string"], format="date", title="From partition",
+                                    section="Partitions",
                                     description="First partition date for scope 'range'."),
             "partition_to": Param(None, type=["null", "string"], format="date", title="To partition",
+                                  section="Partitions",
                                   description="Last partition date for scope 'range'."),
             "mode": Param(None, type=["null", "string"], enum=[None, "rewrap", "reencrypt"], title="Mode",
+                          section="Mode",
                           description=f"Override the key class's mode ({kc.reencryption.mode})."),
-            "dry_run": Param(False, type="boolean", title="Dry run",
+            "dry_run": Param(False, type="boolean", title="Dry run", section="Mode",
                              description="Log the census and the plan; change nothing."),
         },
     ) as dag:
@@ -179,11 +202,12 @@ def build_retire_dag(config: KeyClassConfig) -> DAG:
         retire = RetireKeyVersionsOperator(task_id="retire_versions", key_class=kc.name,
                                            approval_task_id="approve" if policy.approval_required else None)
         if policy.approval_required:
-            approve = ApprovalOperator(
+            approve = RetirementApprovalOperator(
                 task_id="approve",
-                subject=f"Retire old versions of key class {kc.name}?",
-                body=f"The census gate passed: no partition of {', '.join(d.name for d in config.datasets)} is "
-                     f"under a version due for retirement. See the census_gate log for the figures.",
+                key_class=kc.name,
+                subject=f"Retire versions of key class {kc.name} ({kc.key_ref})?",
+                body=APPROVAL_BODY.format(name=kc.name, key_ref=kc.key_ref, backend=kc.backend,
+                                          grace=policy.grace_period, trim=policy.trim),
                 response_timeout=policy.approval_timeout,
             )
             gate >> approve >> retire

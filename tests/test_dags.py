@@ -33,6 +33,14 @@ def _task_states(dag_run) -> dict[str, str]:
     return {f"{ti.task_id}[{ti.map_index}]" if ti.map_index >= 0 else ti.task_id: str(ti.state) for ti in tis}
 
 
+def _try_numbers(dag_run) -> dict[str, int]:
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.settings import Session
+
+    tis = Session().query(TaskInstance).filter_by(dag_id=dag_run.dag_id, run_id=dag_run.run_id).all()
+    return {ti.task_id: ti.try_number for ti in tis if ti.try_number}
+
+
 # -- DAG loading -----------------------------------------------------------------------------------
 
 def test_shipped_dags_load_without_import_errors(monkeypatch):
@@ -77,16 +85,22 @@ def test_rotation_creates_version_skips_when_not_due_and_rotates_when_forced(mak
     rt = runtime(config, vault)
     dag = _dags("rot")["rotate__rot"]
 
-    first = dag.test(run_conf={"force": False, "reason": None})  # key does not exist yet: created as v1
+    first = dag.test(run_conf={"force": False, "reason": "first version"})  # no key yet: created as v1
     assert _state(first) == "success"
     assert rt.backend.key_state().latest_version == 1
     assert rt.ledger.current_version("rot") == 1
 
-    not_due = dag.test(run_conf={"force": False, "reason": None})  # v1 is seconds old: not due
+    not_due = dag.test(run_conf={"force": False, "reason": "test: first version"})  # v1 is seconds old: not due
     assert _task_states(not_due)["rotate_key"] == "skipped"
     assert _task_states(not_due)["update_reference"] == "skipped"
     assert rt.backend.key_state().latest_version == 1
     assert [r["status"] for r in rt.ledger.rows(events_in=(lg.ROTATION_SKIPPED,))] == ["skipped"]
+
+    # A manual rotation without a reason is refused, at once and without retries.
+    unexplained = dag.test(run_conf={"force": True, "reason": None})
+    assert _state(unexplained) == "failed"
+    assert rt.backend.key_state().latest_version == 1
+    assert _try_numbers(unexplained) == {"rotate_key": 1}
 
     forced = dag.test(run_conf={"force": True, "reason": "test: compromised laptop"})
     assert _state(forced) == "success"
@@ -108,7 +122,7 @@ def test_end_to_end_rotate_reencrypt_validate_retire_report(make_key_class, vaul
     parts = days("2024-01-01", 10)
     caplog.set_level(logging.INFO)
 
-    assert _state(dags["rotate__e2e"].test(run_conf={"force": False, "reason": None})) == "success"
+    assert _state(dags["rotate__e2e"].test(run_conf={"force": False, "reason": "test: first version"})) == "success"
     seed(rt, "e2e_customers", parts)
     assert _state(dags["rotate__e2e"].test(run_conf={"force": True, "reason": "e2e"})) == "success"
     assert rt.census("e2e_customers").by_version() == {1: 10}
@@ -164,13 +178,29 @@ def test_dry_run_and_range_plans(make_key_class, vault, airflow_db):
     rt = runtime(config, vault)
     dags = _dags("rng")
     parts = days("2024-01-01", 8)
-    assert _state(dags["rotate__rng"].test(run_conf={"force": False, "reason": None})) == "success"
+    assert _state(dags["rotate__rng"].test(run_conf={"force": False, "reason": "test: first version"})) == "success"
     seed(rt, "rng_customers", parts)
     assert _state(dags["rotate__rng"].test(run_conf={"force": True, "reason": "range"})) == "success"
 
-    dry = dags["reencrypt__rng_customers"].test(run_conf={"dry_run": True})
+    root = Path(config.dataset("rng_customers").location)
+    files_before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    ledger_before = len(rt.ledger.rows())
+    key_before = rt.backend.key_state()
+    dry = dags["reencrypt__rng_customers"].test(run_conf={"dry_run": True, "scope": "sweep"})
     assert _state(dry) == "success"
+    assert _task_states(dry)["reencrypt"] == "skipped"
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == files_before
+    assert len(rt.ledger.rows()) == ledger_before
+    assert rt.backend.key_state() == key_before
     assert rt.census("rng_customers").by_version() == {1: 8}
+
+    # Bad parameter values are refused when the run is created, before any task runs.
+    from airflow.sdk.exceptions import ParamValidationError
+
+    for bad in ({"scope": "everything"}, {"mode": "sideways"}, {"partition_from": "yesterday"},
+                {"dry_run": "maybe"}):
+        with pytest.raises(ParamValidationError):
+            dags["reencrypt__rng_customers"].test(run_conf=bad)
 
     # Full conf: dag.test() reuses the DAG object in-process, so an earlier run's conf can linger.
     ranged = dags["reencrypt__rng_customers"].test(run_conf={

@@ -98,7 +98,7 @@ def test_the_dags_run_with_exactly_the_role_tokens(make_key_class, vault, openba
     def state(run):
         return getattr(run.state, "value", run.state)
 
-    assert state(dags["rotate__lpdag"].test(run_conf={"force": False, "reason": None})) == "success"
+    assert state(dags["rotate__lpdag"].test(run_conf={"force": False, "reason": "test: first version"})) == "success"
     seed(rt, "lpdag_data", days("2024-01-01", 4))
     assert state(dags["rotate__lpdag"].test(run_conf={"force": True, "reason": "least privilege"})) == "success"
     assert state(dags["reencrypt__lpdag_data"].test(run_conf={"scope": "sweep", "dry_run": False})) == "success"

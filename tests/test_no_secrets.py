@@ -57,7 +57,7 @@ def test_full_cycle_leaks_nothing(make_key_class, vault, openbao, airflow_db, tm
 
     rt = runtime(make_key_class(name="canary", mode="reencrypt", dataset="canary_data"), vault)
     dags = key_class_dags("canary")
-    runs = [dags["rotate__canary"].test(run_conf={"force": False, "reason": None})]
+    runs = [dags["rotate__canary"].test(run_conf={"force": False, "reason": "test: first version"})]
     seed(rt, "canary_data", days("2024-01-01", 3))
     runs.append(dags["rotate__canary"].test(run_conf={"force": True, "reason": "canary"}))
     runs.append(dags["reencrypt__canary_data"].test(run_conf={"scope": "sweep", "dry_run": False}))

@@ -21,6 +21,7 @@ class PartitionCensus:
     written_under: int | None
     rows: int | None = None
     bytes: int | None = None
+    files: int = 1
 
     @property
     def oldest(self) -> int:
@@ -83,9 +84,9 @@ def partition_census(store: PartitionStore, pme: ParquetEncryption, partition: s
     for name in store.live_files(partition):
         versions |= pme.wrapping_versions(store.path(partition, name), store.fs)
     if manifest is None:
-        return PartitionCensus(partition, frozenset(versions), None)
+        return PartitionCensus(partition, frozenset(versions), None, files=len(store.live_files(partition)))
     return PartitionCensus(partition, frozenset(versions), manifest.written_under_version, manifest.rows,
-                           manifest.bytes)
+                           manifest.bytes, len(manifest.files))
 
 
 def take_census(dataset: str, store: PartitionStore, pme: ParquetEncryption,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import date
 
 from keyrotation.census import Census
@@ -60,3 +61,34 @@ def chunk(partitions: list[str], chunk_size: int, max_chunks: int = MAX_MAPPED_T
         return []
     size = max(chunk_size, -(-len(partitions) // max_chunks))
     return [partitions[i : i + size] for i in range(0, len(partitions), size)]
+
+
+# List price of AWS KMS and of Cloud KMS software-key operations: USD 0.03 per 10,000 requests.
+CLOUD_KMS_USD_PER_10K = 0.03
+# KMS requests per data file. rewrap: one server-side batch rewrap of the file's key material.
+# reencrypt: unwrap the old KEK, wrap the new one, unwrap it again to read the staged file back.
+# Validation afterwards: one unwrap per file.
+REQUESTS_PER_FILE = {"rewrap": 1 + 1, "reencrypt": 3 + 1}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    partitions: int
+    files: int
+    rows: int
+    bytes: int
+    kms_requests: int
+    basis: str
+
+    @property
+    def cloud_cost_usd(self) -> float:
+        return self.kms_requests / 10_000 * CLOUD_KMS_USD_PER_10K
+
+
+def estimate(census: Census, partitions: list[str], mode: str) -> Estimate:
+    """What a run over ``partitions`` will touch and cost in KMS requests (rows and bytes as last recorded)."""
+    known = [census.partitions[p] for p in partitions if p in census.partitions]
+    files = sum(p.files for p in known)
+    per_file = REQUESTS_PER_FILE[mode]
+    return Estimate(len(partitions), files, sum(p.rows or 0 for p in known), sum(p.bytes or 0 for p in known),
+                    files * per_file, f"{per_file} per file in {mode} mode, validation included")

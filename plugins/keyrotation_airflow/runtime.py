@@ -24,6 +24,12 @@ def run_context(context: Any) -> RunContext:
                       actor=actor)
 
 
+def run_type(context: Any) -> str:
+    """``scheduled``, ``backfill``, ``manual`` or ``asset_triggered``; empty outside a DAG run."""
+    value = getattr(context.get("dag_run"), "run_type", "") or ""
+    return getattr(value, "value", str(value))
+
+
 def key_class_runtime(key_class: str, role: str) -> KeyClassRuntime:
     """Load the key class config afresh (so a run sees the file as it is now) and connect its KMS
     with the connection of ``role`` (rotate, reencrypt, retire, report)."""

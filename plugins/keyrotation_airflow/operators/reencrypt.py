@@ -10,16 +10,11 @@ from airflow.sdk.exceptions import AirflowException
 
 from keyrotation import ledger as lg
 from keyrotation.errors import PartitionError
-from keyrotation.planning import chunk, select_partitions
+from keyrotation.planning import chunk, estimate, select_partitions
 from keyrotation_airflow.operators.rotation import as_bool
-from keyrotation_airflow.runtime import key_class_runtime, run_context
+from keyrotation_airflow.runtime import key_class_runtime, run_context, run_type
 
 INTERVAL_RUN_TYPES = ("scheduled", "backfill")
-
-
-def _run_type(context: Any) -> str:
-    run_type = getattr(context.get("dag_run"), "run_type", "") or ""
-    return getattr(run_type, "value", str(run_type))
 
 
 class PlanReencryptionOperator(BaseOperator):
@@ -69,7 +64,7 @@ class PlanReencryptionOperator(BaseOperator):
         self.log.info("before: %s; target v%s, mode %s", census.format(), target, mode)
         scope = self.scope
         if scope == "auto":
-            scope = "interval" if _run_type(context) in INTERVAL_RUN_TYPES else "sweep"
+            scope = "interval" if run_type(context) in INTERVAL_RUN_TYPES else "sweep"
         start = context.get("data_interval_start")
         partitions = select_partitions(
             census, target, mode, scope, interval_partition=start.date().isoformat() if start else None,
@@ -78,6 +73,10 @@ class PlanReencryptionOperator(BaseOperator):
         chunks = chunk(partitions, policy.chunk_size)
         self.log.info("plan (%s): %d partitions to bring under v%s in %d chunks: %s", scope, len(partitions),
                       target, len(chunks), ", ".join(partitions[:10]) + (" ..." if len(partitions) > 10 else ""))
+        cost = estimate(census, partitions, mode)
+        self.log.info("plan totals: %d rows, %d bytes, %d files; about %d KMS requests (%s), at list prices "
+                      "about $%.4f on AWS KMS or Cloud KMS (software keys), $0 on Vault/OpenBao", cost.rows,
+                      cost.bytes, cost.files, cost.kms_requests, cost.basis, cost.cloud_cost_usd)
         if as_bool(self.dry_run):
             self.log.info("dry run: nothing changed")
             return []

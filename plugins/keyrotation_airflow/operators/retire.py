@@ -5,23 +5,53 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from keyrotation import ledger as lg
 from keyrotation.errors import RetirementRefused
 from keyrotation.retirement import retire
 from keyrotation_airflow.runtime import denied_fails_fast, key_class_runtime, run_context
 
 
 def approval_from_hitl(result: dict | None) -> dict | None:
-    """The ledger's approval record from an ApprovalOperator's XCom result."""
+    """The ledger's approval record from an ApprovalOperator's result (XCom or trigger event)."""
     if not result:
         return None
+    user = result.get("responded_by_user") or result.get("responded_by") or ""
+    if isinstance(user, dict):
+        user = user.get("name") or user.get("id") or ""
     return {
-        "approved": "Approve" in (result.get("chosen_options") or []),
-        "approved_by": str(result.get("responded_by_user") or result.get("responded_by") or ""),
+        "approved": ApprovalOperator.APPROVE in (result.get("chosen_options") or []),
+        "approved_by": str(user),
         "responded_at": str(result.get("responded_at") or ""),
     }
+
+
+class RetirementApprovalOperator(ApprovalOperator):
+    """
+    Ask a person to approve retiring a key class's old versions (Browse -> Required Actions), showing
+    the census the gate saw; record the decision, the person and the time in the ledger. Reject skips
+    the retirement, so the versions stay enabled.
+
+    :param key_class: Key class name. (templated)
+    """
+
+    template_fields: Sequence[str] = (*ApprovalOperator.template_fields, "key_class")
+
+    def __init__(self, *, key_class: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.key_class = key_class
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        decision = approval_from_hitl(event) if "error" not in event else None
+        if decision is not None:
+            rt = key_class_runtime(self.key_class, "retire")
+            rt.ledger.record(lg.RETIREMENT_DECISION, rt.name, run_context(context),
+                             status="approved" if decision["approved"] else "rejected",
+                             actor=decision["approved_by"], detail=decision)
+        return super().execute_complete(context, event)
 
 
 class RetireKeyVersionsOperator(BaseOperator):

@@ -6,11 +6,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowSkipException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from keyrotation import ledger as lg
 from keyrotation.rotation import check_rotation, create_version, update_reference
-from keyrotation_airflow.runtime import denied_fails_fast, key_class_runtime, run_context
+from keyrotation_airflow.runtime import denied_fails_fast, key_class_runtime, run_context, run_type
 
 
 def as_bool(value: Any) -> bool:
@@ -48,6 +48,9 @@ class RotateKeyOperator(BaseOperator):
     def _rotate(self, context: Any) -> int:
         rt = key_class_runtime(self.key_class, "rotate")
         ctx = run_context(context)
+        if run_type(context) == "manual" and not (self.reason or "").strip():
+            raise AirflowFailException(f"key class {rt.name}: a manual rotation needs a reason; trigger it "
+                                       "again with the 'reason' parameter set (it goes to the ledger)")
         state = rt.backend.key_state()
         check = check_rotation(rt.config.key_class, state, rt.ledger.current_version(rt.name),
                                force=as_bool(self.force))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from airflow.sdk import BaseSensorOperator
+from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowSkipException
 
 from keyrotation_airflow.runtime import denied_fails_fast, key_class_runtime
@@ -27,16 +27,19 @@ class CensusGateSensor(BaseSensorOperator):
         super().__init__(**kwargs)
         self.key_class = key_class
 
-    def poke(self, context: Any) -> bool:
+    def poke(self, context: Any) -> bool | PokeReturnValue:
         rt = key_class_runtime(self.key_class, "retire")
         with denied_fails_fast():
             plan = rt.retirement_plan()
         if plan is None:
             raise AirflowSkipException(f"key class {rt.name}: no version is due for retirement")
         blocking = 0
+        evidence = {"retire_below": plan.new_min_version, "versions": plan.versions, "datasets": []}
         for census in rt.censuses():
             old = census.under(plan.new_min_version)
             blocking += len(old) + len(census.errors)
+            evidence["datasets"].append({**census.summary(), "under_retired_versions": len(old)})
             self.log.info("%s; %d partitions under versions below v%s", census.format(), len(old),
                           plan.new_min_version)
-        return blocking == 0
+        # The census the gate passed on goes to XCom: the approval shows it.
+        return PokeReturnValue(is_done=blocking == 0, xcom_value=evidence)

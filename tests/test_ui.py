@@ -1,0 +1,103 @@
+"""Operated as from the UI, against a running API server and scheduler: the approval before
+retirement answered through the REST API (as the Required Actions page does), and the key inventory
+view (login required)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+
+import pytest
+from live_airflow import LiveAirflow
+
+from helpers import CONN_ID, DAG_STUB, KEY_CLASS_YAML, days, runtime, seed
+from keyrotation import ledger as lg
+from keyrotation.config import load_key_class_file
+from keyrotation.ledger import RunContext
+from keyrotation.rotation import update_reference
+
+pytestmark = [pytest.mark.airflow, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, openbao):
+    base = tmp_path_factory.mktemp("live")
+    dags, config_dir = base / "dags", base / "config"
+    dags.mkdir()
+    config_dir.mkdir()
+    text = KEY_CLASS_YAML.format(name="ui", key_ref=f"ui-{secrets.token_hex(4)}", conn_id=CONN_ID, mode="rewrap",
+                                 chunk_size=4, grace="0s", dataset="ui_customers", location=base / "data")
+    (config_dir / "ui.yaml").write_text(text.replace("approval_required: false", "approval_required: true"))
+    (dags / "ui.py").write_text(DAG_STUB.format(name="ui"))
+    ledger_url = f"sqlite:///{base / 'ledger.db'}"
+    rt = runtime(load_key_class_file(config_dir / "ui.yaml"), openbao.client(), ledger_url)
+    seed(rt, "ui_customers", days("2024-01-01", 3))
+    v2 = rt.backend.rotate()
+    update_reference("ui", v2, rt.ledger, RunContext(actor="test"))
+    engine = rt.engine("ui_customers")
+    engine.run(days("2024-01-01", 3), lambda p: engine.process(p, v2, "rewrap"))
+    airflow = LiveAirflow(base, dags, {"KEYROTATION_CONFIG_DIR": str(config_dir),
+                                       "KEYROTATION_LEDGER_URL": ledger_url}).start()
+    airflow.rt = rt
+    yield airflow
+    airflow.stop()
+
+
+def test_inventory_view_needs_a_login_and_shows_each_key_class(live):
+    import httpx
+
+    anonymous = httpx.get(f"{live.url}/keyrotation/inventory", timeout=30)
+    assert anonymous.status_code in (401, 403)
+    with live.client("viewer") as client:
+        page = client.get("/keyrotation/inventory")
+    assert page.status_code == 200, page.text[:500]
+    assert "ui" in page.text and "within policy" in page.text
+    assert "ui_customers (3 partitions)" in page.text and "v2: 3" in page.text
+    assert "/dags/rotate__ui" in page.text
+
+
+def _trigger_and_answer(live, client, answer: str) -> str:
+    run = client.post("/api/v2/dags/retire__ui/dagRuns", json={"logical_date": None}).json()
+    run_id = run["dag_run_id"]
+
+    def pending():
+        details = client.get(f"/api/v2/dags/retire__ui/dagRuns/{run_id}/hitlDetails").json()
+        return [d for d in details.get("hitl_details", []) if d.get("response_received") is False]
+
+    [detail] = live.wait(pending, f"approval request of {run_id}")
+    assert "under the versions to retire: **0**" in detail["body"], detail["body"]
+    assert "ui_customers" in detail["body"]
+    resp = client.patch(f"/api/v2/dags/retire__ui/dagRuns/{run_id}/taskInstances/approve/-1/hitlDetails",
+                        json={"chosen_options": [answer], "params_input": {}})
+    assert resp.status_code == 200, resp.text
+
+    def finished():
+        state = client.get(f"/api/v2/dags/retire__ui/dagRuns/{run_id}").json()["state"]
+        return state if state in ("success", "failed") else None
+
+    assert live.wait(finished, f"end of {run_id}") == "success"
+    return run_id
+
+
+def _task_state(client, run_id: str, task_id: str) -> str:
+    return client.get(f"/api/v2/dags/retire__ui/dagRuns/{run_id}/taskInstances/{task_id}").json()["state"]
+
+
+def test_retirement_waits_for_approval_reject_keeps_the_version_approve_retires_it(live):
+    rt = live.rt
+    with live.client("admin") as client:
+        assert client.patch("/api/v2/dags/retire__ui", json={"is_paused": False}).status_code == 200
+        rejected = _trigger_and_answer(live, client, "Reject")
+        assert _task_state(client, rejected, "retire_versions") == "skipped"
+        assert rt.backend.key_state().min_decryption_version == 1
+        time.sleep(1)
+        approved = _trigger_and_answer(live, client, "Approve")
+        assert _task_state(client, approved, "retire_versions") == "success"
+    assert rt.backend.key_state().min_decryption_version == 2
+    decisions = rt.ledger.rows(events_in=(lg.RETIREMENT_DECISION,))
+    assert [(d["status"], d["actor"], d["run_id"]) for d in decisions] == [
+        ("rejected", "admin", rejected), ("approved", "admin", approved)]
+    assert json.loads(decisions[1]["detail"])["responded_at"]
+    [retired] = rt.ledger.rows(events_in=(lg.VERSIONS_RETIRED,))
+    assert retired["actor"] == "admin" and retired["run_id"] == approved
