@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 UV_VERSION := 0.13.9
 export PYTHONPATH := $(CURDIR)/include:$(CURDIR)/plugins:$(CURDIR)/dags
 
-.PHONY: install test demo up lint lock bench clean
+.PHONY: install test demo up lint lock bench clean screenshots
 
 $(VENV)/.installed: requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ up: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff check --select AIR3 dags plugins
+
+screenshots: install
+	KEYROTATION_SCREENSHOTS=$(CURDIR)/docs/images $(VENV)/bin/pytest -q tests/test_ui.py
 
 lock: install
 	$(VENV)/bin/uv pip freeze --python $(PY) | grep -v -E '^(uv|pip)==' > constraints.txt

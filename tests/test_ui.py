@@ -5,8 +5,11 @@ view (login required)."""
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 from live_airflow import LiveAirflow
@@ -68,6 +71,10 @@ def _trigger_and_answer(live, client, answer: str) -> str:
     [detail] = live.wait(pending, f"approval request of {run_id}")
     assert "under the versions to retire: **0**" in detail["body"], detail["body"]
     assert "ui_customers" in detail["body"]
+    live.wait(lambda: _task_state(client, run_id, "approve") == "awaiting_input", "approve awaiting input")
+    # Answer as a person would, not within the second: Airflow 3.3.2's scheduler fails the task if the
+    # answer re-queues it before it has processed the executor's report of the pause.
+    time.sleep(5)
     resp = client.patch(f"/api/v2/dags/retire__ui/dagRuns/{run_id}/taskInstances/approve/-1/hitlDetails",
                         json={"chosen_options": [answer], "params_input": {}})
     assert resp.status_code == 200, resp.text
@@ -101,3 +108,23 @@ def test_retirement_waits_for_approval_reject_keeps_the_version_approve_retires_
     assert json.loads(decisions[1]["detail"])["responded_at"]
     [retired] = rt.ledger.rows(events_in=(lg.VERSIONS_RETIRED,))
     assert retired["actor"] == "admin" and retired["run_id"] == approved
+
+
+def test_inventory_view_in_headless_chromium(live, tmp_path):
+    """As a person sees it: refused without a login; with one, the key classes, the census and a screenshot."""
+    from browser import Browser, chromium_binary
+
+    if not chromium_binary():
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs the Debian package 'chromium'")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    with Browser() as browser:
+        refused = browser.open(f"{live.url}/keyrotation/inventory")
+        assert "Key inventory" not in refused and ("Not authenticated" in refused or "Forbidden" in refused)
+        browser.set_cookie(live.url, "_token", live.token("viewer"))
+        text = browser.open(f"{live.url}/keyrotation/inventory")
+        assert "Key inventory" in text and "ui_customers (3 partitions)" in text and "v2: 3" in text
+        shot = browser.screenshot(tmp_path / "inventory.png")
+    assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("KEYROTATION_SCREENSHOTS"):  # `make screenshots` refreshes the README's image
+        shutil.copy(shot, Path(os.environ["KEYROTATION_SCREENSHOTS"]) / "inventory.png")

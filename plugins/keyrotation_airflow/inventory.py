@@ -19,7 +19,7 @@ from keyrotation.errors import KeyRotationError
 from keyrotation.ledger import Ledger
 from keyrotation.runtime import KeyClassRuntime
 
-COLOURS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1"]
+CURRENT, OLDER, UNREADABLE = "#59a14f", "#f28e2b", "#444"
 
 
 def _requires_dag_read() -> list:
@@ -63,9 +63,9 @@ def _key_class_section(name: str, ledger: Ledger, now: datetime) -> str:
         rt = KeyClassRuntime(config, KeyClassKmsHook(kc, "report").get_backend(), ledger)
         state = rt.backend.key_state()
         censuses = rt.censuses()
+        current = ledger.current_version(name)
     except (KeyRotationError, OSError, ValueError) as exc:
         return f"<section><h2>{html.escape(name)}</h2><p class='error'>{html.escape(str(exc))}</p></section>"
-    current = ledger.current_version(name)
     created = state.created_at(current) if current else None
     age = (now - created).total_seconds() if created else None
     colour, verdict = _status(age, kc.rotation.due_after.total_seconds(), kc.rotation.cryptoperiod.total_seconds())
@@ -75,13 +75,14 @@ def _key_class_section(name: str, ledger: Ledger, now: datetime) -> str:
     for census in censuses:
         total = max(1, len(census.partitions) + len(census.errors))
         segments = "".join(
-            f"<span class='seg' style='width:{100 * n / total:.1f}%;background:{COLOURS[v % len(COLOURS)]}' "
+            f"<span class='seg' style='width:{100 * n / total:.1f}%;"
+            f"background:{CURRENT if current is not None and v >= current else OLDER}' "
             f"title='v{v}: {n} partitions'>v{v}: {n}</span>"
             for v, n in census.by_version().items()
         )
         if census.errors:
             segments += (f"<span class='seg' style='width:{100 * len(census.errors) / total:.1f}%;"
-                         f"background:#333'>unreadable: {len(census.errors)}</span>")
+                         f"background:{UNREADABLE}'>unreadable: {len(census.errors)}</span>")
         bars.append(f"<div class='dataset'>{html.escape(census.dataset)} "
                     f"({len(census.partitions)} partitions)<div class='bar'>{segments}</div></div>")
     dag_ids = [f"rotate__{name}", *(f"reencrypt__{d.name}" for d in config.datasets), f"retire__{name}"]

@@ -1,0 +1,98 @@
+"""Headless Chromium (Debian's ``chromium``) driven over the DevTools protocol: open a page with an
+Airflow login cookie, read its text and take a screenshot. No browser download, no extra package."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from itertools import count
+from pathlib import Path
+
+import httpx
+from websockets.sync.client import connect
+
+from keyrotation.devserver import free_port
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+
+
+def chromium_binary() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class Browser:
+    def __init__(self, width: int = 1280, height: int = 900) -> None:
+        binary = chromium_binary()
+        if not binary:
+            raise FileNotFoundError("chromium is not installed (Debian package 'chromium')")
+        self.port = free_port()
+        self.profile = tempfile.mkdtemp(prefix="chromium-")
+        self.proc = subprocess.Popen(
+            [binary, *FLAGS, f"--remote-debugging-port={self.port}", f"--user-data-dir={self.profile}",
+             f"--window-size={width},{height}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                pages = httpx.get(f"http://127.0.0.1:{self.port}/json", timeout=2).json()
+                page = next(p for p in pages if p.get("type") == "page")
+                break
+            except (httpx.HTTPError, StopIteration, ValueError):
+                if time.monotonic() > deadline:
+                    self.close()
+                    raise TimeoutError("chromium did not open its DevTools port") from None
+                time.sleep(0.2)
+        self.ws = connect(page["webSocketDebuggerUrl"], max_size=None)
+        self.ids = count(1)
+        self.call("Page.enable")
+        self.call("Network.enable")
+
+    def call(self, method: str, **params: object) -> dict:
+        msg_id = next(self.ids)
+        self.ws.send(json.dumps({"id": msg_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=60))
+            if msg.get("id") == msg_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+
+    def set_cookie(self, url: str, name: str, value: str) -> None:
+        self.call("Network.setCookie", url=url, name=name, value=value)
+
+    def open(self, url: str) -> str:
+        """Load ``url``, wait for it, return the page's visible text."""
+        self.call("Page.navigate", url=url)
+        deadline = time.monotonic() + 30
+        while self.call("Runtime.evaluate", expression="document.readyState")["result"]["value"] != "complete":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not finish loading")
+            time.sleep(0.1)
+        return self.call("Runtime.evaluate", expression="document.body.innerText")["result"].get("value", "")
+
+    def screenshot(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png",
+                                                    captureBeyondViewport=True)["data"]))
+        return path
+
+    def close(self) -> None:
+        if getattr(self, "ws", None):
+            self.ws.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+    def __enter__(self) -> Browser:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
