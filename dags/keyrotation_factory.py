@@ -10,9 +10,19 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import DAG, Asset, AssetAny, AssetOrTimeSchedule, CronDataIntervalTimetable, Param
+from airflow.providers.common.messaging.triggers.msg_queue import MessageQueueTrigger
+from airflow.sdk import (
+    DAG,
+    Asset,
+    AssetAny,
+    AssetOrTimeSchedule,
+    AssetWatcher,
+    CronDataIntervalTimetable,
+    CronTriggerTimetable,
+    Param,
+)
 
-from keyrotation.config import KeyClassConfig, load_key_class
+from keyrotation.config import KeyClass, KeyClassConfig, load_key_class
 from keyrotation_airflow.operators.reencrypt import (
     CensusSummaryOperator,
     PlanReencryptionOperator,
@@ -46,7 +56,8 @@ Checks the master key `{key_ref}` ({backend}, connection `{conn_id}`): when the 
 older than {due} days (cryptoperiod {period} days), or when triggered with **force**, creates a new
 version, waits until it is usable, records it in the ledger as the key class's current version and
 emits the asset `keyrotation.key_class.{name}`, which starts a re-encryption sweep of every dataset
-under this key class. Not due: the run is skipped and the skip is recorded.
+under this key class. Not due: the run is skipped and the skip is recorded. A manual run needs a
+**reason**. With an event queue configured, each message on it starts a forced rotation.
 
 Config: `{source}`.
 """
@@ -94,12 +105,29 @@ Reject to keep the versions enabled; the decision, your name and the time go to 
 """
 
 
+def kms_events_asset(kc: KeyClass) -> Asset:
+    """An asset whose watcher turns each message on the key class's event queue into an asset event."""
+    trigger = MessageQueueTrigger(scheme="sqs", sqs_queue=kc.events.sqs_queue, aws_conn_id=kc.events.aws_conn_id,
+                                  region_name=kc.events.region_name, waiter_delay=5)
+    return Asset(name=f"keyrotation.kms_events.{kc.name}", uri=f"keyrotation://kms-events/{kc.name}",
+                 group="keyrotation", watchers=[AssetWatcher(name=f"kms_events_{kc.name}", trigger=trigger)])
+
+
+def rotation_schedule(kc: KeyClass) -> object:
+    if kc.events is None:
+        return kc.rotation.schedule
+    if kc.rotation.schedule is None:
+        return [kms_events_asset(kc)]
+    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(kc.rotation.schedule, timezone="UTC"),
+                               assets=[kms_events_asset(kc)])
+
+
 def build_rotation_dag(config: KeyClassConfig) -> DAG:
     kc = config.key_class
     with DAG(
         dag_id=f"rotate__{kc.name}",
         description=f"Rotate the master key of key class {kc.name}",
-        schedule=kc.rotation.schedule,
+        schedule=rotation_schedule(kc),
         start_date=_start("2024-01-01"),
         catchup=False,
         max_active_runs=1,

@@ -75,6 +75,17 @@ class Browser:
             time.sleep(0.1)
         return self.call("Runtime.evaluate", expression="document.body.innerText")["result"].get("value", "")
 
+    def wait_for_text(self, *texts: str, timeout: float = 45) -> str:
+        """Poll the page (a React app renders after load) until every text shows; return the page text."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.call("Runtime.evaluate", expression="document.body.innerText")["result"].get("value", "")
+            if all(t in text for t in texts):
+                return text
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"page never showed {texts}; it shows: {text[:800]}")
+            time.sleep(0.5)
+
     def screenshot(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png",

@@ -19,7 +19,8 @@ AIRFLOW = str(Path(sys.executable).parent / "airflow")
 
 
 class LiveAirflow:
-    def __init__(self, base: Path, dags: Path, extra_env: dict[str, str]) -> None:
+    def __init__(self, base: Path, dags: Path, extra_env: dict[str, str], triggerer: bool = False) -> None:
+        self.components = ["api-server", "scheduler", "dag-processor"] + (["triggerer"] if triggerer else [])
         self.home = base / "airflow"
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -57,8 +58,8 @@ class LiveAirflow:
     def start(self, timeout: float = 120) -> LiveAirflow:
         self.cli("db", "migrate")
         self.cli("dags", "reserialize")
-        for name, args in (("api-server", ["api-server", "--port", str(self.port)]), ("scheduler", ["scheduler"]),
-                           ("dag-processor", ["dag-processor"])):
+        for name in self.components:
+            args = [name, "--port", str(self.port)] if name == "api-server" else [name]
             log = open(self.home / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
             self.logs.append(log)
             self.procs.append(subprocess.Popen([AIRFLOW, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT))

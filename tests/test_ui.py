@@ -128,3 +128,41 @@ def test_inventory_view_in_headless_chromium(live, tmp_path):
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if os.environ.get("KEYROTATION_SCREENSHOTS"):  # `make screenshots` refreshes the README's image
         shutil.copy(shot, Path(os.environ["KEYROTATION_SCREENSHOTS"]) / "inventory.png")
+
+
+def test_operator_walkthrough_in_the_airflow_ui(live, tmp_path):
+    """The pages the README walks an operator through render with our forms and texts (screenshots
+    are kept with `make screenshots`): the trigger form, the backfill form and a pending approval."""
+    from browser import Browser, chromium_binary
+
+    if not chromium_binary():
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs the Debian package 'chromium'")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    rt = live.rt
+    target = rt.backend.rotate()  # a new version, data re-wrapped: v2 is due for retirement next
+    update_reference("ui", target, rt.ledger, RunContext(actor="test"))
+    engine = rt.engine("ui_customers")
+    engine.run(days("2024-01-01", 3), lambda p: engine.process(p, target, "rewrap"))
+    out = Path(os.environ.get("KEYROTATION_SCREENSHOTS") or tmp_path)
+    with Browser(1400, 1000) as browser, live.client("admin") as client:
+        browser.set_cookie(live.url, "_token", live.token("admin"))
+        browser.open(f"{live.url}/dags/rotate__ui/trigger/single")
+        browser.wait_for_text("Reason", "Force", "Rotation")
+        browser.screenshot(out / "trigger-rotation.png")
+        browser.open(f"{live.url}/dags/reencrypt__ui_customers/trigger/backfill"
+                     "?from_date=2024-01-01T00:00:00Z&to_date=2024-01-03T00:00:00Z")
+        browser.wait_for_text("Backfill")
+        browser.screenshot(out / "backfill.png")
+
+        run_id = client.post("/api/v2/dags/retire__ui/dagRuns", json={"logical_date": None}).json()["dag_run_id"]
+        live.wait(lambda: _task_state(client, run_id, "approve") == "awaiting_input", "approval request")
+        browser.open(f"{live.url}/dags/retire__ui/runs/{run_id}/tasks/approve/required_actions")
+        browser.wait_for_text("Retire versions of key class ui", "Approve", "Reject")
+        browser.screenshot(out / "approval.png")
+        time.sleep(5)
+        resp = client.patch(f"/api/v2/dags/retire__ui/dagRuns/{run_id}/taskInstances/approve/-1/hitlDetails",
+                            json={"chosen_options": ["Approve"], "params_input": {}})
+        assert resp.status_code == 200
+        live.wait(lambda: _task_state(client, run_id, "retire_versions") == "success", "retirement")
+    assert rt.backend.key_state().min_decryption_version == target

@@ -106,6 +106,14 @@ class RetirePolicy(_Strict):
     )
 
 
+class EventSource(_Strict):
+    """A message queue fed by KMS events (e.g. an EventBridge rule on AWS KMS): each message rotates."""
+
+    sqs_queue: str = Field(min_length=1, description="SQS queue URL.")
+    aws_conn_id: str = Field(default="aws_default", description="Airflow AWS connection for the queue.")
+    region_name: str | None = None
+
+
 class KeyClass(_Strict):
     name: str = Field(pattern=_NAME)
     backend: Literal["vault_transit"]
@@ -121,6 +129,7 @@ class KeyClass(_Strict):
     rotation: RotationPolicy
     reencryption: ReencryptionPolicy = ReencryptionPolicy()
     retire: RetirePolicy = RetirePolicy()
+    events: EventSource | None = Field(default=None, description="Rotate on messages from this queue too.")
 
 
     def conn_for(self, role: str) -> str:

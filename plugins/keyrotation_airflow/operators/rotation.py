@@ -19,6 +19,16 @@ def as_bool(value: Any) -> bool:
     return bool(value)
 
 
+def describe_events(context: Any) -> str:
+    """Which asset events started the run: queue message ids only, never message bodies."""
+    ids = []
+    for events in (context.get("triggering_asset_events") or {}).values():
+        for event in events:
+            payload = (getattr(event, "extra", None) or {}).get("payload") or {}
+            ids += [m.get("MessageId") for m in payload.get("message_batch", []) if isinstance(m, dict)]
+    return f"messages {', '.join(i for i in ids if i)}" if ids else "asset event"
+
+
 class RotateKeyOperator(BaseOperator):
     """
     Check a key class's master key (state, age against the rotation policy) and create a new version
@@ -48,19 +58,22 @@ class RotateKeyOperator(BaseOperator):
     def _rotate(self, context: Any) -> int:
         rt = key_class_runtime(self.key_class, "rotate")
         ctx = run_context(context)
-        if run_type(context) == "manual" and not (self.reason or "").strip():
+        kind = run_type(context)
+        force, reason = as_bool(self.force), self.reason
+        if kind == "manual" and not (reason or "").strip():
             raise AirflowFailException(f"key class {rt.name}: a manual rotation needs a reason; trigger it "
                                        "again with the 'reason' parameter set (it goes to the ledger)")
+        if kind == "asset_triggered":  # a message on the key class's KMS event queue: rotate now
+            force, reason = True, reason or f"KMS event: {describe_events(context)}"
         state = rt.backend.key_state()
-        check = check_rotation(rt.config.key_class, state, rt.ledger.current_version(rt.name),
-                               force=as_bool(self.force))
+        check = check_rotation(rt.config.key_class, state, rt.ledger.current_version(rt.name), force=force)
         self.log.info("key class %s (%s %s): %s -> %s", rt.name, rt.config.key_class.backend,
                       rt.config.key_class.key_ref, check.reason, check.action)
         if not check.due:
             rt.ledger.record(lg.ROTATION_SKIPPED, rt.name, ctx, status="skipped",
                              from_version=check.latest_version, detail={"check": check.reason})
             raise AirflowSkipException(f"key class {rt.name}: rotation not due: {check.reason}")
-        version = create_version(rt.backend, check, rt.ledger, ctx, reason=self.reason)
+        version = create_version(rt.backend, check, rt.ledger, ctx, reason=reason)
         self.log.info("key class %s: master key now at v%s", rt.name, version)
         return version
 
