@@ -83,8 +83,34 @@ class Browser:
             if all(t in text for t in texts):
                 return text
             if time.monotonic() > deadline:
-                raise TimeoutError(f"page never showed {texts}; it shows: {text[:800]}")
+                dialog = self.call("Runtime.evaluate", expression=(
+                    "[...document.querySelectorAll('[role=dialog]')].map(d => d.innerText).join('|')"))["result"]
+                raise TimeoutError(f"page never showed {texts}; dialogs: {dialog.get('value', '')[:1500]}; "
+                                   f"page: {text[:400]}")
             time.sleep(0.5)
+
+    def click_text(self, text: str, timeout: float = 30) -> None:
+        """Click, as a mouse does, the innermost button, link, label or radio (in the topmost open dialog,
+        if there is one) whose text starts with ``text``."""
+        script = (
+            "(() => { const t = " + json.dumps(text) + "; "
+            "const open = [...document.querySelectorAll('[role=dialog]')]"
+            ".filter(d => d.innerText.includes(t) && d.getClientRects().length); "
+            "const root = open.length ? open[open.length - 1] : document; "
+            "const els = [...root.querySelectorAll('button, a, label, [role=radio], [role=tab]')]"
+            ".filter(e => e.innerText && e.innerText.trim().startsWith(t) && e.getClientRects().length); "
+            "if (!els.length) return null; const el = els[els.length - 1]; el.scrollIntoView({block: 'center'}); "
+            "const r = el.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
+        deadline = time.monotonic() + timeout
+        while not (point := self.call("Runtime.evaluate", expression=script, returnByValue=True)["result"]
+                   .get("value")):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing to click labelled {text!r}")
+            time.sleep(0.5)
+        x, y = point
+        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
 
     def screenshot(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -147,14 +147,20 @@ def test_operator_walkthrough_in_the_airflow_ui(live, tmp_path):
     out = Path(os.environ.get("KEYROTATION_SCREENSHOTS") or tmp_path)
     with Browser(1400, 1000) as browser, live.client("admin") as client:
         browser.set_cookie(live.url, "_token", live.token("admin"))
-        browser.open(f"{live.url}/dags/rotate__ui/trigger/single")
-        browser.wait_for_text("Reason", "Force", "Rotation")
+        browser.open(f"{live.url}/dags/rotate__ui")
+        browser.click_text("Trigger")
+        browser.wait_for_text("Single Run", "Rotation")
+        browser.click_text("Rotation")
+        browser.wait_for_text("Reason", "Force")
         browser.screenshot(out / "trigger-rotation.png")
-        browser.open(f"{live.url}/dags/reencrypt__ui_customers/trigger/backfill"
-                     "?from_date=2024-01-01T00:00:00Z&to_date=2024-01-03T00:00:00Z")
-        browser.wait_for_text("Backfill")
+        browser.open(f"{live.url}/dags/reencrypt__ui_customers")
+        browser.click_text("Trigger")
+        browser.wait_for_text("Single Run", "Partitions")
+        browser.click_text("Backfill")
+        browser.wait_for_text("Reprocess")
         browser.screenshot(out / "backfill.png")
 
+        assert client.patch("/api/v2/dags/retire__ui", json={"is_paused": False}).status_code == 200
         run_id = client.post("/api/v2/dags/retire__ui/dagRuns", json={"logical_date": None}).json()["dag_run_id"]
         live.wait(lambda: _task_state(client, run_id, "approve") == "awaiting_input", "approval request")
         browser.open(f"{live.url}/dags/retire__ui/runs/{run_id}/tasks/approve/required_actions")
