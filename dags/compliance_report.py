@@ -2,14 +2,16 @@
 
 from datetime import datetime
 
-from airflow.sdk import DAG
+from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable
 
 from keyrotation_airflow.operators.report import ComplianceReportOperator
+from keyrotation_factory import AUDIT_ASSET
 
 with DAG(
     dag_id="compliance_report",
     description="Compliance report (CSV + HTML) for every key class",
-    schedule="@daily",
+    # Daily, and after every retirement or finished re-encryption (the asset chain ends here).
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("@daily", timezone="UTC"), assets=[AUDIT_ASSET]),
     start_date=datetime(2024, 1, 1),
     catchup=False,
     tags=["keyrotation", "report"],

@@ -41,6 +41,10 @@ def key_class_asset(name: str) -> Asset:
     return Asset(name=f"keyrotation.key_class.{name}", uri=f"keyrotation://key-class/{name}", group="keyrotation")
 
 
+# Every change the compliance report must reflect (a retirement, a finished re-encryption) updates this.
+AUDIT_ASSET = Asset(name="keyrotation.audit", uri="keyrotation://audit", group="keyrotation")
+
+
 def dataset_asset(name: str) -> Asset:
     return Asset(name=f"keyrotation.dataset.{name}", uri=f"keyrotation://dataset/{name}", group="keyrotation")
 
@@ -204,7 +208,7 @@ def build_reencrypt_dag(config: KeyClassConfig, dataset: str) -> DAG:
             task_id="validate", key_class=kc.name, dataset=ds.name,
         ).expand(results=reencrypt.output)
         summary = CensusSummaryOperator(task_id="census_after", key_class=kc.name, dataset=ds.name,
-                                        trigger_rule="none_failed", outlets=[dataset_asset(ds.name)])
+                                        trigger_rule="none_failed", outlets=[dataset_asset(ds.name), AUDIT_ASSET])
         plan >> reencrypt >> validate >> summary
     return dag
 
@@ -227,7 +231,7 @@ def build_retire_dag(config: KeyClassConfig) -> DAG:
     ) as dag:
         gate = CensusGateSensor(task_id="census_gate", key_class=kc.name, poke_interval=300,
                                 timeout=policy.census_timeout.total_seconds(), mode="reschedule")
-        retire = RetireKeyVersionsOperator(task_id="retire_versions", key_class=kc.name,
+        retire = RetireKeyVersionsOperator(task_id="retire_versions", key_class=kc.name, outlets=[AUDIT_ASSET],
                                            approval_task_id="approve" if policy.approval_required else None)
         if policy.approval_required:
             approve = RetirementApprovalOperator(
