@@ -22,6 +22,7 @@ BAO_PORT = int(os.environ.get("KEYROTATION_BAO_PORT", "8200"))
 
 
 def main() -> int:
+    HOME.mkdir(parents=True, exist_ok=True)
     os.environ.update({
         "AIRFLOW_HOME": str(HOME / "airflow"),
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),

@@ -61,6 +61,8 @@ class OpenBaoDevServer:
         wait(lambda: client.sys.is_initialized() and not client.sys.is_sealed(), "ready")
 
     def start(self, timeout: float = 30) -> OpenBaoDevServer:
+        if self.log_path != os.devnull:
+            Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen([bao_binary(), "server", *self._args()], stdout=log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
