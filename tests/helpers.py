@@ -80,3 +80,17 @@ def seed(rt: KeyClassRuntime, dataset: str, partitions: list[str], rows: int = 5
     for p in partitions:
         engine.write_partition(p, customers(p, rows), state.latest_version)
     return state.latest_version
+
+
+def partition_digests(rt: KeyClassRuntime, dataset: str, partitions: list[str]) -> dict[str, str]:
+    """Decrypt each partition (through the KMS) and return its plaintext digest."""
+    from keyrotation.formats.digest import table_digest
+
+    engine = rt.engine(dataset)
+    return {p: table_digest(engine._read(p, rt.store(dataset).live_files(p))) for p in partitions}
+
+
+def seed_and_rotate(rt: KeyClassRuntime, dataset: str, partitions: list[str], rows: int = 50) -> tuple[dict, int]:
+    """Write ``partitions`` under the first key version, rotate; return their digests and the new version."""
+    seed(rt, dataset, partitions, rows=rows)
+    return partition_digests(rt, dataset, partitions), rt.backend.rotate()

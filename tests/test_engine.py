@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import CANARY, customers, days, runtime, seed
+from helpers import CANARY, customers, days, partition_digests, runtime, seed, seed_and_rotate
 from keyrotation import ledger as lg
 from keyrotation.errors import BackendError, ValidationError
 from keyrotation.formats.digest import table_digest
@@ -16,11 +16,6 @@ from keyrotation.formats.parquet_pme import key_material_path
 
 def _hashes(root: Path, pattern: str) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob(pattern))}
-
-
-def _read_all(rt, dataset, partitions):
-    engine = rt.engine(dataset)
-    return {p: table_digest(engine._read(p, rt.store(dataset).live_files(p))) for p in partitions}
 
 
 def test_rewrap_30_partitions_keeps_data_files_and_reads_after_old_version_retired(make_key_class, vault):
@@ -64,7 +59,7 @@ def test_reencrypt_writes_new_data_keys_and_identical_plaintext(make_key_class, 
     seed(rt, "customers", parts)
     root = Path(config.dataset("customers").location)
     data_before = _hashes(root, "part-*.parquet")
-    digests_before = _read_all(rt, "customers", parts)
+    digests_before = partition_digests(rt, "customers", parts)
 
     v2 = rt.backend.rotate()
     engine = rt.engine("customers")
@@ -74,7 +69,7 @@ def test_reencrypt_writes_new_data_keys_and_identical_plaintext(make_key_class, 
     assert set(data_after).isdisjoint(data_before)  # new generation of files, old ones gone
     assert len(data_after) == 5
     rt.backend.retire_below(v2)
-    assert _read_all(rt, "customers", parts) == digests_before
+    assert partition_digests(rt, "customers", parts) == digests_before
     for p in parts:
         assert engine.validate(p, min_version=v2).action == "validated"
     rows = rt.ledger.rows(events_in=(lg.PARTITION_REENCRYPTED,))
@@ -87,9 +82,7 @@ def test_crash_at_any_step_leaves_partition_decryptable_and_rerun_completes(make
     config = make_key_class(mode="reencrypt")
     rt = runtime(config, vault)
     parts = days("2024-03-01", 2)
-    seed(rt, "customers", parts)
-    expected = _read_all(rt, "customers", parts)
-    v2 = rt.backend.rotate()
+    expected, v2 = seed_and_rotate(rt, "customers", parts)
 
     class Crash(Exception):
         pass
@@ -102,14 +95,14 @@ def test_crash_at_any_step_leaves_partition_decryptable_and_rerun_completes(make
     with pytest.raises(Crash):
         crashing.process(parts[0], v2, "reencrypt")
     # Right after the crash, every partition still decrypts to what it held.
-    assert _read_all(rt, "customers", parts) == expected
+    assert partition_digests(rt, "customers", parts) == expected
 
     engine = rt.engine("customers")
     results = engine.run(parts, lambda p: engine.process(p, v2, "reencrypt"))
     assert results[0].action in ("reencrypted", "reconciled")
     assert results[1].action == "reencrypted"
     rt.backend.retire_below(v2)
-    assert _read_all(rt, "customers", parts) == expected
+    assert partition_digests(rt, "customers", parts) == expected
     assert rt.census("customers").by_version() == {v2: 2}
     # Exactly one generation of files per partition remains.
     root = Path(config.dataset("customers").location)
@@ -123,9 +116,7 @@ def test_crash_during_rewrap_leaves_partitions_decryptable(make_key_class, vault
     config = make_key_class(mode="rewrap")
     rt = runtime(config, vault)
     parts = days("2024-04-01", 3)
-    seed(rt, "customers", parts)
-    expected = _read_all(rt, "customers", parts)
-    v2 = rt.backend.rotate()
+    expected, v2 = seed_and_rotate(rt, "customers", parts)
     calls = []
 
     def crash(name):
@@ -137,14 +128,14 @@ def test_crash_during_rewrap_leaves_partitions_decryptable(make_key_class, vault
     with pytest.raises(RuntimeError):
         for p in parts:
             engine.process(p, v2, "rewrap")
-    assert _read_all(rt, "customers", parts) == expected
+    assert partition_digests(rt, "customers", parts) == expected
     assert rt.census("customers").by_version() == {v2: 2, v2 - 1: 1}
     engine = rt.engine("customers")
     # The second partition was re-wrapped but the crash came before its ledger row: reconciled, not redone.
     assert [r.action for r in engine.run(parts, lambda p: engine.process(p, v2, "rewrap"))] == [
         "up_to_date", "reconciled", "rewrapped"]
     rt.backend.retire_below(v2)
-    assert _read_all(rt, "customers", parts) == expected
+    assert partition_digests(rt, "customers", parts) == expected
 
 
 def test_tampered_partition_fails_alone_and_is_left_untouched(make_key_class, vault):
@@ -201,9 +192,7 @@ def test_rewrap_is_server_side_on_transit_and_falls_back_to_pyarrow(make_key_cla
     config = make_key_class(mode="rewrap")
     rt = runtime(config, vault)
     parts = days("2024-08-01", 4)
-    seed(rt, "customers", parts)
-    expected = _read_all(rt, "customers", parts)
-    v2 = rt.backend.rotate()
+    expected, v2 = seed_and_rotate(rt, "customers", parts)
     unwrapped = []
     real_unwrap = rt.backend.unwrap
     rt.backend.unwrap = lambda wrapped: unwrapped.append(wrapped) or real_unwrap(wrapped)
@@ -217,7 +206,7 @@ def test_rewrap_is_server_side_on_transit_and_falls_back_to_pyarrow(make_key_cla
     engine.process(parts[3], v2, "rewrap")
     assert rt.census("customers").by_version() == {v2: 4}
     rt.backend.retire_below(v2)
-    assert _read_all(rt, "customers", parts) == expected
+    assert partition_digests(rt, "customers", parts) == expected
 
 
 @pytest.mark.parametrize("mode", ["rewrap", "reencrypt"])
@@ -228,9 +217,7 @@ def test_two_runs_of_the_same_partitions_at_once_do_the_work_once(make_key_class
     config = make_key_class(mode=mode)
     rt = runtime(config, vault)
     parts = days("2024-09-01", 6)
-    seed(rt, "customers", parts)
-    expected = _read_all(rt, "customers", parts)
-    v2 = rt.backend.rotate()
+    expected, v2 = seed_and_rotate(rt, "customers", parts)
 
     def sweep(order):
         engine = rt.engine("customers")
@@ -244,7 +231,7 @@ def test_two_runs_of_the_same_partitions_at_once_do_the_work_once(make_key_class
     changes = rt.ledger.rows(events_in=(lg.PARTITION_REWRAPPED, lg.PARTITION_REENCRYPTED))
     assert sorted(r["partition"] for r in changes) == parts
     rt.backend.retire_below(v2)
-    assert _read_all(rt, "customers", parts) == expected
+    assert partition_digests(rt, "customers", parts) == expected
 
 
 def test_a_lease_left_by_a_killed_process_on_this_host_is_taken_over(make_key_class, vault):

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import days, runtime, seed
+from helpers import days, partition_digests, runtime, seed_and_rotate
 from keyrotation import ledger as lg
 from keyrotation.backends.retry import RetryPolicy
 from keyrotation.backends.vault_transit import VaultTransitBackend
 from keyrotation.devserver import OpenBaoFileServer, free_port
-from keyrotation.formats.digest import table_digest
 from keyrotation.ledger import RunContext
 from keyrotation.rotation import update_reference
 from keyrotation.runtime import KeyClassRuntime
@@ -36,16 +35,11 @@ CHECKPOINTS_PER_PARTITION = {"reencrypt": 6, "rewrap": 2}
 pytestmark = pytest.mark.faults
 
 
-def digests(rt, dataset, partitions):
-    engine = rt.engine(dataset)
-    return {p: table_digest(engine._read(p, rt.store(dataset).live_files(p))) for p in partitions}
-
-
 def assert_all_under(rt, dataset, partitions, version, expected):
     """Every partition is under ``version`` only, and still decrypts once older versions are retired."""
     assert rt.census(dataset).by_version() == {version: len(partitions)}
     rt.backend.retire_below(version)
-    assert digests(rt, dataset, partitions) == expected
+    assert partition_digests(rt, dataset, partitions) == expected
 
 
 def changes_per_partition(rt) -> dict[str, int]:
@@ -67,7 +61,7 @@ def start_worker(config, openbao, ledger_url, target, mode, kill_at, parts):
 
 def rerun_and_check(rt, parts, target, mode, expected):
     # Right after the kill, before any repair, every partition still decrypts to its original content.
-    assert digests(rt, "customers", parts) == expected
+    assert partition_digests(rt, "customers", parts) == expected
     engine = rt.engine("customers")
     results = engine.run(parts, lambda p: engine.process(p, target, mode))
     assert all(r.action != "failed" for r in results), results
@@ -81,9 +75,7 @@ def prepared(make_key_class, vault, mode, rows=200, count=4):
     config = make_key_class(mode=mode)
     rt = runtime(config, vault)
     parts = days("2024-01-01", count)
-    seed(rt, "customers", parts, rows=rows)
-    expected = digests(rt, "customers", parts)
-    target = rt.backend.rotate()
+    expected, target = seed_and_rotate(rt, "customers", parts, rows=rows)
     update_reference(rt.name, target, rt.ledger, RunContext())
     return config, rt, parts, expected, target
 
@@ -132,9 +124,7 @@ def test_kms_stopped_mid_run_and_started_again(make_key_class, vault, restartabl
     config = make_key_class(mode="rewrap")
     rt = kms_runtime(config, restartable_kms, runtime(config, vault).ledger, attempts=30)
     parts = days("2024-02-01", 8)
-    seed(rt, "customers", parts)
-    expected = digests(rt, "customers", parts)
-    target = rt.backend.rotate()
+    expected, target = seed_and_rotate(rt, "customers", parts)
     calls = []
 
     def outage(name):
@@ -155,9 +145,7 @@ def test_kms_staying_down_fails_cleanly_and_a_rerun_completes(make_key_class, va
     config = make_key_class(mode="rewrap")
     rt = kms_runtime(config, restartable_kms, runtime(config, vault).ledger, attempts=3)
     parts = days("2024-03-01", 3)
-    seed(rt, "customers", parts)
-    expected = digests(rt, "customers", parts)
-    target = rt.backend.rotate()
+    expected, target = seed_and_rotate(rt, "customers", parts)
     restartable_kms.stop()
     engine = rt.engine("customers")
     results = engine.run(parts, lambda p: engine.process(p, target, "rewrap"))
@@ -189,9 +177,7 @@ def small_disk(tmp_path):
 def test_disk_full_leaves_the_source_untouched(make_key_class, vault, small_disk):
     rt = runtime(make_key_class(mode="reencrypt", location=small_disk / "customers"), vault)
     parts = days("2024-04-01", 3)
-    seed(rt, "customers", parts, rows=5_000)
-    expected = digests(rt, "customers", parts)
-    target = rt.backend.rotate()
+    expected, target = seed_and_rotate(rt, "customers", parts, rows=5_000)
     filler = small_disk / "filler"
     with open(filler, "wb", buffering=0) as f:  # fill the disk to the last byte
         try:
@@ -204,7 +190,7 @@ def test_disk_full_leaves_the_source_untouched(make_key_class, vault, small_disk
     results = engine.run(parts, lambda p: engine.process(p, target, "reencrypt"))
     assert {r.action for r in results} == {"failed"}
     assert "No space left on device" in results[0].error and parts[0] in results[0].error
-    assert digests(rt, "customers", parts) == expected
+    assert partition_digests(rt, "customers", parts) == expected
     leftovers = set(_file_hashes(small_disk / "customers")) - set(before)
     assert all(".staging-" in name for name in leftovers)
     assert all(_file_hashes(small_disk / "customers")[k] == v for k, v in before.items())

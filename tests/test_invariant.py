@@ -14,9 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import customers, days, runtime
+from helpers import customers, days, partition_digests, runtime
 from keyrotation.errors import KeyRotationError, RetirementRefused
-from keyrotation.formats.digest import table_digest
 from keyrotation.ledger import RunContext
 from keyrotation.retirement import retire
 from keyrotation.rotation import update_reference
@@ -38,8 +37,7 @@ class Crash(Exception):
 
 
 def decryptable(rt) -> dict[str, str]:
-    engine = rt.engine("customers")
-    return {p: table_digest(engine._read(p, rt.store("customers").live_files(p))) for p in PARTITIONS}
+    return partition_digests(rt, "customers", PARTITIONS)
 
 
 def apply(rt, op) -> None:
