@@ -24,8 +24,6 @@ class RetryPolicy:
         return [min(self.initial * 2**i, self.maximum) for i in range(self.attempts - 1)]
 
 
-NO_RETRY = RetryPolicy(attempts=1)
-
 
 def call_with_retries(fn: Callable[[], T], *, policy: RetryPolicy, retryable: tuple[type[BaseException], ...],
                       describe: str, done: Callable[[], T | None] | None = None) -> T:
