@@ -90,6 +90,13 @@ class LiveAirflow:
         path = self.home / f"{name}.log"
         return path.read_text()[-chars:] if path.exists() else ""
 
+    def log_lines(self, name: str, containing: str) -> list[str]:
+        path = self.home / f"{name}.log"
+        if not path.exists():
+            return []
+        with path.open(errors="replace") as log:
+            return [line for line in log if containing in line]
+
     def token(self, user: str = "admin") -> str:
         passwords = json.loads((self.home / "simple_auth_manager_passwords.json.generated").read_text())
         resp = httpx.post(f"{self.url}/auth/token", json={"username": user, "password": passwords[user]}, timeout=10)

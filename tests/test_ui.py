@@ -71,10 +71,7 @@ def _trigger_and_answer(live, client, answer: str) -> str:
     [detail] = live.wait(pending, f"approval request of {run_id}")
     assert "under the versions to retire: **0**" in detail["body"], detail["body"]
     assert "ui_customers" in detail["body"]
-    live.wait(lambda: _task_state(client, run_id, "approve") == "awaiting_input", "approve awaiting input")
-    # Answer as a person would, not within the second: Airflow 3.3.2's scheduler fails the task if the
-    # answer re-queues it before it has processed the executor's report of the pause.
-    time.sleep(5)
+    _wait_until_answerable(live, client, run_id)
     resp = client.patch(f"/api/v2/dags/retire__ui/dagRuns/{run_id}/taskInstances/approve/-1/hitlDetails",
                         json={"chosen_options": [answer], "params_input": {}})
     assert resp.status_code == 200, resp.text
@@ -85,6 +82,16 @@ def _trigger_and_answer(live, client, answer: str) -> str:
 
     assert live.wait(finished, f"end of {run_id}") == "success"
     return run_id
+
+
+def _wait_until_answerable(live, client, run_id: str) -> None:
+    """Airflow 3.3.2's scheduler fails an approval task whose answer re-queues it before the scheduler
+    has processed the executor's report of the pause (seen 5 s after the pause under load): answer after."""
+    live.wait(lambda: _task_state(client, run_id, "approve") == "awaiting_input", "approve awaiting input")
+    paused = f"task_id=approve, run_id={run_id}, map_index=-1"
+    live.wait(lambda: any(paused in line and "state=awaiting_input" in line
+                          for line in live.log_lines("scheduler", "TaskInstance Finished:")),
+              "the scheduler's processing of the approval pause", every=0.5)
 
 
 def _task_state(client, run_id: str, task_id: str) -> str:
@@ -166,7 +173,7 @@ def test_operator_walkthrough_in_the_airflow_ui(live, tmp_path):
         browser.open(f"{live.url}/dags/retire__ui/runs/{run_id}/tasks/approve/required_actions")
         browser.wait_for_text("Retire versions of key class ui", "Approve", "Reject")
         browser.screenshot(out / "approval.png")
-        time.sleep(5)
+        _wait_until_answerable(live, client, run_id)
         resp = client.patch(f"/api/v2/dags/retire__ui/dagRuns/{run_id}/taskInstances/approve/-1/hitlDetails",
                             json={"chosen_options": ["Approve"], "params_input": {}})
         assert resp.status_code == 200
