@@ -3,6 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 UV_VERSION := 0.13.9
+BACKEND ?= vault
 export PYTHONPATH := $(CURDIR)/include:$(CURDIR)/plugins:$(CURDIR)/dags
 
 .PHONY: install test demo up lint lock bench clean screenshots
@@ -20,7 +21,7 @@ test: install
 	$(VENV)/bin/pytest
 
 demo: install
-	$(PY) scripts/demo.py
+	BACKEND=$(BACKEND) $(PY) scripts/demo.py
 
 up: install
 	$(PY) scripts/up.py

@@ -89,6 +89,13 @@ the current version became the reference{approval}. Otherwise the retire task fa
 reasons in its log and in the ledger. Nothing due: the run is skipped.
 """
 
+NOT_RETIRABLE_DOC = """
+**This key class cannot retire versions.** AWS KMS keeps every key material of `{key_ref}` in
+perpetuity (on_demand strategy): the census gate still proves that all data is under the current
+material, and the retire task then records that retirement is not possible and is skipped. Use the
+alias strategy where old material must be destroyed.
+"""
+
 
 APPROVAL_BODY = """
 **Key class** `{name}`, master key `{key_ref}` ({backend}).
@@ -200,12 +207,13 @@ def build_reencrypt_dag(config: KeyClassConfig, dataset: str) -> DAG:
             partition_from="{{ params.partition_from }}", partition_to="{{ params.partition_to }}",
             mode="{{ params.mode }}", dry_run="{{ params.dry_run }}",
         )
+        pool = {"pool": kc.kms_pool} if kc.kms_pool else {}
         reencrypt = ReencryptPartitionsOperator.partial(
-            task_id="reencrypt", key_class=kc.name, dataset=ds.name, retries=3,
+            task_id="reencrypt", key_class=kc.name, dataset=ds.name, retries=3, **pool,
             map_index_template="{{ task.partitions[0] }}..{{ task.partitions[-1] }}",
         ).expand_kwargs(plan.output)
         validate = ValidatePartitionsOperator.partial(
-            task_id="validate", key_class=kc.name, dataset=ds.name,
+            task_id="validate", key_class=kc.name, dataset=ds.name, **pool,
         ).expand(results=reencrypt.output)
         summary = CensusSummaryOperator(task_id="census_after", key_class=kc.name, dataset=ds.name,
                                         trigger_rule="none_failed", outlets=[dataset_asset(ds.name), AUDIT_ASSET])
@@ -227,13 +235,15 @@ def build_retire_dag(config: KeyClassConfig) -> DAG:
         default_args={**DEFAULT_ARGS, "retries": 0},
         tags=["keyrotation", "retire", kc.name],
         doc_md=RETIRE_DOC.format(name=kc.name, kept=policy.versions_kept, grace=policy.grace_period,
-                                 approval=", and a human approval" if policy.approval_required else ""),
+                                 approval=", and a human approval" if policy.approval_required else "")
+        + ("" if kc.retires_versions else NOT_RETIRABLE_DOC.format(key_ref=kc.key_ref)),
     ) as dag:
         gate = CensusGateSensor(task_id="census_gate", key_class=kc.name, poke_interval=300,
                                 timeout=policy.census_timeout.total_seconds(), mode="reschedule")
+        approval = policy.approval_required and kc.retires_versions  # nothing to approve where nothing retires
         retire = RetireKeyVersionsOperator(task_id="retire_versions", key_class=kc.name, outlets=[AUDIT_ASSET],
-                                           approval_task_id="approve" if policy.approval_required else None)
-        if policy.approval_required:
+                                           approval_task_id="approve" if approval else None)
+        if approval:
             approve = RetirementApprovalOperator(
                 task_id="approve",
                 key_class=kc.name,

@@ -5,6 +5,10 @@ of synthetic customer records and of payment tokens as encrypted Parquet, then r
 with ``dag.test()`` on a SQLite metadata DB: rotation -> re-encryption of every partition ->
 validation -> retirement -> compliance report. Prints the census before and after and where the
 report is, then stops the server.
+
+``BACKEND=aws make demo`` does the same on AWS KMS and S3, served by a local moto_server, with the
+key classes of ``include/config/examples/aws``: customer_pii (alias strategy, Parquet and SSE-KMS
+objects in S3) and payment_tokens (on_demand strategy, whose old material AWS never retires).
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 HOME = Path(os.environ.get("KEYROTATION_DEMO_HOME", ROOT / "var" / "demo")).resolve()
 PARTITIONS = 30
 ROWS = 2_000
+BACKEND = os.environ.get("BACKEND") or "vault"
+CONFIG_SOURCES = {"vault": ROOT / "include" / "config" / "key_classes",
+                  "aws": ROOT / "include" / "config" / "examples" / "aws"}
+DEMO_BUCKET = "keyrotation-demo"
+OBJECTS_PER_PARTITION = 20
 # The shipped policies ask for a 7-30 day grace period and a human approval before retirement;
 # the demo runs in minutes, unattended, so it relaxes both in its own copy of the config.
 DEMO_RETIRE = {"grace_period": "0s", "approval_required": False}
@@ -40,7 +49,7 @@ def prepare_environment() -> None:
         shutil.rmtree(HOME)
     config_dir = HOME / "config"
     config_dir.mkdir(parents=True)
-    for src in sorted((ROOT / "include" / "config" / "key_classes").glob("*.yaml")):
+    for src in sorted(CONFIG_SOURCES[BACKEND].glob("*.yaml")):
         doc = yaml.safe_load(src.read_text())
         doc["key_class"]["retire"] = {**doc["key_class"].get("retire", {}), **DEMO_RETIRE}
         (config_dir / src.name).write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -53,6 +62,7 @@ def prepare_environment() -> None:
         "AIRFLOW__LOGGING__LOGGING_LEVEL": os.environ.get("DEMO_LOG_LEVEL", "WARNING"),
         "KEYROTATION_HOME": str(HOME),
         "KEYROTATION_CONFIG_DIR": str(config_dir),
+        "KEYROTATION_BUCKET": DEMO_BUCKET,
     })
     print(f"demo home: {HOME}\nconfig: {config_dir} (shipped key classes, retire policy relaxed to {DEMO_RETIRE})")
 
@@ -65,17 +75,45 @@ def migrate_db() -> None:
 
 
 def main() -> int:
+    if BACKEND not in CONFIG_SOURCES:
+        print(f"BACKEND={BACKEND!r} is not one of: {', '.join(CONFIG_SOURCES)}")
+        return 2
     prepare_environment()
+    if BACKEND == "aws":
+        from keyrotation.devserver import MotoServer
+
+        with MotoServer(log_path=str(HOME / "moto.log")) as moto:
+            os.environ["AIRFLOW_CONN_AWS_KEYROTATION"] = moto.airflow_connection_uri()
+            moto.client("s3").create_bucket(Bucket=DEMO_BUCKET)
+            print(f"local AWS-API server (moto) on {moto.url}: KMS, and S3 bucket {DEMO_BUCKET}")
+            migrate_db()
+            return run(f"the local AWS-API server on {moto.url}")
     from keyrotation.devserver import OpenBaoDevServer
 
     with OpenBaoDevServer(log_path=str(HOME / "openbao.log")) as bao:
         os.environ["AIRFLOW_CONN_VAULT_KEYROTATION"] = bao.airflow_connection_uri()
         print(f"OpenBao dev server on {bao.url} (Transit enabled)")
         migrate_db()
-        return run(bao)
+        return run(f"the OpenBao dev server on {bao.url}")
 
 
-def run(bao) -> int:  # noqa: ANN001
+def seed_objects(rt, dataset, version: int) -> None:  # noqa: ANN001
+    """SSE-KMS objects under ``version``'s KMS key, as an application writing to S3 would leave them."""
+    from keyrotation.sample_data import daily_partitions
+    from keyrotation.stores.filesystems import split_location
+
+    _, path = split_location(dataset.location)
+    bucket, _, prefix = path.partition("/")
+    s3 = rt.storage(dataset).s3_client(dataset.location)
+    key_arn = rt.backend.key_id_of(version)
+    for partition in daily_partitions(PARTITIONS):
+        for i in range(OBJECTS_PER_PARTITION):
+            s3.put_object(Bucket=bucket, Key=f"{prefix}/dt={partition}/statement-{i:03d}.json",
+                          Body=f'{{"customer": {i}, "day": "{partition}"}}'.encode(), ContentType="application/json",
+                          ServerSideEncryption="aws:kms", SSEKMSKeyId=key_arn)
+
+
+def run(server: str) -> int:
     from airflow.dag_processing.dagbag import DagBag
 
     from keyrotation.config import list_key_classes, load_key_class
@@ -83,6 +121,7 @@ def run(bao) -> int:  # noqa: ANN001
     from keyrotation.runtime import KeyClassRuntime
     from keyrotation.sample_data import DATASET_WRITERS
     from keyrotation_airflow.hooks.kms import KeyClassKmsHook
+    from keyrotation_airflow.runtime import dataset_storage
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # Airflow's logging setup resets filters
     bag = DagBag(dag_folder=str(ROOT / "dags"))
@@ -94,7 +133,8 @@ def run(bao) -> int:  # noqa: ANN001
     runtimes = {}
     for name in list_key_classes():
         config = load_key_class(name)
-        runtimes[name] = KeyClassRuntime(config, KeyClassKmsHook(config.key_class).get_backend(), ledger)
+        runtimes[name] = KeyClassRuntime(config, KeyClassKmsHook(config.key_class).get_backend(), ledger,
+                                         storage=dataset_storage(config.key_class, "reencrypt"))
 
     def dag_test(dag_id: str, conf: dict | None = None) -> None:
         started = time.monotonic()
@@ -115,6 +155,11 @@ def run(bao) -> int:  # noqa: ANN001
         dag_test(f"rotate__{name}", {"force": False, "reason": "demo: first key version"})
         version = rt.target_version()
         for ds in rt.config.datasets:
+            if ds.format == "sse_kms_objects":
+                seed_objects(rt, ds, version)
+                print(f"   wrote {PARTITIONS} partitions x {OBJECTS_PER_PARTITION} SSE-KMS objects of {ds.name} "
+                      f"under {rt.config.key_class.key_ref} v{version}")
+                continue
             engine = rt.engine(ds.name, RunContext(actor="demo"))
             for partition, table in DATASET_WRITERS[ds.name](PARTITIONS, ROWS):
                 engine.write_partition(partition, table, version)
@@ -133,18 +178,19 @@ def run(bao) -> int:  # noqa: ANN001
             dag_test(f"reencrypt__{ds.name}")
     census("after re-encryption")
 
-    say("retire old versions (census gate, then min_decryption_version raised)")
+    say("retire old versions (census gate, then the old versions disabled)")
     for name, rt in runtimes.items():
         dag_test(f"retire__{name}")
         state = rt.backend.key_state()
         print(f"   {rt.config.key_class.key_ref}: latest v{state.latest_version}, "
-              f"min_decryption_version v{state.min_decryption_version}")
+              f"min_decryption_version v{state.min_decryption_version}"
+              + ("" if rt.backend.can_retire else f" ({rt.backend.cannot_retire_reason})"))
 
     say("read every partition back after retirement")
     for rt in runtimes.values():
         for ds in rt.config.datasets:
             engine = rt.engine(ds.name, RunContext(actor="demo"))
-            results = engine.run(rt.store(ds.name).list_partitions(), engine.validate)
+            results = engine.run(rt.partitions(ds.name), engine.validate)
             bad = [r.partition for r in results if r.action != "validated"]
             print(f"   {ds.name}: {len(results) - len(bad)}/{len(results)} partitions decrypt to their recorded "
                   f"digests" + (f"; FAILED: {bad}" if bad else ""))
@@ -160,7 +206,7 @@ def run(bao) -> int:  # noqa: ANN001
     print(f"   ledger: {ledger.url} ({chain.rows_checked} events, hash chain "
           f"{'intact' if chain.ok else f'BROKEN at row {chain.first_broken_id}'}; "
           f"check with: python -m keyrotation.ledger verify --url {ledger.url})")
-    print(f"\nDemo finished. The OpenBao dev server on {bao.url} is being stopped.")
+    print(f"\nDemo finished. {server[0].upper()}{server[1:]} is being stopped.")
     return 0
 
 

@@ -35,10 +35,8 @@ os.environ.update({
     "KEYROTATION_HOME": str(Path(_AIRFLOW_HOME) / "keyrotation"),
 })
 
-from helpers import CONN_ID, DAG_STUB, KEY_CLASS_YAML  # noqa: E402
+from helpers import AWS_CONN_ID, AWS_KEY_CLASS_YAML, CONN_ID, DAG_STUB, KEY_CLASS_YAML  # noqa: E402
 from keyrotation.devserver import MotoServer, OpenBaoDevServer  # noqa: E402
-
-AWS_CONN_ID = "aws_keyrotation"
 
 
 @pytest.fixture(scope="session")
@@ -86,6 +84,29 @@ def make_key_class(tmp_path, monkeypatch, openbao):
             name=name, key_ref=f"{name}-{secrets.token_hex(4)}", conn_id=CONN_ID, mode=mode,
             chunk_size=chunk_size, grace=grace, dataset=dataset, location=location or tmp_path / "data" / dataset,
         )
+        for old, new in overrides.items():
+            text = text.replace(old, new)
+        (CONFIG_DIR / f"{name}.yaml").write_text(text)
+        (DAGS_DIR / f"{name}.py").write_text(DAG_STUB.format(name=name))
+        return load_key_class(name)
+
+    return make
+
+
+@pytest.fixture
+def make_aws_key_class(tmp_path, monkeypatch, moto):
+    """Write an aws_kms key class file (unique alias and bucket per test) and its DAG file; return its config."""
+    from keyrotation.config import load_key_class
+
+    monkeypatch.setenv("KEYROTATION_LEDGER_URL", f"sqlite:///{tmp_path / 'ledger.db'}")
+
+    def make(name, strategy="alias", mode="rewrap", dataset="customers", chunk_size=16, **overrides):
+        bucket = f"kr-{name.replace('_', '-')}-{secrets.token_hex(3)}"
+        moto.client("s3").create_bucket(Bucket=bucket)
+        text = AWS_KEY_CLASS_YAML.format(
+            name=name, key_ref=f"alias/{name.replace('_', '-')}-{secrets.token_hex(4)}", conn_id=AWS_CONN_ID,
+            strategy=strategy, mode=mode, chunk_size=chunk_size, dataset=dataset,
+            location=f"s3://{bucket}/{dataset}")
         for old, new in overrides.items():
             text = text.replace(old, new)
         (CONFIG_DIR / f"{name}.yaml").write_text(text)

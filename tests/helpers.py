@@ -14,6 +14,7 @@ from keyrotation.runtime import KeyClassRuntime
 
 CANARY = "CANARY-" + secrets.token_hex(6)
 CONN_ID = "vault_keyrotation"
+AWS_CONN_ID = "aws_keyrotation"
 
 KEY_CLASS_YAML = """\
 key_class:
@@ -30,6 +31,33 @@ key_class:
     chunk_size: {chunk_size}
   retire:
     grace_period: {grace}
+    versions_kept: 1
+    approval_required: false
+datasets:
+  - name: {dataset}
+    location: {location}
+    encrypted_columns: [email, ssn]
+    start_date: "2024-01-01"
+"""
+
+AWS_KEY_CLASS_YAML = """\
+key_class:
+  name: {name}
+  backend: aws_kms
+  key_ref: {key_ref}
+  conn_id: {conn_id}
+  create_if_missing: true
+  aws:
+    strategy: {strategy}
+    deletion_window_days: 7
+  rotation:
+    schedule: "@daily"
+    cryptoperiod: 90d
+  reencryption:
+    mode: {mode}
+    chunk_size: {chunk_size}
+  retire:
+    grace_period: 0s
     versions_kept: 1
     approval_required: false
 datasets:
@@ -65,6 +93,19 @@ def days(start: str, count: int) -> list[str]:
 def runtime(config: KeyClassConfig, vault, ledger_url: str | None = None) -> KeyClassRuntime:
     kc = config.key_class
     return KeyClassRuntime(config, VaultTransitBackend(vault, kc.key_ref, kc.mount_point), Ledger(ledger_url))
+
+
+def aws_runtime(config: KeyClassConfig, moto, ledger_url: str | None = None) -> KeyClassRuntime:
+    """A runtime over the moto server: the AWS KMS backend and S3 storage, as the Airflow hooks build them."""
+    from keyrotation.backends.aws_kms import AwsKmsBackend
+    from keyrotation.stores.filesystems import AwsCredentials, Storage
+
+    kc, options = config.key_class, config.key_class.aws_options
+    backend = AwsKmsBackend(moto.client("kms"), kc.key_ref, strategy=options.strategy, key_class=kc.name,
+                            deletion_window_days=options.deletion_window_days)
+    storage = Storage(AwsCredentials(moto.access_key, moto.secret_key, region_name=moto.region,
+                                     endpoint_url=moto.url))
+    return KeyClassRuntime(config, backend, Ledger(ledger_url), storage=lambda _ds: storage)
 
 
 def seed(rt: KeyClassRuntime, dataset: str, partitions: list[str], rows: int = 50) -> int:

@@ -28,7 +28,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from keyrotation.errors import ConfigError
 
@@ -114,9 +123,29 @@ class EventSource(_Strict):
     region_name: str | None = None
 
 
+class AwsKeyOptions(_Strict):
+    """How a key class maps onto AWS KMS (backend ``aws_kms``)."""
+
+    strategy: Literal["alias", "on_demand"] = Field(
+        default="alias",
+        description="alias: a new KMS key per version behind the key class alias, old keys disabled and deleted "
+        "on retirement; on_demand: AWS rotates the key material of one key, which AWS keeps for good.",
+    )
+    region_name: str | None = Field(default=None, description="Region (default: the connection's).")
+    rotation_period_days: int | None = Field(
+        default=None, ge=90, le=2560, description="on_demand: also turn on AWS's automatic rotation every N days."
+    )
+    deletion_window_days: int = Field(
+        default=30, ge=7, le=30, description="alias: days between scheduling a retired key's deletion and the deletion."
+    )
+    max_requests_per_second: float | None = Field(
+        default=None, gt=0, description="Cap on this task's KMS requests per second (the quota is per account)."
+    )
+
+
 class KeyClass(_Strict):
     name: str = Field(pattern=_NAME)
-    backend: Literal["vault_transit"]
+    backend: Literal["vault_transit", "aws_kms"]
     key_ref: str = Field(min_length=1, description="Key name (Transit), ARN/alias (AWS) or resource name (GCP).")
     conn_id: str = Field(min_length=1, description="Airflow connection that reaches the KMS.")
     connections: dict[Literal["rotate", "reencrypt", "retire", "report"], str] = Field(
@@ -130,7 +159,29 @@ class KeyClass(_Strict):
     reencryption: ReencryptionPolicy = ReencryptionPolicy()
     retire: RetirePolicy = RetirePolicy()
     events: EventSource | None = Field(default=None, description="Rotate on messages from this queue too.")
+    aws: AwsKeyOptions | None = Field(default=None, description="AWS KMS options (backend aws_kms).")
+    kms_pool: str | None = Field(
+        default=None, description="Airflow pool for the tasks that call the KMS in bulk, to stay under its quota."
+    )
 
+    @model_validator(mode="after")
+    def _backend_options(self) -> KeyClass:
+        if self.backend == "aws_kms":
+            options = self.aws or AwsKeyOptions()
+            if options.strategy == "alias" and not self.key_ref.startswith("alias/"):
+                raise ValueError("key_ref must be an alias (alias/<name>) for the aws_kms alias strategy")
+        elif self.aws is not None:
+            raise ValueError(f"the aws section applies to backend aws_kms, not {self.backend}")
+        return self
+
+    @property
+    def aws_options(self) -> AwsKeyOptions:
+        return self.aws or AwsKeyOptions()
+
+    @property
+    def retires_versions(self) -> bool:
+        """False where the KMS keeps old versions for good (AWS on_demand): no retirement, no approval."""
+        return not (self.backend == "aws_kms" and self.aws_options.strategy == "on_demand")
 
     def conn_for(self, role: str) -> str:
         """The Airflow connection of ``role`` (rotate, reencrypt, retire, report)."""
@@ -139,12 +190,25 @@ class KeyClass(_Strict):
 
 class Dataset(_Strict):
     name: str = Field(pattern=_NAME)
-    location: str = Field(min_length=1, description="Local path or pyarrow filesystem URI of the dataset root.")
-    format: Literal["parquet"] = "parquet"
+    location: str = Field(min_length=1, description="Local path, s3://bucket/prefix or another pyarrow filesystem "
+                          "URI of the dataset root.")
+    format: Literal["parquet", "sse_kms_objects"] = Field(
+        default="parquet", description="parquet: Parquet partitions with encrypted columns (PME); sse_kms_objects: "
+        "any S3 objects encrypted with SSE-KMS under the key class's key (backend aws_kms, alias strategy).")
+    conn_id: str | None = Field(default=None, description="Airflow connection for the storage (s3:// locations: "
+                                "an aws connection; default: the key class's conn_id).")
     partitioning: str = Field(default="dt", pattern=r"^[a-z_]+$", description="Partition directory key: dt=YYYY-MM-DD.")
-    encrypted_columns: list[str] = Field(min_length=1)
+    encrypted_columns: list[str] = Field(default_factory=list, validate_default=True,
+                                        description="Columns to encrypt (parquet).")
     schedule: str | None = Field(default="@daily", description="Cron for the per-partition re-encryption DAG.")
     start_date: str = Field(default="2024-01-01", pattern=r"^\d{4}-\d{2}-\d{2}$")
+
+    @field_validator("encrypted_columns")
+    @classmethod
+    def _columns_for_parquet(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if info.data.get("format", "parquet") == "parquet" and not value:
+            raise ValueError("a parquet dataset must name at least one encrypted column")
+        return value
 
 
 class KeyClassConfig(_Strict):
@@ -160,6 +224,14 @@ class KeyClassConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"dataset names must be unique, repeated: {', '.join(dupes)}")
+        for d in self.datasets:
+            if d.format == "sse_kms_objects":
+                kc = self.key_class
+                if kc.backend != "aws_kms" or kc.aws_options.strategy != "alias":
+                    raise ValueError(f"dataset {d.name}: sse_kms_objects needs backend aws_kms with the alias "
+                                     "strategy (the object's SSE-KMS key id tells its version)")
+                if not d.location.startswith("s3://"):
+                    raise ValueError(f"dataset {d.name}: sse_kms_objects needs an s3:// location")
         return self
 
     def dataset(self, name: str) -> Dataset:

@@ -213,9 +213,9 @@ class MotoServer:
     def client(self, service: str, **kwargs: object):  # noqa: ANN201 - a boto3 client of any service
         import boto3
 
-        return boto3.client(service, endpoint_url=self.url, region_name=self.region,
-                            aws_access_key_id=kwargs.pop("aws_access_key_id", self.access_key),
-                            aws_secret_access_key=kwargs.pop("aws_secret_access_key", self.secret_key), **kwargs)
+        options = {"endpoint_url": self.url, "region_name": self.region, "aws_access_key_id": self.access_key,
+                   "aws_secret_access_key": self.secret_key, **kwargs}
+        return boto3.client(service, **options)
 
     def airflow_connection_uri(self) -> str:
         """``AIRFLOW_CONN_<ID>`` value (JSON) for an ``aws`` connection to this server."""

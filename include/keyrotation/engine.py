@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import pyarrow as pa
 
@@ -240,21 +241,28 @@ class ReencryptionEngine:
 
     def run(self, partitions: list[str], operation: Callable[[str], PartitionResult]) -> list[PartitionResult]:
         """Apply ``operation`` to each partition; a failing partition is recorded and the rest go on."""
-        results: list[PartitionResult] = []
-        started = time.monotonic()
-        for i, partition in enumerate(partitions, 1):
-            try:
-                result = operation(partition)
-            except (KeyRotationError, OSError, ValueError) as exc:
-                message = str(exc) if isinstance(exc, PartitionError) else f"partition {partition}: {exc}"
-                result = PartitionResult(partition, "failed", error=message)
-                if not isinstance(exc, ValidationError):
-                    self._record(lg.PARTITION_FAILED, result, status="failed", detail={"error": message})
-                log.error("%s (key class %s): %s", self.dataset, self.key_class, message)
-            results.append(result)
-            elapsed = time.monotonic() - started
-            eta = elapsed / i * (len(partitions) - i)
-            log.info("%s %d/%d partition %s: %s (v%s -> v%s) %.2fs; elapsed %.1fs, eta %.1fs",
-                     self.dataset, i, len(partitions), partition, result.action, result.from_version,
-                     result.to_version, result.duration_s, elapsed, eta)
-        return results
+        return run_partitions(self, partitions, operation)
+
+
+def run_partitions(engine: ReencryptionEngine | Any, partitions: list[str],
+                   operation: Callable[[str], PartitionResult]) -> list[PartitionResult]:
+    """Apply ``operation`` to each partition with progress and ETA in the log; a failing partition is
+    recorded in the ledger (through ``engine._record``) and the rest go on. Shared by every engine."""
+    results: list[PartitionResult] = []
+    started = time.monotonic()
+    for i, partition in enumerate(partitions, 1):
+        try:
+            result = operation(partition)
+        except (KeyRotationError, OSError, ValueError) as exc:
+            message = str(exc) if isinstance(exc, PartitionError) else f"partition {partition}: {exc}"
+            result = PartitionResult(partition, "failed", error=message)
+            if not isinstance(exc, ValidationError):
+                engine._record(lg.PARTITION_FAILED, result, status="failed", detail={"error": message})
+            log.error("%s (key class %s): %s", engine.dataset, engine.key_class, message)
+        results.append(result)
+        elapsed = time.monotonic() - started
+        eta = elapsed / i * (len(partitions) - i)
+        log.info("%s %d/%d partition %s: %s (v%s -> v%s) %.2fs; elapsed %.1fs, eta %.1fs",
+                 engine.dataset, i, len(partitions), partition, result.action, result.from_version,
+                 result.to_version, result.duration_s, elapsed, eta)
+    return results

@@ -37,3 +37,7 @@ class ValidationError(PartitionError):
 
 class RetirementRefused(KeyRotationError):
     """The retirement gate refused to retire key versions."""
+
+
+class RetirementNotPossible(RetirementRefused):
+    """The KMS keeps old versions usable for good (AWS KMS key material): there is nothing to retire."""

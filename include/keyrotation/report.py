@@ -65,12 +65,15 @@ def build_rows(evidence: list[KeyClassEvidence], ledger: Ledger, now: datetime |
             "rotations_on_record": len(rotations),
             "last_rotation": _iso(rotations[-1]["recorded_at"].replace(tzinfo=UTC)) if rotations else "",
             "partitions_under_old_versions": "" if old is None else old,
+            "retirement": "by the retire DAG" if kc.retires_versions else
+            "not possible: the KMS keeps every old version (AWS KMS key material, on_demand strategy)",
         })
         for census in ev.censuses:
             for version, cov in census.coverage().items():
                 coverage.append({"key_class": kc.name, "dataset": census.dataset, "version": version,
                                  "current": version == reference, **cov})
-        for row in ledger.rows(key_class=kc.name, events_in=(lg.VERSIONS_RETIRED, lg.RETIREMENT_REFUSED)):
+        for row in ledger.rows(key_class=kc.name, events_in=(lg.VERSIONS_RETIRED, lg.RETIREMENT_REFUSED,
+                                                               lg.RETIREMENT_NOT_POSSIBLE)):
             detail = json.loads(row["detail"] or "{}")
             retirements.append({
                 "key_class": kc.name, "time": _iso(row["recorded_at"].replace(tzinfo=UTC)), "event": row["event"],

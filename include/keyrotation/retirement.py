@@ -3,7 +3,8 @@
 Every retire path goes through :func:`retire`. It refuses unless the census of every dataset of
 the key class shows no partition under a version being retired (and none unreadable), the grace
 period since the current version became the reference has passed, and, where the policy says
-so, a person approved.
+so, a person approved. Where the KMS cannot retire versions at all (AWS KMS key material), it
+says so and records it, with the census, instead of pretending.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from keyrotation import ledger as lg
 from keyrotation.backends.base import KeyState, KmsBackend
 from keyrotation.census import Census
 from keyrotation.config import KeyClass
-from keyrotation.errors import RetirementRefused
+from keyrotation.errors import RetirementNotPossible, RetirementRefused
 from keyrotation.ledger import Ledger, RunContext
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,16 @@ def retire(backend: KmsBackend, kc: KeyClass, plan: RetirementPlan, censuses: li
         reference_time = reference_time.replace(tzinfo=UTC)
     reasons = gate_reasons(kc, plan, censuses, reference_time, approval, now)
     detail = {"plan": plan.to_dict(), "census": [c.summary() for c in censuses]}
+    if not backend.can_retire:
+        data = "; ".join(r for r in reasons if r.startswith("dataset ")) or \
+            f"no data is under versions below v{plan.new_min_version}"
+        message = f"key class {kc.name!r}: versions v{plan.versions[0]}..v{plan.versions[-1]} cannot be retired: " \
+            f"{backend.cannot_retire_reason} Census: {data}."
+        ledger.record(lg.RETIREMENT_NOT_POSSIBLE, kc.name, ctx, status="not_possible",
+                      from_version=plan.current_min_version, to_version=plan.new_min_version,
+                      detail={**detail, "reasons": [backend.cannot_retire_reason, f"Census: {data}."]})
+        log.warning(message)
+        raise RetirementNotPossible(message)
     if reasons:
         ledger.record(lg.RETIREMENT_REFUSED, kc.name, ctx, status="refused",
                       from_version=plan.current_min_version, to_version=plan.new_min_version,

@@ -4,7 +4,9 @@ a script or a test), so nothing here knows where credentials live."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from keyrotation.backends.base import KmsBackend
 from keyrotation.census import Census, take_census
@@ -13,7 +15,15 @@ from keyrotation.engine import Checkpoint, ReencryptionEngine
 from keyrotation.formats.parquet_pme import ParquetEncryption
 from keyrotation.ledger import Ledger, RunContext
 from keyrotation.retirement import RetirementPlan, plan_retirement
+from keyrotation.stores.filesystems import Storage
 from keyrotation.stores.partitions import PartitionStore
+
+if TYPE_CHECKING:
+    from keyrotation.object_engine import ObjectReencryptionEngine
+
+
+def _local_storage(_dataset: Dataset) -> Storage:
+    return Storage()
 
 
 @dataclass
@@ -21,6 +31,8 @@ class KeyClassRuntime:
     config: KeyClassConfig
     backend: KmsBackend
     ledger: Ledger
+    #: The storage (credentials) of a dataset; the default reaches local paths and public URIs only.
+    storage: Callable[[Dataset], Storage] = field(default=_local_storage)
 
     @property
     def name(self) -> str:
@@ -28,18 +40,32 @@ class KeyClassRuntime:
 
     def store(self, dataset: str | Dataset) -> PartitionStore:
         ds = dataset if isinstance(dataset, Dataset) else self.config.dataset(dataset)
-        return PartitionStore(ds.location, ds.partitioning)
+        return PartitionStore(ds.location, ds.partitioning, self.storage(ds))
 
     def pme(self, dataset: str | Dataset) -> ParquetEncryption:
         ds = dataset if isinstance(dataset, Dataset) else self.config.dataset(dataset)
         return ParquetEncryption(self.backend, ds.encrypted_columns)
 
     def engine(self, dataset: str, ctx: RunContext | None = None,
-               checkpoint: Checkpoint | None = None) -> ReencryptionEngine:
+               checkpoint: Checkpoint | None = None) -> ReencryptionEngine | ObjectReencryptionEngine:
+        """The engine of ``dataset``'s format: Parquet partitions (PME) or SSE-KMS objects in S3."""
+        ds = self.config.dataset(dataset)
+        if ds.format == "sse_kms_objects":
+            from keyrotation.object_engine import ObjectReencryptionEngine
+            from keyrotation.stores.s3_objects import SseKmsObjectStore
+
+            store = SseKmsObjectStore(self.storage(ds).s3_client(ds.location), ds.location, ds.partitioning)
+            return ObjectReencryptionEngine(self.name, dataset, store, self.backend, self.ledger, ctx)
         return ReencryptionEngine(self.name, dataset, self.store(dataset), self.pme(dataset), self.ledger, ctx,
                                   checkpoint)
 
+    def partitions(self, dataset: str) -> list[str]:
+        engine = self.engine(dataset)
+        return engine.store.list_partitions()
+
     def census(self, dataset: str, partitions: list[str] | None = None) -> Census:
+        if self.config.dataset(dataset).format == "sse_kms_objects":
+            return self.engine(dataset).census(partitions)
         return take_census(dataset, self.store(dataset), self.pme(dataset), partitions)
 
     def censuses(self) -> list[Census]:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from airflow.sdk.exceptions import AirflowFailException
 
-from keyrotation.config import load_key_class
+from keyrotation.config import Dataset, KeyClass, load_key_class
 from keyrotation.errors import PermissionDenied
 from keyrotation.ledger import Ledger, RunContext
 from keyrotation.runtime import KeyClassRuntime
+from keyrotation.stores.filesystems import Storage
 from keyrotation_airflow.hooks.kms import KeyClassKmsHook
+from keyrotation_airflow.hooks.storage import DatasetStorageHook
 
 
 def run_context(context: Any) -> RunContext:
@@ -35,7 +37,19 @@ def key_class_runtime(key_class: str, role: str) -> KeyClassRuntime:
     with the connection of ``role`` (rotate, reencrypt, retire, report)."""
     config = load_key_class(key_class)
     backend = KeyClassKmsHook(config.key_class, role).get_backend()
-    return KeyClassRuntime(config, backend, Ledger())
+    return KeyClassRuntime(config, backend, Ledger(), storage=dataset_storage(config.key_class, role))
+
+
+def dataset_storage(kc: KeyClass, role: str) -> Callable[[Dataset], Storage]:
+    """Each dataset's storage through its Airflow connection, resolved once per dataset."""
+    cache: dict[str, Storage] = {}
+
+    def storage(dataset: Dataset) -> Storage:
+        if dataset.name not in cache:
+            cache[dataset.name] = DatasetStorageHook(dataset, kc, role).get_conn()
+        return cache[dataset.name]
+
+    return storage
 
 
 @contextmanager

@@ -54,6 +54,10 @@ class KmsBackend(abc.ABC):
     key_ref: str
     #: True when :meth:`rewrap` runs in the KMS, so wrapped keys never appear in plaintext outside it.
     server_side_rewrap: bool = False
+    #: False where the KMS keeps old versions usable for good (AWS KMS key material); then
+    #: :attr:`cannot_retire_reason` says why, and the retirement gate reports it instead of retiring.
+    can_retire: bool = True
+    cannot_retire_reason: str = ""
 
     @abc.abstractmethod
     def key_state(self) -> KeyState: ...

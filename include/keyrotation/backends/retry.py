@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,15 +15,20 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """``attempts`` tries in all, sleeping ``initial``, 2x, 4x ... seconds between them, at most ``maximum``."""
+    """``attempts`` tries in all, sleeping ``initial``, 2x, 4x ... seconds between them, at most ``maximum``.
+
+    With ``jitter``, each sleep is drawn between half and all of that, so that many clients throttled
+    at once do not come back in step.
+    """
 
     attempts: int = 6
     initial: float = 1.0
     maximum: float = 30.0
+    jitter: bool = False
 
     def delays(self) -> list[float]:
-        return [min(self.initial * 2**i, self.maximum) for i in range(self.attempts - 1)]
-
+        base = [min(self.initial * 2**i, self.maximum) for i in range(self.attempts - 1)]
+        return [d * random.uniform(0.5, 1.0) for d in base] if self.jitter else base
 
 
 def call_with_retries(fn: Callable[[], T], *, policy: RetryPolicy, retryable: tuple[type[BaseException], ...],

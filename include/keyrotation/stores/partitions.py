@@ -13,12 +13,12 @@ import json
 import posixpath
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import pyarrow.fs as pafs
 
 from keyrotation.errors import PartitionError
 from keyrotation.formats.parquet_pme import KEY_MATERIAL_PREFIX, TEMP_MATERIAL_PREFIX, key_material_path
+from keyrotation.stores.filesystems import Storage
 
 MANIFEST = "_PARTITION.json"
 STAGING_PREFIX = ".staging-"
@@ -36,21 +36,16 @@ class Manifest:
     extra: dict = field(default_factory=dict)
 
 
-def open_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and root path for a local path or a filesystem URI."""
-    if "://" not in location:
-        location = str(Path(location).expanduser().resolve())
-    try:
-        return pafs.FileSystem.from_uri(location)
-    except (ValueError, OSError) as exc:
-        raise PartitionError(location, f"cannot open dataset location: {exc}") from None
-
-
 class PartitionStore:
-    def __init__(self, location: str, partitioning: str = "dt") -> None:
+    """A partitioned dataset at ``location`` (a local path or ``s3://bucket/prefix`` and other pyarrow
+    filesystem URIs; ``storage`` supplies credentials). On object stores, where there is no rename,
+    a move is a copy then a delete of one object: each copy is atomic, so the manifest stays the
+    single commit point there too, and a crash leaves only names that :meth:`clean` removes."""
+
+    def __init__(self, location: str, partitioning: str = "dt", storage: Storage | None = None) -> None:
         self.location = location
         self.partitioning = partitioning
-        self.fs, self.root = open_filesystem(location)
+        self.fs, self.root = (storage or Storage()).filesystem(location)
 
     # -- layout -------------------------------------------------------------------------------
     def partition_dir(self, partition: str) -> str:

@@ -16,9 +16,13 @@ class KeyClassKmsHook(BaseHook):
     Connects to the KMS of a key class and returns its :class:`~keyrotation.backends.base.KmsBackend`.
 
     The connection is the key class's connection for ``role`` (``connections.<role>``, else
-    ``conn_id``): for ``vault_transit`` a Vault connection (``vault``/``vaults`` type, any auth type
-    the hashicorp provider's ``VaultHook`` supports), so credentials come from Airflow connections
-    or a secrets backend, never from config files, and each role's token can do only its part.
+    ``conn_id``), so credentials come from Airflow connections or a secrets backend, never from
+    config files, and each role's credentials can do only its part:
+
+    * ``vault_transit``: a Vault connection (``vault`` type, any auth type the hashicorp provider's
+      ``VaultHook`` supports).
+    * ``aws_kms``: an ``aws`` connection, through the amazon provider's ``AwsBaseHook`` (keys,
+      profiles or role assumption; ``endpoint_url`` in its extra reaches a local AWS-API server).
 
     :param key_class: The key class whose master key to reach.
     :param role: ``rotate``, ``reencrypt``, ``retire`` or ``report``.
@@ -34,7 +38,12 @@ class KeyClassKmsHook(BaseHook):
         self._backend: KmsBackend | None = None
 
     def get_conn(self) -> Any:
-        """The backend's client (``hvac.Client`` for Vault/OpenBao Transit)."""
+        """The backend's client (``hvac.Client`` for Vault/OpenBao Transit, a boto3 KMS client for AWS)."""
+        if self.key_class.backend == "aws_kms":
+            from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+            return AwsBaseHook(aws_conn_id=self.conn_id, client_type="kms",
+                               region_name=self.key_class.aws_options.region_name).get_conn()
         if self.key_class.backend == "vault_transit":
             from airflow.providers.hashicorp.hooks.vault import VaultHook
 
@@ -51,6 +60,15 @@ class KeyClassKmsHook(BaseHook):
 
                 self._backend = VaultTransitBackend(self.get_conn(), self.key_class.key_ref,
                                                     self.key_class.mount_point)
+            elif self.key_class.backend == "aws_kms":
+                from keyrotation.backends.aws_kms import AwsKmsBackend
+
+                options = self.key_class.aws_options
+                self._backend = AwsKmsBackend(
+                    self.get_conn(), self.key_class.key_ref, strategy=options.strategy, key_class=self.key_class.name,
+                    rotation_period_days=options.rotation_period_days,
+                    deletion_window_days=options.deletion_window_days,
+                    max_requests_per_second=options.max_requests_per_second)
             else:
                 raise ValueError(f"key class {self.key_class.name!r}: unsupported backend {self.key_class.backend!r}")
         return self._backend

@@ -10,7 +10,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from keyrotation import ledger as lg
-from keyrotation.errors import RetirementRefused
+from keyrotation.errors import RetirementNotPossible, RetirementRefused
 from keyrotation.retirement import retire
 from keyrotation_airflow.runtime import denied_fails_fast, key_class_runtime, run_context
 
@@ -59,7 +59,9 @@ class RetireKeyVersionsOperator(BaseOperator):
     Retire the key class's versions older than the newest ``versions_kept`` (raise
     ``min_decryption_version``, and trim if the policy says so), only if the retirement gate passes:
     census clean, grace period over, approval given where required. Otherwise the task fails, and
-    does not retry, with the reasons in the log and in the ledger.
+    does not retry, with the reasons in the log and in the ledger. Where the KMS cannot retire
+    versions (AWS KMS key material), the task is skipped with that said plainly, and the ledger
+    records it with the census.
 
     :param key_class: Key class name. (templated)
     :param approval_task_id: Task whose XCom holds the human approval, if the policy requires one.
@@ -88,6 +90,8 @@ class RetireKeyVersionsOperator(BaseOperator):
         try:
             state = retire(rt.backend, rt.config.key_class, plan, rt.censuses(), rt.ledger, run_context(context),
                            approval=approval)
+        except RetirementNotPossible as exc:  # recorded in the ledger; nothing an operator can change
+            raise AirflowSkipException(str(exc)) from None
         except RetirementRefused as exc:
             raise AirflowFailException(str(exc)) from None
         return {"retired": plan.versions, "min_decryption_version": state.min_decryption_version}

@@ -1,0 +1,169 @@
+"""Least privilege on AWS: the IAM policy document each role needs for one key class.
+
+The same four roles as the Vault policies in :mod:`keyrotation.policies`, one IAM principal (and so
+one Airflow ``aws`` connection) each:
+
+* ``rotate``: read the key class's KMS keys, create new ones (tagged with the key class), turn on and
+  trigger rotation, point the class's aliases at them. Cannot encrypt, decrypt, disable or delete.
+* ``reencrypt``: read the keys; encrypt, decrypt, re-encrypt and generate data keys with them; read and
+  rewrite the objects under the key class's dataset prefixes. Cannot create, rotate, move aliases,
+  disable or delete keys.
+* ``retire``: read the keys; disable them and schedule their deletion; list and read (never write) the
+  dataset objects, for the census. Cannot encrypt, decrypt or create.
+* ``report``: read the keys' metadata, rotations and tags; list and read the dataset objects.
+
+KMS keys are scoped by their ``keyrotation:key-class`` tag (``aws:ResourceTag``; new keys must carry
+it, ``aws:RequestTag``), aliases by name (``alias/<name>`` and ``alias/<name>/*``), objects by
+prefix. ``python -m keyrotation.aws_policies --role R --key-class K --key-ref alias/x --region REGION
+--account ID --bucket bucket/prefix`` prints one document as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from typing import Any
+
+ROLES = ("rotate", "reencrypt", "retire", "report")
+TAG_KEY_CLASS = "keyrotation:key-class"
+#: The tags the AWS KMS backend puts on a key it creates.
+KEY_TAGS = (TAG_KEY_CLASS, "keyrotation:version")
+
+#: KMS actions on the key class's keys (resource: a key, so the tag condition applies), by role.
+KEY_ACTIONS = {
+    "rotate": ["kms:DescribeKey", "kms:GetKeyRotationStatus", "kms:ListKeyRotations", "kms:RotateKeyOnDemand",
+               "kms:EnableKeyRotation", "kms:CreateAlias", "kms:UpdateAlias"],
+    "reencrypt": ["kms:DescribeKey", "kms:ListKeyRotations", "kms:Encrypt", "kms:Decrypt", "kms:ReEncryptFrom",
+                  "kms:ReEncryptTo", "kms:GenerateDataKey"],
+    "retire": ["kms:DescribeKey", "kms:ListKeyRotations", "kms:DisableKey", "kms:ScheduleKeyDeletion"],
+    "report": ["kms:DescribeKey", "kms:ListKeyRotations", "kms:GetKeyRotationStatus", "kms:ListResourceTags"],
+}
+#: S3 object actions on the dataset prefixes, by role; these roles also list the prefixes (rotate has no S3).
+OBJECT_ACTIONS = {
+    "reencrypt": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:GetObjectTagging", "s3:PutObjectTagging",
+                  "s3:AbortMultipartUpload"],
+    "retire": ["s3:GetObject"],
+    "report": ["s3:GetObject"],
+}
+
+_ACCOUNT = re.compile(r"^\d{12}$")
+_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def _partition(region: str) -> str:
+    if region.startswith("cn-"):
+        return "aws-cn"
+    if region.startswith("us-gov-"):
+        return "aws-us-gov"
+    return "aws"
+
+
+def split_bucket(location: str) -> tuple[str, str]:
+    """``"bucket/prefix"`` (or ``s3://bucket/prefix``) -> ``("bucket", "prefix")``; no prefix -> ``""``."""
+    path = location.removeprefix("s3://").strip("/")
+    bucket, _, prefix = path.partition("/")
+    if not _BUCKET.match(bucket):
+        raise ValueError(f"not an S3 bucket/prefix location: {location!r}")
+    return bucket, prefix.strip("/")
+
+
+def _s3_statements(role: str, buckets: list[str], arn: str) -> list[dict[str, Any]]:
+    by_bucket: dict[str, list[str]] = {}
+    for location in buckets:
+        bucket, prefix = split_bucket(location)
+        prefixes = by_bucket.setdefault(bucket, [])
+        if prefix not in prefixes:
+            prefixes.append(prefix)
+    statements: list[dict[str, Any]] = []
+    objects: list[str] = []
+    for i, (bucket, prefixes) in enumerate(by_bucket.items(), 1):
+        list_bucket: dict[str, Any] = {"Sid": f"ListDatasetPrefixes{i}", "Effect": "Allow",
+                                       "Action": ["s3:ListBucket"], "Resource": f"{arn}:s3:::{bucket}"}
+        if "" not in prefixes:  # a whole-bucket dataset lists without a prefix condition
+            list_bucket["Condition"] = {"StringLike": {"s3:prefix": [f"{p}/*" for p in prefixes]}}
+        statements.append(list_bucket)
+        objects += [f"{arn}:s3:::{bucket}/{p}/*" if p else f"{arn}:s3:::{bucket}/*" for p in prefixes]
+    if objects:
+        statements.append({"Sid": "DatasetObjects", "Effect": "Allow", "Action": list(OBJECT_ACTIONS[role]),
+                           "Resource": objects})
+    return statements
+
+
+def aws_policy(role: str, *, key_class: str, key_ref: str, region: str, account: str,
+               buckets: list[str]) -> dict[str, Any]:
+    """The IAM policy document of ``role`` for the key class ``key_class``.
+
+    ``key_ref`` is the class's KMS alias (``alias/<name>``; a key id or ARN gets no alias
+    permissions); ``buckets`` are the ``bucket/prefix`` locations of its datasets on S3.
+    """
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r} (one of {', '.join(ROLES)})")
+    if not key_class:
+        raise ValueError("key_class must not be empty")
+    if not _ACCOUNT.match(account):
+        raise ValueError(f"not an AWS account id (12 digits): {account!r}")
+    if not _REGION.match(region):
+        raise ValueError(f"not an AWS region: {region!r}")
+    arn = f"arn:{_partition(region)}"
+    kms = f"{arn}:kms:{region}:{account}"
+    of_class = {"StringEquals": {f"aws:ResourceTag/{TAG_KEY_CLASS}": key_class}}
+    key_actions = list(KEY_ACTIONS[role])
+    alias = key_ref.removeprefix("alias/") if key_ref.startswith("alias/") else None
+    if not alias:
+        key_actions = [a for a in key_actions if a not in ("kms:CreateAlias", "kms:UpdateAlias")]
+
+    statements: list[dict[str, Any]] = [
+        {"Sid": "KeyClassKeys", "Effect": "Allow", "Action": key_actions, "Resource": f"{kms}:key/*",
+         "Condition": of_class},
+        # ListAliases has no resource-level permissions: "*" is the only resource it accepts.
+        {"Sid": "ListAliases", "Effect": "Allow", "Action": ["kms:ListAliases"], "Resource": "*"},
+    ]
+    if role == "rotate":
+        new_key_tags = {f"aws:RequestTag/{TAG_KEY_CLASS}": key_class}
+        statements += [
+            # CreateKey has no resource; the request must tag the new key with this class and no other tags.
+            {"Sid": "CreateKeysOfClass", "Effect": "Allow", "Action": ["kms:CreateKey"], "Resource": "*",
+             "Condition": {"StringEquals": new_key_tags,
+                           "ForAllValues:StringEquals": {"aws:TagKeys": list(KEY_TAGS)}}},
+            # Tags given to CreateKey need kms:TagResource on every key of the account and region; the
+            # request must set this class, and a key already of another class cannot be re-tagged.
+            {"Sid": "TagKeysOfClass", "Effect": "Allow", "Action": ["kms:TagResource"], "Resource": f"{kms}:key/*",
+             "Condition": {"StringEquals": new_key_tags,
+                           "StringEqualsIfExists": {f"aws:ResourceTag/{TAG_KEY_CLASS}": key_class},
+                           "ForAllValues:StringEquals": {"aws:TagKeys": list(KEY_TAGS)}}},
+        ]
+        if alias:
+            # CreateAlias/UpdateAlias need the permission on the alias (here) and on the key(s) (KeyClassKeys).
+            statements.append({"Sid": "KeyClassAliases", "Effect": "Allow",
+                               "Action": ["kms:CreateAlias", "kms:UpdateAlias"],
+                               "Resource": [f"{kms}:alias/{alias}", f"{kms}:alias/{alias}/*"]})
+    if role in OBJECT_ACTIONS:
+        statements += _s3_statements(role, buckets, arn)
+    return {"Version": "2012-10-17", "Statement": statements}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m keyrotation.aws_policies",
+                                     description="Print the IAM policy document of one keyrotation role.")
+    parser.add_argument("--role", required=True, choices=ROLES)
+    parser.add_argument("--key-class", required=True, help="key class name (the keyrotation:key-class tag value)")
+    parser.add_argument("--key-ref", required=True, help="the key class's KMS alias, alias/<name>")
+    parser.add_argument("--region", required=True)
+    parser.add_argument("--account", required=True, help="12-digit AWS account id")
+    parser.add_argument("--bucket", action="append", default=[], metavar="BUCKET/PREFIX",
+                        help="S3 location of one of the key class's datasets (repeat for each)")
+    args = parser.parse_args(argv)
+    try:
+        document = aws_policy(args.role, key_class=args.key_class, key_ref=args.key_ref, region=args.region,
+                              account=args.account, buckets=args.bucket)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(json.dumps(document, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,82 @@
+"""Where a dataset's bytes live: local paths, or S3 through pyarrow and boto3.
+
+Credentials come in from the caller (an Airflow connection through the hooks, or a script), never
+from config files. :class:`Storage` is what a runtime asks for a dataset's filesystem and, for
+objects encrypted by S3 itself, its S3 client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from keyrotation.errors import PartitionError
+
+
+def split_location(location: str) -> tuple[str, str]:
+    """``(scheme, path)``: ``s3://bucket/prefix`` -> ``("s3", "bucket/prefix")``; a local path -> ``("file", abs)``."""
+    if "://" not in location:
+        return "file", str(Path(location).expanduser().resolve())
+    parsed = urlparse(location)
+    path = (parsed.netloc + parsed.path).rstrip("/")
+    if not path:
+        raise PartitionError("*", f"dataset location {location!r} names no bucket or path")
+    return parsed.scheme, path
+
+
+@dataclass(frozen=True)
+class AwsCredentials:
+    """What an ``aws`` connection resolves to. ``endpoint_url`` reaches a local AWS-API server."""
+
+    access_key: str | None = None
+    secret_key: str | None = None
+    session_token: str | None = None
+    region_name: str | None = None
+    endpoint_url: str | None = None
+
+    def __repr__(self) -> str:  # never show the secret
+        return f"AwsCredentials(region_name={self.region_name!r}, endpoint_url={self.endpoint_url!r})"
+
+    def s3_filesystem(self) -> pafs.S3FileSystem:
+        kwargs: dict[str, Any] = {"region": self.region_name or "us-east-1"}
+        if self.access_key:
+            kwargs.update(access_key=self.access_key, secret_key=self.secret_key, session_token=self.session_token)
+        if self.endpoint_url:
+            url = urlparse(self.endpoint_url)
+            kwargs.update(endpoint_override=url.netloc, scheme=url.scheme or "https")
+        return pafs.S3FileSystem(**kwargs)
+
+    def client(self, service: str) -> Any:
+        import boto3
+
+        return boto3.client(service, region_name=self.region_name or "us-east-1", endpoint_url=self.endpoint_url,
+                            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+                            aws_session_token=self.session_token)
+
+
+class Storage:
+    """Filesystems for dataset locations: local paths and pyarrow URIs as they are, S3 with credentials."""
+
+    def __init__(self, aws: AwsCredentials | None = None) -> None:
+        self.aws = aws
+
+    def filesystem(self, location: str) -> tuple[pafs.FileSystem, str]:
+        scheme, path = split_location(location)
+        if scheme == "file":
+            return pafs.LocalFileSystem(), path
+        if scheme == "s3" and self.aws is not None:
+            return self.aws.s3_filesystem(), path
+        try:
+            return pafs.FileSystem.from_uri(location)
+        except (ValueError, OSError) as exc:
+            raise PartitionError("*", f"cannot open dataset location {location}: {exc}") from None
+
+    def s3_client(self, location: str) -> Any:
+        scheme, _ = split_location(location)
+        if scheme != "s3":
+            raise PartitionError("*", f"dataset location {location} is not an s3:// location")
+        return (self.aws or AwsCredentials()).client("s3")

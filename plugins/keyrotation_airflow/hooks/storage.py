@@ -1,0 +1,51 @@
+"""The hook that gives a dataset's storage (filesystem, S3 client) its credentials."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import BaseHook
+
+from keyrotation.config import Dataset, KeyClass
+from keyrotation.stores.filesystems import AwsCredentials, Storage, split_location
+
+
+class DatasetStorageHook(BaseHook):
+    """
+    Resolves the Airflow connection of a dataset's storage into :class:`~keyrotation.stores.filesystems.Storage`.
+
+    ``s3://`` locations use an ``aws`` connection through the amazon provider's ``AwsBaseHook``: the
+    dataset's ``conn_id``, else the key class's connection for ``role`` when its backend is
+    ``aws_kms``. Local paths need no connection.
+
+    :param dataset: The dataset whose storage to reach.
+    :param key_class: Its key class.
+    :param role: ``rotate``, ``reencrypt``, ``retire`` or ``report``.
+    """
+
+    hook_name = "Key rotation dataset storage"
+
+    def __init__(self, dataset: Dataset, key_class: KeyClass, role: str = "reencrypt", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.dataset = dataset
+        self.key_class = key_class
+        self.role = role
+        default = key_class.conn_for(role) if key_class.backend == "aws_kms" else None
+        self.conn_id = dataset.conn_id or default
+
+    def get_conn(self) -> Storage:
+        scheme, _ = split_location(self.dataset.location)
+        if scheme != "s3":
+            return Storage()
+        if not self.conn_id:
+            raise ValueError(f"dataset {self.dataset.name!r} is on S3 ({self.dataset.location}) but names no "
+                             "conn_id, and its key class's backend is not aws_kms: set datasets[].conn_id")
+        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+        hook = AwsBaseHook(aws_conn_id=self.conn_id, client_type="s3",
+                           region_name=self.key_class.aws_options.region_name if self.key_class.aws else None)
+        credentials = hook.get_credentials()
+        return Storage(AwsCredentials(
+            access_key=credentials.access_key, secret_key=credentials.secret_key,
+            session_token=credentials.token, region_name=hook.conn_region_name or "us-east-1",
+            endpoint_url=hook.conn_config.endpoint_url))
