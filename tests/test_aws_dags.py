@@ -70,3 +70,22 @@ def test_full_cycle_on_s3_partitions(strategy, make_aws_key_class, moto, airflow
         assert not rt.ledger.rows(events_in=(lg.VERSIONS_RETIRED,))
     out, err = capfd.readouterr()
     assert CANARY not in out + err
+
+
+def test_example_aws_key_classes_wire_pools_and_skip_approval_where_nothing_retires(monkeypatch):
+    from pathlib import Path
+
+    from keyrotation_factory import key_class_dags
+
+    monkeypatch.setenv("KEYROTATION_CONFIG_DIR", str(Path(__file__).parents[1] / "include/config/examples/aws"))
+    pii = key_class_dags("customer_pii")
+    assert sorted(pii) == ["reencrypt__customer_documents", "reencrypt__customers", "retire__customer_pii",
+                           "rotate__customer_pii"]
+    reencrypt = pii["reencrypt__customers"]
+    assert reencrypt.get_task("reencrypt").pool == "keyrotation_aws_kms"
+    assert reencrypt.get_task("validate").pool == "keyrotation_aws_kms"
+    assert "approve" in pii["retire__customer_pii"].task_ids
+    tokens = key_class_dags("payment_tokens")
+    retire = tokens["retire__payment_tokens"]
+    assert "approve" not in retire.task_ids and "cannot retire versions" in retire.doc_md
+    assert tokens["reencrypt__payments"].get_task("reencrypt").pool == "default_pool"
