@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -95,6 +97,47 @@ def main() -> int:
         print(f"OpenBao dev server on {bao.url} (Transit enabled)")
         migrate_db()
         return run(f"the OpenBao dev server on {bao.url}")
+
+
+@contextmanager
+def airflow_api_server() -> Iterator[None]:
+    """``airflow api-server`` on a loopback port over the demo's metadata DB, with a read-only user
+    ``reporter`` (viewer role), and the connection the report reads the run history through."""
+    import json
+
+    import requests
+
+    from keyrotation.devserver import free_port
+
+    port = free_port()
+    env = {**os.environ, "AIRFLOW__API__HOST": "127.0.0.1", "AIRFLOW__API__PORT": str(port),
+           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "reporter:viewer",
+           "AIRFLOW__API_AUTH__JWT_SECRET": os.urandom(16).hex()}
+    with open(HOME / "api-server.log", "w") as log:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "api-server", "--port", str(port)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if requests.get(f"http://127.0.0.1:{port}/api/v2/monitor/health", timeout=2).ok:
+                        break
+                except requests.RequestException:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"the Airflow API server did not start; see {HOME / 'api-server.log'}")
+                time.sleep(1)
+            passwords = Path(os.environ["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
+            password = json.loads(passwords.read_text())["reporter"]
+            os.environ["AIRFLOW_CONN_KEYROTATION_AIRFLOW_API"] = json.dumps({
+                "conn_type": "http", "host": "127.0.0.1", "port": port, "schema": "http", "login": "reporter",
+                "password": password})
+            print(f"   Airflow API server on http://127.0.0.1:{port} (user 'reporter', viewer role)")
+            yield
+        finally:
+            os.environ.pop("AIRFLOW_CONN_KEYROTATION_AIRFLOW_API", None)
+            proc.terminate()
+            proc.wait(30)
 
 
 def seed_objects(rt, dataset, version: int) -> None:  # noqa: ANN001
@@ -197,11 +240,18 @@ def run(server: str) -> int:
             if bad:
                 return 1
 
-    say("compliance report")
-    dag_test("compliance_report")
+    say("compliance report (run history read from an Airflow API server, as a read-only user)")
+    with airflow_api_server():
+        dag_test("compliance_report")
     reports = sorted((HOME / "reports").glob("*/report.html"))
+    folder = reports[-1].parent
+    findings = (folder / "findings.csv").read_text().splitlines()[1:]
+    counts = {s: sum(f",{s}," in line for line in findings) for s in ("PASS", "WARN", "FAIL")}
     print(f"   report: {reports[-1]}")
-    print(f"   CSV:    {', '.join(str(p) for p in sorted(reports[-1].parent.glob('*.csv')))}")
+    print(f"   PDF:    {folder / 'report.pdf'}")
+    print(f"   tables: {folder}/*.csv and *.parquet ({len(list(folder.glob('*.csv')))} tables)")
+    print(f"   findings: {counts['PASS']} PASS, {counts['WARN']} WARN, {counts['FAIL']} FAIL; content SHA-256 "
+          f"{(folder / 'CONTENT_SHA256').read_text().strip()}")
     chain = ledger.verify()
     print(f"   ledger: {ledger.url} ({chain.rows_checked} events, hash chain "
           f"{'intact' if chain.ok else f'BROKEN at row {chain.first_broken_id}'}; "

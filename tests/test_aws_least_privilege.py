@@ -17,7 +17,8 @@ moto/core/authorization.py, moto/core/responses.py, moto/kms/), and so what this
    statements replaced by "*" (and item 3). S3 statements are attached unchanged. Not tested here:
    that a role cannot use **another key class's key** (moto lets it, see ``test_what_moto_does_not_enforce``)
    and that alias changes are limited to ``alias/customer-pii`` and ``alias/customer-pii/*``;
-   ``test_documents_are_scoped`` checks those statically instead.
+   ``test_documents_are_scoped`` checks those statically instead, and the backend tests replay the
+   package's own requests against the exact documents (below).
 2. Condition keys. For identity policies moto evaluates no Condition at all (it passes no request
    context; only trust policies see ``sts:ExternalId``): ``aws:ResourceTag/keyrotation:key-class``,
    ``aws:RequestTag/keyrotation:key-class``, ``aws:TagKeys`` and ``s3:prefix`` are ignored. So moto lets
@@ -34,6 +35,23 @@ moto/core/authorization.py, moto/core/responses.py, moto/kms/), and so what this
 5. Refusals of KMS calls come back as IAM's XML error body with HTTP 403, which botocore's JSON parser
    reports as Code "403": ``refusal()`` reads the code and message from the XML. A refused HeadObject
    is a bare 403 (no body, as on AWS).
+6. HeadBucket is authorised as ``s3:HeadBucket`` (no such IAM action; AWS checks ``s3:ListBucket`` with no
+   ``s3:prefix``): ``moto_view`` adds it to a ListBucket statement whose condition passes a request
+   without a prefix, the one statement that lets HeadBucket through on AWS.
+7. moto answers a missing object 404 whenever GetObject is allowed. S3 answers 404 only to a caller that
+   may also s3:ListBucket, checked with the key as ``s3:prefix``, and 403 to anyone else (which pyarrow
+   reports as an error where it expects "not found", e.g. when it heads the dataset root).
+
+THE BACKEND TESTS (``test_*_role_*`` below) run the package itself as each role: ``AwsKmsBackend`` on a
+boto3 KMS client, and a ``KeyClassRuntime`` whose Parquet datasets live in S3 through pyarrow's
+S3FileSystem, for key classes of their own (alias ``alias/<name>``, dataset ``s3://keyrotation-data/<name>``,
+users holding ``moto_view`` of the documents rendered for that class). moto decides every request. Then,
+for what moto does not evaluate (items 1, 2, 3, 6, 7), ``assert_documents_decide_like_moto`` replays every
+request those runs sent (KMS: recorded by botocore event hooks, with the key each one resolved to; S3: read
+from moto's request log) against the exact documents with ``allows()``, a reading of IAM for the few
+operators the documents use, and requires the same decision: allowed where moto allowed, refused where moto
+refused. Still not evaluated anywhere: the key an UpdateAlias moves the alias away from, and the source
+object of a CopyObject (pyarrow's move), which sits under the same prefix as its destination.
 """
 
 from __future__ import annotations
@@ -44,21 +62,37 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
+import requests
 from botocore.exceptions import ClientError
 
+from helpers import customers
 from keyrotation.aws_policies import ROLES, aws_policy
+from keyrotation.backends.aws_kms import AwsKmsBackend
+from keyrotation.config import KeyClassConfig
 from keyrotation.devserver import MotoServer
+from keyrotation.errors import BackendError, PermissionDenied
+from keyrotation.ledger import Ledger, RunContext
+from keyrotation.retirement import retire
+from keyrotation.rotation import update_reference
+from keyrotation.runtime import KeyClassRuntime
+from keyrotation.stores.filesystems import AwsCredentials, Storage
+from keyrotation.stores.partitions import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_CLASS, KEY_REF, REGION, ACCOUNT = "customer_pii", "alias/customer-pii", "us-east-1", "123456789012"
 BUCKET, PREFIX, OTHER_PREFIX, OTHER_BUCKET = "keyrotation-data", "customers", "orders", "keyrotation-other"
 TAG = "keyrotation:key-class"
+KMS_ARN = f"arn:aws:kms:{REGION}:{ACCOUNT}"
 
 # What each role may do, as IAM actions, written out independently of the module under test. ReEncrypt is
 # checked as one call (item 3 above); "s3:GetObject (head)" is a HeadObject, which S3 authorises as GetObject.
@@ -92,7 +126,7 @@ def _actions(statement: dict[str, Any]) -> list[str]:
 
 
 def moto_view(document: dict[str, Any]) -> dict[str, Any]:
-    """``document`` as moto can evaluate it (items 1 and 3 at the top); S3 statements stay as they are."""
+    """``document`` as moto can evaluate it (items 1, 3 and 6 at the top); S3 resources stay as they are."""
     view = copy.deepcopy(document)
     for statement in view["Statement"]:
         actions = _actions(statement)
@@ -100,7 +134,52 @@ def moto_view(document: dict[str, Any]) -> dict[str, Any]:
             statement["Resource"] = "*"
             if {"kms:ReEncryptFrom", "kms:ReEncryptTo"} <= set(actions):
                 statement["Action"] = [*actions, "kms:ReEncrypt"]
+        elif "s3:ListBucket" in actions and _holds(statement.get("Condition", {}), {}):
+            statement["Action"] = [*actions, "s3:HeadBucket"]
     return view
+
+
+# -- IAM as read here, for what moto does not evaluate -----------------------------------------------------------
+def _like(pattern: str, value: str) -> bool:
+    """IAM's wildcard match (``*`` any run of characters, ``?`` one), as in ARNs and StringLike."""
+    return re.fullmatch(re.escape(pattern).replace(r"\*", ".*").replace(r"\?", "."), value) is not None
+
+
+def _holds(conditions: dict[str, dict[str, Any]], context: dict[str, Any]) -> bool:
+    """Whether a statement's Condition holds for a request ``context`` (key -> value, or a list for
+    multivalued keys); only the operators the documents use."""
+    for operator, keys in conditions.items():
+        for key, wanted in keys.items():
+            wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+            value = context.get(key)
+            qualifier, _, base = operator.rpartition(":")
+            base, if_exists = base.removesuffix("IfExists"), base.endswith("IfExists")
+            assert base in ("StringEquals", "StringLike", "Null"), f"operator {operator} is not read here"
+
+            def match(v: str, base: str = base, wanted: list[str] = wanted) -> bool:
+                return v in wanted if base == "StringEquals" else any(_like(w, v) for w in wanted)
+
+            if base == "Null":
+                ok = (value is None) == (wanted == ["true"])
+            elif qualifier == "ForAllValues":
+                ok = all(match(v) for v in value or [])
+            elif value is None:
+                ok = if_exists
+            else:
+                ok = match(value)
+            if not ok:
+                return False
+    return True
+
+
+def allows(document: dict[str, Any], action: str, resource: str, context: dict[str, Any]) -> bool:
+    """Whether the (Allow-only) ``document`` allows ``action`` on ``resource`` for a request ``context``."""
+    for statement in document["Statement"]:
+        resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+        if (statement["Effect"] == "Allow" and action in _actions(statement)
+                and any(_like(r, resource) for r in resources) and _holds(statement.get("Condition", {}), context)):
+            return True
+    return False
 
 
 def refusal(exc: ClientError) -> tuple[int, str, str]:
@@ -147,6 +226,45 @@ class World:
 
     def unique(self, stem: str) -> str:
         return f"{stem}-{next(self.counter)}"
+
+    def log_mark(self) -> int:
+        """The offset in moto's request log after every request made so far (found by a marker request)."""
+        marker = f"/keyrotation-log-mark-{uuid.uuid4().hex}".encode()
+        requests.head(self.server.url + marker.decode(), timeout=10)  # unsigned: refused, and logged
+        log, deadline = Path(self.server.log_path), time.monotonic() + 10
+        while (found := log.read_bytes().find(marker)) < 0:
+            assert time.monotonic() < deadline, f"marker request not in {log}"
+            time.sleep(0.02)
+        return log.read_bytes().index(b"\n", found) + 1
+
+    def s3_requests(self, since: int) -> list[S3Request]:
+        """The S3 requests logged between ``since`` (a ``log_mark``) and now."""
+        text = Path(self.server.log_path).read_bytes()[since:self.log_mark()].decode(errors="replace")
+        out = []
+        for line in text.splitlines():
+            found = _LOGGED.search(re.sub(r"\x1b\[[0-9;]*m", "", line))
+            if not found:
+                continue
+            method, target, status = found.groups()
+            url = urlsplit(target)
+            bucket, _, key = unquote(url.path).lstrip("/").partition("/")
+            if bucket and not bucket.startswith(("keyrotation-log-mark-", "$extremelyunlikelytoexist$")):
+                out.append(S3Request(method, bucket, key, parse_qs(url.query, keep_blank_values=True), int(status)))
+        return out
+
+
+# A request in moto_server's (werkzeug's) log; KMS and IAM requests are "POST /". pyarrow's first HeadBucket,
+# of "$extremelyunlikelytoexist$", only probes which S3 implementation answers and is meant to fail.
+_LOGGED = re.compile(r'"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/[\d.]+" (\d{3})')
+
+
+@dataclass(frozen=True)
+class S3Request:
+    method: str
+    bucket: str
+    key: str
+    query: dict[str, list[str]]
+    status: int
 
 
 @pytest.fixture(scope="module")
@@ -333,10 +451,357 @@ def test_what_moto_does_not_enforce(world):
     assert (status, code) == (403, "AccessDenied") and message.endswith("not authorized to perform: kms:ReEncrypt")
 
 
+# -- the package itself, run as each role ------------------------------------------------------------------------
+DATASET = "customers"
+
+
+@dataclass
+class KmsCall:
+    """One KMS request a backend sent: the API, its parameters, the HTTP status and the parsed answer."""
+
+    op: str
+    params: dict[str, Any]
+    status: int
+    response: dict[str, Any]
+
+    def __str__(self) -> str:
+        shown = ", ".join(f"{k}={v!r:.50}" for k, v in self.params.items())
+        return f"{self.op}({shown}) -> {self.status}"
+
+
+def record_kms_calls(client: Any, calls: list[KmsCall]) -> None:
+    """Append every request ``client`` makes (refused ones too) to ``calls``."""
+
+    def before(params: dict, model: Any, context: dict, **_: Any) -> None:
+        context["keyrotation_params"] = copy.deepcopy(params)
+
+    def after(http_response: Any, parsed: dict, model: Any, context: dict, **_: Any) -> None:
+        calls.append(KmsCall(model.name, context.get("keyrotation_params", {}), http_response.status_code, parsed))
+
+    client.meta.events.register("before-parameter-build.kms", before)
+    client.meta.events.register("after-call.kms", after)
+
+
+@dataclass
+class KeyClassUnderTest:
+    """A key class of its own on the IAM-enforcing server: its four role users (``moto_view`` of the documents
+    rendered for it), a runtime per role, and every KMS and S3 request each role sent."""
+
+    world: World
+    name: str
+    strategy: str
+    tmp_path: Path
+    documents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    keys: dict[str, dict[str, str]] = field(default_factory=dict)
+    kms: dict[str, list[KmsCall]] = field(default_factory=dict)
+    s3: dict[str, list[S3Request]] = field(default_factory=dict)
+    _backends: dict[str, AwsKmsBackend] = field(default_factory=dict)
+    _ledger: Ledger | None = None
+
+    @property
+    def key_ref(self) -> str:
+        return f"alias/{self.name}"
+
+    @property
+    def config(self) -> KeyClassConfig:
+        return KeyClassConfig.model_validate({
+            "key_class": {"name": self.name, "backend": "aws_kms", "key_ref": self.key_ref, "conn_id": "unused",
+                          "aws": {"strategy": self.strategy, "deletion_window_days": 7},
+                          "rotation": {"cryptoperiod": "90d"}, "retire": {"grace_period": "0s", "versions_kept": 1}},
+            "datasets": [{"name": DATASET, "location": f"s3://{BUCKET}/{self.name}",
+                          "encrypted_columns": ["email", "ssn"]}]})
+
+    @property
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
+            self._ledger = Ledger(f"sqlite:///{self.tmp_path / 'ledger.db'}")
+        return self._ledger
+
+    def backend(self, role: str) -> AwsKmsBackend:
+        if role not in self._backends:
+            key = self.keys[role]
+            client = self.world.server.client("kms", aws_access_key_id=key["AccessKeyId"],
+                                              aws_secret_access_key=key["SecretAccessKey"])
+            record_kms_calls(client, self.kms.setdefault(role, []))
+            self._backends[role] = AwsKmsBackend(
+                client, self.key_ref, strategy=self.strategy, key_class=self.name, deletion_window_days=7,
+                rotation_period_days=90 if self.strategy == "on_demand" else None)
+        return self._backends[role]
+
+    @contextmanager
+    def acting(self, role: str) -> Iterator[KeyClassRuntime]:
+        """The runtime of ``role``; the S3 requests sent inside the block are recorded as the role's."""
+        key = self.keys[role]
+        storage = Storage(AwsCredentials(key["AccessKeyId"], key["SecretAccessKey"], region_name=REGION,
+                                         endpoint_url=self.world.server.url))
+        since = self.world.log_mark()
+        try:
+            yield KeyClassRuntime(self.config, self.backend(role), self.ledger, storage=lambda _ds: storage)
+        finally:
+            self.s3.setdefault(role, []).extend(self.world.s3_requests(since))
+
+    def kms_ops(self, role: str, status: int) -> set[str]:
+        return {c.op for c in self.kms.get(role, []) if c.status == status}
+
+    # -- replaying the requests against the exact documents ------------------------------------------------------
+    def _key(self, ref: str) -> tuple[str, dict[str, str]]:
+        """(ARN, aws:ResourceTag context) of the key ``ref`` (an alias, key id or key ARN) names now."""
+        admin = self.world.admin["kms"]
+        if ref.startswith("alias/"):
+            ref = {a["AliasName"]: a.get("TargetKeyId") for a in admin.list_aliases()["Aliases"]}[ref]
+        key_id = ref.rsplit("/", 1)[-1]
+        tags = admin.list_resource_tags(KeyId=key_id)["Tags"]
+        return f"{KMS_ARN}:key/{key_id}", {f"aws:ResourceTag/{t['TagKey']}": t["TagValue"] for t in tags}
+
+    def kms_authorizations(self, call: KmsCall) -> list[tuple[str, str, dict[str, Any]]]:
+        """What AWS authorises for ``call``: (IAM action, resource, request context) each."""
+        p, r = call.params, call.response
+        if call.op == "ListAliases":
+            return [("kms:ListAliases", "*", {})]
+        if call.op == "CreateKey":
+            tags = {t["TagKey"]: t["TagValue"] for t in p.get("Tags", [])}
+            context = {"aws:TagKeys": list(tags), **{f"aws:RequestTag/{k}": v for k, v in tags.items()}}
+            # Tags given to CreateKey need kms:TagResource as well, on a key that has no tags yet.
+            return [("kms:CreateKey", "*", context)] + [("kms:TagResource", f"{KMS_ARN}:key/new", context)] * bool(tags)
+        if call.op in ("CreateAlias", "UpdateAlias"):
+            return [(f"kms:{call.op}", f"{KMS_ARN}:{p['AliasName']}", {}),
+                    (f"kms:{call.op}", *self._key(p["TargetKeyId"]))]
+        if call.op == "ReEncrypt":  # the source key is named only in the answer (none if refused)
+            return [("kms:ReEncryptTo", *self._key(r.get("KeyId") or p["DestinationKeyId"]))] + (
+                [("kms:ReEncryptFrom", *self._key(r["SourceKeyId"]))] if r.get("SourceKeyId") else [])
+        key = r.get("KeyId") or r.get("KeyMetadata", {}).get("KeyId") or p["KeyId"]
+        return [(f"kms:{call.op}", *self._key(key))]
+
+    @staticmethod
+    def s3_authorizations(request: S3Request) -> list[tuple[str, str, dict[str, Any]]]:
+        """What AWS authorises for ``request`` (a CopyObject shows as the PUT of its destination)."""
+        bucket, q = f"arn:aws:s3:::{request.bucket}", request.query
+        if not request.key:
+            if request.method == "HEAD":  # HeadBucket
+                return [("s3:ListBucket", bucket, {})]
+            assert request.method == "GET" and set(q) <= {"list-type", "prefix", "delimiter", "max-keys",
+                                                          "continuation-token", "encoding-type"}, request
+            return [("s3:ListBucket", bucket, {"s3:prefix": q["prefix"][0]} if "prefix" in q else {})]
+        target = f"{bucket}/{request.key}"
+        if request.method in ("GET", "HEAD"):
+            needs = [("s3:GetObjectTagging" if "tagging" in q else "s3:GetObject", target, {})]
+            if request.status == 404:  # item 7: "not found" only to who may list the key
+                needs.append(("s3:ListBucket", bucket, {"s3:prefix": request.key}))
+            return needs
+        if request.method == "PUT":
+            return [("s3:PutObjectTagging" if "tagging" in q else "s3:PutObject", target, {})]
+        if request.method == "POST":  # CreateMultipartUpload (?uploads), CompleteMultipartUpload (?uploadId)
+            assert "uploads" in q or "uploadId" in q, request
+            return [("s3:PutObject", target, {})]
+        assert request.method == "DELETE", request
+        return [("s3:AbortMultipartUpload" if "uploadId" in q else "s3:DeleteObject", target, {})]
+
+    def assert_documents_decide_like_moto(self) -> int:
+        """Every request the roles sent, judged by the exact documents, gets moto's decision; return how many."""
+        judged, wrong = 0, []
+        for role, document in self.documents.items():
+            replay = [(c, c.status, self.kms_authorizations) for c in self.kms.get(role, [])]
+            replay += [(r, r.status, self.s3_authorizations) for r in self.s3.get(role, [])]
+            for request, status, authorizations in replay:
+                if status == 403 or 200 <= status < 300 or (status == 404 and isinstance(request, S3Request)):
+                    needs = authorizations(request)
+                    allowed = all(allows(document, *need) for need in needs)
+                    if allowed != (status != 403):
+                        verdict = "allows" if allowed else "refuses"
+                        wrong.append(f"{role}: {request} -> {status}, but the document {verdict} "
+                                     f"{[n for n in needs if not allows(document, *n)] or needs}")
+                    judged += 1
+        assert not wrong, "\n".join(wrong)
+        return judged
+
+
+@pytest.fixture
+def key_class(world, tmp_path):
+    """A factory of key classes of their own (one per call), with their four role users."""
+
+    def make(strategy: str = "alias") -> KeyClassUnderTest:
+        kc = KeyClassUnderTest(world, f"lp{next(world.counter)}", strategy, tmp_path)
+        for role in ROLES:
+            kc.documents[role] = aws_policy(role, key_class=kc.name, key_ref=kc.key_ref, region=REGION,
+                                            account=ACCOUNT, buckets=[f"{BUCKET}/{kc.name}"])
+            kc.keys[role] = world.add_user(f"keyrotation-{kc.name}-{role}", moto_view(kc.documents[role]))
+        return kc
+
+    return make
+
+
+def seed(kc: KeyClassUnderTest, partitions: list[str], rewrap: list[str]) -> dict[str, str]:
+    """As the roles would: rotate creates v1, reencrypt writes ``partitions`` under it, rotate makes v2 (and
+    records it as the reference), reencrypt rewraps ``rewrap`` to v2. Returns the partitions' digests."""
+    kc.backend("rotate").create_key()
+    with kc.acting("reencrypt") as rt:
+        engine = rt.engine(DATASET)
+        digests = {p: engine.write_partition(p, customers(p, rows=5), 1).digest for p in partitions}
+    assert kc.backend("rotate").rotate() == 2
+    update_reference(kc.name, 2, kc.ledger, RunContext(actor="test"))
+    with kc.acting("reencrypt") as rt:
+        engine = rt.engine(DATASET)
+        assert [engine.process(p, 2, "rewrap").action for p in rewrap] == ["rewrapped"] * len(rewrap)
+    return digests
+
+
+def refused(call: Callable[[], Any], error: type[Exception] = PermissionDenied, match: str | None = None) -> str:
+    """``call`` raises ``error`` (the role's IAM policy refused it); the message, for further checks."""
+    with pytest.raises(error, match=match) as raised:
+        call()
+    return str(raised.value)
+
+
+@pytest.mark.parametrize("strategy", ["alias", "on_demand"])
+def test_rotate_role_creates_and_rotates_keys_and_cannot_use_or_retire_them(key_class, strategy):
+    kc = key_class(strategy)
+    rotate = kc.backend("rotate")
+    assert not rotate.key_state().exists
+    state = rotate.create_key()
+    assert (state.exists, state.latest_version) == (True, 1)
+    wrapped = kc.backend("reencrypt").wrap(b"k" * 32)
+    assert rotate.rotate() == 2 and rotate.key_id_of(2).startswith(f"{KMS_ARN}:key/")
+    for role in ROLES:  # every role reads the key's state
+        assert kc.backend(role).key_state().latest_version == 2, role
+
+    assert "kms:Encrypt" in refused(lambda: rotate.wrap(b"k" * 32))
+    assert "kms:Decrypt" in refused(lambda: rotate.unwrap(wrapped))
+    assert "kms:ReEncrypt" in refused(lambda: rotate.rewrap([wrapped]))
+    if strategy == "alias":
+        assert "kms:DisableKey" in refused(lambda: rotate.retire_below(2))
+    else:  # nothing to refuse: AWS keeps every key material (the backend asks nothing)
+        refused(lambda: rotate.retire_below(2), BackendError, "in perpetuity")
+
+    uses = {"alias": {"CreateKey", "CreateAlias", "UpdateAlias", "ListAliases", "DescribeKey"},
+            "on_demand": {"CreateKey", "CreateAlias", "DescribeKey", "EnableKeyRotation", "ListKeyRotations",
+                          "RotateKeyOnDemand"}}
+    assert kc.kms_ops("rotate", 200) == uses[strategy]
+    assert kc.kms_ops("rotate", 403) == {"Encrypt", "Decrypt", "ReEncrypt", *["DisableKey"] * (strategy == "alias")}
+    assert kc.assert_documents_decide_like_moto() >= 30
+
+
+@pytest.mark.parametrize("strategy", ["alias", "on_demand"])
+def test_reencrypt_role_writes_rewraps_reencrypts_and_validates_parquet_on_s3(key_class, strategy):
+    kc = key_class(strategy)
+    parts = ["2024-01-01", "2024-01-02", "2024-01-03"]
+    digests = seed(kc, parts, rewrap=parts[:1])
+    with kc.acting("reencrypt") as rt:
+        engine = rt.engine(DATASET)
+        assert rt.partitions(DATASET) == parts
+        assert rt.census(DATASET).by_version() == {1: 2, 2: 1}
+        assert engine.process(parts[1], 2, "rewrap").action == "rewrapped"
+        assert engine.process(parts[2], 2, "reencrypt").action == "reencrypted"
+        assert engine.process(parts[0], 2, "rewrap").action == "up_to_date"
+        assert {p: engine.validate(p, min_version=2).digest for p in parts} == digests
+        assert rt.census(DATASET).by_version() == {2: 3}
+        assert "kms:" in refused(rt.backend.rotate)
+        if strategy == "alias":
+            assert "kms:DisableKey" in refused(lambda: rt.backend.retire_below(2))
+
+    assert {"Encrypt", "Decrypt", "ReEncrypt", "DescribeKey"} <= kc.kms_ops("reencrypt", 200)
+    assert kc.kms_ops("reencrypt", 403) == {"alias": {"CreateKey", "DisableKey"},
+                                            "on_demand": {"RotateKeyOnDemand"}}[strategy]
+    s3_calls = {(r.method, r.status) for r in kc.s3["reencrypt"]}
+    assert {("HEAD", 200), ("HEAD", 404), ("GET", 200), ("PUT", 200), ("POST", 200), ("DELETE", 204)} <= s3_calls
+    assert not {status for _, status in s3_calls} - {200, 204, 206, 404}
+    assert kc.assert_documents_decide_like_moto() >= 300
+
+
+def _writes_refused(rt: KeyClassRuntime, partition: str) -> None:
+    """Every way the runtime writes to S3 is refused, and the partition is unchanged."""
+    store, engine = rt.store(DATASET), rt.engine(DATASET)
+    before = store.read_manifest(partition)
+    refused(lambda: engine.write_partition("2024-02-01", customers("2024-02-01", rows=5), 2), OSError, "ACCESS_DENIED")
+
+    def put() -> None:
+        with store.fs.open_output_stream(store.path(partition, "stray.parquet")) as stream:
+            stream.write(b"x")
+
+    refused(put, OSError, "ACCESS_DENIED")
+    refused(lambda: store.fs.move(store.path(partition, MANIFEST), store.path(partition, "moved.json")), OSError,
+            "ACCESS_DENIED")
+    refused(lambda: store.fs.delete_file(store.path(partition, MANIFEST)), OSError, "ACCESS_DENIED")
+    assert store.read_manifest(partition) == before
+
+
+def test_retire_role_takes_the_census_and_retires_and_cannot_write_or_decrypt(key_class):
+    kc = key_class("alias")
+    parts = ["2024-01-01", "2024-01-02"]
+    seed(kc, parts, rewrap=parts)
+    wrapped = kc.backend("reencrypt").wrap(b"k" * 32)
+    with kc.acting("retire") as rt:
+        census = rt.census(DATASET)
+        assert (census.by_version(), census.errors) == ({2: 2}, {})
+        plan = rt.retirement_plan()
+        assert plan is not None and plan.versions == [1]
+        state = retire(rt.backend, rt.config.key_class, plan, rt.censuses(), rt.ledger, RunContext(actor="test"))
+        assert (state.min_decryption_version, sorted(state.versions)) == (2, [2])
+        assert sorted(rt.backend.deletion_dates()) == [1]
+        assert "kms:Encrypt" in refused(lambda: rt.backend.wrap(b"k" * 32))
+        assert "kms:Decrypt" in refused(lambda: rt.backend.unwrap(wrapped))
+        assert "kms:CreateKey" in refused(rt.backend.rotate)
+        _writes_refused(rt, parts[0])
+        assert rt.census(DATASET).by_version() == {2: 2}
+
+    assert {"DisableKey", "ScheduleKeyDeletion", "DescribeKey", "ListAliases"} <= kc.kms_ops("retire", 200)
+    assert kc.kms_ops("retire", 403) == {"Encrypt", "Decrypt", "CreateKey"}
+    assert {(r.method, r.status) for r in kc.s3["retire"] if r.status == 403} == {
+        ("HEAD", 403), ("POST", 403), ("PUT", 403), ("DELETE", 403)}  # HeadBucket, upload, copy, delete
+    assert kc.assert_documents_decide_like_moto() >= 200
+
+
+def test_report_role_reads_key_state_and_census_and_cannot_write_or_decrypt(key_class):
+    kc = key_class("alias")
+    parts = ["2024-01-01", "2024-01-02"]
+    seed(kc, parts, rewrap=parts[1:])
+    wrapped = kc.backend("reencrypt").wrap(b"k" * 32)
+    with kc.acting("report") as rt:
+        state = rt.backend.key_state()
+        assert (state.latest_version, sorted(state.versions), state.min_decryption_version) == (2, [1, 2], 1)
+        assert rt.backend.deletion_dates() == {}
+        assert [c.by_version() for c in rt.censuses()] == [{1: 1, 2: 1}]
+        backend, engine = rt.backend, rt.engine(DATASET)
+        assert "kms:Encrypt" in refused(lambda: backend.wrap(b"k" * 32))
+        assert "kms:Decrypt" in refused(lambda: backend.unwrap(wrapped))
+        assert "kms:ReEncrypt" in refused(lambda: backend.rewrap([wrapped]))
+        assert "kms:CreateKey" in refused(backend.rotate)
+        assert "kms:DisableKey" in refused(lambda: backend.retire_below(2))
+        assert "kms:Decrypt" in refused(lambda: engine.validate(parts[0]))
+        assert "kms:ReEncrypt" in refused(lambda: engine.process(parts[0], 2, "rewrap"))
+        _writes_refused(rt, parts[0])
+        assert rt.census(DATASET).by_version() == {1: 1, 2: 1}
+
+    assert kc.kms_ops("report", 200) == {"ListAliases", "DescribeKey"}
+    assert kc.kms_ops("report", 403) == {"Encrypt", "Decrypt", "ReEncrypt", "CreateKey", "DisableKey"}
+    assert kc.assert_documents_decide_like_moto() >= 200
+
+
+def test_the_iam_reading_used_for_what_moto_does_not_evaluate():
+    """``allows()`` on the exact documents: what the replay relies on, shown on requests moto would let through."""
+    rotate, reencrypt, report = (sample_policy(r) for r in ("rotate", "reencrypt", "report"))
+    ours, theirs = {f"aws:ResourceTag/{TAG}": KEY_CLASS}, {f"aws:ResourceTag/{TAG}": "orders"}
+    key, bucket = f"{KMS_ARN}:key/1234", f"arn:aws:s3:::{BUCKET}"
+    assert allows(reencrypt, "kms:Encrypt", key, ours) and not allows(reencrypt, "kms:Encrypt", key, theirs)
+    assert not allows(reencrypt, "kms:Encrypt", key, {})
+    new_key = {"aws:TagKeys": [TAG, "keyrotation:version"], f"aws:RequestTag/{TAG}": KEY_CLASS}
+    assert allows(rotate, "kms:CreateKey", "*", new_key) and allows(rotate, "kms:TagResource", key, new_key)
+    assert not allows(rotate, "kms:CreateKey", "*", {**new_key, f"aws:RequestTag/{TAG}": "orders"})
+    assert not allows(rotate, "kms:CreateKey", "*", {**new_key, "aws:TagKeys": [TAG, "owner"]})
+    assert not allows(rotate, "kms:TagResource", key, {**new_key, **theirs})
+    assert allows(rotate, "kms:UpdateAlias", f"{KMS_ARN}:alias/customer-pii/v7", {})
+    assert not allows(rotate, "kms:UpdateAlias", f"{KMS_ARN}:alias/customer-pii-archive", {})
+    for document in (reencrypt, report):
+        assert allows(document, "s3:ListBucket", bucket, {"s3:prefix": f"{PREFIX}/dt=2024-01-01/"})
+        assert allows(document, "s3:ListBucket", bucket, {"s3:prefix": PREFIX})  # item 7, the dataset root
+        assert not allows(document, "s3:ListBucket", bucket, {"s3:prefix": f"{OTHER_PREFIX}/"})
+        assert allows(document, "s3:GetObject", f"{bucket}/{PREFIX}", {})
+        assert not allows(document, "s3:GetObject", f"{bucket}/{PREFIX}-archive/x", {})
+    # HeadBucket (no s3:prefix): only the role that creates partition directories.
+    assert allows(reencrypt, "s3:ListBucket", bucket, {}) and not allows(report, "s3:ListBucket", bucket, {})
+    assert not allows(reencrypt, "s3:PutObject", f"{bucket}/{PREFIX}", {})
+
+
 # -- the documents themselves, checked without a server --------------------------------------------------------
-KMS_ARN = f"arn:aws:kms:{REGION}:{ACCOUNT}"
-
-
 @pytest.mark.parametrize("role", ROLES)
 def test_documents_are_scoped(role):
     """What moto cannot check (items 1, 2): each statement's resources and conditions, read from the document."""
@@ -363,12 +828,20 @@ def test_documents_are_scoped(role):
             assert resources == [f"{KMS_ARN}:alias/customer-pii", f"{KMS_ARN}:alias/customer-pii/*"]
         elif all(a.startswith("kms:") for a in actions):
             assert resources == [f"{KMS_ARN}:key/*"] and s["Condition"] == of_class
+        elif actions == ["s3:ListBucket"] and "Null" in s["Condition"]:  # HeadBucket (item 6): the writer only
+            assert role == "reencrypt" and resources == [f"arn:aws:s3:::{BUCKET}"]
+            assert s["Condition"] == {"Null": {"s3:prefix": "true"}}
         elif actions == ["s3:ListBucket"]:
             assert resources == [f"arn:aws:s3:::{BUCKET}"]
-            assert s["Condition"] == {"StringLike": {"s3:prefix": [f"{PREFIX}/*"]}}
+            assert s["Condition"] == {"StringLike": {"s3:prefix": [PREFIX, f"{PREFIX}/*"]}}
+        elif s["Sid"] == "DatasetRoots":  # the one key pyarrow heads at the dataset root
+            assert actions == ["s3:GetObject"] and resources == [f"arn:aws:s3:::{BUCKET}/{PREFIX}"]
+            assert "Condition" not in s
         else:
             assert all(a.startswith("s3:") and a != "s3:ListBucket" for a in actions)
             assert resources == [f"arn:aws:s3:::{BUCKET}/{PREFIX}/*"] and "Condition" not in s
+    sids = [s["Sid"] for s in document["Statement"]]
+    assert len(sids) == len(set(sids)) and ("DatasetBucketExists" in sids) == (role == "reencrypt")
 
 
 def test_documents_in_docs_match_the_module_and_the_cli():

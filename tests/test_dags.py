@@ -156,11 +156,11 @@ def test_end_to_end_rotate_reencrypt_validate_retire_report(make_key_class, vaul
 
     report = ComplianceReportOperator(task_id="write_report", output_dir=str(tmp_path / "report"),
                                       key_classes=["e2e"])
-    path = Path(report.execute(_context("compliance_report", "write_report")))
+    path = Path(report.execute(_context("compliance_report", "write_report"))["html"])
     page = path.read_text()
     assert "e2e" in page and "PASS" in page
     coverage = (path.parent / "coverage.csv").read_text().splitlines()
-    assert coverage[1].startswith("e2e,e2e_customers,2,True,10,500,")
+    assert coverage[1].startswith("cov-1,e2e,e2e_customers,2,True,10,500,")
 
     # No plaintext value reached a log line (task logs go to the process's output under dag.test),
     # the ledger or the report; the task logs were captured, or this proves nothing.

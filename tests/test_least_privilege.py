@@ -105,7 +105,7 @@ def test_the_dags_run_with_exactly_the_role_tokens(make_key_class, vault, openba
     assert state(dags["retire__lpdag"].test()) == "success"
     assert rt.backend.key_state().min_decryption_version == 2
     report = ComplianceReportOperator(task_id="r", output_dir=str(tmp_path), key_classes=["lpdag"])
-    assert Path(report.execute({})).exists()
+    assert Path(report.execute({})["html"]).exists()
 
     # With the report token in the rotate role's place, the rotation is refused by OpenBao.
     monkeypatch.setenv("AIRFLOW_CONN_KR_ROTATE", json.dumps(

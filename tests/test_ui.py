@@ -179,3 +179,59 @@ def test_operator_walkthrough_in_the_airflow_ui(live, tmp_path):
         assert resp.status_code == 200
         live.wait(lambda: _task_state(client, run_id, "retire_versions") == "success", "retirement")
     assert rt.backend.key_state().min_decryption_version == target
+
+
+def test_report_reads_run_history_through_the_rest_api_as_a_read_only_user(live):
+    """The report's Airflow source against the real API server: runs and who triggered them, the
+    failure, the UI event log, paginated, as the viewer, who cannot trigger anything."""
+    from datetime import UTC, datetime, timedelta
+
+    from keyrotation.reports import AirflowHistory, KeyClassEvidence, Period, build_report
+
+    started = datetime.now(UTC) - timedelta(minutes=1)
+    with live.client("admin") as client:
+        assert client.patch("/api/v2/dags/rotate__ui", json={"is_paused": False}).status_code == 200
+
+        def run(conf: dict) -> tuple[str, str]:
+            run_id = client.post("/api/v2/dags/rotate__ui/dagRuns",
+                                 json={"logical_date": None, "conf": conf}).json()["dag_run_id"]
+
+            def finished():
+                state = client.get(f"/api/v2/dags/rotate__ui/dagRuns/{run_id}").json()["state"]
+                return state if state in ("success", "failed") else None
+
+            return run_id, live.wait(finished, f"end of {run_id}")
+
+        unexplained, unexplained_state = run({"force": True, "reason": None})
+        explained, explained_state = run({"force": True, "reason": "audit: yearly rotation"})
+    assert (unexplained_state, explained_state) == ("failed", "success")
+    with live.client("viewer") as viewer:
+        assert viewer.post("/api/v2/dags/rotate__ui/dagRuns", json={"logical_date": None}).status_code == 403
+
+    passwords = json.loads((live.home / "simple_auth_manager_passwords.json.generated").read_text())
+    history = AirflowHistory(live.url, "viewer", passwords["viewer"], page_size=2)
+    rt = live.rt
+    period = Period(started, datetime.now(UTC) + timedelta(minutes=1))
+    built = build_report([KeyClassEvidence(rt.config.key_class, rt.backend.key_state(), rt.censuses())],
+                         rt.ledger, period, history=history)
+    import io
+
+    import pandas as pd
+
+    def table(name: str) -> pd.DataFrame:
+        return pd.read_parquet(io.BytesIO(built.files[f"{name}.parquet"]))
+
+    runs = table("runs").set_index("run_id")
+    assert runs.loc[unexplained, ["dag_id", "state", "run_type", "triggering_user"]].tolist() == [
+        "rotate__ui", "failed", "manual", "admin"]
+    assert runs.loc[explained, ["state", "triggering_user", "reason"]].tolist() == [
+        "success", "admin", "audit: yearly rotation"]
+    failures = table("failures")
+    failed = failures[(failures["source"] == "airflow") & (failures["run_id"] == unexplained)]
+    assert failed[["task", "state"]].values.tolist() == [["rotate_key", "failed"]]
+    actions = table("ui_actions")
+    assert len(actions[(actions["dag_id"] == "rotate__ui") & (actions["user"] == "admin")]) >= 2
+    findings = table("findings").set_index("control")
+    assert findings.loc["LOG-1", "status"] == "PASS" and "runs" in findings.loc["LOG-1", "detail"]
+    assert findings.loc["OPS-1", "status"] == "WARN"
+    assert history.requests > 3  # two per page: every list was read page by page

@@ -79,16 +79,33 @@ def _s3_statements(role: str, buckets: list[str], arn: str) -> list[dict[str, An
             prefixes.append(prefix)
     statements: list[dict[str, Any]] = []
     objects: list[str] = []
+    roots: list[str] = []
+    scoped_buckets: list[str] = []
     for i, (bucket, prefixes) in enumerate(by_bucket.items(), 1):
         list_bucket: dict[str, Any] = {"Sid": f"ListDatasetPrefixes{i}", "Effect": "Allow",
                                        "Action": ["s3:ListBucket"], "Resource": f"{arn}:s3:::{bucket}"}
         if "" not in prefixes:  # a whole-bucket dataset lists without a prefix condition
-            list_bucket["Condition"] = {"StringLike": {"s3:prefix": [f"{p}/*" for p in prefixes]}}
+            # "<prefix>" itself too: S3 answers a missing key with 404 (not 403) only to a caller that may
+            # list it, with the key as s3:prefix, and pyarrow heads the dataset root "<prefix>" (below).
+            list_bucket["Condition"] = {"StringLike": {"s3:prefix": [x for p in prefixes for x in (p, f"{p}/*")]}}
+            scoped_buckets.append(f"{arn}:s3:::{bucket}")
         statements.append(list_bucket)
         objects += [f"{arn}:s3:::{bucket}/{p}/*" if p else f"{arn}:s3:::{bucket}/*" for p in prefixes]
+        roots += [f"{arn}:s3:::{bucket}/{p}" for p in prefixes if p]
     if objects:
         statements.append({"Sid": "DatasetObjects", "Effect": "Allow", "Action": list(OBJECT_ACTIONS[role]),
                            "Resource": objects})
+    if roots:
+        # pyarrow's get_file_info on the dataset root "bucket/prefix" first heads the object "prefix"
+        # (expecting 404) before listing "prefix/": reading that one key, which never exists, is needed.
+        statements.append({"Sid": "DatasetRoots", "Effect": "Allow", "Action": ["s3:GetObject"], "Resource": roots})
+    if scoped_buckets and "s3:PutObject" in OBJECT_ACTIONS[role]:
+        # pyarrow's create_dir(recursive=True), which writing a new partition calls, sends HeadBucket
+        # (apache/arrow#49949). S3 authorises it as s3:ListBucket with no s3:prefix, which the prefix
+        # condition above refuses. The price: a listing without a prefix passes too (object names of
+        # the whole bucket, never their contents).
+        statements.append({"Sid": "DatasetBucketExists", "Effect": "Allow", "Action": ["s3:ListBucket"],
+                           "Resource": scoped_buckets, "Condition": {"Null": {"s3:prefix": "true"}}})
     return statements
 
 

@@ -43,6 +43,7 @@ VERSIONS_RETIRED = "versions_retired"
 RETIREMENT_DECISION = "retirement_decision"
 RETIREMENT_REFUSED = "retirement_refused"
 RETIREMENT_NOT_POSSIBLE = "retirement_not_possible"
+REPORT_WRITTEN = "report_written"
 
 PARTITION_CHANGES = (PARTITION_WRITTEN, PARTITION_REWRAPPED, PARTITION_REENCRYPTED, PARTITION_RECONCILED)
 
@@ -198,9 +199,11 @@ class Ledger:
             yield conn
 
     def record(self, event: str, key_class: str, ctx: RunContext | None = None, *, status: str = "ok",
-               detail: dict | None = None, **fields: Any) -> None:
+               detail: dict | None = None, at: datetime | None = None, **fields: Any) -> None:
+        """Append one event. ``at`` (default: now) is for importing history recorded elsewhere; the hash
+        chain covers it like every other field."""
         row = _normalised({
-            "recorded_at": datetime.now(UTC),
+            "recorded_at": at or datetime.now(UTC),
             "event": event,
             "status": status,
             "key_class": key_class,

@@ -173,18 +173,20 @@ class AwsKmsBackend(KmsBackend):
         aliases = self._version_aliases()
         if not aliases:
             return KeyState(key_ref=self.key_ref, exists=False)
-        versions, usable = {}, []
+        versions, usable, spec = {}, [], ""
         for number, key_id in sorted(aliases.items()):
             meta = self._describe(key_id)
             if meta is None:  # deleted after its pending window
                 continue
+            spec = meta.get("KeySpec") or meta.get("CustomerMasterKeySpec") or spec
             if meta.get("KeyState") == "Enabled":
                 usable.append(number)
                 versions[number] = KeyVersion(number, _aware(meta.get("CreationDate")))
         latest = max(aliases)
         return KeyState(key_ref=self.key_ref, exists=True, latest_version=latest,
                         min_decryption_version=min(usable) if usable else latest + 1,
-                        min_encryption_version=latest, min_available_version=min(aliases), versions=versions)
+                        min_encryption_version=latest, min_available_version=min(aliases), versions=versions,
+                        algorithm=spec)
 
     def _on_demand_state(self) -> KeyState:
         meta = self._describe(self.key_ref)
@@ -197,7 +199,8 @@ class AwsKmsBackend(KmsBackend):
             versions[i] = KeyVersion(i, _aware(rotation.get("RotationDate")))
         latest = len(versions)
         return KeyState(key_ref=self.key_ref, exists=True, latest_version=latest, min_decryption_version=1,
-                        min_encryption_version=latest, min_available_version=1, versions=versions)
+                        min_encryption_version=latest, min_available_version=1, versions=versions,
+                        algorithm=meta.get("KeySpec") or "")
 
     def _require_key(self) -> KeyState:
         state = self.key_state()

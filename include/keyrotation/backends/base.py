@@ -24,6 +24,8 @@ class KeyState:
     min_encryption_version: int = 0
     min_available_version: int = 0
     versions: dict[int, KeyVersion] = field(default_factory=dict)
+    #: The KMS's name for the key type (``aes256-gcm96`` on Transit, ``SYMMETRIC_DEFAULT`` on AWS).
+    algorithm: str = ""
 
     def created_at(self, version: int) -> datetime | None:
         v = self.versions.get(version)

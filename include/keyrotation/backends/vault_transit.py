@@ -90,6 +90,7 @@ class VaultTransitBackend(KmsBackend):
             min_encryption_version=int(data.get("min_encryption_version") or 0),
             min_available_version=int(data.get("min_available_version") or 0),
             versions=versions,
+            algorithm=str(data.get("type") or ""),
         )
 
     def create_key(self) -> KeyState:

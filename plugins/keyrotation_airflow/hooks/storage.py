@@ -34,18 +34,21 @@ class DatasetStorageHook(BaseHook):
         self.conn_id = dataset.conn_id or default
 
     def get_conn(self) -> Storage:
-        scheme, _ = split_location(self.dataset.location)
-        if scheme != "s3":
-            return Storage()
-        if not self.conn_id:
+        if split_location(self.dataset.location)[0] == "s3" and not self.conn_id:
             raise ValueError(f"dataset {self.dataset.name!r} is on S3 ({self.dataset.location}) but names no "
                              "conn_id, and its key class's backend is not aws_kms: set datasets[].conn_id")
-        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+        region = self.key_class.aws_options.region_name if self.key_class.aws else None
+        return storage_for(self.dataset.location, self.conn_id, region)
 
-        hook = AwsBaseHook(aws_conn_id=self.conn_id, client_type="s3",
-                           region_name=self.key_class.aws_options.region_name if self.key_class.aws else None)
-        credentials = hook.get_credentials()
-        return Storage(AwsCredentials(
-            access_key=credentials.access_key, secret_key=credentials.secret_key,
-            session_token=credentials.token, region_name=hook.conn_region_name or "us-east-1",
-            endpoint_url=hook.conn_config.endpoint_url))
+
+def storage_for(location: str, conn_id: str | None, region_name: str | None = None) -> Storage:
+    """The storage of ``location``: S3 through the ``aws`` connection ``conn_id``; local paths as they are."""
+    if split_location(location)[0] != "s3" or not conn_id:
+        return Storage()
+    from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+    hook = AwsBaseHook(aws_conn_id=conn_id, client_type="s3", region_name=region_name)
+    credentials = hook.get_credentials()
+    return Storage(AwsCredentials(
+        access_key=credentials.access_key, secret_key=credentials.secret_key, session_token=credentials.token,
+        region_name=hook.conn_region_name or "us-east-1", endpoint_url=hook.conn_config.endpoint_url))

@@ -4,51 +4,103 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from datetime import UTC, datetime
-from pathlib import Path
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowNotFoundException
 
 from keyrotation.config import list_key_classes
-from keyrotation.errors import KeyRotationError
+from keyrotation.errors import ConfigError, KeyRotationError
 from keyrotation.ledger import Ledger
-from keyrotation.report import KeyClassEvidence, write_report
-from keyrotation_airflow.runtime import key_class_runtime
+from keyrotation.reports import KeyClassEvidence, Period, write_report
+from keyrotation_airflow.hooks.airflow_api import AirflowApiHook
+from keyrotation_airflow.hooks.storage import storage_for
+from keyrotation_airflow.runtime import key_class_runtime, run_context, run_type
+
+
+def report_period(start: str | None, end: str | None, context: Any) -> Period:
+    """The period a run reports on: the params if given (``end`` inclusive); for a scheduled or backfill
+    run its data interval (one month); otherwise (by hand, or after an audit event) the month so far."""
+    if start or end:
+        if not (start and end):
+            raise ConfigError("parameters period_start and period_end go together (YYYY-MM-DD, both inclusive)")
+        try:
+            low, high = date.fromisoformat(str(start)), date.fromisoformat(str(end))
+        except ValueError:
+            raise ConfigError(f"parameters period_start/period_end: {start!r}/{end!r} are not dates "
+                              "(YYYY-MM-DD)") from None
+        if low > high:
+            raise ConfigError(f"parameter period_start: {low} is after period_end {high}")
+        return Period(datetime(low.year, low.month, low.day, tzinfo=UTC),
+                      datetime(high.year, high.month, high.day, tzinfo=UTC) + timedelta(days=1))
+    interval_start, interval_end = context.get("data_interval_start"), context.get("data_interval_end")
+    if run_type(context) in ("scheduled", "backfill") and interval_start and interval_end > interval_start:
+        return Period(interval_start.astimezone(UTC), interval_end.astimezone(UTC))
+    now = datetime.now(UTC)
+    return Period(datetime(now.year, now.month, 1, tzinfo=UTC), now + timedelta(seconds=1))
 
 
 class ComplianceReportOperator(BaseOperator):
     """
-    Write the compliance report (CSV files and ``report.html``) for every key class, from the ledger,
-    each KMS's metadata and each dataset's census. A key class whose config or KMS cannot be read is
-    named in the log and left out, and the task fails after writing the report for the others.
+    Write the compliance report for a period: findings per control, charts, the evidence tables as
+    CSV and Parquet, ``report.html`` and ``report.pdf``, from the ledger, each KMS's metadata, each
+    dataset's census and Airflow's run history (REST API, read-only). The artifacts' paths and
+    SHA-256 go to the ledger. A key class whose config or KMS cannot be read is named in the log and
+    left out, and the task fails after writing the report for the others.
 
-    :param output_dir: Folder for the report; default ``$KEYROTATION_HOME/reports/<timestamp>``. (templated)
+    :param output_dir: Where to write: a folder, ``s3://bucket/prefix`` or ``gs://bucket/prefix``;
+        default ``$KEYROTATION_HOME/reports/<period start>_<timestamp>``. (templated)
+    :param output_conn_id: ``aws`` connection for an ``s3://`` output. (templated)
     :param key_classes: Key classes to report on; default: every key class file. (templated)
+    :param period_start: First day reported on (YYYY-MM-DD); default: the run's data interval. (templated)
+    :param period_end: Last day reported on, inclusive. (templated)
+    :param api_conn_id: Connection to the Airflow API server for the run history; if it is not
+        defined, the report says so and its LOG-1 finding is a WARN. (templated)
     """
 
-    template_fields: Sequence[str] = ("output_dir", "key_classes")
+    template_fields: Sequence[str] = ("output_dir", "output_conn_id", "key_classes", "period_start", "period_end",
+                                      "api_conn_id")
+    ui_color = "#d6eaf8"
 
-    def __init__(self, *, output_dir: str | None = None, key_classes: list[str] | None = None,
+    def __init__(self, *, output_dir: str | None = None, output_conn_id: str | None = None,
+                 key_classes: list[str] | None = None, period_start: str | None = None,
+                 period_end: str | None = None, api_conn_id: str = AirflowApiHook.default_conn_name,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.output_dir = output_dir
+        self.output_conn_id = output_conn_id
         self.key_classes = key_classes
+        self.period_start = period_start
+        self.period_end = period_end
+        self.api_conn_id = api_conn_id
 
-    def execute(self, context: Any) -> str:
-        evidence, problems = [], []
+    def execute(self, context: Any) -> dict:
+        period = report_period(self.period_start, self.period_end, context)
+        items, problems = [], []
         for name in self.key_classes or list_key_classes():
             try:
                 rt = key_class_runtime(name, "report")
-                evidence.append(KeyClassEvidence(rt.config.key_class, rt.backend.key_state(), rt.censuses()))
+                deletions = getattr(rt.backend, "deletion_dates", lambda: {})()
+                items.append(KeyClassEvidence(rt.config.key_class, rt.backend.key_state(), rt.censuses(), deletions))
             except (KeyRotationError, OSError, ValueError) as exc:
                 problems.append(f"{name}: {exc}")
                 self.log.error("key class %s left out of the report: %s", name, exc)
-        home = Path(os.environ.get("KEYROTATION_HOME", "var"))
-        out = self.output_dir or str(home / "reports" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"))
-        path = write_report(evidence, Ledger(), out)
-        self.log.info("compliance report for %d key classes: %s", len(evidence), path)
+        try:
+            history = AirflowApiHook(self.api_conn_id).get_conn() if self.api_conn_id else None
+        except AirflowNotFoundException:
+            self.log.warning("connection %s is not defined: the report will not include Airflow's run history",
+                             self.api_conn_id)
+            history = None
+        home = os.environ.get("KEYROTATION_HOME", "var")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        out = self.output_dir or f"{home}/reports/{period.start.date().isoformat()}_{stamp}"
+        result = write_report(items, Ledger(), out, period, history=history,
+                              storage=storage_for(out, self.output_conn_id),
+                              ctx=run_context(context) if context.get("ti") else None)
+        self.log.info("compliance report for %s, %d key classes: %s (findings %s, content SHA-256 %s)", period,
+                      len(items), result.html_path, result.findings, result.content_hash)
         if problems:
-            raise KeyRotationError(f"report written to {path} without {len(problems)} key classes: "
+            raise KeyRotationError(f"report written to {result.html_path} without {len(problems)} key classes: "
                                    + "; ".join(problems))
-        return str(path)
+        return result.summary()
