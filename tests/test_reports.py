@@ -44,6 +44,12 @@ def seeded(make_key_class, vault, tmp_path):
                                                                 run_id="manual__late"),
                      from_version=2, to_version=3, at=at("2025-08-10"), detail={"reason": "overdue"})
     rt.ledger.record(lg.REFERENCE_UPDATED, "audited", ctx, from_version=1, to_version=3, at=at("2025-08-10"))
+    for day in ("2025-07-01", "2025-07-02", "2025-07-03"):
+        rt.ledger.record(lg.PARTITION_WRITTEN, "audited", ctx, dataset="audited_data", partition=day, to_version=1,
+                         at=at("2025-08-01"))
+    for day in ("2025-07-01", "2025-07-03"):
+        rt.ledger.record(lg.PARTITION_REWRAPPED, "audited", ctx, dataset="audited_data", partition=day,
+                         from_version=1, to_version=3, at=at("2025-08-12"))
     rt.ledger.record(lg.PARTITION_FAILED, "audited", RunContext(dag_id="reencrypt__audited_data", run_id="r1",
                                                                  task_id="reencrypt"),
                      status="failed", dataset="audited_data", partition="2025-07-02", at=at("2025-08-11"),
@@ -95,6 +101,9 @@ def test_seeded_history_gives_the_expected_findings_cell_by_cell(seeded, tmp_pat
     assert "cannot read part-00001.parquet (partition 2025-07-02)" in failures.iloc[0]["detail"]
     coverage = _table(built, "coverage")
     assert [(c.version, c.current, c.partitions, c.rows) for c in coverage.itertuples()] == [(1, False, 3, 150)]
+    history = _table(built, "coverage_history")
+    assert [(h.time, h.version, h.partitions) for h in history.itertuples()] == [
+        ("2025-08-01T00:00:00", 1, 3), ("2025-08-12T00:00:00", 1, 1), ("2025-08-12T00:00:00", 3, 2)]
     inventory = _table(built, "key_inventory").iloc[0]
     assert (inventory["algorithm"], inventory["current_version"], inventory["kms_latest_version"]) == \
         ("AES-256-GCM", 3, 3)

@@ -49,9 +49,9 @@ def coverage_over_time(history: pd.DataFrame) -> bytes:
         _empty(ax, "no partition changes on record")
     else:
         frame = history.assign(series=history["key_class"] + " v" + history["version"].astype(str))
-        frame = frame.groupby(["date", "series"])["partitions"].sum().unstack(fill_value=0).sort_index()
+        frame = frame.groupby(["time", "series"])["partitions"].sum().unstack(fill_value=0).sort_index()
         for series in frame.columns:
-            ax.plot(pd.to_datetime(frame.index), frame[series], marker="o", label=series)
+            ax.step(pd.to_datetime(frame.index), frame[series], where="post", marker="o", label=series)
         ax.set_ylabel("partitions")
         ax.legend(fontsize=8, ncol=2)
         fig.autofmt_xdate()

@@ -177,26 +177,35 @@ def coverage(items: list[KeyClassEvidence], ledger: Ledger) -> pd.DataFrame:
 
 
 def coverage_history(items: list[KeyClassEvidence], ledger: Ledger, period: Period) -> pd.DataFrame:
-    """Partitions per version at the end of each day with changes, replayed from the ledger."""
+    """Partitions per version after each run (each run and minute) that changed partitions in the period,
+    replayed from the ledger."""
     rows = []
     for ev in items:
         latest: dict[tuple[str, str], int] = {}
-        days: dict[date, dict[tuple[str, int], int]] = {}
-        for row in ledger.rows(key_class=ev.key_class.name, events_in=PARTITION_EVENTS):
+        snapshots: list[tuple[datetime, dict[tuple[str, int], int]]] = []
+        group = None
+        changes = ledger.rows(key_class=ev.key_class.name, events_in=PARTITION_EVENTS)
+        for row in sorted(changes, key=lambda r: (_aware(r["recorded_at"]), r["id"])):
             if row["status"] != "ok" or row["to_version"] is None:
                 continue
+            when = _aware(row["recorded_at"])
             latest[(row["dataset"], row["partition"])] = int(row["to_version"])
             counts: dict[tuple[str, int], int] = {}
             for (dataset, _), version in latest.items():
                 counts[(dataset, version)] = counts.get((dataset, version), 0) + 1
-            days[_aware(row["recorded_at"]).date()] = counts
-        for day, counts in sorted(days.items()):
-            if day >= period.end.date():
+            key = (row["run_id"], when.replace(second=0, microsecond=0))
+            if key == group:
+                snapshots[-1] = (when, counts)
+            else:
+                snapshots.append((when, counts))
+                group = key
+        for when, counts in snapshots:
+            if not period.contains(when):
                 continue
             for (dataset, version), partitions in sorted(counts.items()):
-                rows.append({"date": day.isoformat(), "key_class": ev.key_class.name, "dataset": dataset,
-                             "version": version, "partitions": partitions})
-    return _frame(rows, "hist", ["date", "key_class", "dataset", "version", "partitions"])
+                rows.append({"time": when.strftime("%Y-%m-%dT%H:%M:%S"), "key_class": ev.key_class.name,
+                             "dataset": dataset, "version": version, "partitions": partitions})
+    return _frame(rows, "hist", ["time", "key_class", "dataset", "version", "partitions"])
 
 
 def retirements(items: list[KeyClassEvidence], ledger: Ledger, period: Period) -> pd.DataFrame:
