@@ -192,22 +192,29 @@ class Dataset(_Strict):
     name: str = Field(pattern=_NAME)
     location: str = Field(min_length=1, description="Local path, s3://bucket/prefix or another pyarrow filesystem "
                           "URI of the dataset root.")
-    format: Literal["parquet", "sse_kms_objects"] = Field(
+    format: Literal["parquet", "sse_kms_objects", "sql_table"] = Field(
         default="parquet", description="parquet: Parquet partitions with encrypted columns (PME); sse_kms_objects: "
-        "any S3 objects encrypted with SSE-KMS under the key class's key (backend aws_kms, alias strategy).")
+        "any S3 objects encrypted with SSE-KMS under the key class's key (backend aws_kms, alias strategy); "
+        "sql_table: encrypted columns of a PostgreSQL table (location: a SQLAlchemy URL, or conn_id).")
     conn_id: str | None = Field(default=None, description="Airflow connection for the storage (s3:// locations: "
                                 "an aws connection; default: the key class's conn_id).")
     partitioning: str = Field(default="dt", pattern=r"^[a-z_]+$", description="Partition directory key: dt=YYYY-MM-DD.")
     encrypted_columns: list[str] = Field(default_factory=list, validate_default=True,
-                                        description="Columns to encrypt (parquet).")
+                                        description="Columns to encrypt (parquet, sql_table).")
+    table: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="sql_table: the table.")
+    primary_key: str = Field(default="id", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                             description="sql_table: primary key column (keyset pagination, AAD binding).")
+    partition_column: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                         description="sql_table: date or timestamp column; a partition is a day.")
+    batch_size: int = Field(default=5000, ge=1, le=100_000, description="sql_table: rows per transaction.")
     schedule: str | None = Field(default="@daily", description="Cron for the per-partition re-encryption DAG.")
     start_date: str = Field(default="2024-01-01", pattern=r"^\d{4}-\d{2}-\d{2}$")
 
     @field_validator("encrypted_columns")
     @classmethod
     def _columns_for_parquet(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        if info.data.get("format", "parquet") == "parquet" and not value:
-            raise ValueError("a parquet dataset must name at least one encrypted column")
+        if info.data.get("format", "parquet") in ("parquet", "sql_table") and not value:
+            raise ValueError(f"a {info.data.get('format', 'parquet')} dataset must name at least one encrypted column")
         return value
 
 
@@ -232,6 +239,8 @@ class KeyClassConfig(_Strict):
                                      "strategy (the object's SSE-KMS key id tells its version)")
                 if not d.location.startswith("s3://"):
                     raise ValueError(f"dataset {d.name}: sse_kms_objects needs an s3:// location")
+            if d.format == "sql_table" and not (d.table and d.partition_column):
+                raise ValueError(f"dataset {d.name}: sql_table needs table and partition_column")
         return self
 
     def dataset(self, name: str) -> Dataset:

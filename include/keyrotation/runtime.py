@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import sqlalchemy as sa
+
 from keyrotation.backends.base import KmsBackend
 from keyrotation.census import Census, take_census
 from keyrotation.config import Dataset, KeyClassConfig
@@ -20,6 +22,7 @@ from keyrotation.stores.partitions import PartitionStore
 
 if TYPE_CHECKING:
     from keyrotation.object_engine import ObjectReencryptionEngine
+    from keyrotation.sql_engine import SqlTableEngine
 
 
 def _local_storage(_dataset: Dataset) -> Storage:
@@ -33,6 +36,7 @@ class KeyClassRuntime:
     ledger: Ledger
     #: The storage (credentials) of a dataset; the default reaches local paths and public URIs only.
     storage: Callable[[Dataset], Storage] = field(default=_local_storage)
+    _sql_engines: dict[str, sa.Engine] = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
@@ -46,10 +50,21 @@ class KeyClassRuntime:
         ds = dataset if isinstance(dataset, Dataset) else self.config.dataset(dataset)
         return ParquetEncryption(self.backend, ds.encrypted_columns)
 
-    def engine(self, dataset: str, ctx: RunContext | None = None,
-               checkpoint: Checkpoint | None = None) -> ReencryptionEngine | ObjectReencryptionEngine:
-        """The engine of ``dataset``'s format: Parquet partitions (PME) or SSE-KMS objects in S3."""
+    def sql_engine(self, ds: Dataset) -> sa.Engine:
+        """One SQLAlchemy engine per sql_table dataset, from the connection's URL or the location."""
+        if ds.name not in self._sql_engines:
+            url = self.storage(ds).sql_url or ds.location
+            self._sql_engines[ds.name] = sa.create_engine(url, pool_pre_ping=True)
+        return self._sql_engines[ds.name]
+
+    def engine(self, dataset: str, ctx: RunContext | None = None, checkpoint: Checkpoint | None = None
+               ) -> ReencryptionEngine | ObjectReencryptionEngine | SqlTableEngine:
+        """The engine of ``dataset``'s format: Parquet partitions (PME), SSE-KMS objects in S3, or a SQL table."""
         ds = self.config.dataset(dataset)
+        if ds.format == "sql_table":
+            from keyrotation.sql_engine import SqlTableEngine
+
+            return SqlTableEngine(self.name, ds, self.sql_engine(ds), self.backend, self.ledger, ctx)
         if ds.format == "sse_kms_objects":
             from keyrotation.object_engine import ObjectReencryptionEngine
             from keyrotation.stores.s3_objects import SseKmsObjectStore
@@ -64,7 +79,7 @@ class KeyClassRuntime:
         return engine.store.list_partitions()
 
     def census(self, dataset: str, partitions: list[str] | None = None) -> Census:
-        if self.config.dataset(dataset).format == "sse_kms_objects":
+        if self.config.dataset(dataset).format in ("sse_kms_objects", "sql_table"):
             return self.engine(dataset).census(partitions)
         return take_census(dataset, self.store(dataset), self.pme(dataset), partitions)
 

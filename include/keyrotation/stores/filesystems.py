@@ -1,4 +1,4 @@
-"""Where a dataset's bytes live: local paths, or S3 through pyarrow and boto3.
+"""Where a dataset's bytes live: local paths, S3 through pyarrow and boto3, or a SQL database.
 
 Credentials come in from the caller (an Airflow connection through the hooks, or a script), never
 from config files. :class:`Storage` is what a runtime asks for a dataset's filesystem and, for
@@ -61,8 +61,10 @@ class AwsCredentials:
 class Storage:
     """Filesystems for dataset locations: local paths and pyarrow URIs as they are, S3 with credentials."""
 
-    def __init__(self, aws: AwsCredentials | None = None) -> None:
+    def __init__(self, aws: AwsCredentials | None = None, sql_url: str | None = None) -> None:
         self.aws = aws
+        #: For sql_table datasets: the SQLAlchemy URL resolved from a connection (else the location is one).
+        self.sql_url = sql_url
 
     def filesystem(self, location: str) -> tuple[pafs.FileSystem, str]:
         scheme, path = split_location(location)

@@ -16,7 +16,8 @@ class DatasetStorageHook(BaseHook):
 
     ``s3://`` locations use an ``aws`` connection through the amazon provider's ``AwsBaseHook``: the
     dataset's ``conn_id``, else the key class's connection for ``role`` when its backend is
-    ``aws_kms``. Local paths need no connection.
+    ``aws_kms``. A ``sql_table`` dataset's ``conn_id`` (a postgres connection) gives the database URL.
+    Local paths need no connection.
 
     :param dataset: The dataset whose storage to reach.
     :param key_class: Its key class.
@@ -34,6 +35,11 @@ class DatasetStorageHook(BaseHook):
         self.conn_id = dataset.conn_id or default
 
     def get_conn(self) -> Storage:
+        if self.dataset.format == "sql_table":
+            if not self.dataset.conn_id:
+                return Storage()  # the location is the SQLAlchemy URL
+            uri = self.get_connection(self.dataset.conn_id).get_uri()
+            return Storage(sql_url=uri.replace("postgres://", "postgresql+psycopg2://", 1))
         if split_location(self.dataset.location)[0] == "s3" and not self.conn_id:
             raise ValueError(f"dataset {self.dataset.name!r} is on S3 ({self.dataset.location}) but names no "
                              "conn_id, and its key class's backend is not aws_kms: set datasets[].conn_id")
