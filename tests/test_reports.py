@@ -208,3 +208,19 @@ def test_the_period_comes_from_params_the_data_interval_or_the_month_so_far():
         report_period("2025-03-01", "2025-02-01", manual)
     with pytest.raises(ConfigError, match="'March'/'2025-04-01' are not dates"):
         report_period("March", "2025-04-01", manual)
+
+
+def test_the_report_can_be_written_to_s3(seeded, moto):
+    from keyrotation.stores.filesystems import AwsCredentials, Storage
+
+    rt = seeded
+    moto.client("s3").create_bucket(Bucket="audit-reports")
+    storage = Storage(AwsCredentials(moto.access_key, moto.secret_key, region_name=moto.region, endpoint_url=moto.url))
+    result = write_report(evidence(rt), rt.ledger, "s3://audit-reports/2025-08", AUGUST, storage=storage, now=NOW)
+    listed = moto.client("s3").list_objects_v2(Bucket="audit-reports", Prefix="2025-08/")["Contents"]
+    assert {o["Key"].split("/")[-1] for o in listed} >= {"report.html", "report.pdf", "findings.parquet"}
+    body = moto.client("s3").get_object(Bucket="audit-reports", Key="2025-08/report.pdf")["Body"].read()
+    import hashlib
+
+    assert hashlib.sha256(body).hexdigest() == result.artifacts["report.pdf"]["sha256"]
+    assert result.html_path == "audit-reports/2025-08/report.html"

@@ -56,11 +56,13 @@ def _status(age_s: float | None, due_s: float, period_s: float) -> tuple[str, st
 
 def _key_class_section(name: str, ledger: Ledger, now: datetime) -> str:
     from keyrotation_airflow.hooks.kms import KeyClassKmsHook
+    from keyrotation_airflow.runtime import dataset_storage
 
     try:
         config = load_key_class(name)
         kc = config.key_class
-        rt = KeyClassRuntime(config, KeyClassKmsHook(kc, "report").get_backend(), ledger)
+        rt = KeyClassRuntime(config, KeyClassKmsHook(kc, "report").get_backend(), ledger,
+                             storage=dataset_storage(kc, "report"))
         state = rt.backend.key_state()
         censuses = rt.censuses()
         current = ledger.current_version(name)
