@@ -1,0 +1,843 @@
+"""The client library applications use to read and write data protected by a key class, through rotations.
+
+No Airflow here. A :class:`KeyRotationClient` is built from a KMS backend (or a key class config and an
+``hvac``/``boto3`` client), the ledger (read only: the key class's current-version reference and its
+retired versions) and, for single values, the SQLAlchemy engine of the database holding the data-key
+table ``keyrotation_data_keys``::
+
+    client = KeyRotationClient.from_key_class(load_key_class("customer_pii"), kms_client=hvac.Client(...),
+                                              ledger="postgresql://...", engine=sa.create_engine("postgresql://..."))
+    blob = client.encrypt(b"a@example.com", {"table": "accounts", "column": "email", "pk": 42,
+                                             "partition": "2026-11-28"})
+    client.decrypt(blob, {"table": "accounts", "column": "email", "pk": 42})      # b"a@example.com"
+    client.write_parquet(table, "/data/customers/dt=2026-11-28/part-0.parquet")
+    client.read_parquet("/data/customers/dt=2026-11-28/part-0.parquet")
+
+* **Same bytes as the DAGs.** Values are the field-level envelopes of :mod:`keyrotation.formats.envelope`
+  (header, AES-256-GCM, the table, column and primary key as associated data) under the per-partition
+  data keys of :class:`~keyrotation.stores.data_keys.DataKeyStore`, exactly as the ``sql_table`` path and
+  ``FieldCipher`` write them; Parquet files are those of
+  :class:`~keyrotation.formats.parquet_pme.ParquetEncryption` (PME, key material beside the file).
+* **Rotations without a restart.** The ledger's reference (``reference_updated``) is polled every
+  ``poll_interval_s`` seconds (and at once by :meth:`KeyRotationClient.refresh`); new values are then
+  sealed with a data key created under the new version. Values written before decrypt as long as their
+  data key's version is live: re-wrapping the data keys (the ``rewrap`` sweep) changes nothing here.
+* **Retired versions.** A value whose data key is wrapped under a version below the last
+  ``versions_retired`` floor of the ledger is refused (:class:`RetiredVersionError`, naming the version
+  and the row) before any KMS call; so is encrypting while the reference itself is below it.
+* **Data keys in memory.** Unwrapped data keys sit in a bounded LRU with a TTL (:class:`DataKeyCache`),
+  held as ``bytearray`` and overwritten with zeros when evicted, expired or cleared. This is best effort:
+  the ``bytes`` the KMS client returns, and the copy the ``cryptography`` library keeps inside each
+  AES-GCM object, cannot be zeroed from Python; they are dropped and left to the garbage collector. Keys
+  never reach a log, an exception or a ``repr``.
+* **Metrics**: requests, cache hits and misses, KMS calls by operation and errors by kind
+  (:meth:`KeyRotationClient.metrics`), for the sidecar's ``/metrics`` or an application's own exporter.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import os
+import threading
+import time
+import uuid
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from keyrotation import ledger as lg
+from keyrotation.backends.base import KeyState, KmsBackend
+from keyrotation.backends.retry import RetryPolicy
+from keyrotation.errors import BackendError, KeyRotationError, PermissionDenied
+from keyrotation.formats.envelope import (
+    NONCE_BYTES,
+    EnvelopeError,
+    Header,
+    associated_data,
+    header_prefix,
+    parse_header,
+)
+from keyrotation.stores.data_keys import DATA_KEYS, DataKeyStore, data_keys
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    from keyrotation.config import KeyClassConfig
+    from keyrotation.ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+#: Retries for an application's KMS calls: fail within about a second rather than hold a request for a
+#: minute (the DAGs' default policy waits up to 31 s over 6 attempts).
+APP_RETRY = RetryPolicy(attempts=3, initial=0.2, maximum=1.0, jitter=True)
+MAX_NAME = 200  # keyrotation_data_keys.table_name
+MAX_PARTITION = 100  # keyrotation_data_keys.partition
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+class ClientError(KeyRotationError):
+    """Base class of the client's own errors. Messages never carry plaintext or key material."""
+
+
+class InvalidInput(ClientError, ValueError):
+    """A request is malformed: missing or bad context, wrong type, empty value."""
+
+
+class RetiredVersionError(ClientError):
+    """The value (or the encryption) would use a key version the ledger or the KMS has retired."""
+
+    def __init__(self, message: str, version: int, min_version: int) -> None:
+        super().__init__(message)
+        self.version = version
+        self.min_version = min_version
+
+
+class KmsUnavailable(ClientError):
+    """The KMS could not be reached (after retries)."""
+
+
+class LedgerUnavailable(ClientError):
+    """The ledger could not be read and no earlier answer is known."""
+
+
+class NoCurrentVersion(ClientError):
+    """The ledger holds no current-version reference for the key class yet."""
+
+
+# -- context of a value ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ValueContext:
+    """Where a value lives: bound into its associated data (table, column, primary key) and, for
+    encryption, the partition whose data key seals it (e.g. the row's date, ``2026-11-28``)."""
+
+    table: str
+    column: str
+    pk: Any
+    partition: str | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.table}.{self.column} row {self.pk}"
+
+    @classmethod
+    def of(cls, context: ValueContext | Mapping[str, Any], *, for_encrypt: bool = False) -> ValueContext:
+        """Validate a context given as a ``ValueContext`` or a mapping with table, column, pk (and partition)."""
+        if isinstance(context, ValueContext):
+            table, column, pk, partition = context.table, context.column, context.pk, context.partition
+        elif isinstance(context, Mapping):
+            unknown = sorted(set(context) - {"table", "column", "pk", "partition"})
+            if unknown:
+                raise InvalidInput(f"context: unknown field(s) {', '.join(map(str, unknown))} "
+                                   "(expected table, column, pk, partition)")
+            table, column, pk, partition = (context.get(k) for k in ("table", "column", "pk", "partition"))
+        else:
+            raise InvalidInput(f"context must be a ValueContext or a mapping, not {type(context).__name__}")
+        for name, value in (("table", table), ("column", column)):
+            if not isinstance(value, str) or not value:
+                raise InvalidInput(f"context.{name} is required (a non-empty string)")
+            if len(value) > MAX_NAME or "\x00" in value:
+                raise InvalidInput(f"context.{name} must be at most {MAX_NAME} characters, without NUL")
+        if pk is None or isinstance(pk, bool) or not isinstance(pk, numbers.Integral | str | uuid.UUID):
+            raise InvalidInput("context.pk is required (an integer, a string or a UUID)")
+        if isinstance(pk, numbers.Integral) and not isinstance(pk, int):
+            pk = int(pk)  # numpy / pandas integers: the same associated data as a Python int
+        if isinstance(pk, str) and (not pk or "\x00" in pk or len(pk) > 1000):
+            raise InvalidInput("context.pk must be a non-empty string of at most 1000 characters, without NUL")
+        if partition is not None and (not isinstance(partition, str) or not partition
+                                      or len(partition) > MAX_PARTITION):
+            raise InvalidInput(f"context.partition must be a non-empty string of at most {MAX_PARTITION} characters")
+        if for_encrypt and partition is None:
+            raise InvalidInput("context.partition is required to encrypt (it selects the data key, e.g. the row's "
+                               "date)")
+        return cls(table, column, pk, partition)
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+class ClientMetrics:
+    """Thread-safe counters. Names and labels only: never a value, a key or a context."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: Counter[str] = Counter()
+        self.kms_calls: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.cache_evictions = 0
+        self.rotations_noticed = 0
+        self.ledger_polls = 0
+
+    def add(self, field: str, label: str | None = None, n: int = 1) -> None:
+        with self._lock:
+            if label is None:
+                setattr(self, field, getattr(self, field) + n)
+            else:
+                getattr(self, field)[label] += n
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "requests": dict(self.requests), "requests_total": sum(self.requests.values()),
+                "cache_hits": self.cache_hits, "cache_misses": self.cache_misses,
+                "cache_evictions": self.cache_evictions,
+                "kms_calls": dict(self.kms_calls), "kms_calls_total": sum(self.kms_calls.values()),
+                "errors": dict(self.errors), "errors_total": sum(self.errors.values()),
+                "rotations_noticed": self.rotations_noticed, "ledger_polls": self.ledger_polls,
+            }
+
+
+def error_kind(exc: BaseException) -> str:
+    """A short, stable label for an error (metrics, the sidecar's JSON ``error`` field)."""
+    if isinstance(exc, RetiredVersionError):
+        return "retired_version"
+    if isinstance(exc, InvalidInput):
+        return "bad_input"
+    if isinstance(exc, EnvelopeError):
+        return "unknown_data_key" if "not in " + DATA_KEYS in str(exc) else "does_not_decrypt"
+    if isinstance(exc, KmsUnavailable):
+        return "kms_unavailable"
+    if isinstance(exc, PermissionDenied):
+        return "kms_denied"
+    if isinstance(exc, BackendError):
+        return "kms_error"
+    if isinstance(exc, LedgerUnavailable):
+        return "ledger_unavailable"
+    if isinstance(exc, NoCurrentVersion):
+        return "no_current_version"
+    if isinstance(exc, sa.exc.SQLAlchemyError):
+        return "database_unavailable"
+    return "internal"
+
+
+# -- the cache of unwrapped data keys -------------------------------------------------------------
+
+class _CachedKey:
+    """An unwrapped data key: the key as a ``bytearray`` (zeroed on eviction), its AES-GCM object, the
+    KEK version its row was wrapped under when read, and when it expires."""
+
+    __slots__ = ("key", "aead", "version", "expires")
+
+    def __init__(self, key: bytearray, version: int, expires: float) -> None:
+        self.key = key
+        self.aead = AESGCM(key)  # cryptography copies the key inside; that copy cannot be zeroed
+        self.version = version
+        self.expires = expires
+
+    def zero(self) -> None:
+        self.key[:] = bytes(len(self.key))
+        self.aead = None
+
+    def __repr__(self) -> str:
+        return f"<data key under v{self.version}, hidden>"
+
+
+class DataKeyCache:
+    """A bounded LRU of unwrapped data keys with a time to live.
+
+    Keys are copied into ``bytearray`` and overwritten with zeros when they leave the cache (evicted for
+    room, expired, purged after a retirement, or cleared). The caller's ``bytes`` and the copy held by
+    ``cryptography``'s AES-GCM object cannot be zeroed from Python (see the module docstring).
+    """
+
+    def __init__(self, size: int = 1024, ttl_s: float = 300.0, clock: Callable[[], float] = time.monotonic,
+                 on_evict: Callable[[], None] | None = None) -> None:
+        if size < 1:
+            raise ValueError("cache size must be at least 1")
+        if ttl_s <= 0:
+            raise ValueError("cache TTL must be positive")
+        self.size = size
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._on_evict = on_evict
+        self._entries: OrderedDict[bytes, _CachedKey] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _drop(self, key_id: bytes) -> None:
+        entry = self._entries.pop(key_id, None)
+        if entry is not None:
+            entry.zero()
+            if self._on_evict:
+                self._on_evict()
+
+    def get(self, key_id: bytes) -> _CachedKey | None:
+        with self._lock:
+            entry = self._entries.get(key_id)
+            if entry is None:
+                return None
+            if entry.expires <= self._clock():
+                self._drop(key_id)
+                return None
+            self._entries.move_to_end(key_id)
+            return entry
+
+    def put(self, key_id: bytes, key: bytes | bytearray, version: int) -> _CachedKey:
+        entry = _CachedKey(bytearray(key), version, self._clock() + self.ttl_s)
+        with self._lock:
+            if key_id in self._entries:
+                self._drop(key_id)
+            self._entries[key_id] = entry
+            while len(self._entries) > self.size:
+                self._drop(next(iter(self._entries)))
+        return entry
+
+    def evict(self, key_id: bytes) -> None:
+        with self._lock:
+            self._drop(key_id)
+
+    def evict_below(self, version: int) -> int:
+        """Drop every key read under a version below ``version`` (after a retirement); return how many."""
+        with self._lock:
+            stale = [k for k, e in self._entries.items() if e.version < version]
+            for key_id in stale:
+                self._drop(key_id)
+        return len(stale)
+
+    def clear(self) -> None:
+        with self._lock:
+            for key_id in list(self._entries):
+                self._drop(key_id)
+
+    def __repr__(self) -> str:  # never show keys
+        return f"DataKeyCache({len(self._entries)}/{self.size} keys, ttl {self.ttl_s:g}s)"
+
+
+class _IdCache:
+    """(table, partition, version) -> data key id, bounded and TTL'd like the keys (ids are not secret)."""
+
+    def __init__(self, size: int, ttl_s: float, clock: Callable[[], float]) -> None:
+        self.size, self.ttl_s, self._clock = size, ttl_s, clock
+        self._ids: OrderedDict[tuple, tuple[bytes, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, slot: tuple) -> bytes | None:
+        with self._lock:
+            found = self._ids.get(slot)
+            if found is None or found[1] <= self._clock():
+                self._ids.pop(slot, None)
+                return None
+            self._ids.move_to_end(slot)
+            return found[0]
+
+    def put(self, slot: tuple, key_id: bytes) -> None:
+        with self._lock:
+            self._ids[slot] = (key_id, self._clock() + self.ttl_s)
+            self._ids.move_to_end(slot)
+            while len(self._ids) > self.size:
+                self._ids.popitem(last=False)
+
+    def evict_below(self, version: int) -> None:
+        with self._lock:
+            for slot in [s for s in self._ids if s[2] < version]:
+                del self._ids[slot]
+
+
+class _SingleFlight:
+    """One loader per key at a time: concurrent misses on the same data key make one KMS call, not N."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._locks: dict[Any, list] = {}
+
+    @contextmanager
+    def __call__(self, key: Any) -> Iterator[None]:
+        with self._lock:
+            slot = self._locks.setdefault(key, [threading.Lock(), 0])
+            slot[1] += 1
+        try:
+            with slot[0]:
+                yield
+        finally:
+            with self._lock:
+                slot[1] -= 1
+                if slot[1] == 0:
+                    del self._locks[key]
+
+
+# -- the KMS, counted -----------------------------------------------------------------------------
+
+class _CountingBackend:
+    """The backend with every KMS call counted (a retried call counts once) and ``KMS unreachable``
+    failures raised as :class:`KmsUnavailable`. Everything else is passed through."""
+
+    _CALLS = ("wrap", "unwrap", "rewrap", "key_state")
+
+    def __init__(self, backend: KmsBackend, metrics: ClientMetrics) -> None:
+        self._backend = backend
+        self._metrics = metrics
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._backend, name)
+        if name not in self._CALLS:
+            return value
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self._metrics.add("kms_calls", name)
+            try:
+                return value(*args, **kwargs)
+            except BackendError as exc:
+                if str(exc).startswith("KMS unreachable") and not isinstance(exc, KmsUnavailable):
+                    raise KmsUnavailable(str(exc)) from None
+                raise
+
+        return call
+
+    def __repr__(self) -> str:
+        return f"counted {self._backend.kind} backend for {self._backend.key_ref!r}"
+
+
+# -- the ledger, read only ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LedgerState:
+    """What the ledger says about the key class: the version to encrypt under and the lowest live one."""
+
+    version: int | None
+    min_version: int  # versions below it are retired (0: none retired)
+    checked_at: float
+
+
+class _LedgerView:
+    """Reads the two facts the client needs from ``ledger_events``; needs SELECT only (no DDL, unlike
+    :class:`~keyrotation.ledger.Ledger`, which creates the table and its triggers)."""
+
+    def __init__(self, source: Ledger | sa.Engine | str) -> None:
+        self.owned = False
+        if isinstance(source, str):
+            kwargs: dict[str, Any] = {"hide_parameters": True, "pool_pre_ping": True}
+            if source.startswith("sqlite"):
+                kwargs["connect_args"] = {"timeout": 30}
+            self.engine = sa.create_engine(source, **kwargs)
+            self.owned = True
+        elif isinstance(source, sa.Engine):
+            self.engine = source
+        else:  # a Ledger
+            self.engine = source.engine
+        self.shown = self.engine.url.render_as_string(hide_password=True)
+
+    def read(self, key_class: str) -> tuple[int | None, int]:
+        ev = lg.events
+        with self.engine.connect() as conn:
+            reference = conn.execute(sa.select(ev.c.to_version).where(
+                ev.c.key_class == key_class, ev.c.event == lg.REFERENCE_UPDATED).order_by(ev.c.id.desc()).limit(1)
+            ).scalar()
+            floor = conn.execute(sa.select(sa.func.max(ev.c.to_version)).where(
+                ev.c.key_class == key_class, ev.c.event == lg.VERSIONS_RETIRED, ev.c.status == "ok")).scalar()
+        return (int(reference) if reference is not None else None), int(floor or 0)
+
+
+# -- the client -----------------------------------------------------------------------------------
+
+class _ClientKeyStore(DataKeyStore):
+    """:class:`DataKeyStore` (same table, same choice and creation of data keys) whose unwrapped keys live
+    in the client's zeroing cache, behind its single-flight loader, instead of the store's own cache."""
+
+    def __init__(self, client: KeyRotationClient, engine: sa.Engine) -> None:
+        from keyrotation.formats.envelope import KeyCache
+
+        super().__init__(engine, client._kms, client.key_class, cache=KeyCache(size=0))  # size 0: nothing kept
+        self._client = client
+
+    def key(self, key_id: bytes, where: str) -> bytes:
+        return self._client._data_key(key_id, where).key  # type: ignore[return-value]
+
+
+def _local(path: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
+    import pyarrow.fs as pafs
+
+    if filesystem is not None:
+        return filesystem, path
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+class KeyRotationClient:
+    """Encrypt and decrypt values, write and read Parquet, under a key class's current version.
+
+    :param backend: the key class's KMS backend (:class:`~keyrotation.backends.vault_transit.VaultTransitBackend`,
+        :class:`~keyrotation.backends.aws_kms.AwsKmsBackend`); see :meth:`from_key_class`.
+    :param ledger: a :class:`~keyrotation.ledger.Ledger`, a SQLAlchemy engine or a URL of the ledger's
+        database; read only (SELECT on ``ledger_events``).
+    :param key_class: the key class's name (it appears in every value's header and in the ledger).
+    :param engine: SQLAlchemy engine of the database with ``keyrotation_data_keys`` (values only).
+    :param encrypted_columns: columns :meth:`write_parquet` encrypts when not given per call.
+    :param poll_interval_s: how often the ledger's reference and retired versions are re-read (lazily, on
+        the first request after the interval; :meth:`refresh` reads them at once).
+    :param cache_size: at most this many unwrapped data keys in memory.
+    :param cache_ttl_s: an unwrapped data key is dropped (and zeroed) this long after it was unwrapped.
+    """
+
+    def __init__(self, backend: KmsBackend, ledger: Ledger | sa.Engine | str, key_class: str, *,
+                 engine: sa.Engine | None = None, encrypted_columns: Sequence[str] = (),
+                 poll_interval_s: float = 10.0, cache_size: int = 1024, cache_ttl_s: float = 300.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if poll_interval_s <= 0:
+            raise ValueError("poll_interval_s must be positive")
+        self.key_class = key_class
+        header_prefix(key_class)  # refuses a name too long for the envelope
+        self.metrics_ = ClientMetrics()
+        self._backend = backend
+        self._kms: Any = _CountingBackend(backend, self.metrics_)
+        self._ledger = _LedgerView(ledger)
+        self.encrypted_columns = list(encrypted_columns)
+        self.poll_interval_s = poll_interval_s
+        self._clock = clock
+        self._cache = DataKeyCache(cache_size, cache_ttl_s, clock,
+                                   on_evict=lambda: self.metrics_.add("cache_evictions"))
+        self._ids = _IdCache(cache_size, cache_ttl_s, clock)
+        self._flight = _SingleFlight()
+        self._engine = engine
+        self._store: DataKeyStore | None = None
+        self._state: LedgerState | None = None
+        self._state_lock = threading.Lock()
+        self._poll_lock = threading.Lock()
+        self.ledger_error: str | None = None
+
+    @classmethod
+    def from_key_class(cls, config: KeyClassConfig, *, kms_client: Any, ledger: Ledger | sa.Engine | str,
+                       engine: sa.Engine | None = None, dataset: str | None = None,
+                       retry: RetryPolicy | None = APP_RETRY, **kwargs: Any) -> KeyRotationClient:
+        """A client for a key class config: ``kms_client`` is an ``hvac.Client`` (``vault_transit``) or a
+        boto3 KMS client (``aws_kms``). ``dataset`` (or the only Parquet dataset) gives the encrypted
+        columns of :meth:`write_parquet`."""
+        kc = config.key_class
+        if kc.backend == "vault_transit":
+            from keyrotation.backends.vault_transit import VaultTransitBackend
+
+            backend: KmsBackend = VaultTransitBackend(kms_client, kc.key_ref, kc.mount_point, retry=retry)
+        elif kc.backend == "aws_kms":
+            from keyrotation.backends.aws_kms import AwsKmsBackend
+
+            options = kc.aws_options
+            backend = AwsKmsBackend(kms_client, kc.key_ref, strategy=options.strategy, key_class=kc.name,
+                                    retry=retry, max_requests_per_second=options.max_requests_per_second)
+        else:  # pragma: no cover - the config refuses other backends
+            raise InvalidInput(f"key class {kc.name!r}: backend {kc.backend!r} is not supported by the client")
+        if "encrypted_columns" not in kwargs:
+            parquet = [d for d in config.datasets if d.format == "parquet"]
+            chosen = config.dataset(dataset) if dataset else (parquet[0] if len(parquet) == 1 else None)
+            kwargs["encrypted_columns"] = list(chosen.encrypted_columns) if chosen else []
+        return cls(backend, ledger, kc.name, engine=engine, **kwargs)
+
+    # -- state --------------------------------------------------------------------------------
+    @property
+    def store(self) -> DataKeyStore:
+        if self._engine is None:
+            raise InvalidInput(f"key class {self.key_class!r}: this client has no database engine for "
+                               f"{DATA_KEYS}; pass engine= to encrypt or decrypt values")
+        if self._store is None:
+            self._store = _ClientKeyStore(self, self._engine)
+        return self._store
+
+    def refresh(self) -> LedgerState:
+        """Read the ledger now: the current-version reference and the retired floor. Raises
+        :class:`LedgerUnavailable` if it cannot be read."""
+        self.metrics_.add("ledger_polls")
+        try:
+            version, floor = self._ledger.read(self.key_class)
+        except sa.exc.SQLAlchemyError as exc:
+            self.ledger_error = f"ledger {self._ledger.shown}: unreachable ({type(exc).__name__})"
+            raise LedgerUnavailable(self.ledger_error) from None
+        self.ledger_error = None
+        state = LedgerState(version, floor, self._clock())
+        with self._state_lock:
+            old, self._state = self._state, state
+        if old is not None and old.version != version:
+            self.metrics_.add("rotations_noticed")
+            log.info("key class %s: ledger reference moved from v%s to v%s; encrypting under v%s from now on",
+                     self.key_class, old.version, version, version)
+        if floor > (old.min_version if old else 0):
+            dropped = self._cache.evict_below(floor)
+            self._ids.evict_below(floor)
+            if old is not None:
+                log.info("key class %s: the ledger retired versions below v%s; %d cached data keys read under "
+                         "older versions dropped", self.key_class, floor, dropped)
+        return state
+
+    def state(self) -> LedgerState:
+        """The ledger's answer, re-read when older than ``poll_interval_s`` (one thread reads; the others
+        go on with the previous answer). If the ledger cannot be read, the last answer stays in force."""
+        state = self._state
+        if state is None:
+            with self._poll_lock:
+                return self._state or self.refresh()
+        if self._clock() - state.checked_at >= self.poll_interval_s and self._poll_lock.acquire(blocking=False):
+            try:
+                return self.refresh()
+            except LedgerUnavailable as exc:
+                self.metrics_.add("errors", "ledger_unavailable")
+                log.warning("key class %s: %s; keeping v%s as the current version", self.key_class, exc,
+                            state.version)
+                with self._state_lock:
+                    self._state = LedgerState(state.version, state.min_version, self._clock())
+            finally:
+                self._poll_lock.release()
+        return self._state or state
+
+    @property
+    def current_version(self) -> int | None:
+        return self.state().version
+
+    # -- values -------------------------------------------------------------------------------
+    def encrypt(self, plaintext: bytes | bytearray | str, context: ValueContext | Mapping[str, Any]) -> bytes:
+        """Seal ``plaintext`` for the row and column of ``context`` with the data key of its partition under
+        the ledger's current version; the result is a keyrotation envelope (``bytes``)."""
+        return self.encrypt_versioned(plaintext, context)[0]
+
+    def encrypt_versioned(self, plaintext: bytes | bytearray | str,
+                          context: ValueContext | Mapping[str, Any]) -> tuple[bytes, int]:
+        """:meth:`encrypt`, also returning the key version the value's data key was created under."""
+        self.metrics_.add("requests", "encrypt")
+        try:
+            ctx = ValueContext.of(context, for_encrypt=True)
+            if isinstance(plaintext, str):
+                data = plaintext.encode()
+            elif isinstance(plaintext, bytes | bytearray | memoryview):
+                data = bytes(plaintext)
+            else:
+                raise InvalidInput(f"plaintext must be bytes or str, not {type(plaintext).__name__}")
+            state = self.state()
+            if state.version is None:
+                raise NoCurrentVersion(f"key class {self.key_class!r}: the ledger {self._ledger.shown} holds no "
+                                       f"current version yet (run rotate__{self.key_class} once)")
+            if state.version < state.min_version:
+                raise RetiredVersionError(
+                    f"key class {self.key_class!r}: refusing to encrypt {ctx.where} under v{state.version}, the "
+                    f"ledger's current version, which the ledger marks retired (versions below v{state.min_version})",
+                    state.version, state.min_version)
+            key_id, entry = self._data_key_for(ctx.table, ctx.partition or "", state.version)
+            nonce = os.urandom(NONCE_BYTES)
+            header = header_prefix(self.key_class) + key_id + nonce
+            return header + entry.aead.encrypt(nonce, data, associated_data(header, ctx.table, ctx.column, ctx.pk)), \
+                state.version
+        except Exception as exc:
+            self.metrics_.add("errors", error_kind(exc))
+            raise
+
+    def decrypt(self, ciphertext: bytes | bytearray | memoryview, context: ValueContext | Mapping[str, Any]) -> bytes:
+        """Open a value sealed for the row and column of ``context`` (by this client, ``FieldCipher`` or the
+        ``sql_table`` DAGs), under any version the ledger does not mark retired."""
+        self.metrics_.add("requests", "decrypt")
+        try:
+            ctx = ValueContext.of(context)
+            if not isinstance(ciphertext, bytes | bytearray | memoryview):
+                raise InvalidInput(f"ciphertext must be bytes, not {type(ciphertext).__name__}")
+            raw = bytes(ciphertext)
+            where = ctx.where
+            header = parse_header(raw, where)
+            if header.key_class != self.key_class:
+                raise EnvelopeError(f"{where}: value belongs to key class {header.key_class!r}, not "
+                                    f"{self.key_class!r}")
+            entry = self._data_key(header.key_id, where)
+            return self._open(entry, raw, header, ctx, where)
+        except Exception as exc:
+            self.metrics_.add("errors", error_kind(exc))
+            raise
+
+    @staticmethod
+    def _open(entry: _CachedKey, raw: bytes, header: Header, ctx: ValueContext, where: str) -> bytes:
+        try:
+            return entry.aead.decrypt(header.nonce, raw[header.length:],
+                                      associated_data(raw[:header.length], ctx.table, ctx.column, ctx.pk))
+        except InvalidTag:
+            raise EnvelopeError(f"{where}: does not decrypt: the value was altered, or copied from another row or "
+                                "column") from None
+
+    def _data_key_for(self, table: str, partition: str, version: int) -> tuple[bytes, _CachedKey]:
+        """The partition's data key created under ``version`` (made on first use), from the cache if there."""
+        slot = (table, partition, version)
+        found = self._cached_for(slot)
+        if found is not None:
+            return found
+        with self._flight(slot):
+            found = self._cached_for(slot)  # another thread may have loaded it while this one waited
+            if found is not None:
+                return found
+            # An existing data key comes through _data_key (the cache, else one unwrap, single-flight with
+            # decryptions of the same key); a new one is made with one wrap.
+            key_id, key = self.store.current(table, partition, version)
+            entry = self._cache.get(key_id)
+            if entry is None:
+                self.metrics_.add("cache_misses")
+                entry = self._cache.put(key_id, key, version)
+            del key
+            self._ids.put(slot, key_id)
+            return key_id, entry
+
+    def _cached_for(self, slot: tuple) -> tuple[bytes, _CachedKey] | None:
+        key_id = self._ids.get(slot)
+        entry = self._cache.get(key_id) if key_id is not None else None
+        if entry is None:
+            return None
+        self.metrics_.add("cache_hits")
+        return key_id, entry  # type: ignore[return-value]
+
+    def _data_key(self, key_id: bytes, where: str) -> _CachedKey:
+        """The data key ``key_id`` for decryption: from the cache, else its row and one KMS unwrap; refused
+        when its row is wrapped under a version the ledger marks retired."""
+        floor = self.state().min_version
+        entry = self._cache.get(key_id)
+        if entry is not None and entry.version >= floor:
+            self.metrics_.add("cache_hits")
+            return entry
+        with self._flight(key_id):
+            entry = self._cache.get(key_id)
+            if entry is not None and entry.version >= floor:
+                self.metrics_.add("cache_hits")
+                return entry
+            if entry is not None:  # read under a version now retired: its row may have been re-wrapped since
+                self._cache.evict(key_id)
+            self.metrics_.add("cache_misses")
+            self.store  # noqa: B018 - creates the data-key table if missing
+            with self._engine.connect() as conn:  # type: ignore[union-attr]
+                row = conn.execute(sa.select(data_keys.c.wrapped, data_keys.c.version, data_keys.c.key_class,
+                                             data_keys.c.table_name, data_keys.c.partition)
+                                   .where(data_keys.c.key_id == key_id)).first()
+            if row is None or row.key_class != self.key_class:
+                raise EnvelopeError(f"{where}: data key {uuid.UUID(bytes=key_id)} is not in {DATA_KEYS} for key "
+                                    f"class {self.key_class} (unknown key version)")
+            if row.version < floor:
+                raise self._retired(where, key_id, row, floor, "the ledger marks it retired")
+            try:
+                key = self._kms.unwrap(row.wrapped)
+            except (KmsUnavailable, PermissionDenied):
+                raise
+            except BackendError:
+                # The KMS may have retired the version before the ledger said so (min_decryption_version).
+                kms_state: KeyState = self._kms.key_state()
+                if row.version < kms_state.min_decryption_version:
+                    raise self._retired(where, key_id, row, kms_state.min_decryption_version,
+                                        "the KMS has retired it (min_decryption_version)") from None
+                raise
+            entry = self._cache.put(key_id, key, int(row.version))
+            del key
+            return entry
+
+    def _retired(self, where: str, key_id: bytes, row: Any, floor: int, why: str) -> RetiredVersionError:
+        return RetiredVersionError(
+            f"{where}: refusing to decrypt: its data key {uuid.UUID(bytes=key_id)} (table {row.table_name}, partition "
+            f"{row.partition}) is wrapped under v{row.version} of key class {self.key_class}, and {why}: versions "
+            f"below v{floor} no longer decrypt. Re-wrap the partition's data keys under a live version (the "
+            f"rewrap sweep) before retiring, or restore the version.", int(row.version), floor)
+
+    def describe(self, ciphertext: bytes) -> dict[str, Any]:
+        """What protects a value, without decrypting it: key class, data key id, the version its data key
+        was created under and the version wrapping it now (a database read, no KMS call)."""
+        header = parse_header(bytes(ciphertext), "value")
+        with self.store.engine.connect() as conn:
+            row = conn.execute(sa.select(data_keys.c.version, data_keys.c.created_under, data_keys.c.table_name,
+                                         data_keys.c.partition).where(data_keys.c.key_id == header.key_id)).first()
+        return {"key_class": header.key_class, "data_key_id": header.key_id_text,
+                "created_under": row.created_under if row else None, "version": row.version if row else None,
+                "table": row.table_name if row else None, "partition": row.partition if row else None}
+
+    # -- Parquet ------------------------------------------------------------------------------
+    def write_parquet(self, table: pa.Table, path: str, filesystem: pafs.FileSystem | None = None, *,
+                      columns: Sequence[str] | None = None) -> int:
+        """Write ``table`` to ``path`` with PME exactly as the DAGs do (encrypted columns and footer, key
+        material in ``_KEY_MATERIAL_FOR_<file>.json`` beside it), under the current version; return it.
+
+        A single file: the partition manifest the DAGs' partition stores keep is not written here.
+        """
+        from keyrotation.formats.parquet_pme import ParquetEncryption
+
+        self.metrics_.add("requests", "write_parquet")
+        try:
+            encrypted = list(columns or self.encrypted_columns)
+            if not encrypted:
+                raise InvalidInput(f"{path}: no encrypted columns: pass columns= or build the client with "
+                                   "encrypted_columns")
+            state = self.state()
+            if state.version is None:
+                raise NoCurrentVersion(f"key class {self.key_class!r}: the ledger holds no current version yet")
+            if state.version < state.min_version:
+                raise RetiredVersionError(f"{path}: refusing to write under v{state.version}, which the ledger marks "
+                                          f"retired (versions below v{state.min_version})", state.version,
+                                          state.min_version)
+            fs, where = _local(path, filesystem)
+            ParquetEncryption(self._kms, encrypted).write(table, where, fs, state.version)
+            return state.version
+        except Exception as exc:
+            self.metrics_.add("errors", error_kind(exc))
+            raise
+
+    def read_parquet(self, path: str, filesystem: pafs.FileSystem | None = None) -> pa.Table:
+        """Read a PME file written by the DAGs or :meth:`write_parquet`; refused if its key material is
+        wrapped under a version the ledger marks retired (checked from the key material, before any KMS call)."""
+        from keyrotation.formats.parquet_pme import ParquetEncryption
+
+        self.metrics_.add("requests", "read_parquet")
+        try:
+            fs, where = _local(path, filesystem)
+            pme = ParquetEncryption(self._kms, [])
+            versions = pme.wrapping_versions(where, fs)
+            floor = self.state().min_version
+            if min(versions) < floor:
+                raise RetiredVersionError(
+                    f"{path}: refusing to read: its key material is wrapped under v{min(versions)} of key class "
+                    f"{self.key_class}, which the ledger marks retired (versions below v{floor} no longer decrypt)",
+                    min(versions), floor)
+            return pme.read(where, fs)
+        except Exception as exc:
+            self.metrics_.add("errors", error_kind(exc))
+            raise
+
+    # -- operations ---------------------------------------------------------------------------
+    def metrics(self) -> dict[str, Any]:
+        state = self._state
+        return {**self.metrics_.snapshot(), "cached_keys": len(self._cache), "cache_size": self._cache.size,
+                "current_version": state.version if state else None,
+                "min_decryption_version": state.min_version if state else None}
+
+    def health(self) -> dict[str, str]:
+        """Each dependency's state: ``ok`` or why not (no secrets in the reasons)."""
+        checks: dict[str, str] = {}
+        try:
+            kms = self._kms.key_state()
+            checks["kms"] = "ok" if kms.exists else f"key {self._backend.key_ref!r} does not exist"
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            checks["kms"] = str(exc) if isinstance(exc, KeyRotationError) else type(exc).__name__
+        try:
+            state = self.refresh()
+            checks["ledger"] = "ok" if state.version is not None else "no current version recorded yet"
+        except LedgerUnavailable as exc:
+            checks["ledger"] = str(exc)
+        if self._engine is not None:
+            try:
+                with self._engine.connect() as conn:
+                    conn.execute(sa.text("SELECT 1"))
+                checks["data_keys_db"] = "ok"
+            except sa.exc.SQLAlchemyError as exc:
+                checks["data_keys_db"] = f"unreachable ({type(exc).__name__})"
+        return checks
+
+    def close(self) -> None:
+        """Zero and drop every cached key; dispose of the ledger engine this client created."""
+        self._cache.clear()
+        if self._ledger.owned:
+            self._ledger.engine.dispose()
+
+    def __enter__(self) -> KeyRotationClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = self._state
+        return (f"KeyRotationClient(key_class={self.key_class!r}, version={state.version if state else None}, "
+                f"cached_keys={len(self._cache)})")
