@@ -11,7 +11,7 @@ export PYTHONPATH := $(CURDIR)/include:$(CURDIR)/plugins:$(CURDIR)/dags
 $(VENV)/.installed: requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
-	$(VENV)/bin/uv pip install --quiet --python $(PY) -r requirements.txt -c constraints.txt
+	$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) -r requirements.txt -c constraints.txt
 	touch $@
 
 install: $(VENV)/.installed
@@ -25,6 +25,9 @@ demo: install
 
 up: install
 	$(PY) scripts/up.py
+
+bench: install
+	BENCH_COMMAND="make bench" $(PY) bench/run.py --size full
 
 lint: install
 	$(VENV)/bin/ruff check .

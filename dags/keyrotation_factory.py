@@ -124,6 +124,13 @@ def kms_events_asset(kc: KeyClass) -> Asset:
                  group="keyrotation", watchers=[AssetWatcher(name=f"kms_events_{kc.name}", trigger=trigger)])
 
 
+def kms_pool(kc: KeyClass) -> dict:
+    """``pool=`` for every task that calls the key class's KMS (``kms_pool`` in its config), so that
+    more workers never mean more concurrent KMS calls than the pool has slots. The ledger-only task
+    (update_reference) and the approval (a person) stay out of it."""
+    return {"pool": kc.kms_pool} if kc.kms_pool else {}
+
+
 def rotation_schedule(kc: KeyClass) -> object:
     if kc.events is None:
         return kc.rotation.schedule
@@ -156,11 +163,12 @@ def build_rotation_dag(config: KeyClassConfig) -> DAG:
                                         "ledger."),
         },
     ) as dag:
+        pool = kms_pool(kc)
         rotate = RotateKeyOperator(task_id="rotate_key", key_class=kc.name, force="{{ params.force }}",
-                                   reason="{{ params.reason }}")
+                                   reason="{{ params.reason }}", **pool)
         ready = KeyVersionReadySensor(task_id="wait_version_ready", key_class=kc.name,
                                       version="{{ ti.xcom_pull(task_ids='rotate_key') }}",
-                                      poke_interval=10, timeout=3600, mode="reschedule")
+                                      poke_interval=10, timeout=3600, mode="reschedule", **pool)
         reference = UpdateKeyReferenceOperator(task_id="update_reference", key_class=kc.name,
                                                version="{{ ti.xcom_pull(task_ids='rotate_key') }}",
                                                outlets=[key_class_asset(kc.name)])
@@ -202,12 +210,12 @@ def build_reencrypt_dag(config: KeyClassConfig, dataset: str) -> DAG:
                              description="Log the census and the plan; change nothing."),
         },
     ) as dag:
+        pool = kms_pool(kc)
         plan = PlanReencryptionOperator(
             task_id="plan", key_class=kc.name, dataset=ds.name, scope="{{ params.scope }}",
             partition_from="{{ params.partition_from }}", partition_to="{{ params.partition_to }}",
-            mode="{{ params.mode }}", dry_run="{{ params.dry_run }}",
+            mode="{{ params.mode }}", dry_run="{{ params.dry_run }}", **pool,
         )
-        pool = {"pool": kc.kms_pool} if kc.kms_pool else {}
         reencrypt = ReencryptPartitionsOperator.partial(
             task_id="reencrypt", key_class=kc.name, dataset=ds.name, retries=3, **pool,
             map_index_template="{{ task.partitions[0] }}..{{ task.partitions[-1] }}",
@@ -216,7 +224,8 @@ def build_reencrypt_dag(config: KeyClassConfig, dataset: str) -> DAG:
             task_id="validate", key_class=kc.name, dataset=ds.name, **pool,
         ).expand(results=reencrypt.output)
         summary = CensusSummaryOperator(task_id="census_after", key_class=kc.name, dataset=ds.name,
-                                        trigger_rule="none_failed", outlets=[dataset_asset(ds.name), AUDIT_ASSET])
+                                        trigger_rule="none_failed", outlets=[dataset_asset(ds.name), AUDIT_ASSET],
+                                        **pool)
         plan >> reencrypt >> validate >> summary
     return dag
 
@@ -238,11 +247,12 @@ def build_retire_dag(config: KeyClassConfig) -> DAG:
                                  approval=", and a human approval" if policy.approval_required else "")
         + ("" if kc.retires_versions else NOT_RETIRABLE_DOC.format(key_ref=kc.key_ref)),
     ) as dag:
+        pool = kms_pool(kc)
         gate = CensusGateSensor(task_id="census_gate", key_class=kc.name, poke_interval=300,
-                                timeout=policy.census_timeout.total_seconds(), mode="reschedule")
+                                timeout=policy.census_timeout.total_seconds(), mode="reschedule", **pool)
         approval = policy.approval_required and kc.retires_versions  # nothing to approve where nothing retires
         retire = RetireKeyVersionsOperator(task_id="retire_versions", key_class=kc.name, outlets=[AUDIT_ASSET],
-                                           approval_task_id="approve" if approval else None)
+                                           approval_task_id="approve" if approval else None, **pool)
         if approval:
             approve = RetirementApprovalOperator(
                 task_id="approve",

@@ -161,7 +161,8 @@ class KeyClass(_Strict):
     events: EventSource | None = Field(default=None, description="Rotate on messages from this queue too.")
     aws: AwsKeyOptions | None = Field(default=None, description="AWS KMS options (backend aws_kms).")
     kms_pool: str | None = Field(
-        default=None, description="Airflow pool for the tasks that call the KMS in bulk, to stay under its quota."
+        default=None, description="Airflow pool for every task that calls the KMS, so that more workers never "
+        "mean more concurrent KMS calls than the pool has slots."
     )
 
     @model_validator(mode="after")
