@@ -1,0 +1,62 @@
+"""The local cipher limit, measured in the same run: AES-256-GCM through ``cryptography``.
+
+* bulk: one large buffer, encrypted and decrypted whole (the ceiling for bytes/s on one core);
+* per value: each small value encrypted with its own nonce (what per-value envelope encryption
+  costs), on the benchmark's own column values and on 100-byte values.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+MB = 1_000_000
+
+
+def bulk(buffer_mib: int, repeats: int) -> dict:
+    key = AESGCM(AESGCM.generate_key(bit_length=256))
+    data = os.urandom(buffer_mib * 1024 * 1024)
+    nonce = os.urandom(12)
+    enc, dec = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sealed = key.encrypt(nonce, data, None)
+        enc.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        opened = key.decrypt(nonce, sealed, None)
+        dec.append(time.perf_counter() - start)
+        assert len(opened) == len(data)
+    size = len(data) / MB
+    return {"buffer_bytes": len(data), "repeats": repeats,
+            "encrypt_mb_s": round(size / statistics.median(enc), 1),
+            "decrypt_mb_s": round(size / statistics.median(dec), 1),
+            "encrypt_mb_s_best": round(size / min(enc), 1)}
+
+
+def per_value(values: list[bytes]) -> dict:
+    key = AESGCM(AESGCM.generate_key(bit_length=256))
+    start = time.perf_counter()
+    sealed = [(n := os.urandom(12)) + key.encrypt(n, v, None) for v in values]
+    enc_s = time.perf_counter() - start
+    new_key = AESGCM(AESGCM.generate_key(bit_length=256))
+    start = time.perf_counter()
+    for item in sealed:  # full re-encryption of each value: decrypt, encrypt with a new data key
+        plain = key.decrypt(item[:12], item[12:], None)
+        n = os.urandom(12)
+        new_key.encrypt(n, plain, None)
+    reenc_s = time.perf_counter() - start
+    size = sum(map(len, values)) / MB
+    return {"values": len(values), "mean_value_bytes": round(sum(map(len, values)) / len(values), 1),
+            "encrypt_values_per_s": round(len(values) / enc_s, 1), "encrypt_mb_s": round(size / enc_s, 2),
+            "reencrypt_values_per_s": round(len(values) / reenc_s, 1), "reencrypt_mb_s": round(size / reenc_s, 2)}
+
+
+def measure(buffer_mib: int, repeats: int, column_values: list[bytes]) -> dict:
+    return {
+        "bulk": bulk(buffer_mib, repeats),
+        "per_value_columns": per_value(column_values),
+        "per_value_100_bytes": per_value([os.urandom(100) for _ in range(len(column_values))]),
+    }

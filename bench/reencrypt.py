@@ -1,0 +1,91 @@
+"""Full re-encryption (mode ``reencrypt``: new data keys, data rewritten) through the package's engine.
+
+Rows/s and MB/s, per wall second and per CPU second (pyarrow decodes and encodes on threads, so
+CPU seconds, not wall seconds, is what "per core" divides by), with the time split between the
+engine's steps (timed by wrapping them, not changing them): PME read (decrypt + decode; twice per
+partition, the second is the read-back check), PME write (encode + encrypt), the plaintext digest
+(pandas hash of every value; twice per partition), and the rest (KMS, manifest, ledger, leases).
+Beside it, plain Parquet without encryption on one partition of the same data, for the codec's share.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+from bench.common import KmsCounter, Stopwatch, cpu_seconds
+from bench.rewrap import engine_for
+
+MB = 1_000_000
+STAGES = {"pme.read": "PME read: decrypt + decode (2 per partition: input, read-back check)",
+          "pme.write": "PME write: encode + encrypt",
+          "digest": "plaintext digest (pandas hash of every value, 2 per partition)"}
+
+
+def measure(backend: Any, ledger: Any, counter: KmsCounter, dataset: dict, location: str) -> dict:
+    import keyrotation.engine as engine_module
+    from keyrotation.formats.parquet_pme import ParquetEncryption
+    from keyrotation.sample_data import daily_partitions
+
+    partitions = daily_partitions(dataset["partitions"])
+    target = backend.rotate()
+    engine = engine_for(backend, ledger, location, dataset["name"])
+    watch = Stopwatch()
+    watch.wrap(ParquetEncryption, "read", "pme.read")
+    watch.wrap(ParquetEncryption, "write", "pme.write")
+    watch.wrap(engine_module, "table_digest", "digest")
+    counter.reset()
+    try:
+        cpu0, start = cpu_seconds(), time.perf_counter()
+        results = engine.run(partitions, lambda p: engine.process(p, target, "reencrypt"))
+        wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu0
+    finally:
+        for name in ("read", "write"):
+            Stopwatch.unwrap(ParquetEncryption, name)
+        Stopwatch.unwrap(engine_module, "table_digest")
+    actions = {r.action for r in results}
+    if actions != {"reencrypted"}:
+        raise RuntimeError(f"{dataset['name']}: reencrypt ended {actions}: {[r.error for r in results][:3]}")
+    rows = sum(r.rows for r in results)
+    file_bytes = sum(r.bytes for r in results)
+    stages = {STAGES[k]: round(v, 3) for k, v in watch.seconds.items()}
+    stages["KMS requests"] = round(counter.seconds, 3)
+    stages["other (manifest, ledger, leases, census, moves)"] = round(wall - sum(watch.seconds.values())
+                                                                      - counter.seconds, 3)
+    return {
+        "dataset": dataset["name"], "partitions": len(partitions), "rows": rows, "file_bytes": file_bytes,
+        "arrow_bytes": dataset.get("arrow_bytes"), "to_version": target,
+        "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "cores_used": round(cpu / wall, 2),
+        "rows_per_s": round(rows / wall, 1), "rows_per_cpu_s": round(rows / cpu, 1),
+        "file_mb_s": round(file_bytes / MB / wall, 2), "file_mb_per_cpu_s": round(file_bytes / MB / cpu, 2),
+        "arrow_mb_per_cpu_s": round(dataset["arrow_bytes"] / MB / cpu, 2) if dataset.get("arrow_bytes") else None,
+        "kms": counter.snapshot(), "stages_s": stages, "stage_calls": dict(watch.calls),
+    }
+
+
+def plain_parquet(rows: int, partition: str = "2024-01-01") -> dict:
+    """Parquet write + read of one partition's table without encryption, and the digest alone (one core)."""
+    import pyarrow.parquet as pq
+
+    from keyrotation.formats.digest import table_digest
+    from keyrotation.sample_data import customers
+
+    table = customers(partition, rows)
+    cpu0, start = cpu_seconds(), time.perf_counter()
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    write_s = time.perf_counter() - start
+    data = sink.getvalue()
+    start = time.perf_counter()
+    back = pq.read_table(io.BytesIO(data))
+    read_s = time.perf_counter() - start
+    codec_cpu = cpu_seconds() - cpu0
+    start = time.perf_counter()
+    table_digest(back)
+    digest_s = time.perf_counter() - start
+    size = len(data) / MB
+    return {"rows": rows, "file_bytes": len(data), "arrow_bytes": table.nbytes,
+            "write_s": round(write_s, 3), "read_s": round(read_s, 3), "digest_s": round(digest_s, 3),
+            "write_read_file_mb_per_cpu_s": round(size / codec_cpu, 2),
+            "write_read_file_mb_s": round(size / (write_s + read_s), 2)}

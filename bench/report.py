@@ -1,0 +1,274 @@
+"""latest.md (Markdown tables) and scaling.png (log-log plots) from the results JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.common import fmt_int, fmt_seconds
+
+MIB = 1024 * 1024
+
+
+def _yes(value: bool | None) -> str:
+    return "n/a" if value is None else ("**met**" if value else "**not met**")
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 100:.1f}%"
+
+
+def _x(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.0f}×" if value >= 10 else f"{value:.2f}×"
+
+
+def markdown(res: dict) -> str:
+    m, meta, s, g = res["machine"], res["meta"], res["summary"], res["goals"]
+    rw, alt, re_, mem, af = res["rewrap"], res["kms_per_value"], res["reencrypt"], res["memory"], res["airflow"]
+    cipher = res["cipher"]
+    head = s["headline"]
+    out = [
+        "# keyrotation benchmarks",
+        "",
+        f"**Measured {meta['date']} on this machine:** {m['description']}; {m['cores_usable']} cores usable. "
+        f"Run: `{meta['command']}` (size `{meta['size']}`), {fmt_seconds(meta['duration_s'])} in all. "
+        f"Load average (1 min): {meta['load_1min_start']} at start, {meta['load_1min_end']} at end "
+        "(other work may have shared the machine).",
+        "",
+        "All absolute times below are **this machine's** and noisy; the ratios, measured in this one run on "
+        "the same data, are what carry over. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
+        "",
+        "## Headline",
+        "",
+        "| what | goal | this machine, this run | goal met? |",
+        "|---|---|---|---|",
+        f"| KEK rotation of {fmt_int(head['rows'])} rows in {fmt_int(head['partitions'])} partitions "
+        f"(engine `rewrap`) | KMS requests O(P) | {fmt_int(head['kms_requests'])} KMS requests "
+        f"({fmt_int(head['kms_rewrap_requests'])} rewrap = 1 per file, + {g['kms_calls_o_p']['constant']} "
+        f"key read), i.e. {head['kms_requests'] / head['rows']:.6f} per row | {_yes(g['kms_calls_o_p']['met'])} |",
+        f"| same, wall time | flat in R | {fmt_seconds(head['wall_s'])}; log-log slope of wall time vs R: "
+        + ", ".join(f"{v} at P={p}" for p, v in g["wall_flat_in_r"]["slopes"].items())
+        + f" (0 = flat); {_x(g['wall_flat_in_r']['max_ratio'])} wall for "
+        f"{_x(g['wall_flat_in_r']['rows_ratio'])} rows | {_yes(g['wall_flat_in_r']['met'])} |",
+        f"| vs (a) one KMS request per value (rewrap) | | {_x(head['vs_per_value_rewrap'])} faster "
+        f"(extrapolated: {fmt_seconds(head['per_value_rewrap_s'])}, "
+        f"{fmt_int(head['per_value_requests'])} requests) | |",
+        f"| vs (b) batch rewrap, 250 per request | | {_x(head['vs_batch_rewrap'])} faster "
+        f"(extrapolated: {fmt_seconds(head['batch_rewrap_s'])}, {fmt_int(head['batch_requests'])} requests) | |",
+        f"| full re-encryption, Parquet PME (`reencrypt`) | ≥ 50% of bulk AES-256-GCM MB/s per core | "
+        f"{re_['engine']['file_mb_per_cpu_s']} MB/s per core = {_pct(g['reencrypt_vs_aes']['share'])} of "
+        f"{cipher['bulk']['encrypt_mb_s']} MB/s | {_yes(g['reencrypt_vs_aes']['met'])} |",
+        f"| full re-encryption, SQL tables | | {re_['sql_tables']} | n/a |",
+        f"| memory, partition {mem['largest']['partition_over_budget']}× a {mem['budget_mib']} MiB budget | "
+        f"working set ≤ budget | {mem['largest']['working_set_mib']} MiB "
+        f"({_x(mem['largest']['working_set_over_budget'])} the budget) | {_yes(mem['met'])} |",
+        f"| Airflow overhead, {af['partitions']} partitions, chunk {g['airflow_overhead']['chunk_size']} | ≤ 20% "
+        f"of wall time | {_pct(g['airflow_overhead']['share'])} (engine timed inside the tasks); "
+        f"{_pct(g['airflow_overhead']['share_ledger'])} by the ledger's durations | "
+        f"{_yes(g['airflow_overhead']['met'])} |",
+        "",
+        "Causes where a goal is not met:",
+        "",
+    ]
+    causes = [f"- {v['cause']}" for v in g.values() if v.get("met") is False and v.get("cause")]
+    out += causes or ["- none"]
+    out += ["", "## 1. KEK rotation (`rewrap`) through the engine, against a real OpenBao", "",
+            "`ReencryptionEngine.process(partition, v, \"rewrap\")` over every partition (`engine.run`), after a "
+            "Transit key rotation; each partition is one Parquet PME file of synthetic customers "
+            f"(encrypted columns {', '.join(alt['columns'])}). KMS requests = HTTP requests counted under hvac. "
+            f"Wall time: median of {rw['repeats']} rotations (min–max).", "",
+            "| rows R | partitions P | wall (median) | min–max | CPU of this process | per partition | "
+            "KMS requests (rewrap / total) | time in KMS | rows/s |", "|---|---|---|---|---|---|---|---|---|"]
+    for ds in rw["datasets"]:
+        out.append(f"| {fmt_int(ds['rows'])} | {fmt_int(ds['partitions'])} | {fmt_seconds(ds['wall_s'])} | "
+                   f"{fmt_seconds(ds['wall_s_min'])}–{fmt_seconds(ds['wall_s_max'])} | "
+                   f"{fmt_seconds(ds.get('cpu_s'))} | "
+                   f"{fmt_seconds(ds['seconds_per_partition'])} | {fmt_int(ds['kms_rewrap_requests'])} / "
+                   f"{fmt_int(ds['kms_requests'])} | {fmt_seconds(ds['kms_seconds'])} | {fmt_int(ds['rows_per_s'])} |")
+    out += ["", f"The alternatives, measured on the same column values (mean {alt['mean_value_bytes']} bytes, "
+            f"{alt['values_per_row']} per row) against the same server:", "",
+            "| approach | measured on | values/s | KMS requests per value |", "|---|---|---|---|"]
+    for key, label in (("encrypt_per_value", "Transit encrypt, one request per value"),
+                       ("rewrap_per_value", "(a) Transit rewrap, one request per value"),
+                       ("decrypt_per_value", "Transit decrypt, one request per value"),
+                       ("encrypt_batch_250", "Transit encrypt, batch of 250"),
+                       ("rewrap_batch_250", "(b) Transit rewrap, batch of 250")):
+        row = alt[key]
+        out.append(f"| {label} | {fmt_int(row['values'])} values | {fmt_int(row['values_per_s'])} | "
+                   f"{row['kms_requests'] / row['values']:.3g} |")
+    out += ["", "Extrapolated to R rows at those rates, against the engine measured at the same R:", "",
+            "| rows R | engine (measured), P | (a) per-value rewrap | (b) batch rewrap | (a) / engine | "
+            "(b) / engine | KMS requests engine / (a) / (b) |", "|---|---|---|---|---|---|---|"]
+    for row in s["extrapolations"]:
+        out.append(f"| {fmt_int(row['rows'])} | {fmt_seconds(row['engine_s'])}, P={fmt_int(row['partitions'])} | "
+                   f"{fmt_seconds(row['per_value_rewrap_s'])} | {fmt_seconds(row['batch_rewrap_s'])} | "
+                   f"{_x(row['vs_per_value_rewrap'])} | {_x(row['vs_batch_rewrap'])} | "
+                   f"{fmt_int(row['engine_requests'])} / {fmt_int(row['per_value_requests'])} / "
+                   f"{fmt_int(row['batch_requests'])} |")
+    per_row = s["per_row"]
+    out += ["", f"Per row: (a) {fmt_seconds(per_row['per_value_rewrap_s'])}, (b) "
+            f"{fmt_seconds(per_row['batch_rewrap_s'])}, whatever R; the engine "
+            f"{fmt_seconds(per_row['engine_headline_s'])} per row at R={fmt_int(head['rows'])}, "
+            f"P={fmt_int(head['partitions'])} (its cost is per partition: "
+            f"{fmt_seconds(per_row['engine_per_partition_s'])}), falling as partitions grow. Batch rewrap of "
+            f"per-value ciphertexts would only be faster for partitions under about "
+            f"{fmt_int(per_row['batch_breakeven_rows_per_partition'])} rows.", ""]
+
+    e = re_["engine"]
+    out += ["## 2. Full re-encryption (`reencrypt`, new data keys)", "",
+            f"`ReencryptionEngine.process(partition, v, \"reencrypt\")` over dataset `{e['dataset']}` (the same data "
+            "as above): decrypt, digest, write a new generation under new data keys, read it back, digest again, "
+            "commit. Per core = per CPU second of the process (all its threads).", "",
+            "| path | rows | file MB | wall | CPU s | cores used | rows/s | MB/s (file bytes) | MB/s per core | "
+            "vs bulk AES-GCM |", "|---|---|---|---|---|---|---|---|---|---|",
+            f"| Parquet PME, engine | {fmt_int(e['rows'])} | {e['file_bytes'] / 1e6:,.1f} | {fmt_seconds(e['wall_s'])} "
+            f"| {e['cpu_s']} | {e['cores_used']} | {fmt_int(e['rows_per_s'])} | {e['file_mb_s']} | "
+            f"{e['file_mb_per_cpu_s']} | {_pct(g['reencrypt_vs_aes']['share'])} |",
+            f"| SQL tables | {re_['sql_tables']} | | | | | | | | |",
+            f"| AES-256-GCM, one {cipher['bulk']['buffer_bytes'] // MIB} MiB buffer (`cryptography`) | | | | | 1 | | "
+            f"{cipher['bulk']['encrypt_mb_s']} (decrypt {cipher['bulk']['decrypt_mb_s']}) | "
+            f"{cipher['bulk']['encrypt_mb_s']} | 100% |",
+            f"| AES-256-GCM per value, the columns' values ({cipher['per_value_columns']['mean_value_bytes']} B) | | | "
+            f"| | 1 | {fmt_int(cipher['per_value_columns']['encrypt_values_per_s'])} values/s | "
+            f"{cipher['per_value_columns']['encrypt_mb_s']} | {cipher['per_value_columns']['encrypt_mb_s']} | "
+            f"{_pct(cipher['per_value_columns']['encrypt_mb_s'] / cipher['bulk']['encrypt_mb_s'])} |",
+            f"| AES-256-GCM per value, 100 B | | | | | 1 | "
+            f"{fmt_int(cipher['per_value_100_bytes']['encrypt_values_per_s'])} values/s | "
+            f"{cipher['per_value_100_bytes']['encrypt_mb_s']} | {cipher['per_value_100_bytes']['encrypt_mb_s']} | "
+            f"{_pct(cipher['per_value_100_bytes']['encrypt_mb_s'] / cipher['bulk']['encrypt_mb_s'])} |",
+            f"| plain Parquet write + read, no encryption, {fmt_int(re_['plain_parquet']['rows'])} rows | | | | | | | "
+            f"| {re_['plain_parquet']['write_read_file_mb_per_cpu_s']} | |",
+            "", f"Arrow (decoded) bytes: {e['arrow_mb_per_cpu_s']} MB per CPU second. Per-value envelope "
+            f"re-encryption (decrypt + encrypt each value locally): "
+            f"{fmt_int(cipher['per_value_columns']['reencrypt_values_per_s'])} values/s.", "",
+            "Where the engine's time goes (wall seconds, summed over partitions):", "",
+            "| step | seconds | share |", "|---|---|---|"]
+    for name, secs in e["stages_s"].items():
+        out.append(f"| {name} | {secs} | {_pct(secs / e['wall_s'])} |")
+    pp = re_["plain_parquet"]
+    out += ["", f"For comparison, on one partition ({fmt_int(pp['rows'])} rows) without encryption: Parquet write "
+            f"{fmt_seconds(pp['write_s'])}, read {fmt_seconds(pp['read_s'])}, digest {fmt_seconds(pp['digest_s'])}.",
+            ""]
+
+    out += ["## 3. Memory: one partition larger than the budget", "",
+            f"Budget: {mem['budget_mib']} MiB of working set (peak RSS minus the RSS of the worker just before it "
+            "reads the partition, after imports and its first KMS request). Each partition is one PME file, "
+            "re-encrypted (`reencrypt`) in a process of its own; peak RSS = `getrusage(RUSAGE_SELF).ru_maxrss`.", "",
+            "| partition file | × budget | rows | Arrow MiB | RSS before | peak RSS | working set | × budget | "
+            "× file size | re-encrypt | goal |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in mem["points"]:
+        out.append(f"| {p['file_bytes'] / MIB:,.1f} MiB | {p['partition_over_budget']} | {fmt_int(p['rows'])} | "
+                   f"{p['arrow_bytes'] / MIB:,.0f} | {p['rss_before_mib']} MiB | {p['peak_rss_mib']} MiB | "
+                   f"{p['working_set_mib']} MiB | {p['working_set_over_budget']} | "
+                   f"{p['working_set_over_file_bytes']} | "
+                   f"{fmt_seconds(p['reencrypt_s'])} | {_yes(p['met'])} |")
+    out += ["", f"{'Met.' if mem['met'] else 'Not met.'} Cause: {mem['cause']}. Gap at the largest partition: "
+            f"{max(mem['largest']['working_set_mib'] - mem['budget_mib'], 0):,.1f} MiB over the budget.", ""]
+
+    out += ["## 4. Airflow overhead of a sweep (dynamic task mapping, chunks)", "",
+            f"The real `reencrypt__customers` DAG (repo `dags/`, shipped key class with its dataset in a work folder) "
+            f"run by `dag.test()` on a SQLite metadata DB against its own OpenBao: {fmt_int(af['partitions'])} "
+            f"partitions of {af['rows_per_partition']} rows (tiny, so the engine's part is small), mode "
+            f"`{af['mode']}`, plan → reencrypt[chunk] × N → validate[chunk] × N → census_after. `dag.test()` runs "
+            "the tasks one after another in one process; a deployment adds a process start per task. Engine "
+            "time = the wall time of the engine calls the tasks make (`process`, `validate`, `census`), timed "
+            "inside the tasks. Also shown, narrower: the per-partition durations the engine records in the ledger, "
+            "which leave out its partition lease and its own ledger write (on SQLite, a few committed "
+            "transactions per partition: most of the engine's time on 10-row partitions), and the same share "
+            "in CPU time (this process's CPU during the run against the engine calls' thread CPU time), which "
+            "waiting for a busy machine does not move. One-off set-up, not "
+            f"counted: `airflow db migrate` {fmt_seconds(af['migrate_s'])}, first DAG-folder parse "
+            f"{fmt_seconds(af['dagbag_parse_s'])}"
+            + (f", a warm-up dry run {fmt_seconds(af['warmup_dry_run_s'])}" if af.get("warmup_dry_run_s") else "")
+            + ".", "",
+            "| chunk size | load (1 min) at start | mapped chunks | task instances | wall | engine (inside) | "
+            "overhead share (inside) | by ledger durations | by CPU time | overhead per task | KMS requests |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in af["runs"]:
+        default = " (default)" if r["chunk_size"] == 16 else ""
+        out.append(f"| {r['chunk_size']}{default} | {r.get('load_1min', 'n/a')} | {r['mapped_chunks']} | "
+                   f"{r['task_instances']} | "
+                   f"{fmt_seconds(r['wall_s'])} | {fmt_seconds(r['engine_inside_s'])} | "
+                   f"{_pct(r['overhead_share_inside'])} | {_pct(r['overhead_share_ledger'])} | "
+                   f"{_pct(r.get('overhead_share_cpu'))} | {fmt_seconds(r['overhead_per_task_s'])} | "
+                   f"{fmt_int(r['kms_requests']['total'])} |")
+    ao = g["airflow_overhead"]
+    out += ["", f"{ao['note']}", "",
+            f"The same engine calls made directly, without Airflow, after the DAG runs: "
+            f"{fmt_seconds(af['direct_engine_s'])}. The runs were made one after another on a shared machine "
+            f"(load {meta['load_1min_start']} → {meta['load_1min_end']}), so the engine's own time moves from run "
+            "to run; compare the shares, each measured within one run, rather than wall times across runs.", ""]
+    out += ["## 5. Scaling", "", "![KEK rotation time vs rows and partitions, log-log](scaling.png)", "",
+            "Left: rotation wall time vs R at fixed P, with the two alternatives extrapolated from their measured "
+            "rates (markers: where they were measured). Middle: wall time vs P at fixed R. Right: KMS requests "
+            "vs R.", ""]
+    out += ["## Sizes and timings of this run", "",
+            "| part | seconds | load (1 min) at its end |", "|---|---|---|"]
+    loads = meta.get("section_load_1min_end", {})
+    for name, secs in meta["section_s"].items():
+        out.append(f"| {name} | {secs} | {loads.get(name, 'n/a')} |")
+    out.append("")
+    return "\n".join(out)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rw = res["rewrap"]
+    alt = res["kms_per_value"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.2))
+    by_p: dict[int, list[dict]] = {}
+    by_r: dict[int, list[dict]] = {}
+    for ds in rw["datasets"]:
+        by_p.setdefault(ds["partitions"], []).append(ds)
+        by_r.setdefault(ds["rows"], []).append(ds)
+    rows_axis = sorted({ds["rows"] for ds in rw["datasets"]})
+    vpr = alt["values_per_row"]
+    ax = axes[0]
+    for p in rw["r_sweep_at"]:
+        pts = sorted(by_p[p], key=lambda d: d["rows"])
+        ax.plot([d["rows"] for d in pts], [d["wall_s"] for d in pts], "o-", label=f"engine rewrap, P={p:,}")
+    for key, label, marker in (("rewrap_per_value", "(a) per-value rewrap", "s"),
+                               ("rewrap_batch_250", "(b) batch rewrap 250", "^")):
+        rate = alt[key]["values_per_s"]
+        measured_rows = alt[key]["values"] / vpr
+        span = [min(measured_rows, rows_axis[0]), rows_axis[-1]]
+        line = ax.plot(span, [r * vpr / rate for r in span], "--", label=f"{label}: extrapolated")[0]
+        ax.plot([measured_rows], [measured_rows * vpr / rate], marker, color=line.get_color(),
+                label=f"{label}: measured ({alt[key]['values']:,} values)")
+    ax.set(xscale="log", yscale="log", xlabel="rows R", ylabel="wall time (s)", title="KEK rotation time vs rows")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    for r in rw["p_sweep_at"]:
+        pts = sorted(by_r[r], key=lambda d: d["partitions"])
+        ax.plot([d["partitions"] for d in pts], [d["wall_s"] for d in pts], "o-", label=f"engine rewrap, R={r:,}")
+    ref = sorted(rw["datasets"], key=lambda d: (d["partitions"], d["rows"]))
+    base = next((d for d in ref if d["partitions"] >= 10), ref[0])
+    p_axis = sorted({d["partitions"] for d in rw["datasets"]})
+    ax.plot(p_axis, [base["wall_s"] * p / base["partitions"] for p in p_axis], ":", color="grey",
+            label="∝ P (reference)")
+    ax.set(xscale="log", yscale="log", xlabel="partitions P", ylabel="wall time (s)", title="KEK rotation time vs "
+           "partitions")
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    for p in rw["r_sweep_at"]:
+        pts = sorted(by_p[p], key=lambda d: d["rows"])
+        ax.plot([d["rows"] for d in pts], [d["kms_requests"] for d in pts], "o-", label=f"engine rewrap, P={p:,}")
+    ax.plot(rows_axis, [r * vpr for r in rows_axis], "--", label="(a) per-value rewrap")
+    ax.plot(rows_axis, [max(1, -(-r * vpr // 250)) for r in rows_axis], "--", label="(b) batch rewrap 250")
+    ax.set(xscale="log", yscale="log", xlabel="rows R", ylabel="KMS requests", title="KMS requests vs rows")
+    ax.legend(fontsize=8)
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+    m = res["machine"]
+    fig.suptitle(f"keyrotation KEK rotation scaling, this machine: {m['cpu_model']}, {m['cores']} cores, "
+                 f"{m['ram_gib']} GiB; {res['meta']['date']} (size {res['meta']['size']}, load "
+                 f"{res['meta']['load_1min_start']}→{res['meta']['load_1min_end']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
