@@ -19,7 +19,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import pyarrow as pa
 
@@ -57,7 +56,56 @@ class PartitionResult:
         return asdict(self)
 
 
-class ReencryptionEngine:
+class PartitionEngine:
+    """What every engine (Parquet, SSE-KMS objects, SQL tables) shares: its ledger records, the end of
+    a validation, and running an operation over partitions with progress. Subclasses set
+    ``key_class``, ``dataset``, ``ledger`` and ``ctx``."""
+
+    key_class: str
+    dataset: str
+    ledger: Ledger
+    ctx: RunContext
+
+    def _record(self, event: str, result: PartitionResult, status: str = "ok", detail: dict | None = None) -> None:
+        self.ledger.record(
+            event, self.key_class, self.ctx, status=status, detail=detail, dataset=self.dataset,
+            partition=result.partition, from_version=result.from_version, to_version=result.to_version,
+            rows=result.rows, bytes=result.bytes, digest=result.digest, duration_s=round(result.duration_s, 4),
+        )
+
+    def _finish_validation(self, result: PartitionResult, problem: str | None) -> PartitionResult:
+        """Record a validation: failed (and raise ValidationError) when there is a ``problem``."""
+        if problem:
+            result.action, result.error = "failed", problem
+            self._record(lg.VALIDATION_FAILED, result, status="failed")
+            raise ValidationError(result.partition, problem)
+        self._record(lg.PARTITION_VALIDATED, result)
+        return result
+
+    def run(self, partitions: list[str], operation: Callable[[str], PartitionResult]) -> list[PartitionResult]:
+        """Apply ``operation`` to each partition with progress and ETA in the log; a failing partition is
+        recorded in the ledger and the rest go on."""
+        results: list[PartitionResult] = []
+        started = time.monotonic()
+        for i, partition in enumerate(partitions, 1):
+            try:
+                result = operation(partition)
+            except (KeyRotationError, OSError, ValueError) as exc:
+                message = str(exc) if isinstance(exc, PartitionError) else f"partition {partition}: {exc}"
+                result = PartitionResult(partition, "failed", error=message)
+                if not isinstance(exc, ValidationError):
+                    self._record(lg.PARTITION_FAILED, result, status="failed", detail={"error": message})
+                log.error("%s (key class %s): %s", self.dataset, self.key_class, message)
+            results.append(result)
+            elapsed = time.monotonic() - started
+            eta = elapsed / i * (len(partitions) - i)
+            log.info("%s %d/%d partition %s: %s (v%s -> v%s) %.2fs; elapsed %.1fs, eta %.1fs",
+                     self.dataset, i, len(partitions), partition, result.action, result.from_version,
+                     result.to_version, result.duration_s, elapsed, eta)
+        return results
+
+
+class ReencryptionEngine(PartitionEngine):
     """Re-encrypts, writes and validates the partitions of one dataset of one key class."""
 
     def __init__(self, key_class: str, dataset: str, store: PartitionStore, pme: ParquetEncryption,
@@ -78,13 +126,6 @@ class ReencryptionEngine:
         if self._latest is None:
             self._latest = self.pme.backend.key_state().latest_version
         return self._latest
-
-    def _record(self, event: str, result: PartitionResult, status: str = "ok", detail: dict | None = None) -> None:
-        self.ledger.record(
-            event, self.key_class, self.ctx, status=status, detail=detail, dataset=self.dataset,
-            partition=result.partition, from_version=result.from_version, to_version=result.to_version,
-            rows=result.rows, bytes=result.bytes, digest=result.digest, duration_s=round(result.duration_s, 4),
-        )
 
     def _read(self, partition: str, files: list[str]) -> pa.Table:
         tables = []
@@ -232,37 +273,5 @@ class ReencryptionEngine:
             problem = f"decrypts to digest {digest}, recorded {recorded}"
         elif min_version is not None and census.oldest < min_version:
             problem = f"still has keys under v{census.oldest}, expected v{min_version} or newer"
-        if problem:
-            result.action, result.error = "failed", problem
-            self._record(lg.VALIDATION_FAILED, result, status="failed")
-            raise ValidationError(partition, problem)
-        self._record(lg.PARTITION_VALIDATED, result)
-        return result
+        return self._finish_validation(result, problem)
 
-    def run(self, partitions: list[str], operation: Callable[[str], PartitionResult]) -> list[PartitionResult]:
-        """Apply ``operation`` to each partition; a failing partition is recorded and the rest go on."""
-        return run_partitions(self, partitions, operation)
-
-
-def run_partitions(engine: ReencryptionEngine | Any, partitions: list[str],
-                   operation: Callable[[str], PartitionResult]) -> list[PartitionResult]:
-    """Apply ``operation`` to each partition with progress and ETA in the log; a failing partition is
-    recorded in the ledger (through ``engine._record``) and the rest go on. Shared by every engine."""
-    results: list[PartitionResult] = []
-    started = time.monotonic()
-    for i, partition in enumerate(partitions, 1):
-        try:
-            result = operation(partition)
-        except (KeyRotationError, OSError, ValueError) as exc:
-            message = str(exc) if isinstance(exc, PartitionError) else f"partition {partition}: {exc}"
-            result = PartitionResult(partition, "failed", error=message)
-            if not isinstance(exc, ValidationError):
-                engine._record(lg.PARTITION_FAILED, result, status="failed", detail={"error": message})
-            log.error("%s (key class %s): %s", engine.dataset, engine.key_class, message)
-        results.append(result)
-        elapsed = time.monotonic() - started
-        eta = elapsed / i * (len(partitions) - i)
-        log.info("%s %d/%d partition %s: %s (v%s -> v%s) %.2fs; elapsed %.1fs, eta %.1fs",
-                 engine.dataset, i, len(partitions), partition, result.action, result.from_version,
-                 result.to_version, result.duration_s, elapsed, eta)
-    return results

@@ -16,13 +16,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from keyrotation import ledger as lg
 from keyrotation.backends.aws_kms import AwsKmsBackend
 from keyrotation.census import Census, PartitionCensus
-from keyrotation.engine import PartitionResult, run_partitions
+from keyrotation.engine import PartitionEngine, PartitionResult
 from keyrotation.errors import KeyRotationError, PartitionError, ValidationError
 from keyrotation.ledger import Ledger, RunContext
 from keyrotation.locks import PartitionLeases
@@ -33,7 +32,7 @@ COPY_THREADS = 8
 STRAY = "(outside partitions)"
 
 
-class ObjectReencryptionEngine:
+class ObjectReencryptionEngine(PartitionEngine):
     """Census, re-encryption and validation of one ``sse_kms_objects`` dataset of one key class."""
 
     def __init__(self, key_class: str, dataset: str, store: SseKmsObjectStore, backend: AwsKmsBackend,
@@ -90,13 +89,6 @@ class ObjectReencryptionEngine:
                            strict=True))
         lines = "".join(f"{key}\t{digests[key]}\n" for key in sorted(digests))
         return hashlib.sha256(lines.encode()).hexdigest()
-
-    def _record(self, event: str, result: PartitionResult, status: str = "ok", detail: dict | None = None) -> None:
-        self.ledger.record(
-            event, self.key_class, self.ctx, status=status, detail=detail, dataset=self.dataset,
-            partition=result.partition, from_version=result.from_version, to_version=result.to_version,
-            rows=result.rows, bytes=result.bytes, digest=result.digest, duration_s=round(result.duration_s, 4),
-        )
 
     def process(self, partition: str, target_version: int, mode: str = "rewrap") -> PartitionResult:
         """Copy every object of ``partition`` not yet under ``target_version`` onto itself with its key.
@@ -165,12 +157,4 @@ class ObjectReencryptionEngine:
                 problem = f"objects read to digest {digest}, recorded {recorded}"
             elif min_version is not None and census.oldest < min_version:
                 problem = f"still has objects under v{census.oldest}, expected v{min_version} or newer"
-            if problem:
-                result.action, result.error = "failed", problem
-                self._record(lg.VALIDATION_FAILED, result, status="failed")
-                raise ValidationError(partition, problem)
-            self._record(lg.PARTITION_VALIDATED, result)
-            return result
-
-    def run(self, partitions: list[str], operation: Callable[[str], PartitionResult]) -> list[PartitionResult]:
-        return run_partitions(self, partitions, operation)
+            return self._finish_validation(result, problem)

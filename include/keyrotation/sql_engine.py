@@ -34,8 +34,8 @@ from keyrotation import ledger as lg
 from keyrotation.backends.base import KmsBackend
 from keyrotation.census import Census, PartitionCensus
 from keyrotation.config import Dataset
-from keyrotation.engine import PartitionResult, run_partitions
-from keyrotation.errors import KeyRotationError, PartitionError, ValidationError
+from keyrotation.engine import PartitionEngine, PartitionResult
+from keyrotation.errors import KeyRotationError, PartitionError
 from keyrotation.formats.envelope import EnvelopeError, key_id_offset, open_sealed, parse_header, seal
 from keyrotation.ledger import Ledger, RunContext
 from keyrotation.locks import PartitionLeases
@@ -50,7 +50,7 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-class SqlTableEngine:
+class SqlTableEngine(PartitionEngine):
     """Census, re-encryption and validation of one ``sql_table`` dataset of one key class."""
 
     def __init__(self, key_class: str, dataset: Dataset, engine: sa.Engine, backend: KmsBackend, ledger: Ledger,
@@ -186,13 +186,6 @@ class SqlTableEngine:
         return result
 
     # -- operations ---------------------------------------------------------------------------
-    def _record(self, event: str, result: PartitionResult, status: str = "ok", detail: dict | None = None) -> None:
-        self.ledger.record(
-            event, self.key_class, self.ctx, status=status, detail=detail, dataset=self.dataset,
-            partition=result.partition, from_version=result.from_version, to_version=result.to_version,
-            rows=result.rows, bytes=result.bytes, digest=result.digest, duration_s=round(result.duration_s, 4),
-        )
-
     def process(self, partition: str, target_version: int, mode: str) -> PartitionResult:
         if mode not in ("rewrap", "reencrypt"):
             raise PartitionError(partition, f"unknown re-encryption mode {mode!r} (use rewrap or reencrypt)")
@@ -350,12 +343,4 @@ class SqlTableEngine:
                 problem = f"{len(bad)} values do not decrypt: " + "; ".join(bad[:BAD_ROWS_SHOWN])
             elif min_version is not None and census.oldest < min_version:
                 problem = f"still has data keys under v{census.oldest}, expected v{min_version} or newer"
-            if problem:
-                result.action, result.error = "failed", problem
-                self._record(lg.VALIDATION_FAILED, result, status="failed")
-                raise ValidationError(partition, problem)
-            self._record(lg.PARTITION_VALIDATED, result)
-            return result
-
-    def run(self, partitions: list[str], operation: Callable[[str], PartitionResult]) -> list[PartitionResult]:
-        return run_partitions(self, partitions, operation)
+            return self._finish_validation(result, problem)
