@@ -35,7 +35,7 @@ os.environ.update({
     "KEYROTATION_HOME": str(Path(_AIRFLOW_HOME) / "keyrotation"),
 })
 
-from helpers import AWS_CONN_ID, AWS_KEY_CLASS_YAML, CONN_ID, DAG_STUB, KEY_CLASS_YAML  # noqa: E402
+from helpers import AWS_CONN_ID, AWS_KEY_CLASS_YAML, CONN_ID, DAG_STUB, KEY_CLASS_YAML, PG_URL  # noqa: E402
 from keyrotation.devserver import MotoServer, OpenBaoDevServer  # noqa: E402
 
 
@@ -114,3 +114,27 @@ def make_aws_key_class(tmp_path, monkeypatch, moto):
         return load_key_class(name)
 
     return make
+
+
+@pytest.fixture
+def pg():
+    """The machine's PostgreSQL (database test) and a list the test fills with the tables it made: they
+    and their rows in the data-key table are dropped afterwards."""
+    import sqlalchemy as sa
+
+    from keyrotation.stores.data_keys import DATA_KEYS
+
+    engine = sa.create_engine(PG_URL, hide_parameters=True)
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.OperationalError as exc:
+        pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is needed (.ci/run starts it): {exc}")
+    tables: list[str] = []
+    yield engine, tables
+    with engine.begin() as conn:
+        for table in tables:
+            conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+            if sa.inspect(conn).has_table(DATA_KEYS):
+                conn.execute(sa.text(f"DELETE FROM {DATA_KEYS} WHERE table_name = :t"), {"t": table})
+    engine.dispose()

@@ -15,6 +15,7 @@ from keyrotation.runtime import KeyClassRuntime
 CANARY = "CANARY-" + secrets.token_hex(6)
 CONN_ID = "vault_keyrotation"
 AWS_CONN_ID = "aws_keyrotation"
+PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
 KEY_CLASS_YAML = """\
 key_class:

@@ -17,7 +17,7 @@ import pyarrow.fs as pafs
 import pytest
 import sqlalchemy as sa
 
-from helpers import CANARY, customers
+from helpers import CANARY, PG_URL, customers
 from keyrotation import ledger as lg
 from keyrotation.backends.vault_transit import VaultTransitBackend
 from keyrotation.client import (
@@ -32,9 +32,8 @@ from keyrotation.formats.envelope import EnvelopeError, parse_header
 from keyrotation.formats.parquet_pme import ParquetEncryption, key_material_path
 from keyrotation.ledger import Ledger, RunContext
 from keyrotation.rotation import update_reference
-from keyrotation.stores.data_keys import DATA_KEYS, DataKeyStore, FieldCipher
+from keyrotation.stores.data_keys import DataKeyStore, FieldCipher
 
-PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 ROOT = Path(__file__).resolve().parents[1]
 ACTOR = RunContext(actor="test")
 
@@ -70,23 +69,6 @@ class Setup:
             self.backend.retire_below(version)
         self.ledger.record(lg.VERSIONS_RETIRED, self.name, ACTOR, from_version=1, to_version=version)
 
-
-@pytest.fixture
-def pg():
-    engine = sa.create_engine(PG_URL, hide_parameters=True)
-    try:
-        with engine.connect():
-            pass
-    except sa.exc.OperationalError as exc:
-        pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is needed (.ci/run starts it): {exc}")
-    tables: list[str] = []
-    yield engine, tables
-    with engine.begin() as conn:
-        for table in tables:
-            conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
-            if sa.inspect(conn).has_table(DATA_KEYS):
-                conn.execute(sa.text(f"DELETE FROM {DATA_KEYS} WHERE table_name = :t"), {"t": table})
-    engine.dispose()
 
 
 @pytest.fixture

@@ -22,16 +22,15 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from helpers import CANARY, KEY_CLASS_YAML
+from helpers import CANARY, KEY_CLASS_YAML, PG_URL
 from keyrotation import ledger as lg
 from keyrotation.backends.vault_transit import VaultTransitBackend
 from keyrotation.client import KeyRotationClient
 from keyrotation.devserver import OpenBaoDevServer, free_port
 from keyrotation.ledger import Ledger, RunContext
 from keyrotation.rotation import update_reference
-from keyrotation.stores.data_keys import DATA_KEYS, DataKeyStore
+from keyrotation.stores.data_keys import DataKeyStore
 
-PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 ROOT = Path(__file__).resolve().parents[1]
 ACTOR = RunContext(actor="test")
 
@@ -141,21 +140,6 @@ class Sidecar:
         assert CANARY not in text and b64(CANARY)[:12] not in text
         assert self.bao.token not in text
 
-
-@pytest.fixture
-def pg():
-    engine = sa.create_engine(PG_URL, hide_parameters=True)
-    try:
-        with engine.connect():
-            pass
-    except sa.exc.OperationalError as exc:
-        pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is needed (.ci/run starts it): {exc}")
-    tables: list[str] = []
-    yield engine, tables
-    with engine.begin() as conn:
-        for table in tables:
-            conn.execute(sa.text(f"DELETE FROM {DATA_KEYS} WHERE table_name = :t"), {"t": table})
-    engine.dispose()
 
 
 @pytest.fixture

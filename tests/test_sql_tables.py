@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from helpers import CANARY, runtime
+from helpers import CANARY, PG_URL, runtime
 from keyrotation import ledger as lg
 from keyrotation.formats.envelope import key_id_offset
 from keyrotation.ledger import RunContext
@@ -21,7 +21,6 @@ from keyrotation.retirement import retire
 from keyrotation.rotation import update_reference
 from keyrotation.stores.data_keys import DATA_KEYS
 
-PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 SQL_DATASET = """    format: sql_table
     table: {table}
     partition_column: day
@@ -29,22 +28,6 @@ SQL_DATASET = """    format: sql_table
     encrypted_columns: [{columns}]
 """
 
-
-@pytest.fixture
-def pg():
-    engine = sa.create_engine(PG_URL)
-    try:
-        with engine.connect():
-            pass
-    except sa.exc.OperationalError as exc:
-        pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is needed (.ci/run starts it): {exc}")
-    tables: list[str] = []
-    yield engine, tables
-    with engine.begin() as conn:
-        for table in tables:
-            conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
-            conn.execute(sa.text(f"DELETE FROM {DATA_KEYS} WHERE table_name = :t"), {"t": table})
-    engine.dispose()
 
 
 def sql_key_class(make_key_class, pg, name: str, columns: str = "email, ssn", batch: int = 500):
