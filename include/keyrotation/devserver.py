@@ -31,6 +31,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc: subprocess.Popen | None) -> None:
+    """Terminate a server process; kill it if it has not exited within 10 s."""
+    if proc and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def bao_binary() -> str:
     candidate = Path(sys.executable).parent / "bao"
     found = str(candidate) if candidate.exists() else shutil.which("bao")
@@ -93,13 +104,7 @@ class OpenBaoDevServer:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def airflow_connection_uri(self) -> str:
         """``AIRFLOW_CONN_<ID>`` value (JSON) for a token-authenticated ``vault`` connection."""
@@ -202,13 +207,7 @@ class MotoServer:
                 time.sleep(0.1)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def client(self, service: str, **kwargs: object):  # noqa: ANN201 - a boto3 client of any service
         import boto3
