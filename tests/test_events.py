@@ -6,52 +6,23 @@ from __future__ import annotations
 
 import json
 import secrets
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-import boto3
-import httpx
 import pytest
 from live_airflow import LiveAirflow
 
 from helpers import CONN_ID, DAG_STUB, KEY_CLASS_YAML, runtime
 from keyrotation import ledger as lg
 from keyrotation.config import load_key_class_file
-from keyrotation.devserver import free_port
 from keyrotation.ledger import RunContext
 from keyrotation.rotation import update_reference
 
 pytestmark = [pytest.mark.airflow, pytest.mark.slow]
 
 
-@pytest.fixture
-def moto_server(tmp_path):
-    port = free_port()
-    log = open(tmp_path / "moto.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            httpx.get(url, timeout=1)
-            break
-        except httpx.HTTPError:
-            if time.monotonic() > deadline:
-                raise TimeoutError("moto_server did not start") from None
-            time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(10)
-    log.close()
-
-
-def test_a_message_on_the_kms_event_queue_rotates_the_key(tmp_path, openbao, moto_server):
-    sqs = boto3.client("sqs", endpoint_url=moto_server, region_name="us-east-1", aws_access_key_id="testing",
-                       aws_secret_access_key="testing")
-    queue_url = sqs.create_queue(QueueName="kms-events")["QueueUrl"]
+def test_a_message_on_the_kms_event_queue_rotates_the_key(tmp_path, openbao, moto):
+    sqs = moto.client("sqs")
+    queue_url = sqs.create_queue(QueueName=f"kms-events-{secrets.token_hex(3)}")["QueueUrl"]
     dags, config_dir = tmp_path / "dags", tmp_path / "config"
     dags.mkdir()
     config_dir.mkdir()
@@ -64,8 +35,7 @@ def test_a_message_on_the_kms_event_queue_rotates_the_key(tmp_path, openbao, mot
     ledger_url = f"sqlite:///{tmp_path / 'ledger.db'}"
     rt = runtime(load_key_class_file(config_dir / "ev.yaml"), openbao.client(), ledger_url)
     update_reference("ev", rt.backend.create_key().latest_version, rt.ledger, RunContext(actor="test"))
-    aws_conn = json.dumps({"conn_type": "aws", "login": "testing", "password": "testing",
-                           "extra": {"region_name": "us-east-1", "endpoint_url": moto_server}})
+    aws_conn = moto.airflow_connection_uri()
     live = LiveAirflow(tmp_path, dags, {"KEYROTATION_CONFIG_DIR": str(config_dir), "KEYROTATION_LEDGER_URL": ledger_url,
                                         "AIRFLOW_CONN_AWS_KMS_EVENTS": aws_conn}, triggerer=True).start()
     try:
