@@ -60,7 +60,7 @@ def markdown(res: dict) -> str:
         f"| full re-encryption, Parquet PME (`reencrypt`) | ≥ 50% of bulk AES-256-GCM MB/s per core | "
         f"{re_['engine']['file_mb_per_cpu_s']} MB/s per core = {_pct(g['reencrypt_vs_aes']['share'])} of "
         f"{cipher['bulk']['encrypt_mb_s']} MB/s | {_yes(g['reencrypt_vs_aes']['met'])} |",
-        f"| full re-encryption, SQL tables | | {re_['sql_tables']} | n/a |",
+        *_sql_headline(res),
         f"| memory, partition {mem['largest']['partition_over_budget']}× a {mem['budget_mib']} MiB budget | "
         f"working set ≤ budget | {mem['largest']['working_set_mib']} MiB "
         f"({_x(mem['largest']['working_set_over_budget'])} the budget) | {_yes(mem['met'])} |",
@@ -126,7 +126,7 @@ def markdown(res: dict) -> str:
             f"| Parquet PME, engine | {fmt_int(e['rows'])} | {e['file_bytes'] / 1e6:,.1f} | {fmt_seconds(e['wall_s'])} "
             f"| {e['cpu_s']} | {e['cores_used']} | {fmt_int(e['rows_per_s'])} | {e['file_mb_s']} | "
             f"{e['file_mb_per_cpu_s']} | {_pct(g['reencrypt_vs_aes']['share'])} |",
-            f"| SQL tables | {re_['sql_tables']} | | | | | | | | |",
+            _sql_reencrypt_row(res),
             f"| AES-256-GCM, one {cipher['bulk']['buffer_bytes'] // MIB} MiB buffer (`cryptography`) | | | | | 1 | | "
             f"{cipher['bulk']['encrypt_mb_s']} (decrypt {cipher['bulk']['decrypt_mb_s']}) | "
             f"{cipher['bulk']['encrypt_mb_s']} | 100% |",
@@ -152,7 +152,9 @@ def markdown(res: dict) -> str:
             f"{fmt_seconds(pp['write_s'])}, read {fmt_seconds(pp['read_s'])}, digest {fmt_seconds(pp['digest_s'])}.",
             ""]
 
-    out += ["## 3. Memory: one partition larger than the budget", "",
+    out += _sql_section(res)
+
+    out += ["## 4. Memory: one partition larger than the budget", "",
             f"Budget: {mem['budget_mib']} MiB of working set (peak RSS minus the RSS of the worker just before it "
             "reads the partition, after imports and its first KMS request). Each partition is one PME file, "
             "re-encrypted (`reencrypt`) in a process of its own; peak RSS = `getrusage(RUSAGE_SELF).ru_maxrss`.", "",
@@ -167,7 +169,7 @@ def markdown(res: dict) -> str:
     out += ["", f"{'Met.' if mem['met'] else 'Not met.'} Cause: {mem['cause']}. Gap at the largest partition: "
             f"{max(mem['largest']['working_set_mib'] - mem['budget_mib'], 0):,.1f} MiB over the budget.", ""]
 
-    out += ["## 4. Airflow overhead of a sweep (dynamic task mapping, chunks)", "",
+    out += ["## 5. Airflow overhead of a sweep (dynamic task mapping, chunks)", "",
             f"The real `reencrypt__customers` DAG (repo `dags/`, shipped key class with its dataset in a work folder) "
             f"run by `dag.test()` on a SQLite metadata DB against its own OpenBao: {fmt_int(af['partitions'])} "
             f"partitions of {af['rows_per_partition']} rows (tiny, so the engine's part is small), mode "
@@ -200,10 +202,10 @@ def markdown(res: dict) -> str:
             f"{fmt_seconds(af['direct_engine_s'])}. The runs were made one after another on a shared machine "
             f"(load {meta['load_1min_start']} → {meta['load_1min_end']}), so the engine's own time moves from run "
             "to run; compare the shares, each measured within one run, rather than wall times across runs.", ""]
-    out += ["## 5. Scaling", "", "![KEK rotation time vs rows and partitions, log-log](scaling.png)", "",
+    out += ["## 6. Scaling", "", "![KEK rotation time vs rows and partitions, log-log](scaling.png)", "",
             "Left: rotation wall time vs R at fixed P, with the two alternatives extrapolated from their measured "
-            "rates (markers: where they were measured). Middle: wall time vs P at fixed R. Right: KMS requests "
-            "vs R.", ""]
+            "rates (markers: where they were measured), and the SQL table's rewrap (section 3). Middle: wall time "
+            "vs P at fixed R. Right: KMS requests vs R.", ""]
     out += ["## Sizes and timings of this run", "",
             "| part | seconds | load (1 min) at its end |", "|---|---|---|"]
     loads = meta.get("section_load_1min_end", {})
@@ -241,6 +243,13 @@ def plot(res: dict, path: Path) -> None:
         line = ax.plot(span, [r * vpr / rate for r in span], "--", label=f"{label}: extrapolated")[0]
         ax.plot([measured_rows], [measured_rows * vpr / rate], marker, color=line.get_color(),
                 label=f"{label}: measured ({alt[key]['values']:,} values)")
+    sql = _sql(res)
+    if sql is not None:
+        sql_pts = sorted(sql["tables"], key=lambda t: t["rows"])
+        ax.plot([t["rows"] for t in sql_pts], [t["rewrap"]["wall_s"] for t in sql_pts], "D-",
+                label=f"SQL table rewrap, P={sql['partitions']} (PostgreSQL)")
+        ax.plot([t["rows"] for t in sql_pts], [t["rewrap"]["rest_s"] for t in sql_pts], "d:",
+                label="SQL table rewrap without the census scans")
     ax.set(xscale="log", yscale="log", xlabel="rows R", ylabel="wall time (s)", title="KEK rotation time vs rows")
     ax.legend(fontsize=8)
     ax = axes[1]
@@ -259,6 +268,9 @@ def plot(res: dict, path: Path) -> None:
     for p in rw["r_sweep_at"]:
         pts = sorted(by_p[p], key=lambda d: d["rows"])
         ax.plot([d["rows"] for d in pts], [d["kms_requests"] for d in pts], "o-", label=f"engine rewrap, P={p:,}")
+    if sql is not None:
+        ax.plot([t["rows"] for t in sql_pts], [t["rewrap"]["kms_requests"] for t in sql_pts], "D-",
+                label=f"SQL table rewrap, P={sql['partitions']}")
     ax.plot(rows_axis, [r * vpr for r in rows_axis], "--", label="(a) per-value rewrap")
     ax.plot(rows_axis, [max(1, -(-r * vpr // 250)) for r in rows_axis], "--", label="(b) batch rewrap 250")
     ax.set(xscale="log", yscale="log", xlabel="rows R", ylabel="KMS requests", title="KMS requests vs rows")
@@ -272,3 +284,160 @@ def plot(res: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _sql(res: dict) -> dict | None:
+    sql = res.get("sql_table")
+    return sql if sql and "reencrypt" in sql else None
+
+
+def _sql_missing(res: dict) -> str:
+    sql = res.get("sql_table")
+    return f"not measured in this run: {sql['skipped']}" if sql and sql.get("skipped") else \
+        "not measured in this run (results from before the suite measured the SQL-table path)"
+
+
+def _sql_headline(res: dict) -> list[str]:
+    sql, g = _sql(res), res.get("goals", {})
+    if sql is None:
+        return [f"| SQL tables (`SqlTableEngine`, PostgreSQL) | | {_sql_missing(res)} | n/a |"]
+    head = max(sql["tables"], key=lambda t: t["rows"])
+    rw, r, ss = head["rewrap"], sql["reencrypt"], res["summary"]["sql_table"]
+    fl, kms, bd = g["sql_rewrap_flat_in_r"], g["sql_kms_calls_o_data_keys"], g["sql_reencrypt_bounded_by_db"]
+    with_db = r.get("plaintext_mb_per_core_s_with_db")
+    return [
+        f"| KEK rotation of a SQL table of {fmt_int(head['rows'])} rows in {sql['partitions']} day partitions "
+        f"(`SqlTableEngine` `rewrap`) | KMS requests O(data keys) | {fmt_int(rw['kms_requests'])} KMS requests "
+        f"({fmt_int(rw['kms_rewrap_requests'])} rewrap = 1 per partition, for {rw['data_keys']} data keys, "
+        f"+ {kms['constant']}); {rw['table_rows_written']} rows of the table written | {_yes(kms['met'])} |",
+        f"| same, wall time | flat in R | {fmt_seconds(rw['wall_s'])} ({fmt_int(rw['rows_per_s'])} rows/s "
+        f"equivalent); log-log slope vs R {fl['slope']}, {fl['slope_without_census']} without the engine's census "
+        f"scans; {_x(fl['max_ratio'])} wall for {_x(fl['rows_ratio'])} rows | {_yes(fl['met'])} |",
+        f"| full re-encryption, SQL table (`reencrypt`), {fmt_int(r['rows'])} rows | bounded by the database, "
+        f"rows/s (≥ {bd['goal'] * 100:.0f}% of the rows/s of its own database round trip without crypto) | "
+        f"{fmt_int(r['rows_per_s'])} rows/s = {_pct(bd['share'])} of that round trip, "
+        f"{_pct(bd['share_of_reference_update'])} of a server-side `UPDATE` of the same rows; "
+        f"{_pct(r['database_share'])} of its time in PostgreSQL statements. Plaintext {r['plaintext_mb_s']} MB/s, "
+        f"{r['plaintext_mb_per_cpu_s']} MB/s per core of this process"
+        + (f", {with_db} per core with its PostgreSQL backends" if with_db is not None else "")
+        + f" ({ss['share_of_bulk_aes'] * 100:.3f}% of bulk AES-GCM) | {_yes(bd['met'])} |",
+    ]
+
+
+def _sql_reencrypt_row(res: dict) -> str:
+    sql = _sql(res)
+    if sql is None:
+        return f"| SQL tables | {_sql_missing(res)} | | | | | | | | |"
+    r, bulk = sql["reencrypt"], res["cipher"]["bulk"]["encrypt_mb_s"]
+    return (f"| SQL table, engine (section 3; MB = plaintext of the encrypted columns) | {fmt_int(r['rows'])} | "
+            f"{r['plaintext_bytes'] / 1e6:,.1f} | {fmt_seconds(r['wall_s'])} | {r['cpu_s']} | "
+            f"{round(r['cpu_s'] / r['wall_s'], 2)} | {fmt_int(r['rows_per_s'])} | {r['plaintext_mb_s']} | "
+            f"{r['plaintext_mb_per_cpu_s']} | {r['plaintext_mb_per_cpu_s'] / bulk * 100:.3f}% |")
+
+
+def _sql_section(res: dict) -> list[str]:
+    sql = _sql(res)
+    out = ["## 3. SQL tables (`SqlTableEngine`, PostgreSQL): write, KEK rotation, full re-encryption", ""]
+    if sql is None:
+        return [*out, _sql_missing(res) + ".", ""]
+    r, up, rt = sql["reencrypt"], sql["reference_update"], sql["reference_round_trip"]
+    v, va, lc, g = sql["validate"], sql["validate_after"], sql["local_cipher"], res["goals"]
+    cols = ", ".join(f"`{c}`" for c in sql["columns"])
+    settings = ", ".join(f"{k} {v_}" for k, v_ in sql["server_settings"].items())
+    out += [
+        f"Fresh tables on the machine's PostgreSQL {sql['server_version'].split()[0]} (`{sql['pg_url']}`; {settings}) "
+        f"of R rows in {sql['partitions']} day partitions, two encrypted columns ({cols} of the synthetic "
+        "customers, `bytea` envelopes under one data key per partition, the data keys in `keyrotation_data_keys`), "
+        "primary key `id` and an index on `(day, id)`; each dropped afterwards with its data keys. Every "
+        "operation runs through a new `SqlTableEngine` (an empty data-key cache, as a new task has) over all "
+        f"partitions (`engine.run`), batch size {fmt_int(sql['batch_size'])} rows, against the same OpenBao "
+        f"(its own Transit key). KMS requests counted under hvac. Rewrap: median of {sql['repeats']} rotations "
+        "(min–max); `census` = the engine's `partition_census` before and after (the data key id of every value "
+        "of the partition); `rest` = KMS, the data-key rows, ledger and leases. Rows written = rows of the table "
+        "whose writing transaction (`xmin`) changed during the first rewrap.", "",
+        "| rows R | ciphertext MB stored | write (`write_partition`) | write rows/s | rewrap (median) | min–max | "
+        "census | rest | KMS requests (rewrap / total) | data keys | rows of the table written | rows/s equivalent |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in sorted(sql["tables"], key=lambda t: t["rows"]):
+        w, rw = t["write"], t["rewrap"]
+        out.append(f"| {fmt_int(t['rows'])} | {w['ciphertext_bytes'] / 1e6:,.1f} | {fmt_seconds(w['wall_s'])} | "
+                   f"{fmt_int(w['rows_per_s'])} | {fmt_seconds(rw['wall_s'])} | {fmt_seconds(rw['wall_s_min'])}–"
+                   f"{fmt_seconds(rw['wall_s_max'])} | {fmt_seconds(rw['census_s'])} | {fmt_seconds(rw['rest_s'])} | "
+                   f"{fmt_int(rw['kms_rewrap_requests'])} / {fmt_int(rw['kms_requests'])} | {rw['data_keys']} | "
+                   f"{fmt_int(rw['table_rows_written'])} | {fmt_int(rw['rows_per_s'])} |")
+    fl = g["sql_rewrap_flat_in_r"]
+    out += ["", f"Rewrap: log-log slope of wall time vs R {fl['slope']} ({_x(fl['max_ratio'])} the time for "
+            f"{_x(fl['rows_ratio'])} the rows); without the census {fl['slope_without_census']}. "
+            + (fl["cause"][0].upper() + fl["cause"][1:] + "." if fl["cause"] else "Flat in R."), ""]
+
+    def db_cpu(x: dict) -> str:
+        return "n/a" if x.get("db_cpu_s") is None else f"{x['db_cpu_s']}"
+
+    def per_core(rows: int, x: dict) -> str:
+        return "n/a" if x.get("db_cpu_s") is None else fmt_int(rows / (x["cpu_s"] + x["db_cpu_s"]))
+
+    plain = r["plaintext_bytes"]
+    out += [f"Full re-encryption (`reencrypt`, new data keys, every value rewritten with compare-and-set) of the "
+            f"{fmt_int(r['rows'])}-row table ({plain / 1e6:,.1f} MB of plaintext in the encrypted columns, "
+            f"{r['ciphertext_bytes'] / 1e6:,.1f} MB stored), against the database alone on the same rows, same "
+            "batches, no crypto: (1) `UPDATE t SET email = email, ssn = ssn` over keyset batches, server-side, one "
+            "transaction a batch (the least a rewrite of those rows costs); (2) the engine's own round trip: its "
+            "keyset `SELECT` into pandas and its compare-and-set `UPDATE ... FROM (VALUES ...)`, every value "
+            "written back as read. `VACUUM ANALYZE` before each. CPU: this process (all threads), and its "
+            "PostgreSQL backends (from /proc); per core = rows per CPU second of both.", "",
+            "| path | rows | wall | rows/s | plaintext MB/s | CPU s, this process | CPU s, PostgreSQL | "
+            "rows per core-second (both) | per batch | engine's rows/s as a share |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            f"| engine `reencrypt` | {fmt_int(r['rows'])} | {fmt_seconds(r['wall_s'])} | {fmt_int(r['rows_per_s'])} | "
+            f"{r['plaintext_mb_s']} | {r['cpu_s']} | {db_cpu(r)} | {per_core(r['rows'], r)} | "
+            f"{fmt_seconds(r['seconds_per_batch'])} | 100% |",
+            f"| (2) its database round trip, no crypto | {fmt_int(rt['rows'])} | {fmt_seconds(rt['wall_s'])} | "
+            f"{fmt_int(rt['rows_per_s'])} | {plain / 1e6 / rt['wall_s']:.3f} | {rt['cpu_s']} | {db_cpu(rt)} | "
+            f"{per_core(rt['rows'], rt)} | {fmt_seconds(rt['seconds_per_batch'])} | "
+            f"{_pct(r['share_of_reference_round_trip'])} |",
+            f"| (1) server-side `UPDATE ... SET col = col` | {fmt_int(up['rows'])} | {fmt_seconds(up['wall_s'])} | "
+            f"{fmt_int(up['rows_per_s'])} | {plain / 1e6 / up['wall_s']:.3f} | {up['cpu_s']} | {db_cpu(up)} | "
+            f"{per_core(up['rows'], up)} | {fmt_seconds(up['seconds_per_batch'])} | "
+            f"{_pct(r['share_of_reference_update'])} |",
+            f"| engine `validate` (decrypt every value), before / after | {fmt_int(v['rows'])} | "
+            f"{fmt_seconds(v['wall_s'])} / {fmt_seconds(va['wall_s'])} | {fmt_int(v['rows_per_s'])} / "
+            f"{fmt_int(va['rows_per_s'])} | {v['plaintext_mb_s']} / {va['plaintext_mb_s']} | {v['cpu_s']} / "
+            f"{va['cpu_s']} | | | | |",
+            f"| local limit: AES-256-GCM per value, decrypt + encrypt under a new key, these values "
+            f"({lc['mean_value_bytes']} B mean), one core | {fmt_int(lc['values'] // len(sql['columns']))} | | "
+            f"{fmt_int(lc['reencrypt_rows_per_s'])} | {lc['reencrypt_mb_s']} | | | "
+            f"{fmt_int(lc['reencrypt_rows_per_s'])} | | "
+            f"{_pct(r['rows_per_cpu_s'] / lc['reencrypt_rows_per_s'])} (per CPU second of this process) |",
+            f"| local limit: bulk AES-256-GCM, one buffer, one core | | | | {res['cipher']['bulk']['encrypt_mb_s']} "
+            f"| | | | | {r['plaintext_mb_per_cpu_s'] / res['cipher']['bulk']['encrypt_mb_s'] * 100:.3f}% "
+            "(MB/s per core) |",
+            "", f"Where the engine's re-encryption time goes ({fmt_int(r['batches'])} batches of up to "
+            f"{fmt_int(r['batch_size'])} rows; per batch: keyset read {fmt_seconds(r['per_batch_s']['read'])}, "
+            f"decrypt + seal {fmt_seconds(r['per_batch_s']['transform'])}, compare-and-set UPDATE "
+            f"{fmt_seconds(r['per_batch_s']['cas'])}; KMS requests {r['kms']['total']}: "
+            + ", ".join(f"{k} {n}" for k, n in r["kms"]["by_operation"].items()) + ", i.e. per partition):", "",
+            "| step | seconds | share |", "|---|---|---|"]
+    for name, secs in r["stages_s"].items():
+        out.append(f"| {name} | {secs} | {_pct(secs / r['wall_s'])} |")
+    transform = r["stages_s"]["decrypt + seal every value (Python, AES-GCM)"]
+    bd = g["sql_reencrypt_bounded_by_db"]
+    out += ["", f"**Bounded by the database: {'yes' if bd['met'] else 'no'}.** "
+            f"{_pct(r['database_share'])} of the engine's time is PostgreSQL statements (census, keyset reads, "
+            f"compare-and-set UPDATEs, as seen from the client: driver and server), and it runs at "
+            f"{_pct(r['share_of_reference_round_trip'])} of the rows/s of that same round trip without crypto: "
+            f"decrypting and sealing {fmt_int(r['rows'] * len(sql['columns']))} values in Python adds "
+            f"{fmt_seconds(transform)} ({_pct(transform / r['wall_s'])}). Causes of the gaps: "
+            f"(a) to the server-side UPDATE ({_pct(r['share_of_reference_update'])}): the round trip itself runs at "
+            f"{_pct(rt['rows_per_s'] / up['rows_per_s'])} of it, because every value travels to the client and "
+            f"back (keyset reads into pandas: {fmt_seconds(rt['read_s'])}; the compare-and-set UPDATE with a "
+            f"{fmt_int(sql['batch_size'])}-row VALUES list of old and new `bytea` values sent as text by "
+            f"psycopg2's `execute_values`, parsed and compared by the server: {fmt_seconds(rt['cas_s'])}), and the "
+            "client and the server take turns, about one core in all; (b) to the cipher: these values are short "
+            f"({lc['mean_value_bytes']} B), so the per-value cost (nonce, header, associated data, a Python call "
+            f"each) is the limit, not AES: per-value AES-GCM re-encryption on one core reaches "
+            f"{fmt_int(lc['reencrypt_rows_per_s'])} rows/s ({lc['reencrypt_mb_s']} MB/s, "
+            f"{lc['reencrypt_mb_s'] / res['cipher']['bulk']['encrypt_mb_s'] * 100:.2f}% of bulk AES-GCM), and the "
+            "envelope's parse, associated data and row binding in Python cost more again; MB/s per core is "
+            "therefore not the measure of this path, rows/s against the database is.", ""]
+    return out

@@ -16,6 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
+
+from helpers import PG_URL
+from keyrotation.stores.data_keys import DATA_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -62,14 +66,13 @@ def test_bench_tiny_writes_every_section_with_sane_numbers(tmp_path):
     assert head["per_value_requests"] == head["rows"] * alt["values_per_row"]
     assert head["vs_per_value_rewrap"] > 1
 
-    # 2. Full re-encryption, against the cipher measured in the same run; SQL tables are not built yet.
+    # 2. Full re-encryption, against the cipher measured in the same run (the SQL path: section 6 below).
     engine = res["reencrypt"]["engine"]
     target = next(d for d in datasets if d["name"] == engine["dataset"])
     assert engine["rows"] == target["rows"] and engine["file_bytes"] > 0
     assert 0 < engine["file_mb_per_cpu_s"] < res["cipher"]["bulk"]["encrypt_mb_s"]
     assert res["cipher"]["bulk"]["encrypt_mb_s"] > 10
     assert res["cipher"]["per_value_columns"]["encrypt_values_per_s"] > 1000
-    assert res["reencrypt"]["sql_tables"].startswith(("not built yet", "built"))  # not measured here
 
     # 3. Memory: the partition is at least 10x the budget, measured in a process of its own.
     largest = res["memory"]["largest"]
@@ -90,11 +93,50 @@ def test_bench_tiny_writes_every_section_with_sane_numbers(tmp_path):
         assert 0 <= run["overhead_share_inside"] <= 1
         assert run["kms_requests"]["by_operation"]["rewrap"] == af["partitions"]
 
+    # 6. The SQL-table path on PostgreSQL: rewrap re-wraps the data-key rows only (one KMS request per partition's
+    # data keys, not one table row written); reencrypt rewrites every value, with the database references beside it.
+    sql = res["sql_table"]
+    assert "skipped" not in sql, sql.get("skipped")
+    parts = sql["partitions"]
+    assert len({t["rows"] for t in sql["tables"]}) >= 2
+    for t in sql["tables"]:
+        rw = t["rewrap"]
+        assert rw["kms_rewrap_requests"] == rw["data_keys"] == parts, rw
+        assert parts <= rw["kms_requests"] <= parts + 2, rw
+        assert rw["table_rows_written"] == 0
+        assert 0 < rw["census_s"] < rw["wall_s"] and rw["rows_per_s"] > 0
+        assert t["write"]["rows"] == t["rows"] and t["write"]["ciphertext_bytes"] > t["write"]["plaintext_bytes"] > 0
+    r = sql["reencrypt"]
+    assert r["rows"] == sql["reencrypt_rows"] and r["plaintext_unchanged"]
+    assert r["kms"]["by_operation"] == {"decrypt": parts, "encrypt": parts}  # one new data key, one old, a partition
+    assert r["batches"] >= r["rows"] / sql["batch_size"]
+    assert sql["reference_update"]["rows"] == sql["reference_round_trip"]["rows"] == r["rows"]
+    assert sql["validate"]["rows"] == sql["validate_after"]["rows"] == r["rows"]
+    assert 0 < r["share_of_reference_round_trip"] < 5 and 0 < r["share_of_reference_update"] < 5
+    assert 0 < r["database_share"] < 1
+    assert 0 < r["plaintext_mb_per_cpu_s"] < res["cipher"]["bulk"]["encrypt_mb_s"]
+    assert abs(sum(r["stages_s"].values()) - r["wall_s"]) < 0.01
+    assert sql["local_cipher"]["reencrypt_rows_per_s"] > 0
+    assert {"sql_kms_calls_o_data_keys", "sql_rewrap_flat_in_r", "sql_reencrypt_bounded_by_db"} <= set(res["goals"])
+    assert res["goals"]["sql_kms_calls_o_data_keys"]["met"]
+    assert res["summary"]["sql_table"]["reencrypt_rows_per_s"] == r["rows_per_s"]
+    db = sa.create_engine(PG_URL)
+    try:
+        with db.connect() as conn:  # the benchmark's tables and their data keys are gone
+            for t in sql["tables"]:
+                assert not sa.inspect(conn).has_table(t["table"])
+                assert not conn.execute(sa.text(f"SELECT count(*) FROM {DATA_KEYS} WHERE table_name = :t"),
+                                        {"t": t["table"]}).scalar()
+    finally:
+        db.dispose()
+
     for name, goal in res["goals"].items():
         assert isinstance(goal["met"], bool), name
         assert goal["met"] or goal["cause"], f"{name}: not met, but no cause given"
 
     md = (out / "latest.md").read_text()
-    assert res["machine"]["cpu_model"] in md and "this machine" in md and res["reencrypt"]["sql_tables"] in md
+    assert res["machine"]["cpu_model"] in md and "this machine" in md
+    assert "## 3. SQL tables" in md and "not measured" not in md
+    assert f"{round(r['rows_per_s']):,} rows/s" in md and "server-side `UPDATE" in md
     assert "load average" in md.lower()
     assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
