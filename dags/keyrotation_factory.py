@@ -127,7 +127,8 @@ def kms_events_asset(kc: KeyClass) -> Asset:
 def kms_pool(kc: KeyClass) -> dict:
     """``pool=`` for every task that calls the key class's KMS (``kms_pool`` in its config), so that
     more workers never mean more concurrent KMS calls than the pool has slots. The ledger-only task
-    (update_reference) and the approval (a person) stay out of it."""
+    (update_reference, but for Cloud KMS where it promotes the version) and the approval (a person)
+    stay out of it."""
     return {"pool": kc.kms_pool} if kc.kms_pool else {}
 
 
@@ -166,12 +167,16 @@ def build_rotation_dag(config: KeyClassConfig) -> DAG:
         pool = kms_pool(kc)
         rotate = RotateKeyOperator(task_id="rotate_key", key_class=kc.name, force="{{ params.force }}",
                                    reason="{{ params.reason }}", **pool)
+        # Cloud KMS HSM and external versions take a while to generate: wait in the triggerer.
         ready = KeyVersionReadySensor(task_id="wait_version_ready", key_class=kc.name,
                                       version="{{ ti.xcom_pull(task_ids='rotate_key') }}",
-                                      poke_interval=10, timeout=3600, mode="reschedule", **pool)
+                                      poke_interval=10, timeout=3600, mode="reschedule",
+                                      deferrable=kc.backend == "gcp_kms", **pool)
+        # Ledger only, except on Cloud KMS, where it also promotes the new version to primary.
         reference = UpdateKeyReferenceOperator(task_id="update_reference", key_class=kc.name,
                                                version="{{ ti.xcom_pull(task_ids='rotate_key') }}",
-                                               outlets=[key_class_asset(kc.name)])
+                                               outlets=[key_class_asset(kc.name)],
+                                               **(pool if kc.backend == "gcp_kms" else {}))
         rotate >> ready >> reference
     return dag
 

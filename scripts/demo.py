@@ -9,6 +9,13 @@ report is, then stops the server.
 ``BACKEND=aws make demo`` does the same on AWS KMS and S3, served by a local moto_server, with the
 key classes of ``include/config/examples/aws``: customer_pii (alias strategy, Parquet and SSE-KMS
 objects in S3) and payment_tokens (on_demand strategy, whose old material AWS never retires).
+
+``BACKEND=gcp make demo`` does it on Google Cloud KMS and GCS, with the key classes of
+``include/config/examples/gcp``: customer_pii (Parquet and CMEK objects in GCS) and payment_tokens
+(HSM: new versions are generated for a while, and the rotation waits in a deferred sensor). No
+Cloud KMS emulator exists: the Cloud KMS test server of ``tests/`` serves the real gRPC API over TLS,
+checks service-account tokens and IAM, and each role runs as its own service account with the
+bindings of ``keyrotation.gcp_policies``; GCS is gcp-storage-emulator.
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ PARTITIONS = 30
 ROWS = 2_000
 BACKEND = os.environ.get("BACKEND") or "vault"
 CONFIG_SOURCES = {"vault": ROOT / "include" / "config" / "key_classes",
-                  "aws": ROOT / "include" / "config" / "examples" / "aws"}
+                  "aws": ROOT / "include" / "config" / "examples" / "aws",
+                  "gcp": ROOT / "include" / "config" / "examples" / "gcp"}
 DEMO_BUCKET = "keyrotation-demo"
 OBJECTS_PER_PARTITION = 20
 # The shipped policies ask for a 7-30 day grace period and a human approval before retirement;
@@ -90,6 +98,11 @@ def main() -> int:
             print(f"local AWS-API server (moto) on {moto.url}: KMS, and S3 bucket {DEMO_BUCKET}")
             migrate_db()
             return run(f"the local AWS-API server on {moto.url}")
+    if BACKEND == "gcp":
+        with gcp_test_servers() as endpoints:
+            migrate_db()
+            return run(f"the Cloud KMS test server on {endpoints['kms_endpoint']} and GCS on "
+                       f"{endpoints['storage_endpoint']}")
     from keyrotation.devserver import OpenBaoDevServer
 
     with OpenBaoDevServer(log_path=str(HOME / "openbao.log")) as bao:
@@ -97,6 +110,41 @@ def main() -> int:
         print(f"OpenBao dev server on {bao.url} (Transit enabled)")
         migrate_db()
         return run(f"the OpenBao dev server on {bao.url}")
+
+
+@contextmanager
+def gcp_test_servers() -> Iterator[dict]:
+    """``tests/gcp_servers.py`` in a process of its own: Cloud KMS (gRPC, TLS, IAM) and GCS on loopback, each
+    key class's roles provisioned as service accounts; their Airflow connections are set here."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from gcp_kms_server import ensure_tls_files, trust_in_process
+
+    from keyrotation.devserver import stop_process
+
+    tls_dir, out = HOME / "gcp-tls", HOME / "gcp-servers.json"
+    ensure_tls_files(tls_dir)
+    with open(HOME / "gcp-servers.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "gcp_servers.py"), "--config-dir",
+                                 os.environ["KEYROTATION_CONFIG_DIR"], "--bucket", DEMO_BUCKET, "--tls-dir",
+                                 str(tls_dir), "--out", str(out)], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not out.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the Cloud KMS and GCS test servers did not start; see {HOME / 'gcp-servers.log'}")
+            time.sleep(0.2)
+        endpoints = json.loads(out.read_text())
+        trust_in_process(endpoints["ca_path"])  # before the first gRPC channel of this process
+        for conn_id, uri in endpoints["connections"].items():
+            os.environ[f"AIRFLOW_CONN_{conn_id.upper()}"] = uri
+        print(f"Cloud KMS test server on {endpoints['kms_endpoint']} (gRPC over TLS; one service account per role, "
+              f"IAM enforced); GCS on {endpoints['storage_endpoint']}, bucket {DEMO_BUCKET}")
+        yield endpoints
+    finally:
+        stop_process(proc)
 
 
 @contextmanager
@@ -141,19 +189,25 @@ def airflow_api_server() -> Iterator[None]:
 
 
 def seed_objects(rt, dataset, version: int) -> None:  # noqa: ANN001
-    """SSE-KMS objects under ``version``'s KMS key, as an application writing to S3 would leave them."""
+    """Objects encrypted by the store under ``version``'s KMS key (SSE-KMS on S3, CMEK on GCS), as an
+    application writing them would leave them."""
     from keyrotation.sample_data import daily_partitions
     from keyrotation.stores.filesystems import split_location
 
     _, path = split_location(dataset.location)
     bucket, _, prefix = path.partition("/")
-    s3 = rt.storage(dataset).s3_client(dataset.location)
-    key_arn = rt.backend.key_id_of(version)
+    key_id = rt.backend.key_id_of(version)
+    gcs = rt.storage(dataset).gcs_client(dataset.location).bucket(bucket) if dataset.format == "gcs_cmek_objects" \
+        else None
+    s3 = None if gcs else rt.storage(dataset).s3_client(dataset.location)
     for partition in daily_partitions(PARTITIONS):
         for i in range(OBJECTS_PER_PARTITION):
-            s3.put_object(Bucket=bucket, Key=f"{prefix}/dt={partition}/statement-{i:03d}.json",
-                          Body=f'{{"customer": {i}, "day": "{partition}"}}'.encode(), ContentType="application/json",
-                          ServerSideEncryption="aws:kms", SSEKMSKeyId=key_arn)
+            key, body = f"{prefix}/dt={partition}/statement-{i:03d}.json", f'{{"customer": {i}, "day": "{partition}"}}'
+            if gcs is not None:
+                gcs.blob(key, kms_key_name=key_id).upload_from_string(body, content_type="application/json")
+            else:
+                s3.put_object(Bucket=bucket, Key=key, Body=body.encode(), ContentType="application/json",
+                              ServerSideEncryption="aws:kms", SSEKMSKeyId=key_id)
 
 
 def run(server: str) -> int:
@@ -176,7 +230,8 @@ def run(server: str) -> int:
     runtimes = {}
     for name in list_key_classes():
         config = load_key_class(name)
-        runtimes[name] = KeyClassRuntime(config, KeyClassKmsHook(config.key_class).get_backend(), ledger,
+        # The demo writes the datasets as an application would: with the role that may encrypt.
+        runtimes[name] = KeyClassRuntime(config, KeyClassKmsHook(config.key_class, "reencrypt").get_backend(), ledger,
                                          storage=dataset_storage(config.key_class, "reencrypt"))
 
     def dag_test(dag_id: str, conf: dict | None = None) -> None:
@@ -198,9 +253,10 @@ def run(server: str) -> int:
         dag_test(f"rotate__{name}", {"force": False, "reason": "demo: first key version"})
         version = rt.target_version()
         for ds in rt.config.datasets:
-            if ds.format == "sse_kms_objects":
+            if ds.format in ("sse_kms_objects", "gcs_cmek_objects"):
                 seed_objects(rt, ds, version)
-                print(f"   wrote {PARTITIONS} partitions x {OBJECTS_PER_PARTITION} SSE-KMS objects of {ds.name} "
+                kind = "SSE-KMS" if ds.format == "sse_kms_objects" else "CMEK"
+                print(f"   wrote {PARTITIONS} partitions x {OBJECTS_PER_PARTITION} {kind} objects of {ds.name} "
                       f"under {rt.config.key_class.key_ref} v{version}")
                 continue
             engine = rt.engine(ds.name, RunContext(actor="demo"))
@@ -228,6 +284,9 @@ def run(server: str) -> int:
         print(f"   {rt.config.key_class.key_ref}: latest v{state.latest_version}, "
               f"min_decryption_version v{state.min_decryption_version}"
               + ("" if rt.backend.can_retire else f" ({rt.backend.cannot_retire_reason})"))
+        for number, when in sorted(getattr(rt.backend, "deletion_dates", dict)().items()):
+            print(f"   v{number}: destruction scheduled by the KMS for {when.isoformat(timespec='seconds')} "
+                  "(cancellable until then)")
 
     say("read every partition back after retirement")
     for rt in runtimes.values():

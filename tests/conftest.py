@@ -35,7 +35,26 @@ os.environ.update({
     "KEYROTATION_HOME": str(Path(_AIRFLOW_HOME) / "keyrotation"),
 })
 
-from helpers import AWS_CONN_ID, AWS_KEY_CLASS_YAML, CONN_ID, DAG_STUB, KEY_CLASS_YAML, PG_URL  # noqa: E402
+# The Cloud KMS test server speaks TLS with a self-signed certificate; gRPC clients in this process
+# (and in the Airflow processes the tests start) trust it through GRPC_DEFAULT_SSL_ROOTS_FILE_PATH,
+# which gRPC reads once, at the first secure channel: so the certificate is made now.
+GCP_TLS_DIR = Path(_AIRFLOW_HOME) / "gcp-tls"
+
+from gcp_kms_server import ensure_tls_files, trust_in_process  # noqa: E402
+
+trust_in_process(ensure_tls_files(GCP_TLS_DIR)[0])
+os.environ["KEYROTATION_TEST_GCP_TLS_DIR"] = str(GCP_TLS_DIR)
+
+from helpers import (  # noqa: E402
+    AWS_CONN_ID,
+    AWS_KEY_CLASS_YAML,
+    CONN_ID,
+    DAG_STUB,
+    GCP_KEY_CLASS_YAML,
+    GCS_CONN_ID,
+    KEY_CLASS_YAML,
+    PG_URL,
+)
 from keyrotation.devserver import MotoServer, OpenBaoDevServer  # noqa: E402
 
 
@@ -54,6 +73,17 @@ def moto(tmp_path_factory):
     with MotoServer(log_path=str(log)) as server:
         os.environ[f"AIRFLOW_CONN_{AWS_CONN_ID.upper()}"] = server.airflow_connection_uri()
         yield server
+
+
+@pytest.fixture(scope="session")
+def gcp():
+    """The Cloud KMS test server (gRPC, TLS, IAM) and GCS with CMEK, in this process; the Airflow connection
+    ``gcs_keyrotation`` reaches GCS."""
+    from gcp_servers import GcpTestServers
+
+    with GcpTestServers(GCP_TLS_DIR) as servers:
+        os.environ[f"AIRFLOW_CONN_{GCS_CONN_ID.upper()}"] = servers.storage_connection()
+        yield servers
 
 
 @pytest.fixture(scope="session")
@@ -112,6 +142,34 @@ def make_aws_key_class(tmp_path, monkeypatch, moto):
         (CONFIG_DIR / f"{name}.yaml").write_text(text)
         (DAGS_DIR / f"{name}.py").write_text(DAG_STUB.format(name=name))
         return load_key_class(name)
+
+    return make
+
+
+@pytest.fixture
+def make_gcp_key_class(tmp_path, monkeypatch, gcp):
+    """Write a gcp_kms key class file (unique CryptoKey and bucket per test) and its DAG file, with one
+    service account per role bound as keyrotation.gcp_policies says; return its config."""
+    from keyrotation.config import load_key_class
+
+    monkeypatch.setenv("KEYROTATION_LEDGER_URL", f"sqlite:///{tmp_path / 'ledger.db'}")
+
+    def make(name, mode="rewrap", dataset="customers", chunk_size=16, protection_level="SOFTWARE", trim="true",
+             **overrides):
+        bucket = f"kr-{name.replace('_', '-')}-{secrets.token_hex(3)}"
+        gcp.gcs.create_bucket(bucket)
+        text = GCP_KEY_CLASS_YAML.format(
+            name=name, key_id=f"{name.replace('_', '-')}-{secrets.token_hex(4)}", mode=mode, chunk_size=chunk_size,
+            dataset=dataset, location=f"gs://{bucket}/{dataset}", documents=f"gs://{bucket}/documents",
+            protection_level=protection_level, trim=trim)
+        for old, new in overrides.items():
+            text = text.replace(old, new)
+        (CONFIG_DIR / f"{name}.yaml").write_text(text)
+        (DAGS_DIR / f"{name}.py").write_text(DAG_STUB.format(name=name))
+        config = load_key_class(name)
+        for conn_id, uri in gcp.provision(config).items():
+            monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", uri)
+        return config
 
     return make
 

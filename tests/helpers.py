@@ -15,6 +15,7 @@ from keyrotation.runtime import KeyClassRuntime
 CANARY = "CANARY-" + secrets.token_hex(6)
 CONN_ID = "vault_keyrotation"
 AWS_CONN_ID = "aws_keyrotation"
+GCS_CONN_ID = "gcs_keyrotation"
 PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
 KEY_CLASS_YAML = """\
@@ -68,6 +69,46 @@ datasets:
     start_date: "2024-01-01"
 """
 
+# Each role's connection is provisioned with its own service account by the make_gcp_key_class fixture.
+GCP_KEY_CLASS_YAML = """\
+key_class:
+  name: {name}
+  backend: gcp_kms
+  key_ref: projects/keyrotation-test/locations/europe-west1/keyRings/tests/cryptoKeys/{key_id}
+  conn_id: gcp_{name}
+  connections:
+    rotate: gcp_{name}_rotate
+    reencrypt: gcp_{name}_reencrypt
+    retire: gcp_{name}_retire
+    report: gcp_{name}_report
+  create_if_missing: true
+  gcp:
+    protection_level: {protection_level}
+    destroy_scheduled_duration: 2d
+  rotation:
+    schedule: "@daily"
+    cryptoperiod: 90d
+  reencryption:
+    mode: {mode}
+    chunk_size: {chunk_size}
+  retire:
+    grace_period: 0s
+    versions_kept: 1
+    approval_required: false
+    trim: {trim}
+datasets:
+  - name: {dataset}
+    location: {location}
+    conn_id: gcs_keyrotation
+    encrypted_columns: [email, ssn]
+    start_date: "2024-01-01"
+  - name: {dataset}_documents
+    location: {documents}
+    conn_id: gcs_keyrotation
+    format: gcs_cmek_objects
+    schedule: null
+"""
+
 DAG_STUB = """\
 \"\"\"Airflow DAGs of test key class {name}.\"\"\"
 from keyrotation_factory import key_class_dags
@@ -107,6 +148,23 @@ def aws_runtime(config: KeyClassConfig, moto, ledger_url: str | None = None) -> 
     storage = Storage(AwsCredentials(moto.access_key, moto.secret_key, region_name=moto.region,
                                      endpoint_url=moto.url))
     return KeyClassRuntime(config, backend, Ledger(ledger_url), storage=lambda _ds: storage)
+
+
+def gcp_runtime(config: KeyClassConfig, gcp, role: str | None = None, ledger_url: str | None = None
+                ) -> KeyClassRuntime:
+    """A runtime as the Airflow hooks build it, with the connection of ``role`` (None: the server's owner, who
+    may do anything: for setting up and checking what the DAGs did)."""
+    import os
+
+    from keyrotation_airflow.hooks.kms import KeyClassKmsHook
+    from keyrotation_airflow.runtime import dataset_storage
+
+    kc = config.key_class
+    if role is None:
+        os.environ["AIRFLOW_CONN_GCP_OWNER"] = gcp.owner_connection()
+        kc = kc.model_copy(update={"conn_id": "gcp_owner", "connections": {}})
+    backend = KeyClassKmsHook(kc, role or "rotate").get_backend()
+    return KeyClassRuntime(config, backend, Ledger(ledger_url), storage=dataset_storage(kc, role or "reencrypt"))
 
 
 def seed(rt: KeyClassRuntime, dataset: str, partitions: list[str], rows: int = 50) -> int:

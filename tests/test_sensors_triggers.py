@@ -24,7 +24,7 @@ def test_trigger_serializes_to_an_importable_class_without_secrets():
     classpath, kwargs = trigger.serialize()
     module, name = classpath.rsplit(".", 1)
     rebuilt = getattr(importlib.import_module(module), name)(**kwargs)
-    assert kwargs == {"key_class": "pii", "version": 3, "poll_interval": 0.5}
+    assert kwargs == {"key_class": "pii", "version": 3, "poll_interval": 0.5, "timeout": None}
     assert rebuilt.serialize() == (classpath, kwargs)
 
 

@@ -511,9 +511,9 @@ class KeyRotationClient:
     def from_key_class(cls, config: KeyClassConfig, *, kms_client: Any, ledger: Ledger | sa.Engine | str,
                        engine: sa.Engine | None = None, dataset: str | None = None,
                        retry: RetryPolicy | None = APP_RETRY, **kwargs: Any) -> KeyRotationClient:
-        """A client for a key class config: ``kms_client`` is an ``hvac.Client`` (``vault_transit``) or a
-        boto3 KMS client (``aws_kms``). ``dataset`` (or the only Parquet dataset) gives the encrypted
-        columns of :meth:`write_parquet`."""
+        """A client for a key class config: ``kms_client`` is an ``hvac.Client`` (``vault_transit``), a
+        boto3 KMS client (``aws_kms``) or a ``KeyManagementServiceClient`` (``gcp_kms``). ``dataset`` (or
+        the only Parquet dataset) gives the encrypted columns of :meth:`write_parquet`."""
         kc = config.key_class
         if kc.backend == "vault_transit":
             from keyrotation.backends.vault_transit import VaultTransitBackend
@@ -525,6 +525,10 @@ class KeyRotationClient:
             options = kc.aws_options
             backend = AwsKmsBackend(kms_client, kc.key_ref, strategy=options.strategy, key_class=kc.name,
                                     retry=retry, max_requests_per_second=options.max_requests_per_second)
+        elif kc.backend == "gcp_kms":
+            from keyrotation.backends.gcp_kms import GcpKmsBackend
+
+            backend = GcpKmsBackend(kms_client, kc.key_ref, key_class=kc.name, retry=retry)
         else:  # pragma: no cover - the config refuses other backends
             raise InvalidInput(f"key class {kc.name!r}: backend {kc.backend!r} is not supported by the client")
         if "encrypted_columns" not in kwargs:

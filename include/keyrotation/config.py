@@ -143,9 +143,35 @@ class AwsKeyOptions(_Strict):
     )
 
 
+class GcpKeyOptions(_Strict):
+    """How a key class maps onto Google Cloud KMS (backend ``gcp_kms``)."""
+
+    protection_level: Literal["SOFTWARE", "HSM"] = Field(
+        default="SOFTWARE", description="Protection level of the versions a created key gets (HSM versions pass "
+        "through PENDING_GENERATION before they are enabled).")
+    sync_rotation_schedule: bool = Field(
+        default=False, description="Also set Cloud KMS's own rotation_period (= rotation.rotate_after or the "
+        "cryptoperiod) and next_rotation_time on the key, so Cloud KMS adds versions even if Airflow is down.")
+    destroy_scheduled_duration: Duration = Field(
+        default=timedelta(days=30), description="For a created key: how long a destroyed version stays restorable "
+        "(Cloud KMS allows 1 to 120 days).")
+    impersonation_chain: list[str] | None = Field(
+        default=None, description="Service accounts to impersonate, as the google provider's hooks take them.")
+
+    @field_validator("destroy_scheduled_duration")
+    @classmethod
+    def _destroy_window(cls, value: timedelta) -> timedelta:
+        if not timedelta(days=1) <= value <= timedelta(days=120):
+            raise ValueError("Cloud KMS allows a destroy_scheduled_duration of 1 to 120 days")
+        return value
+
+
+_GCP_KEY = re.compile(r"^projects/[^/]+/locations/[^/]+/keyRings/[^/]+/cryptoKeys/[^/]+$")
+
+
 class KeyClass(_Strict):
     name: str = Field(pattern=_NAME)
-    backend: Literal["vault_transit", "aws_kms"]
+    backend: Literal["vault_transit", "aws_kms", "gcp_kms"]
     key_ref: str = Field(min_length=1, description="Key name (Transit), ARN/alias (AWS) or resource name (GCP).")
     conn_id: str = Field(min_length=1, description="Airflow connection that reaches the KMS.")
     connections: dict[Literal["rotate", "reencrypt", "retire", "report"], str] = Field(
@@ -160,6 +186,7 @@ class KeyClass(_Strict):
     retire: RetirePolicy = RetirePolicy()
     events: EventSource | None = Field(default=None, description="Rotate on messages from this queue too.")
     aws: AwsKeyOptions | None = Field(default=None, description="AWS KMS options (backend aws_kms).")
+    gcp: GcpKeyOptions | None = Field(default=None, description="Cloud KMS options (backend gcp_kms).")
     kms_pool: str | None = Field(
         default=None, description="Airflow pool for every task that calls the KMS, so that more workers never "
         "mean more concurrent KMS calls than the pool has slots."
@@ -173,7 +200,17 @@ class KeyClass(_Strict):
                 raise ValueError("key_ref must be an alias (alias/<name>) for the aws_kms alias strategy")
         elif self.aws is not None:
             raise ValueError(f"the aws section applies to backend aws_kms, not {self.backend}")
+        if self.backend == "gcp_kms":
+            if not _GCP_KEY.match(self.key_ref):
+                raise ValueError("key_ref must be a CryptoKey resource name "
+                                 "(projects/P/locations/L/keyRings/R/cryptoKeys/K) for backend gcp_kms")
+        elif self.gcp is not None:
+            raise ValueError(f"the gcp section applies to backend gcp_kms, not {self.backend}")
         return self
+
+    @property
+    def gcp_options(self) -> GcpKeyOptions:
+        return self.gcp or GcpKeyOptions()
 
     @property
     def aws_options(self) -> AwsKeyOptions:
@@ -193,12 +230,14 @@ class Dataset(_Strict):
     name: str = Field(pattern=_NAME)
     location: str = Field(min_length=1, description="Local path, s3://bucket/prefix or another pyarrow filesystem "
                           "URI of the dataset root.")
-    format: Literal["parquet", "sse_kms_objects", "sql_table"] = Field(
+    format: Literal["parquet", "sse_kms_objects", "gcs_cmek_objects", "sql_table"] = Field(
         default="parquet", description="parquet: Parquet partitions with encrypted columns (PME); sse_kms_objects: "
         "any S3 objects encrypted with SSE-KMS under the key class's key (backend aws_kms, alias strategy); "
+        "gcs_cmek_objects: any GCS objects encrypted with the key class's key as CMEK (backend gcp_kms); "
         "sql_table: encrypted columns of a PostgreSQL table (location: a SQLAlchemy URL, or conn_id).")
     conn_id: str | None = Field(default=None, description="Airflow connection for the storage (s3:// locations: "
-                                "an aws connection; default: the key class's conn_id).")
+                                "an aws connection, gs:// a google_cloud_platform one; default: the key class's "
+                                "conn_id when its backend is of the same cloud).")
     partitioning: str = Field(default="dt", pattern=r"^[a-z_]+$", description="Partition directory key: dt=YYYY-MM-DD.")
     encrypted_columns: list[str] = Field(default_factory=list, validate_default=True,
                                         description="Columns to encrypt (parquet, sql_table).")
@@ -240,6 +279,12 @@ class KeyClassConfig(_Strict):
                                      "strategy (the object's SSE-KMS key id tells its version)")
                 if not d.location.startswith("s3://"):
                     raise ValueError(f"dataset {d.name}: sse_kms_objects needs an s3:// location")
+            if d.format == "gcs_cmek_objects":
+                if self.key_class.backend != "gcp_kms":
+                    raise ValueError(f"dataset {d.name}: gcs_cmek_objects needs backend gcp_kms (the object's "
+                                     "kmsKeyName names its key version)")
+                if not d.location.startswith("gs://"):
+                    raise ValueError(f"dataset {d.name}: gcs_cmek_objects needs a gs:// location")
             if d.format == "sql_table" and not (d.table and d.partition_column):
                 raise ValueError(f"dataset {d.name}: sql_table needs table and partition_column")
         return self

@@ -30,6 +30,7 @@ from keyrotation.errors import KeyRotationError
 # Event names, as they appear in the ledger and in reports.
 KEY_CREATED = "key_created"
 VERSION_CREATED = "version_created"
+VERSION_PROMOTED = "version_promoted"
 REFERENCE_UPDATED = "reference_updated"
 ROTATION_SKIPPED = "rotation_skipped"
 PARTITION_WRITTEN = "partition_written"

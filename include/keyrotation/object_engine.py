@@ -1,4 +1,7 @@
-"""Re-encryption of S3 objects encrypted by S3 itself (SSE-KMS), partition by partition.
+"""Re-encryption of objects that the cloud encrypts itself, partition by partition: S3 objects under
+SSE-KMS and GCS objects under a customer-managed key (CMEK). What follows says S3; on GCS the
+object's ``kmsKeyName`` names its CryptoKeyVersion, the copy is ``objects.rewrite`` with the key as
+``destinationKmsKeyName`` (GCS encrypts with its primary) guarded by the object's generation.
 
 The object's ``SSEKMSKeyId`` names the KMS key that protects it, and with the alias strategy each
 key is one version of the key class, so the census needs only ``HeadObject``. Re-encryption is
@@ -17,25 +20,35 @@ import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 from keyrotation import ledger as lg
-from keyrotation.backends.aws_kms import AwsKmsBackend
 from keyrotation.census import Census, PartitionCensus
 from keyrotation.engine import PartitionEngine, PartitionResult
 from keyrotation.errors import KeyRotationError, PartitionError, ValidationError
 from keyrotation.ledger import Ledger, RunContext
 from keyrotation.locks import PartitionLeases
-from keyrotation.stores.s3_objects import ObjectInfo, SseKmsObjectStore
+from keyrotation.stores.objects import EncryptedObjectStore, ObjectInfo
 
 log = logging.getLogger(__name__)
 COPY_THREADS = 8
 STRAY = "(outside partitions)"
 
 
-class ObjectReencryptionEngine(PartitionEngine):
-    """Census, re-encryption and validation of one ``sse_kms_objects`` dataset of one key class."""
+class ObjectKeyVersions(Protocol):
+    """What the engine asks of the key class's backend (AWS KMS alias strategy, Cloud KMS)."""
 
-    def __init__(self, key_class: str, dataset: str, store: SseKmsObjectStore, backend: AwsKmsBackend,
+    key_ref: str
+
+    def version_of_key_id(self, key_id: str) -> int | None: ...
+
+    def key_id_of(self, version: int) -> str: ...
+
+
+class ObjectReencryptionEngine(PartitionEngine):
+    """Census, re-encryption and validation of one ``sse_kms_objects`` or ``gcs_cmek_objects`` dataset."""
+
+    def __init__(self, key_class: str, dataset: str, store: EncryptedObjectStore, backend: ObjectKeyVersions,
                  ledger: Ledger, ctx: RunContext | None = None) -> None:
         self.key_class = key_class
         self.dataset = dataset
@@ -51,14 +64,15 @@ class ObjectReencryptionEngine(PartitionEngine):
         """The key class version whose KMS key protects the object; PartitionError if none does."""
         if not info.kms_key_id:
             raise PartitionError(self.store.partition_of(info.key),
-                                 f"object {info.key} is not encrypted with SSE-KMS, so no key version protects it")
+                                 f"object {info.key} is not encrypted with a KMS key (SSE-KMS or CMEK), so no key "
+                                 "version protects it")
         if info.kms_key_id not in self._versions:
             self._versions[info.kms_key_id] = self.backend.version_of_key_id(info.kms_key_id)
         version = self._versions[info.kms_key_id]
         if version is None:
             raise PartitionError(self.store.partition_of(info.key),
                                  f"object {info.key} is encrypted with KMS key {info.kms_key_id}, which is not a "
-                                 f"version of key class {self.key_class} ({self.backend.key_ref}/vN)")
+                                 f"version of key class {self.key_class} ({self.backend.key_ref})")
         return version
 
     def partition_census(self, partition: str, objects: list[ObjectInfo] | None = None) -> PartitionCensus:
@@ -126,7 +140,7 @@ class ObjectReencryptionEngine(PartitionEngine):
                                                  "before it")
         result = PartitionResult(partition, "reencrypted", before.oldest, target_version, len(after),
                                  census.bytes, digest, time.monotonic() - start)
-        self._record(lg.PARTITION_REENCRYPTED, result, detail={"mode": "s3_copy", "objects": len(stale)})
+        self._record(lg.PARTITION_REENCRYPTED, result, detail={"mode": self.store.copy_mode, "objects": len(stale)})
         return result
 
     def _reconcile(self, partition: str, census: PartitionCensus, digest: str, start: float) -> PartitionResult:

@@ -69,9 +69,12 @@ CLOUD_KMS_USD_PER_10K = 0.03
 # reencrypt: unwrap the old KEK, wrap the new one, unwrap it again to read the staged file back.
 # Validation afterwards: one unwrap per file.
 REQUESTS_PER_FILE = {"rewrap": 1 + 1, "reencrypt": 3 + 1}
+# Where the KMS cannot rewrap server-side (Cloud KMS), rewrap is a decrypt and an encrypt per file.
+REQUESTS_PER_FILE_CLIENT_REWRAP = {"rewrap": 2 + 1, "reencrypt": 3 + 1}
 # SSE-KMS objects, requests S3 makes to KMS for us: read before (decrypt), copy (decrypt + generate a
 # data key), read after (decrypt), validation (decrypt). Without S3 Bucket Keys each counts.
 REQUESTS_PER_OBJECT = 1 + 2 + 1 + 1
+OBJECT_FORMATS = {"sse_kms_objects": "S3", "gcs_cmek_objects": "GCS"}
 
 
 @dataclass(frozen=True)
@@ -88,14 +91,16 @@ class Estimate:
         return self.kms_requests / 10_000 * CLOUD_KMS_USD_PER_10K
 
 
-def estimate(census: Census, partitions: list[str], mode: str, data_format: str = "parquet") -> Estimate:
+def estimate(census: Census, partitions: list[str], mode: str, data_format: str = "parquet",
+             server_side_rewrap: bool = True) -> Estimate:
     """What a run over ``partitions`` will touch and cost in KMS requests (rows and bytes as last recorded)."""
     known = [census.partitions[p] for p in partitions if p in census.partitions]
     files = sum(p.files for p in known)
-    if data_format == "sse_kms_objects":
-        per_file, basis = REQUESTS_PER_OBJECT, f"{REQUESTS_PER_OBJECT} per object (made by S3), validation included"
+    if data_format in OBJECT_FORMATS:
+        per_file, basis = REQUESTS_PER_OBJECT, (f"{REQUESTS_PER_OBJECT} per object (made by "
+                                                f"{OBJECT_FORMATS[data_format]}), validation included")
     else:
-        per_file = REQUESTS_PER_FILE[mode]
+        per_file = (REQUESTS_PER_FILE if server_side_rewrap else REQUESTS_PER_FILE_CLIENT_REWRAP)[mode]
         basis = f"{per_file} per file in {mode} mode, validation included"
     return Estimate(len(partitions), files, sum(p.rows or 0 for p in known), sum(p.bytes or 0 for p in known),
                     files * per_file, basis)

@@ -1,4 +1,4 @@
-"""Rotation of a master key: is it due, create the new version, make it the reference."""
+"""Rotation of a master key: is it due, create the new version, promote it, make it the reference."""
 
 from __future__ import annotations
 
@@ -72,6 +72,14 @@ def create_version(backend: KmsBackend, check: RotationCheck, ledger: Ledger, ct
     else:
         raise ValueError(f"key class {check.key_class!r}: rotation not due ({check.reason})")
     return version
+
+
+def promote_version(backend: KmsBackend, key_class: str, version: int, ledger: Ledger, ctx: RunContext) -> bool:
+    """Make ``version`` the KMS's primary where rotation left that as a step of its own (Cloud KMS)."""
+    if not backend.promote(version):
+        return False
+    ledger.record(lg.VERSION_PROMOTED, key_class, ctx, to_version=version, detail={"primary": version})
+    return True
 
 
 def update_reference(key_class: str, version: int, ledger: Ledger, ctx: RunContext) -> int | None:

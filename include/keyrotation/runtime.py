@@ -59,7 +59,8 @@ class KeyClassRuntime:
 
     def engine(self, dataset: str, ctx: RunContext | None = None, checkpoint: Checkpoint | None = None
                ) -> ReencryptionEngine | ObjectReencryptionEngine | SqlTableEngine:
-        """The engine of ``dataset``'s format: Parquet partitions (PME), SSE-KMS objects in S3, or a SQL table."""
+        """The engine of ``dataset``'s format: Parquet partitions (PME), SSE-KMS objects in S3, CMEK objects in
+        GCS, or a SQL table."""
         ds = self.config.dataset(dataset)
         if ds.format == "sql_table":
             from keyrotation.sql_engine import SqlTableEngine
@@ -71,6 +72,12 @@ class KeyClassRuntime:
 
             store = SseKmsObjectStore(self.storage(ds).s3_client(ds.location), ds.location, ds.partitioning)
             return ObjectReencryptionEngine(self.name, dataset, store, self.backend, self.ledger, ctx)
+        if ds.format == "gcs_cmek_objects":
+            from keyrotation.object_engine import ObjectReencryptionEngine
+            from keyrotation.stores.gcs_objects import CmekObjectStore
+
+            store = CmekObjectStore(self.storage(ds).gcs_client(ds.location), ds.location, ds.partitioning)
+            return ObjectReencryptionEngine(self.name, dataset, store, self.backend, self.ledger, ctx)
         return ReencryptionEngine(self.name, dataset, self.store(dataset), self.pme(dataset), self.ledger, ctx,
                                   checkpoint)
 
@@ -79,7 +86,7 @@ class KeyClassRuntime:
         return engine.store.list_partitions()
 
     def census(self, dataset: str, partitions: list[str] | None = None) -> Census:
-        if self.config.dataset(dataset).format in ("sse_kms_objects", "sql_table"):
+        if self.config.dataset(dataset).format in ("sse_kms_objects", "gcs_cmek_objects", "sql_table"):
             return self.engine(dataset).census(partitions)
         return take_census(dataset, self.store(dataset), self.pme(dataset), partitions)
 

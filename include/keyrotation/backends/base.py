@@ -71,6 +71,14 @@ class KmsBackend(abc.ABC):
     def rotate(self) -> int:
         """Add a new primary version; return its number."""
 
+    def promote(self, version: int) -> bool:
+        """Make ``version`` the primary, the one new data is encrypted with (Tink's promote-key).
+
+        True if the primary changed. Where :meth:`rotate` makes the new version primary already
+        (Transit, AWS), there is nothing to do and this returns False.
+        """
+        return False
+
     @abc.abstractmethod
     def wrap(self, plaintext: bytes, version: int | None = None) -> str:
         """Encrypt a small secret with ``version`` (default: the primary); the result names its version."""

@@ -2,7 +2,7 @@
 
 Each data file ``X.parquet`` has a sidecar ``_KEY_MATERIAL_FOR_X.parquet.json`` holding its data
 keys, double-wrapped: DEK -> KEK (local) -> master key version (KMS). A KEK rotation rewrites only
-the sidecar (``CryptoFactory.rotate_master_keys``); a full re-encryption writes new files with
+the sidecar (the wrapped KEKs re-wrapped by the backend); a full re-encryption writes new files with
 fresh data keys. The wrapped KEK names its master key version (``vault:vN:...`` for Transit), so
 which version protects a file is known from the sidecar alone, without reading data.
 """
@@ -22,8 +22,8 @@ from keyrotation.backends.base import KmsBackend
 from keyrotation.errors import BackendError
 
 KEY_MATERIAL_PREFIX = "_KEY_MATERIAL_FOR_"
-# Prefix of re-wrapped key material before it is renamed over the old: pyarrow's rotate_master_keys
-# uses it too, so a crash leaves only names that PartitionStore.clean recognises.
+# Prefix of re-wrapped key material before it is renamed over the old (pyarrow's own key rotation
+# uses it too), so a crash leaves only names that PartitionStore.clean recognises.
 TEMP_MATERIAL_PREFIX = "_TMP"
 
 
@@ -91,20 +91,17 @@ class ParquetEncryption:
     def rotate(self, path: str, filesystem: pafs.FileSystem, version: int) -> None:
         """Re-wrap the file's key material under ``version``; the data file is not touched.
 
-        Server-side (:meth:`rewrap`) where the backend can; otherwise pyarrow's ``rotate_master_keys``,
-        which unwraps each KEK here, in memory, and wraps a new one.
+        The backend re-wraps the KEKs: in the KMS where it can (Transit's batch rewrap, AWS's
+        ReEncrypt), else by decrypting and encrypting each one in this process's memory (Cloud KMS).
+        pyarrow's own ``CryptoFactory.rotate_master_keys`` is not used: it hangs on a
+        ``GcsFileSystem`` (pyarrow 26), and it would unwrap KEKs locally even where the KMS need not.
         """
-        if self.backend.server_side_rewrap:
-            self.rewrap(path, filesystem, version)
-            return
-        self._factory(version).rotate_master_keys(
-            pe.KmsConnectionConfig(), path, filesystem, double_wrapping=True, cache_lifetime_seconds=60
-        )
+        self.rewrap(path, filesystem, version)
 
     def rewrap(self, path: str, filesystem: pafs.FileSystem, version: int) -> None:
-        """Re-wrap the file's key material under ``version`` server-side (the KMS's batch rewrap).
+        """Re-wrap the file's key material under ``version`` through the backend's :meth:`rewrap`.
 
-        The KEKs never leave the KMS in plaintext, and one batch call serves the whole file. The new
+        Server-side, the KEKs never leave the KMS in plaintext, and one batch call serves the whole file. The new
         material is written under a temporary name and renamed over the old, so a crash leaves one or
         the other, both decryptable.
         """

@@ -1,4 +1,5 @@
-"""Where a dataset's bytes live: local paths, S3 through pyarrow and boto3, or a SQL database.
+"""Where a dataset's bytes live: local paths, S3 through pyarrow and boto3, GCS through pyarrow and
+google-cloud-storage, or a SQL database.
 
 Credentials come in from the caller (an Airflow connection through the hooks, or a script), never
 from config files. :class:`Storage` is what a runtime asks for a dataset's filesystem and, for
@@ -58,11 +59,57 @@ class AwsCredentials:
                             aws_session_token=self.session_token)
 
 
-class Storage:
-    """Filesystems for dataset locations: local paths and pyarrow URIs as they are, S3 with credentials."""
+@dataclass(frozen=True)
+class GcpCredentials:
+    """What a ``google_cloud_platform`` connection resolves to for GCS.
 
-    def __init__(self, aws: AwsCredentials | None = None, sql_url: str | None = None) -> None:
+    ``credentials`` is a google-auth credentials object (None: anonymous, for a local emulator);
+    ``storage_endpoint`` (e.g. ``http://127.0.0.1:9023``) reaches another GCS JSON API endpoint.
+    """
+
+    credentials: Any = None
+    project: str | None = None
+    storage_endpoint: str | None = None
+
+    def __repr__(self) -> str:  # never show the credentials
+        return f"GcpCredentials(project={self.project!r}, storage_endpoint={self.storage_endpoint!r})"
+
+    def gcs_filesystem(self) -> pafs.GcsFileSystem:
+        kwargs: dict[str, Any] = {}
+        if self.storage_endpoint:
+            url = urlparse(self.storage_endpoint)
+            kwargs.update(endpoint_override=url.netloc, scheme=url.scheme or "https")
+        if self.credentials is None:
+            return pafs.GcsFileSystem(anonymous=True, **kwargs)
+        import google.auth.transport.requests
+
+        if not self.credentials.valid:
+            self.credentials.refresh(google.auth.transport.requests.Request())
+        expiry = self.credentials.expiry
+        if expiry is not None and expiry.tzinfo is None:
+            from datetime import UTC
+
+            expiry = expiry.replace(tzinfo=UTC)
+        return pafs.GcsFileSystem(access_token=self.credentials.token, credential_token_expiration=expiry,
+                                  project_id=self.project, **kwargs)
+
+    def client(self) -> Any:
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        options = {"api_endpoint": self.storage_endpoint} if self.storage_endpoint else None
+        return storage.Client(project=self.project or "_", credentials=self.credentials or AnonymousCredentials(),
+                              client_options=options)
+
+
+class Storage:
+    """Filesystems for dataset locations: local paths and pyarrow URIs as they are, S3 and GCS with
+    credentials."""
+
+    def __init__(self, aws: AwsCredentials | None = None, sql_url: str | None = None,
+                 gcp: GcpCredentials | None = None) -> None:
         self.aws = aws
+        self.gcp = gcp
         #: For sql_table datasets: the SQLAlchemy URL resolved from a connection (else the location is one).
         self.sql_url = sql_url
 
@@ -72,6 +119,8 @@ class Storage:
             return pafs.LocalFileSystem(), path
         if scheme == "s3" and self.aws is not None:
             return self.aws.s3_filesystem(), path
+        if scheme == "gs" and self.gcp is not None:
+            return self.gcp.gcs_filesystem(), path
         try:
             return pafs.FileSystem.from_uri(location)
         except (ValueError, OSError) as exc:
@@ -82,3 +131,10 @@ class Storage:
         if scheme != "s3":
             raise PartitionError("*", f"dataset location {location} is not an s3:// location")
         return (self.aws or AwsCredentials()).client("s3")
+
+    def gcs_client(self, location: str) -> Any:
+        """A google-cloud-storage client for a ``gs://`` location."""
+        scheme, _ = split_location(location)
+        if scheme != "gs":
+            raise PartitionError("*", f"dataset location {location} is not a gs:// location")
+        return (self.gcp or GcpCredentials()).client()

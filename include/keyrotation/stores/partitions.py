@@ -62,11 +62,19 @@ class PartitionStore:
     def list_partitions(self) -> list[str]:
         self.require_root()
         prefix = f"{self.partitioning}="
-        names = [
+        names = {
             posixpath.basename(i.path)
             for i in self.fs.get_file_info(pafs.FileSelector(self.root))
             if i.type == pafs.FileType.Directory
-        ]
+        }
+        if isinstance(self.fs, pafs.GcsFileSystem):
+            # pyarrow's GCS listing shows a folder only where a folder marker object exists (GCS itself
+            # has none): derive the partition folders from the object names as well.
+            root = self.root.rstrip("/") + "/"
+            for info in self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True)):
+                rest = info.path[len(root):] if info.path.startswith(root) else ""
+                if "/" in rest:
+                    names.add(rest.split("/", 1)[0])
         return sorted(n[len(prefix):] for n in names if n.startswith(prefix))
 
     def _listing(self, partition: str) -> list[str]:

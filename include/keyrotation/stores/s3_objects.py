@@ -39,8 +39,7 @@ import hashlib
 import logging
 import math
 import re
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -48,6 +47,7 @@ from botocore import xform_name
 from botocore.exceptions import ClientError
 
 from keyrotation.errors import KeyRotationError, PartitionError, PermissionDenied
+from keyrotation.stores.objects import ObjectInfo, PartitionedObjectLayout
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +71,6 @@ _CHANGED_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 
 
-@dataclass(frozen=True)
-class ObjectInfo:
-    """One object as HeadObject describes it."""
-
-    key: str  # full object key
-    size: int
-    kms_key_id: str | None  # SSEKMSKeyId from HeadObject (an ARN on AWS); None if not SSE-KMS
-    last_modified: datetime  # tz-aware
-    etag: str
-
-
 def _info(key: str, head: dict[str, Any]) -> ObjectInfo:
     modified = head["LastModified"]
     if modified.tzinfo is None:
@@ -91,8 +80,10 @@ def _info(key: str, head: dict[str, Any]) -> ObjectInfo:
                       etag=head["ETag"])
 
 
-class SseKmsObjectStore:
+class SseKmsObjectStore(PartitionedObjectLayout):
     """The objects under ``s3://bucket/prefix``, grouped by their ``<partitioning>=<value>/`` folder."""
+
+    copy_mode = "s3_copy"
 
     def __init__(self, client: Any, location: str, partitioning: str = "dt",
                  multipart_threshold: int = 5 * GiB, part_size: int = 512 * MiB) -> None:
@@ -105,54 +96,21 @@ class SseKmsObjectStore:
         match = _LOCATION.match(location)
         if not match:
             raise PartitionError("*", f"dataset location {location!r} is not s3://<bucket>[/<prefix>]")
-        if not partitioning or "/" in partitioning or "=" in partitioning:
-            raise ValueError(f"partitioning {partitioning!r} must be a non-empty name without '/' or '='")
         if not 0 <= multipart_threshold <= MAX_COPY_SIZE:
             raise ValueError(f"multipart_threshold must be between 0 and {MAX_COPY_SIZE} bytes")
         if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
             raise ValueError(f"part_size must be between {MIN_PART_SIZE} and {MAX_PART_SIZE} bytes")
+        self._init_layout(location, partitioning, match.group(2) or "")
         self.client = client
-        self.location = location
-        self.partitioning = partitioning
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
         self.bucket = match.group(1)
-        prefix = (match.group(2) or "").strip("/")
-        self.root = f"{prefix}/" if prefix else ""  # every key of the dataset starts with this
 
     # -- layout -------------------------------------------------------------------------------
-    @property
-    def _marker(self) -> str:
-        return f"{self.root}{self.partitioning}="
-
-    def partition_of(self, key: str) -> str:
-        """The partition value of an object key; PartitionError if the key is in no partition folder."""
-        if not key.startswith(self._marker) or "/" not in key[len(self._marker):]:
-            raise PartitionError("*", f"object key {key!r} is not inside a {self.partitioning}=<value>/ folder "
-                                      f"of {self.location}")
-        return key[len(self._marker):].split("/", 1)[0]
-
-    def list_partitions(self) -> list[str]:
-        """Sorted values of the ``<partitioning>=<value>/`` folders directly under the prefix."""
-        keys, folders = self._list(self.root, "*", delimiter="/")
-        if not keys and not folders:
-            raise PartitionError("*", f"dataset location {self.location} holds no objects")
-        return sorted({f[len(self._marker):-1] for f in folders if f.startswith(self._marker)})
-
-    def stray_keys(self) -> list[str]:
-        """Sorted keys under the prefix that are not inside a ``<partitioning>=<value>/`` folder."""
-        keys, folders = self._list(self.root, "*", delimiter="/")
-        for folder in folders:
-            if not folder.startswith(self._marker):
-                keys += self._list(folder, "*")[0]
-        return sorted(keys)
-
     def objects(self, partition: str) -> list[ObjectInfo]:
         """Every object of a partition, sorted by key, each from HeadObject (which names its KMS key)."""
-        if not partition or "/" in partition:
-            raise PartitionError(partition, "not a valid partition value")
-        prefix = f"{self._marker}{partition}/"
-        keys, _ = self._list(prefix, partition)
+        prefix = self._partition_prefix(partition)
+        keys, _ = self._list_keys(prefix, partition)
         if not keys:
             raise PartitionError(partition, f"no objects under s3://{self.bucket}/{prefix}")
         return [self.head(key) for key in sorted(keys)]
@@ -240,23 +198,13 @@ class SseKmsObjectStore:
         self._check_inside(key)
         return self._call("HeadObject", key, Bucket=self.bucket, Key=key)
 
-    def _check_inside(self, key: str) -> None:
-        if not key.startswith(self.root) or key == self.root:
-            raise PartitionError("*", f"object key {key!r} is outside the dataset {self.location}")
-
-    def _label(self, key: str) -> str:
-        try:
-            return self.partition_of(key)
-        except PartitionError:
-            return "*"
-
     def _call(self, action: str, key: str, **kwargs: Any) -> dict[str, Any]:
         try:
             return getattr(self.client, xform_name(action))(**kwargs)
         except ClientError as exc:
             raise self._error(exc, action, key, self._label(key)) from None
 
-    def _list(self, prefix: str, label: str, delimiter: str | None = None) -> tuple[list[str], list[str]]:
+    def _list_keys(self, prefix: str, label: str, delimiter: str | None = None) -> tuple[list[str], list[str]]:
         """Keys and (with a delimiter) folder prefixes under ``prefix``, through every page."""
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix,
                                   "PaginationConfig": {"PageSize": LIST_PAGE_SIZE}}

@@ -23,6 +23,9 @@ class KeyClassKmsHook(BaseHook):
       ``VaultHook`` supports).
     * ``aws_kms``: an ``aws`` connection, through the amazon provider's ``AwsBaseHook`` (keys,
       profiles or role assumption; ``endpoint_url`` in its extra reaches a local AWS-API server).
+    * ``gcp_kms``: a ``google_cloud_platform`` connection, through the google provider's
+      ``CloudKMSHook`` (key file, key dict, ADC or impersonation); ``kms_endpoint`` in its extra
+      (``host:port``) reaches another Cloud KMS endpoint, e.g. a regional or private one.
 
     :param key_class: The key class whose master key to reach.
     :param role: ``rotate``, ``reencrypt``, ``retire`` or ``report``.
@@ -37,8 +40,25 @@ class KeyClassKmsHook(BaseHook):
         self.conn_id = key_class.conn_for(role)
         self._backend: KmsBackend | None = None
 
+    def _cloud_kms_hook(self) -> Any:
+        from airflow.providers.google.cloud.hooks.kms import CloudKMSHook
+
+        return CloudKMSHook(gcp_conn_id=self.conn_id,
+                            impersonation_chain=self.key_class.gcp_options.impersonation_chain)
+
     def get_conn(self) -> Any:
-        """The backend's client (``hvac.Client`` for Vault/OpenBao Transit, a boto3 KMS client for AWS)."""
+        """The backend's client (``hvac.Client`` for Vault/OpenBao Transit, a boto3 KMS client for AWS, a
+        ``KeyManagementServiceClient`` for Cloud KMS)."""
+        if self.key_class.backend == "gcp_kms":
+            hook = self._cloud_kms_hook()
+            endpoint = hook._get_field("kms_endpoint", None)
+            if not endpoint:
+                return hook.get_conn()
+            from airflow.providers.google.common.consts import CLIENT_INFO
+            from google.cloud.kms_v1 import KeyManagementServiceClient
+
+            return KeyManagementServiceClient(credentials=hook.get_credentials(), client_info=CLIENT_INFO,
+                                              client_options=hook.get_client_options(endpoint))
         if self.key_class.backend == "aws_kms":
             from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
 
@@ -69,6 +89,26 @@ class KeyClassKmsHook(BaseHook):
                     rotation_period_days=options.rotation_period_days,
                     deletion_window_days=options.deletion_window_days,
                     max_requests_per_second=options.max_requests_per_second)
+            elif self.key_class.backend == "gcp_kms":
+                from keyrotation.backends.gcp_kms import GcpKmsBackend
+
+                options, rotation = self.key_class.gcp_options, self.key_class.rotation
+                self._backend = GcpKmsBackend(
+                    self.get_conn(), self.key_class.key_ref, key_class=self.key_class.name,
+                    protection_level=options.protection_level,
+                    rotation_period=rotation.due_after if options.sync_rotation_schedule else None,
+                    destroy_scheduled_duration=options.destroy_scheduled_duration)
             else:
                 raise ValueError(f"key class {self.key_class.name!r}: unsupported backend {self.key_class.backend!r}")
         return self._backend
+
+    def cloud_kms_client_args(self) -> dict[str, Any]:
+        """Credentials and client options of the connection (gcp_kms), to build a Cloud KMS client with; an
+        async client must be built inside its event loop, from these."""
+        if self.key_class.backend != "gcp_kms":
+            raise ValueError(f"key class {self.key_class.name!r}: backend {self.key_class.backend} is not gcp_kms")
+        from airflow.providers.google.common.consts import CLIENT_INFO
+
+        hook = self._cloud_kms_hook()
+        return {"credentials": hook.get_credentials(), "client_info": CLIENT_INFO,
+                "client_options": hook.get_client_options(hook._get_field("kms_endpoint", None))}

@@ -73,7 +73,8 @@ class PlanReencryptionOperator(BaseOperator):
         chunks = chunk(partitions, policy.chunk_size)
         self.log.info("plan (%s): %d partitions to bring under v%s in %d chunks: %s", scope, len(partitions),
                       target, len(chunks), ", ".join(partitions[:10]) + (" ..." if len(partitions) > 10 else ""))
-        cost = estimate(census, partitions, mode, rt.config.dataset(self.dataset).format)
+        cost = estimate(census, partitions, mode, rt.config.dataset(self.dataset).format,
+                        rt.backend.server_side_rewrap)
         self.log.info("plan totals: %d rows, %d bytes, %d files; about %d KMS requests (%s), at list prices "
                       "about $%.4f on AWS KMS or Cloud KMS (software keys), $0 on Vault/OpenBao", cost.rows,
                       cost.bytes, cost.files, cost.kms_requests, cost.basis, cost.cloud_cost_usd)

@@ -9,7 +9,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from keyrotation import ledger as lg
-from keyrotation.rotation import check_rotation, create_version, update_reference
+from keyrotation.rotation import check_rotation, create_version, promote_version, update_reference
 from keyrotation_airflow.runtime import denied_fails_fast, key_class_runtime, run_context, run_type
 
 
@@ -80,7 +80,8 @@ class RotateKeyOperator(BaseOperator):
 
 class UpdateKeyReferenceOperator(BaseOperator):
     """
-    Record a version as the key class's current version in the ledger (the reference every
+    Make a version the KMS's primary where that is a step of its own (Cloud KMS, once the version
+    is enabled), record it as the key class's current version in the ledger (the reference every
     re-encryption targets) and emit the key class's Asset event with the new version in its extra.
 
     :param key_class: Key class name. (templated)
@@ -98,6 +99,9 @@ class UpdateKeyReferenceOperator(BaseOperator):
     def execute(self, context: Any) -> dict:
         rt = key_class_runtime(self.key_class, "rotate")
         version = int(self.version)
+        with denied_fails_fast():
+            if promote_version(rt.backend, rt.name, version, rt.ledger, run_context(context)):
+                self.log.info("key class %s: v%s is now the KMS's primary version", rt.name, version)
         previous = update_reference(rt.name, version, rt.ledger, run_context(context))
         self.log.info("key class %s: current version v%s (was %s)", rt.name, version,
                       f"v{previous}" if previous else "none")

@@ -7,7 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import BaseSensorOperator, conf
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException, AirflowSensorTimeout
 
 from keyrotation_airflow.runtime import denied_fails_fast
 from keyrotation_airflow.triggers.key_version import KeyVersionReadyTrigger, version_usable
@@ -15,7 +15,10 @@ from keyrotation_airflow.triggers.key_version import KeyVersionReadyTrigger, ver
 
 class KeyVersionReadySensor(BaseSensorOperator):
     """
-    Wait until ``version`` of a key class's master key encrypts and decrypts a random probe.
+    Wait until ``version`` of a key class's master key is usable: on Cloud KMS until the version is
+    ``ENABLED`` (HSM and external keys pass through ``PENDING_GENERATION``), elsewhere until it
+    encrypts and decrypts a random probe. Deferrable: the trigger polls asynchronously and gives up
+    at ``timeout`` with the state the version is still in.
 
     :param key_class: Key class name. (templated)
     :param version: The version to wait for, usually pulled from the rotate task. (templated)
@@ -36,17 +39,24 @@ class KeyVersionReadySensor(BaseSensorOperator):
 
     def execute(self, context: Any) -> Any:
         if self.deferrable and not self.poke(context):
+            # The trigger gives up at the sensor's timeout with an event naming the state the version is
+            # still in; the deferral's own timeout is a backstop a little later.
             self.defer(
-                trigger=KeyVersionReadyTrigger(self.key_class, int(self.version), float(self.poke_interval)),
+                trigger=KeyVersionReadyTrigger(self.key_class, int(self.version), float(self.poke_interval),
+                                               timeout=float(self.timeout)),
                 method_name="execute_complete",
-                timeout=timedelta(seconds=self.timeout),
+                timeout=timedelta(seconds=float(self.timeout) + 2 * float(self.poke_interval) + 60),
             )
         elif not self.deferrable:
             super().execute(context=context)
 
     def execute_complete(self, context: Any, event: dict | None = None) -> None:
+        if event and event.get("status") == "timeout":
+            raise AirflowSensorTimeout(f"{event['message']}: the version is not usable; check the key in the KMS "
+                                       "(an HSM or external key may still be generating or have failed)")
         if not event or event.get("status") != "ready":
-            raise AirflowException(f"key class {self.key_class}: waiting for v{self.version} failed: {event}")
+            detail = (event or {}).get("message") or event
+            raise AirflowException(f"key class {self.key_class}: waiting for v{self.version} failed: {detail}")
         self.log.info("key class %s: v%s is usable", self.key_class, event["version"])
 
     def poke(self, context: Any) -> bool:
