@@ -256,3 +256,24 @@ def test_a_lease_left_by_a_killed_process_on_this_host_is_taken_over(make_key_cl
     with rt.engine("customers").leases.hold("customers", part), pytest.raises(PartitionLocked, match=part):
         with PartitionLeases(rt.ledger).hold("customers", part, wait=0.2):
             pass
+
+
+def test_reencrypt_streams_the_partition_batch_by_batch(make_key_class, vault):
+    """The data passes through in batches of batch_rows: the new file's row groups are those batches, and the
+    digest taken on the way equals the whole table's."""
+    config = make_key_class(mode="reencrypt", name="streaming")
+    rt = runtime(config, vault)
+    table = customers("2024-09-01", 4_500)
+    rt.backend.create_key()
+    rt.engine("customers").write_partition("2024-09-01", table, 1)
+    v2 = rt.backend.rotate()
+    engine = rt.engine("customers")
+    engine.batch_rows = 1_000
+    result = engine.process("2024-09-01", v2, "reencrypt")
+    assert (result.action, result.rows, result.digest) == ("reencrypted", 4_500, table_digest(table))
+    store = rt.store("customers")
+    [name] = store.live_files("2024-09-01")
+    opened = engine.pme.open(store.path("2024-09-01", name), store.fs)
+    assert [opened.metadata.row_group(i).num_rows for i in range(opened.metadata.num_row_groups)] == \
+        [1_000] * 4 + [500]
+    assert engine.validate("2024-09-01", min_version=v2).digest == table_digest(table)

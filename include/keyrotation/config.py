@@ -100,6 +100,10 @@ class ReencryptionPolicy(_Strict):
         "reencrypt: rewrite the data with fresh data keys.",
     )
     chunk_size: int = Field(default=16, ge=1, le=10_000, description="Partitions per mapped task.")
+    batch_rows: int = Field(
+        default=65_536, ge=1_024, le=4_194_304, description="Rows of a Parquet partition decrypted, checked and "
+        "re-encrypted at a time (reencrypt mode, validation): with the 65,536-row row groups keyrotation writes, "
+        "this bounds a task's memory whatever the partition's size.")
 
 
 class RetirePolicy(_Strict):

@@ -5,7 +5,8 @@ Two modes:
 * ``rewrap``: re-wrap each file's key material under the target version. Data files are untouched.
 * ``reencrypt``: decrypt, check the plaintext digest, write a new generation of files with fresh
   data keys under the target version, read it back and check the digest again, then commit by
-  rewriting the partition manifest.
+  rewriting the partition manifest. The data streams through in batches of ``batch_rows`` (the
+  digest is taken as it goes), so memory is bounded by a batch and a row group, not the partition.
 
 Every step is idempotent and every crash point is safe: before the manifest is rewritten the old
 generation is the live one and whatever was staged is removed on the next run; after, the new
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -25,7 +26,7 @@ import pyarrow as pa
 from keyrotation import ledger as lg
 from keyrotation.census import partition_census
 from keyrotation.errors import KeyRotationError, PartitionError, ValidationError
-from keyrotation.formats.digest import table_digest
+from keyrotation.formats.digest import DigestBuilder
 from keyrotation.formats.parquet_pme import ParquetEncryption, key_material_path
 from keyrotation.ledger import Ledger, RunContext
 from keyrotation.locks import PartitionLeases
@@ -34,6 +35,9 @@ from keyrotation.stores.partitions import STAGING_PREFIX, Manifest, PartitionSto
 log = logging.getLogger(__name__)
 
 Checkpoint = Callable[[str], None]
+#: Rows decrypted, hashed and re-encrypted at a time: with the row groups of the files written
+#: (``ROW_GROUP_ROWS``), what bounds a re-encryption's memory, whatever the partition's size.
+DEFAULT_BATCH_ROWS = 65_536
 
 
 def _no_checkpoint(_name: str) -> None:
@@ -109,7 +113,8 @@ class ReencryptionEngine(PartitionEngine):
     """Re-encrypts, writes and validates the partitions of one dataset of one key class."""
 
     def __init__(self, key_class: str, dataset: str, store: PartitionStore, pme: ParquetEncryption,
-                 ledger: Ledger, ctx: RunContext | None = None, checkpoint: Checkpoint | None = None) -> None:
+                 ledger: Ledger, ctx: RunContext | None = None, checkpoint: Checkpoint | None = None,
+                 batch_rows: int = DEFAULT_BATCH_ROWS) -> None:
         self.key_class = key_class
         self.dataset = dataset
         self.store = store
@@ -118,6 +123,7 @@ class ReencryptionEngine(PartitionEngine):
         self.ctx = ctx or RunContext()
         # Tests pass a checkpoint that raises at a named step to simulate a crash there.
         self.checkpoint = checkpoint or _no_checkpoint
+        self.batch_rows = batch_rows
         self.leases = PartitionLeases(ledger)
         self._latest: int | None = None
 
@@ -127,15 +133,59 @@ class ReencryptionEngine(PartitionEngine):
             self._latest = self.pme.backend.key_state().latest_version
         return self._latest
 
+    def _unreadable(self, partition: str, name: str, exc: Exception) -> PartitionError:
+        hint = " (file or key material altered, or protected by another key)" if "decrypt" in str(exc) else ""
+        return PartitionError(partition, f"cannot read {name}: {exc}{hint}")
+
     def _read(self, partition: str, files: list[str]) -> pa.Table:
+        """The whole partition in memory (for callers that need it so; the engine streams)."""
         tables = []
         for name in files:
             try:
                 tables.append(self.pme.read(self.store.path(partition, name), self.store.fs))
             except (OSError, ValueError, pa.ArrowException) as exc:
-                hint = " (file or key material altered, or protected by another key)" if "decrypt" in str(exc) else ""
-                raise PartitionError(partition, f"cannot read {name}: {exc}{hint}") from None
+                raise self._unreadable(partition, name, exc) from None
         return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
+
+    def _batches(self, partition: str, files: list[str]) -> tuple[pa.Schema, int, Iterator[pa.RecordBatch]]:
+        """Schema, row count and the plaintext batches of ``files``, decrypted ``batch_rows`` at a time.
+
+        Files of different schemas (a partition some other tool wrote) are read whole and unified, as
+        :meth:`_read` does, so the digest is the same either way.
+        """
+        sources = []
+        for name in files:
+            try:
+                sources.append((name, self.pme.open(self.store.path(partition, name), self.store.fs)))
+            except (OSError, ValueError, pa.ArrowException) as exc:
+                raise self._unreadable(partition, name, exc) from None
+        schemas = [source.schema_arrow for _, source in sources]
+        if any(not schema.equals(schemas[0]) for schema in schemas[1:]):
+            for _, source in sources:
+                source.close()
+            table = self._read(partition, files)
+            return table.schema, table.num_rows, iter(table.to_batches(max_chunksize=self.batch_rows))
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            try:
+                for name, source in sources:
+                    try:
+                        yield from source.iter_batches(batch_size=self.batch_rows)
+                    except (OSError, ValueError, pa.ArrowException) as exc:
+                        raise self._unreadable(partition, name, exc) from None
+            finally:
+                for _, source in sources:
+                    source.close()
+
+        return schemas[0], sum(source.num_rows for _, source in sources), batches()
+
+    def _digest(self, partition: str, files: list[str]) -> tuple[str, int]:
+        """The plaintext digest and row count of ``files``, read batch by batch."""
+        schema, rows, batches = self._batches(partition, files)
+        digest = DigestBuilder(schema, rows)
+        for batch in batches:
+            digest.update(batch)
+        return digest.hexdigest(), rows
 
     def _adopt(self, partition: str) -> Manifest:
         """The partition's manifest; a partition written by another tool gets one naming its files."""
@@ -146,23 +196,49 @@ class ReencryptionEngine(PartitionEngine):
             self.store.write_manifest(partition, manifest)
         return manifest
 
-    def _commit_generation(self, partition: str, table: pa.Table, digest: str, version: int) -> Manifest:
-        """Write ``table`` as the partition's next generation under ``version`` and commit it."""
+    def _commit_generation(self, partition: str, source: pa.Table | list[str], digest: str | None,
+                           version: int) -> Manifest:
+        """Write ``source`` (a table, or the partition's files re-read batch by batch) as the partition's
+        next generation under ``version``, check it reads back to its digest, and commit it.
+
+        The digest of a streamed source is taken while it is copied; where ``digest`` is given, a source
+        that does not match it is refused, the staged file removed, the partition left as it was.
+        """
         store = self.store
         generation = store.next_generation(partition)
         name = f"part-{generation:05d}.parquet"
         staged = store.path(partition, STAGING_PREFIX + name)
         final = store.path(partition, name)
-        self.pme.write(table, staged, store.fs, version)
+        if isinstance(source, pa.Table):
+            schema, rows, batches = source.schema, source.num_rows, iter(source.to_batches(self.batch_rows))
+        else:
+            schema, rows, batches = self._batches(partition, source)
+        copied = DigestBuilder(schema, rows)
+        try:
+            with self.pme.writer(staged, store.fs, schema, version) as writer:
+                for batch in batches:
+                    copied.update(batch)
+                    writer.write_batch(batch)
+            read_digest = copied.hexdigest()
+            if digest is not None and read_digest != digest:
+                raise ValidationError(partition, f"decrypted data does not match its recorded digest {digest}; "
+                                                 "partition left untouched")
+        except BaseException:
+            for path in (staged, key_material_path(staged)):
+                try:
+                    store.fs.delete_file(path)
+                except OSError:
+                    pass  # not written yet; a leftover is removed by the next run's clean()
+            raise
+        digest = read_digest
         self.checkpoint("staged")
-        readback = table_digest(self.pme.read(staged, store.fs))
-        if readback != digest:
+        if self._digest(partition, [STAGING_PREFIX + name])[0] != digest:
             raise ValidationError(partition, f"staged file does not read back to digest {digest}")
         store.fs.move(key_material_path(staged), key_material_path(final))
         self.checkpoint("material_moved")
         store.fs.move(staged, final)
         self.checkpoint("data_moved")
-        manifest = Manifest(files=[name], generation=generation, rows=table.num_rows,
+        manifest = Manifest(files=[name], generation=generation, rows=rows,
                             bytes=store.size(partition, [name]), digest=digest, written_under_version=version)
         store.write_manifest(partition, manifest)
         self.checkpoint("committed")
@@ -180,7 +256,7 @@ class ReencryptionEngine(PartitionEngine):
         start = time.monotonic()
         self.store.fs.create_dir(self.store.partition_dir(partition), recursive=True)
         self.store.clean(partition)
-        manifest = self._commit_generation(partition, table, table_digest(table), version)
+        manifest = self._commit_generation(partition, table, None, version)
         result = PartitionResult(partition, "written", None, version, manifest.rows, manifest.bytes,
                                  manifest.digest, time.monotonic() - start)
         self._record(lg.PARTITION_WRITTEN, result)
@@ -214,8 +290,7 @@ class ReencryptionEngine(PartitionEngine):
 
         if mode == "rewrap":
             if manifest.digest is None:  # first sight of a foreign partition: take a baseline digest
-                table = self._read(partition, manifest.files)
-                manifest.digest, manifest.rows = table_digest(table), table.num_rows
+                manifest.digest, manifest.rows = self._digest(partition, manifest.files)
                 manifest.bytes = self.store.size(partition, manifest.files)
                 self.store.write_manifest(partition, manifest)
             for name in manifest.files:
@@ -227,13 +302,8 @@ class ReencryptionEngine(PartitionEngine):
                                                 f"expected only v{target_version}")
             event, action = lg.PARTITION_REWRAPPED, "rewrapped"
         else:
-            table = self._read(partition, manifest.files)
-            digest = table_digest(table)
             recorded = manifest.digest or (self.ledger.partition_record(self.dataset, partition) or {}).get("digest")
-            if recorded and recorded != digest:
-                raise ValidationError(partition, f"decrypted data does not match its recorded digest {recorded}; "
-                                                 "partition left untouched")
-            manifest = self._commit_generation(partition, table, digest, target_version)
+            manifest = self._commit_generation(partition, list(manifest.files), recorded, target_version)
             event, action = lg.PARTITION_REENCRYPTED, "reencrypted"
 
         result = PartitionResult(partition, action, before.oldest, target_version, manifest.rows, manifest.bytes,
@@ -264,9 +334,8 @@ class ReencryptionEngine(PartitionEngine):
             raise PartitionError(partition, "has no manifest: it was never written or re-encrypted by keyrotation")
         census = partition_census(self.store, self.pme, partition)
         recorded = (self.ledger.partition_record(self.dataset, partition) or {}).get("digest") or manifest.digest
-        table = self._read(partition, manifest.files)
-        digest = table_digest(table)
-        result = PartitionResult(partition, "validated", census.oldest, max(census.versions), table.num_rows,
+        digest, rows = self._digest(partition, manifest.files)
+        result = PartitionResult(partition, "validated", census.oldest, max(census.versions), rows,
                                  manifest.bytes, digest, time.monotonic() - start)
         problem = None
         if recorded != digest:

@@ -79,7 +79,7 @@ class KeyClassRuntime:
             store = CmekObjectStore(self.storage(ds).gcs_client(ds.location), ds.location, ds.partitioning)
             return ObjectReencryptionEngine(self.name, dataset, store, self.backend, self.ledger, ctx)
         return ReencryptionEngine(self.name, dataset, self.store(dataset), self.pme(dataset), self.ledger, ctx,
-                                  checkpoint)
+                                  checkpoint, batch_rows=self.config.key_class.reencryption.batch_rows)
 
     def partitions(self, dataset: str) -> list[str]:
         engine = self.engine(dataset)

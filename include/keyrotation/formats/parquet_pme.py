@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import posixpath
+from collections.abc import Iterator
 from datetime import timedelta
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pyarrow.parquet.encryption as pe
@@ -22,6 +24,8 @@ from keyrotation.backends.base import KmsBackend
 from keyrotation.errors import BackendError
 
 KEY_MATERIAL_PREFIX = "_KEY_MATERIAL_FOR_"
+#: Rows per row group of the files written here: what a streaming reader holds of a file at once.
+ROW_GROUP_ROWS = 65_536
 # Prefix of re-wrapped key material before it is renamed over the old (pyarrow's own key rotation
 # uses it too), so a crash leaves only names that PartitionStore.clean recognises.
 TEMP_MATERIAL_PREFIX = "_TMP"
@@ -56,6 +60,31 @@ class _BackendKmsClient(pe.KmsClient):
         return self._backend.unwrap(wrapped_key)
 
 
+class EncryptedParquetFile:
+    """One PME file read record batch by record batch, through ``pyarrow.dataset``.
+
+    Not ``pq.ParquetFile``: on a ``GcsFileSystem`` its constructor deadlocks when the footer key
+    has to be unwrapped by a Python ``KmsClient`` (pyarrow 26), where the dataset reader releases
+    the GIL. ``pre_buffer=False`` and no read-ahead: one row group at a time, not the whole file.
+    """
+
+    def __init__(self, path: str, filesystem: pafs.FileSystem, properties: pe.FileDecryptionProperties) -> None:
+        options = pads.ParquetFragmentScanOptions(decryption_properties=properties, pre_buffer=False)
+        fragment = pads.ParquetFileFormat(default_fragment_scan_options=options).make_fragment(
+            path, filesystem=filesystem)
+        self._fragment = fragment
+        self.schema_arrow: pa.Schema = fragment.physical_schema
+        self.metadata: pq.FileMetaData = fragment.metadata
+        self.num_rows: int = self.metadata.num_rows
+
+    def iter_batches(self, batch_size: int) -> Iterator[pa.RecordBatch]:
+        return iter(self._fragment.to_batches(batch_size=batch_size, use_threads=False, batch_readahead=0,
+                                              fragment_readahead=0))
+
+    def close(self) -> None:
+        self._fragment = None
+
+
 class ParquetEncryption:
     """Write, read and re-wrap PME files for one key class's master key."""
 
@@ -68,8 +97,9 @@ class ParquetEncryption:
         # cached KEK would hide a rotation or a raised min_decryption_version.
         return pe.CryptoFactory(lambda _config: _BackendKmsClient(self.backend, version))
 
-    def write(self, table: pa.Table, path: str, filesystem: pafs.FileSystem, version: int | None) -> None:
-        missing = [c for c in self.encrypted_columns if c not in table.column_names]
+    def _encryption_properties(self, schema: pa.Schema, path: str, filesystem: pafs.FileSystem,
+                               version: int | None) -> pe.FileEncryptionProperties:
+        missing = [c for c in self.encrypted_columns if c not in schema.names]
         if missing:
             raise BackendError(f"{path}: encrypted columns not in the data: {', '.join(missing)}")
         config = pe.EncryptionConfiguration(
@@ -79,14 +109,30 @@ class ParquetEncryption:
             internal_key_material=False,
             cache_lifetime=timedelta(seconds=60),
         )
-        props = self._factory(version).file_encryption_properties(pe.KmsConnectionConfig(), config, path, filesystem)
-        pq.write_table(table, path, encryption_properties=props, filesystem=filesystem)
+        return self._factory(version).file_encryption_properties(pe.KmsConnectionConfig(), config, path, filesystem)
 
-    def read(self, path: str, filesystem: pafs.FileSystem) -> pa.Table:
-        props = self._factory(None).file_decryption_properties(
+    def write(self, table: pa.Table, path: str, filesystem: pafs.FileSystem, version: int | None) -> None:
+        props = self._encryption_properties(table.schema, path, filesystem, version)
+        pq.write_table(table, path, encryption_properties=props, filesystem=filesystem, row_group_size=ROW_GROUP_ROWS)
+
+    def writer(self, path: str, filesystem: pafs.FileSystem, schema: pa.Schema, version: int | None
+               ) -> pq.ParquetWriter:
+        """A writer of one PME file under ``version``, to be given record batches in turn (and closed)."""
+        props = self._encryption_properties(schema, path, filesystem, version)
+        return pq.ParquetWriter(path, schema, filesystem=filesystem, encryption_properties=props)
+
+    def _decryption_properties(self, path: str, filesystem: pafs.FileSystem) -> pe.FileDecryptionProperties:
+        return self._factory(None).file_decryption_properties(
             pe.KmsConnectionConfig(), pe.DecryptionConfiguration(cache_lifetime=timedelta(seconds=60)), path, filesystem
         )
-        return pq.read_table(path, decryption_properties=props, filesystem=filesystem)
+
+    def read(self, path: str, filesystem: pafs.FileSystem) -> pa.Table:
+        return pq.read_table(path, decryption_properties=self._decryption_properties(path, filesystem),
+                             filesystem=filesystem)
+
+    def open(self, path: str, filesystem: pafs.FileSystem) -> EncryptedParquetFile:
+        """The file for reading batch by batch; its footer is decrypted already."""
+        return EncryptedParquetFile(path, filesystem, self._decryption_properties(path, filesystem))
 
     def rotate(self, path: str, filesystem: pafs.FileSystem, version: int) -> None:
         """Re-wrap the file's key material under ``version``; the data file is not touched.
