@@ -2,9 +2,13 @@
 
 Rows/s and MB/s, per wall second and per CPU second (pyarrow decodes and encodes on threads, so
 CPU seconds, not wall seconds, is what "per core" divides by), with the time split between the
-engine's steps (timed by wrapping them, not changing them): PME read (decrypt + decode; twice per
-partition, the second is the read-back check), PME write (encode + encrypt), the plaintext digest
-(pandas hash of every value; twice per partition), and the rest (KMS, manifest, ledger, leases).
+engine's steps (timed by wrapping them, not changing them). The engine streams a partition in two
+passes of ``batch_rows`` rows at a time: the copy (decrypt + decode a batch, digest it, encode +
+encrypt it into the new generation through ``pq.ParquetWriter``) and the read-back check (decrypt +
+decode the staged file batch by batch and digest it again). Stages: PME read (every batch of both
+passes), PME write (``write_batch`` and ``close``), the plaintext digest (``DigestBuilder.update``:
+pandas hash of every value, both passes), KMS requests, and the rest (file opens and footers,
+manifest, ledger, leases). Each pass is timed whole as well.
 Beside it, plain Parquet without encryption on one partition of the same data, for the codec's share.
 """
 
@@ -18,32 +22,57 @@ from bench.common import KmsCounter, Stopwatch, cpu_seconds
 from bench.rewrap import engine_for
 
 MB = 1_000_000
-STAGES = {"pme.read": "PME read: decrypt + decode (2 per partition: input, read-back check)",
-          "pme.write": "PME write: encode + encrypt",
-          "digest": "plaintext digest (pandas hash of every value, 2 per partition)"}
+STAGES = {"pme.read": "PME read: decrypt + decode, batch by batch (2 passes: copy, read-back check)",
+          "pme.write": "PME write: encode + encrypt (ParquetWriter.write_batch, close)",
+          "digest": "plaintext digest (DigestBuilder: pandas hash of every value, 2 passes)"}
+
+
+def _wrap_batches(watch: Stopwatch, owner: Any, label: str) -> None:
+    """Time each ``next()`` of the iterators ``owner.iter_batches`` returns (the decrypt + decode of a batch)."""
+    original = owner.iter_batches
+
+    def iter_batches(self: Any, *args: Any, **kwargs: Any) -> Any:
+        inner = original(self, *args, **kwargs)
+        while True:
+            with watch.time(label):
+                batch = next(inner, None)
+            if batch is None:
+                return
+            yield batch
+
+    iter_batches.__wrapped__ = original  # type: ignore[attr-defined]
+    owner.iter_batches = iter_batches
 
 
 def measure(backend: Any, ledger: Any, counter: KmsCounter, dataset: dict, location: str) -> dict:
-    import keyrotation.engine as engine_module
-    from keyrotation.formats.parquet_pme import ParquetEncryption
+    import pyarrow.parquet as pq
+
+    from keyrotation.engine import ReencryptionEngine
+    from keyrotation.formats.digest import DigestBuilder
+    from keyrotation.formats.parquet_pme import ROW_GROUP_ROWS, EncryptedParquetFile
     from keyrotation.sample_data import daily_partitions
 
     partitions = daily_partitions(dataset["partitions"])
     target = backend.rotate()
     engine = engine_for(backend, ledger, location, dataset["name"])
-    watch = Stopwatch()
-    watch.wrap(ParquetEncryption, "read", "pme.read")
-    watch.wrap(ParquetEncryption, "write", "pme.write")
-    watch.wrap(engine_module, "table_digest", "digest")
+    watch, passes = Stopwatch(), Stopwatch()
+    _wrap_batches(watch, EncryptedParquetFile, "pme.read")
+    watch.wrap(pq.ParquetWriter, "write_batch", "pme.write")
+    watch.wrap(pq.ParquetWriter, "close", "pme.write")
+    watch.wrap(DigestBuilder, "update", "digest")
+    # _commit_generation = the copy pass + the read-back pass (_digest of the staged file) + moves, manifest.
+    passes.wrap(ReencryptionEngine, "_commit_generation", "commit")
+    passes.wrap(ReencryptionEngine, "_digest", "read_back")
+    wrapped = [(EncryptedParquetFile, "iter_batches"), (pq.ParquetWriter, "write_batch"), (pq.ParquetWriter, "close"),
+               (DigestBuilder, "update"), (ReencryptionEngine, "_commit_generation"), (ReencryptionEngine, "_digest")]
     counter.reset()
     try:
         cpu0, start = cpu_seconds(), time.perf_counter()
         results = engine.run(partitions, lambda p: engine.process(p, target, "reencrypt"))
         wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu0
     finally:
-        for name in ("read", "write"):
-            Stopwatch.unwrap(ParquetEncryption, name)
-        Stopwatch.unwrap(engine_module, "table_digest")
+        for owner, name in wrapped:
+            Stopwatch.unwrap(owner, name)
     actions = {r.action for r in results}
     if actions != {"reencrypted"}:
         raise RuntimeError(f"{dataset['name']}: reencrypt ended {actions}: {[r.error for r in results][:3]}")
@@ -51,8 +80,8 @@ def measure(backend: Any, ledger: Any, counter: KmsCounter, dataset: dict, locat
     file_bytes = sum(r.bytes for r in results)
     stages = {STAGES[k]: round(v, 3) for k, v in watch.seconds.items()}
     stages["KMS requests"] = round(counter.seconds, 3)
-    stages["other (manifest, ledger, leases, census, moves)"] = round(wall - sum(watch.seconds.values())
-                                                                      - counter.seconds, 3)
+    other = wall - sum(watch.seconds.values()) - counter.seconds
+    stages["other (file opens and footers, manifest, ledger, leases, census, moves)"] = round(other, 3)
     return {
         "dataset": dataset["name"], "partitions": len(partitions), "rows": rows, "file_bytes": file_bytes,
         "arrow_bytes": dataset.get("arrow_bytes"), "to_version": target,
@@ -61,6 +90,9 @@ def measure(backend: Any, ledger: Any, counter: KmsCounter, dataset: dict, locat
         "file_mb_s": round(file_bytes / MB / wall, 2), "file_mb_per_cpu_s": round(file_bytes / MB / cpu, 2),
         "arrow_mb_per_cpu_s": round(dataset["arrow_bytes"] / MB / cpu, 2) if dataset.get("arrow_bytes") else None,
         "kms": counter.snapshot(), "stages_s": stages, "stage_calls": dict(watch.calls),
+        "batch_rows": engine.batch_rows, "row_group_rows": ROW_GROUP_ROWS,
+        "passes_s": {"copy: read + digest + write": round(passes.seconds["commit"] - passes.seconds["read_back"], 3),
+                     "read-back check: read + digest": round(passes.seconds["read_back"], 3)},
     }
 
 

@@ -2,7 +2,9 @@
 
 ``python -m bench.worker write SPEC_JSON``: write datasets through the engine (``write_partition``).
 ``python -m bench.worker reencrypt SPEC_JSON``: re-encrypt one partition (mode ``reencrypt``) and report
-this process's peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``) and its RSS before the partition was touched.
+this process's peak RSS (``VmHWM``; also ``ru_maxrss``, which on Linux includes the parent's RSS at the fork)
+and its RSS before the partition was touched,
+with the memory pool's name and Arrow's own peak allocation (``MemoryPool.max_memory``).
 
 The KMS is reached through ``BENCH_BAO_URL`` / ``BENCH_BAO_TOKEN``, the ledger through
 ``KEYROTATION_LEDGER_URL``. The result goes, as JSON, to ``spec["result_path"]``.
@@ -72,6 +74,10 @@ def write(spec: dict) -> dict:
 
 def reencrypt(spec: dict) -> dict:
     """Re-encrypt one partition; peak RSS of this process, and its RSS just before the partition is read."""
+    import pyarrow as pa
+
+    from keyrotation.formats.parquet_pme import ROW_GROUP_ROWS
+
     engine = _engine(spec["key_ref"], spec["location"], spec["name"])
     engine._latest_version()  # the KMS round trip the engine makes first, so the client is set up
     baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -84,7 +90,9 @@ def reencrypt(spec: dict) -> dict:
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"rows": result.rows, "file_bytes": result.bytes, "wall_s": round(wall, 3),
             "rss_before_kb": current_kb, "maxrss_before_kb": baseline_kb, "peak_rss_kb": peak_kb,
-            "vm_hwm_kb": _vm_kb("VmHWM")}
+            "vm_hwm_kb": _vm_kb("VmHWM"), "memory_pool": pa.default_memory_pool().backend_name,
+            "arrow_pool_peak_bytes": pa.default_memory_pool().max_memory(), "batch_rows": engine.batch_rows,
+            "row_group_rows": ROW_GROUP_ROWS}
 
 
 def main(argv: list[str]) -> int:
