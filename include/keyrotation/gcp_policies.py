@@ -42,8 +42,11 @@ KMS_PERMISSIONS: dict[str, list[str]] = {
     "retire": [*_READ, "cloudkms.cryptoKeyVersions.update", "cloudkms.cryptoKeyVersions.destroy"],
     "report": list(_READ),
 }
-#: On the project, for the rotate role of a key class with ``create_if_missing`` only.
-CREATE_PERMISSIONS = ["cloudkms.keyRings.get", "cloudkms.keyRings.create", "cloudkms.cryptoKeys.create"]
+#: On the project, for the rotate role of a key class with ``create_if_missing`` only. Cloud KMS takes no
+#: IAM binding on a key that does not exist yet, so reading it (NOT_FOUND rather than PERMISSION_DENIED
+#: before it exists, its state right after) must be granted above the key too.
+CREATE_PERMISSIONS = ["cloudkms.keyRings.get", "cloudkms.keyRings.create", "cloudkms.cryptoKeys.create",
+                      *_READ]
 #: GCS permissions on the dataset buckets (condition: the dataset prefixes), by role.
 STORAGE_PERMISSIONS: dict[str, list[str]] = {
     "rotate": [],
