@@ -60,6 +60,11 @@ def crc32c(data: bytes) -> int:
     return google_crc32c.value(data)
 
 
+def version_resource_name(key_ref: str, version: int) -> str:
+    """``projects/.../cryptoKeys/K/cryptoKeyVersions/N``: the resource name of version N of a CryptoKey."""
+    return f"{key_ref}/cryptoKeyVersions/{int(version)}"
+
+
 def version_number(version_name: str) -> int:
     match = _VERSION_NAME.search(version_name or "")
     if not match:
@@ -103,7 +108,7 @@ class GcpKmsBackend(KmsBackend):
         self._primary: int | None = None
 
     def version_name(self, version: int) -> str:
-        return f"{self.key_ref}/cryptoKeyVersions/{version}"
+        return version_resource_name(self.key_ref, version)
 
     # -- calls --------------------------------------------------------------------------------
     def _call(self, api: str, action: str, done: Callable[[], T | None] | None = None, **request: Any) -> Any:
@@ -269,15 +274,20 @@ class GcpKmsBackend(KmsBackend):
             raise BackendError(f"Cloud KMS key {self.key_ref!r}: asked to encrypt with v{version}, used v{used}")
         return f"gcp:v{used}:" + base64.b64encode(resp.ciphertext).decode("ascii")
 
-    def _blob(self, wrapped: str) -> bytes:
+    def _prefix(self, wrapped: str) -> re.Match[str]:
         match = _CIPHERTEXT.match(wrapped or "")
         if not match:
             raise BackendError(f"Cloud KMS key {self.key_ref!r}: not a keyrotation Cloud KMS ciphertext "
                                "(no gcp:vN: prefix)")
-        return base64.b64decode(wrapped[match.end():])
+        return match
+
+    def _split(self, wrapped: str) -> tuple[int, bytes]:
+        """The version a wrapped secret names and its Cloud KMS ciphertext."""
+        match = self._prefix(wrapped)
+        return int(match.group(1)), base64.b64decode(wrapped[match.end():])
 
     def unwrap(self, wrapped: str) -> bytes:
-        number, blob = self.version_of(wrapped), self._blob(wrapped)
+        number, blob = self._split(wrapped)
         resp = self._call("decrypt", f"decrypt (ciphertext version v{number})", name=self.key_ref, ciphertext=blob,
                           ciphertext_crc32c=crc32c(blob))
         if resp.plaintext_crc32c != crc32c(resp.plaintext):
@@ -315,11 +325,7 @@ class GcpKmsBackend(KmsBackend):
         return [done[w] for w in wrapped]
 
     def version_of(self, wrapped: str) -> int:
-        match = _CIPHERTEXT.match(wrapped or "")
-        if not match:
-            raise BackendError(f"Cloud KMS key {self.key_ref!r}: not a keyrotation Cloud KMS ciphertext "
-                               "(no gcp:vN: prefix)")
-        return int(match.group(1))
+        return int(self._prefix(wrapped).group(1))
 
     def version_of_key_id(self, key_id: str) -> int | None:
         """The version named by a CryptoKeyVersion resource name (a GCS object's ``kmsKeyName``); None if

@@ -137,19 +137,13 @@ class ParquetEncryption:
     def rotate(self, path: str, filesystem: pafs.FileSystem, version: int) -> None:
         """Re-wrap the file's key material under ``version``; the data file is not touched.
 
-        The backend re-wraps the KEKs: in the KMS where it can (Transit's batch rewrap, AWS's
-        ReEncrypt), else by decrypting and encrypting each one in this process's memory (Cloud KMS).
-        pyarrow's own ``CryptoFactory.rotate_master_keys`` is not used: it hangs on a
-        ``GcsFileSystem`` (pyarrow 26), and it would unwrap KEKs locally even where the KMS need not.
-        """
-        self.rewrap(path, filesystem, version)
-
-    def rewrap(self, path: str, filesystem: pafs.FileSystem, version: int) -> None:
-        """Re-wrap the file's key material under ``version`` through the backend's :meth:`rewrap`.
-
-        Server-side, the KEKs never leave the KMS in plaintext, and one batch call serves the whole file. The new
-        material is written under a temporary name and renamed over the old, so a crash leaves one or
-        the other, both decryptable.
+        The backend's :meth:`~keyrotation.backends.base.KmsBackend.rewrap` re-wraps the KEKs: in the
+        KMS where it can (Transit's batch rewrap, AWS's ReEncrypt; the KEKs never leave it in
+        plaintext, one call serves the whole file), else by decrypting and encrypting each one in
+        this process's memory (Cloud KMS). pyarrow's own ``CryptoFactory.rotate_master_keys`` is not
+        used: it hangs on a ``GcsFileSystem`` (pyarrow 26), and it would unwrap KEKs locally even
+        where the KMS need not. The new material is written under a temporary name and renamed over
+        the old, so a crash leaves one or the other, both decryptable.
         """
         material_path = key_material_path(path)
         entries = self._material(material_path, filesystem)

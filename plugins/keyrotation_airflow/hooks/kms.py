@@ -51,14 +51,11 @@ class KeyClassKmsHook(BaseHook):
         ``KeyManagementServiceClient`` for Cloud KMS)."""
         if self.key_class.backend == "gcp_kms":
             hook = self._cloud_kms_hook()
-            endpoint = hook._get_field("kms_endpoint", None)
-            if not endpoint:
+            if not hook._get_field("kms_endpoint", None):
                 return hook.get_conn()
-            from airflow.providers.google.common.consts import CLIENT_INFO
             from google.cloud.kms_v1 import KeyManagementServiceClient
 
-            return KeyManagementServiceClient(credentials=hook.get_credentials(), client_info=CLIENT_INFO,
-                                              client_options=hook.get_client_options(endpoint))
+            return KeyManagementServiceClient(**self._client_args(hook))
         if self.key_class.backend == "aws_kms":
             from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
 
@@ -107,8 +104,12 @@ class KeyClassKmsHook(BaseHook):
         async client must be built inside its event loop, from these."""
         if self.key_class.backend != "gcp_kms":
             raise ValueError(f"key class {self.key_class.name!r}: backend {self.key_class.backend} is not gcp_kms")
+        return self._client_args(self._cloud_kms_hook())
+
+    @staticmethod
+    def _client_args(hook: Any) -> dict[str, Any]:
+        """What ``CloudKMSHook.get_conn`` builds its client with, and the ``kms_endpoint`` of the extra."""
         from airflow.providers.google.common.consts import CLIENT_INFO
 
-        hook = self._cloud_kms_hook()
         return {"credentials": hook.get_credentials(), "client_info": CLIENT_INFO,
                 "client_options": hook.get_client_options(hook._get_field("kms_endpoint", None))}

@@ -25,7 +25,9 @@ def _gcp_poll_target(key_class: str, version: int) -> tuple[dict[str, Any], str]
     kc = load_key_class(key_class).key_class
     if kc.backend != "gcp_kms":
         return None
-    return KeyClassKmsHook(kc, "rotate").cloud_kms_client_args(), f"{kc.key_ref}/cryptoKeyVersions/{int(version)}"
+    from keyrotation.backends.gcp_kms import version_resource_name
+
+    return KeyClassKmsHook(kc, "rotate").cloud_kms_client_args(), version_resource_name(kc.key_ref, version)
 
 
 class KeyVersionReadyTrigger(BaseTrigger):
