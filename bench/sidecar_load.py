@@ -309,6 +309,7 @@ def run(args: argparse.Namespace) -> dict:
         events["reference_updated"] = time.time()
         engine = runtime.engine("accounts", ctx)
         results = engine.run(days, lambda p: engine.process(p, v2, "rewrap"))
+        engine.run(days, lambda p: engine.validate(p, min_version=v2))  # the retirement gate's evidence
         events["sweep_done"] = time.time()
         swept = {"partitions": len(results), "actions": sorted({r.action for r in results}),
                  "data_keys": sum(json.loads(r["detail"])["data_keys"] for r in ledger.rows(

@@ -79,7 +79,7 @@ def reencrypt(spec: dict) -> dict:
     from keyrotation.formats.parquet_pme import ROW_GROUP_ROWS
 
     engine = _engine(spec["key_ref"], spec["location"], spec["name"])
-    engine._latest_version()  # the KMS round trip the engine makes first, so the client is set up
+    engine._known_versions()  # the KMS round trip the engine makes first, so the client is set up
     baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     current_kb = _vm_kb("VmRSS")
     started = time.perf_counter()

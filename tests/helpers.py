@@ -182,6 +182,17 @@ def seed(rt: KeyClassRuntime, dataset: str, partitions: list[str], rows: int = 5
     return state.latest_version
 
 
+def sweep(rt: KeyClassRuntime, dataset: str, target: int, mode: str = "rewrap",
+          partitions: list[str] | None = None) -> list:
+    """What a reencrypt run does to ``partitions`` (default: all): bring each under ``target``, then validate
+    it (the retirement gate asks for a validation after each partition's last change); the results."""
+    engine = rt.engine(dataset)
+    parts = partitions if partitions is not None else rt.partitions(dataset)
+    done = engine.run(parts, lambda p: engine.process(p, target, mode))
+    return engine.run([r.partition for r in done if r.action != "failed"],
+                      lambda p: engine.validate(p, min_version=target))
+
+
 def partition_digests(rt: KeyClassRuntime, dataset: str, partitions: list[str]) -> dict[str, str]:
     """Decrypt each partition (through the KMS) and return its plaintext digest."""
     from keyrotation.formats.digest import table_digest

@@ -21,9 +21,12 @@ moto/core/authorization.py, moto/core/responses.py, moto/kms/), and so what this
    package's own requests against the exact documents (below).
 2. Condition keys. For identity policies moto evaluates no Condition at all (it passes no request
    context; only trust policies see ``sts:ExternalId``): ``aws:ResourceTag/keyrotation:key-class``,
-   ``aws:RequestTag/keyrotation:key-class``, ``aws:TagKeys`` and ``s3:prefix`` are ignored. So moto lets
-   a role list **another prefix of the same bucket** (ListBucket) and lets rotate create or tag a key
-   with **another class's tag**. Object-level access to another prefix (GetObject, PutObject,
+   ``aws:RequestTag/keyrotation:key-class``, ``aws:TagKeys``, ``s3:prefix``, the kind of key CreateKey
+   may ask for (``kms:KeySpec``, ``kms:KeyUsage``, ``kms:KeyOrigin``, ``kms:MultiRegion``,
+   ``kms:BypassPolicyLockoutSafetyCheck``) and ``kms:ScheduleKeyDeletionPendingWindowInDays`` are ignored.
+   So moto lets a role list **another prefix of the same bucket** (ListBucket), lets rotate create or tag
+   a key with **another class's tag** or of **another kind**, and lets retire schedule a deletion with a
+   shorter waiting period than the key class's. Object-level access to another prefix (GetObject, PutObject,
    DeleteObject) and anything on another bucket are enforced, by resource ARN, and tested.
 3. ReEncrypt is authorised as ``kms:ReEncrypt`` (the API name), not as AWS's ``kms:ReEncryptFrom`` on
    the source key plus ``kms:ReEncryptTo`` on the destination key: ``moto_view`` adds ``kms:ReEncrypt``
@@ -115,9 +118,12 @@ EXPECTED_ALLOWED = {"rotate": 10, "reencrypt": 15, "retire": 8, "report": 8}
 EXPECTED_DENIED = {"rotate": 26, "reencrypt": 21, "retire": 28, "report": 28}
 
 
+DELETION_WINDOW_DAYS = 30  # the sample's aws.deletion_window_days: the retire role may ask no shorter wait
+
+
 def sample_policy(role: str) -> dict[str, Any]:
     return aws_policy(role, key_class=KEY_CLASS, key_ref=KEY_REF, region=REGION, account=ACCOUNT,
-                      buckets=[f"{BUCKET}/{PREFIX}"])
+                      buckets=[f"{BUCKET}/{PREFIX}"], deletion_window_days=DELETION_WINDOW_DAYS)
 
 
 def _actions(statement: dict[str, Any]) -> list[str]:
@@ -154,9 +160,14 @@ def _holds(conditions: dict[str, dict[str, Any]], context: dict[str, Any]) -> bo
             value = context.get(key)
             qualifier, _, base = operator.rpartition(":")
             base, if_exists = base.removesuffix("IfExists"), base.endswith("IfExists")
-            assert base in ("StringEquals", "StringLike", "Null"), f"operator {operator} is not read here"
+            assert base in ("StringEquals", "StringLike", "Null", "Bool", "NumericGreaterThanEquals"), \
+                f"operator {operator} is not read here"
 
             def match(v: str, base: str = base, wanted: list[str] = wanted) -> bool:
+                if base == "NumericGreaterThanEquals":
+                    return any(float(v) >= float(w) for w in wanted)
+                if base == "Bool":
+                    return str(v).lower() in wanted
                 return v in wanted if base == "StringEquals" else any(_like(w, v) for w in wanted)
 
             if base == "Null":
@@ -438,8 +449,12 @@ def test_what_moto_does_not_enforce(world):
     reencrypt, rotate = world.clients("reencrypt"), world.clients("rotate")
     reencrypt["kms"].encrypt(KeyId="alias/orders", Plaintext=b"x")
     rotate["kms"].describe_key(KeyId=world.other_key_id)
-    # 2. aws:RequestTag: rotate creates a key of another class; s3:prefix: another prefix is listed.
+    # 2. aws:RequestTag: rotate creates a key of another class; kms:KeySpec, kms:KeyOrigin: an asymmetric key,
+    # a key for imported material; s3:prefix: another prefix is listed.
     rotate["kms"].create_key(Tags=[{"TagKey": TAG, "TagValue": "orders"}])
+    class_tags = [{"TagKey": TAG, "TagValue": KEY_CLASS}, {"TagKey": "keyrotation:version", "TagValue": "9"}]
+    rotate["kms"].create_key(KeySpec="RSA_2048", KeyUsage="ENCRYPT_DECRYPT", Tags=class_tags)
+    rotate["kms"].create_key(Origin="EXTERNAL", Tags=class_tags)
     listed = reencrypt["s3"].list_objects_v2(Bucket=BUCKET, Prefix=f"{OTHER_PREFIX}/")
     assert [o["Key"] for o in listed["Contents"]] == [THEIRS]
     # 3. ReEncryptFrom + ReEncryptTo, as AWS names them, do not let moto's "kms:ReEncrypt" through.
@@ -480,6 +495,14 @@ def record_kms_calls(client: Any, calls: list[KmsCall]) -> None:
 
     client.meta.events.register("before-parameter-build.kms", before)
     client.meta.events.register("after-call.kms", after)
+
+
+def create_key_context(params: dict[str, Any]) -> dict[str, str]:
+    """The kms: condition keys of a CreateKey request; AWS evaluates a parameter left out at its default."""
+    return {"kms:KeySpec": params.get("KeySpec", "SYMMETRIC_DEFAULT"),
+            "kms:KeyUsage": params.get("KeyUsage", "ENCRYPT_DECRYPT"), "kms:KeyOrigin": params.get("Origin", "AWS_KMS"),
+            "kms:MultiRegion": str(params.get("MultiRegion", False)).lower(),
+            "kms:BypassPolicyLockoutSafetyCheck": str(params.get("BypassPolicyLockoutSafetyCheck", False)).lower()}
 
 
 @dataclass
@@ -560,7 +583,8 @@ class KeyClassUnderTest:
             return [("kms:ListAliases", "*", {})]
         if call.op == "CreateKey":
             tags = {t["TagKey"]: t["TagValue"] for t in p.get("Tags", [])}
-            context = {"aws:TagKeys": list(tags), **{f"aws:RequestTag/{k}": v for k, v in tags.items()}}
+            context = {"aws:TagKeys": list(tags), **{f"aws:RequestTag/{k}": v for k, v in tags.items()},
+                       **create_key_context(p)}
             # Tags given to CreateKey need kms:TagResource as well, on a key that has no tags yet.
             return [("kms:CreateKey", "*", context)] + [("kms:TagResource", f"{KMS_ARN}:key/new", context)] * bool(tags)
         if call.op in ("CreateAlias", "UpdateAlias"):
@@ -570,7 +594,10 @@ class KeyClassUnderTest:
             return [("kms:ReEncryptTo", *self._key(r.get("KeyId") or p["DestinationKeyId"]))] + (
                 [("kms:ReEncryptFrom", *self._key(r["SourceKeyId"]))] if r.get("SourceKeyId") else [])
         key = r.get("KeyId") or r.get("KeyMetadata", {}).get("KeyId") or p["KeyId"]
-        return [(f"kms:{call.op}", *self._key(key))]
+        arn, context = self._key(key)
+        if call.op == "ScheduleKeyDeletion":  # AWS's default waiting period is 30 days
+            context["kms:ScheduleKeyDeletionPendingWindowInDays"] = str(p.get("PendingWindowInDays", 30))
+        return [(f"kms:{call.op}", arn, context)]
 
     @staticmethod
     def s3_authorizations(request: S3Request) -> list[tuple[str, str, dict[str, Any]]]:
@@ -623,7 +650,7 @@ def key_class(world, tmp_path):
         kc = KeyClassUnderTest(world, f"lp{next(world.counter)}", strategy, tmp_path)
         for role in ROLES:
             kc.documents[role] = aws_policy(role, key_class=kc.name, key_ref=kc.key_ref, region=REGION,
-                                            account=ACCOUNT, buckets=[f"{BUCKET}/{kc.name}"])
+                                            account=ACCOUNT, buckets=[f"{BUCKET}/{kc.name}"], deletion_window_days=7)
             kc.keys[role] = world.add_user(f"keyrotation-{kc.name}-{role}", moto_view(kc.documents[role]))
         return kc
 
@@ -728,6 +755,8 @@ def test_retire_role_takes_the_census_and_retires_and_cannot_write_or_decrypt(ke
     kc = key_class("alias")
     parts = ["2024-01-01", "2024-01-02"]
     seed(kc, parts, rewrap=parts)
+    with kc.acting("reencrypt") as rt:  # the gate asks for a validation after each partition's last change
+        assert [rt.engine(DATASET).validate(p, min_version=2).partition for p in parts] == parts
     wrapped = kc.backend("reencrypt").wrap(b"k" * 32)
     with kc.acting("retire") as rt:
         census = rt.census(DATASET)
@@ -783,10 +812,26 @@ def test_the_iam_reading_used_for_what_moto_does_not_evaluate():
     key, bucket = f"{KMS_ARN}:key/1234", f"arn:aws:s3:::{BUCKET}"
     assert allows(reencrypt, "kms:Encrypt", key, ours) and not allows(reencrypt, "kms:Encrypt", key, theirs)
     assert not allows(reencrypt, "kms:Encrypt", key, {})
-    new_key = {"aws:TagKeys": [TAG, "keyrotation:version"], f"aws:RequestTag/{TAG}": KEY_CLASS}
+    tags = {"aws:TagKeys": [TAG, "keyrotation:version"], f"aws:RequestTag/{TAG}": KEY_CLASS}
+    new_key = {**tags, **create_key_context({"KeySpec": "SYMMETRIC_DEFAULT", "KeyUsage": "ENCRYPT_DECRYPT"})}
     assert allows(rotate, "kms:CreateKey", "*", new_key) and allows(rotate, "kms:TagResource", key, new_key)
     assert not allows(rotate, "kms:CreateKey", "*", {**new_key, f"aws:RequestTag/{TAG}": "orders"})
     assert not allows(rotate, "kms:CreateKey", "*", {**new_key, "aws:TagKeys": [TAG, "owner"]})
+    # The kind of key: the backend's own request (above) and AWS's defaults pass; any other key spec, usage,
+    # origin, a multi-Region key or a skipped lockout check does not (condition keys moto ignores, item 2).
+    assert allows(rotate, "kms:CreateKey", "*", {**tags, **create_key_context({})})
+    for weaker in ({"KeySpec": "SYMMETRIC_DEFAULT", "KeyUsage": "GENERATE_VERIFY_MAC"}, {"KeySpec": "HMAC_256"},
+                   {"KeySpec": "RSA_2048", "KeyUsage": "ENCRYPT_DECRYPT"}, {"Origin": "EXTERNAL"},
+                   {"Origin": "AWS_CLOUDHSM"}, {"Origin": "EXTERNAL_KEY_STORE"}, {"MultiRegion": True},
+                   {"BypassPolicyLockoutSafetyCheck": True}):
+        assert not allows(rotate, "kms:CreateKey", "*", {**tags, **create_key_context(weaker)}), weaker
+    # ScheduleKeyDeletion: no waiting period shorter than the key class's.
+    retire = sample_policy("retire")
+    for days, allowed in ((7, False), (29, False), (30, True)):
+        window = {**ours, "kms:ScheduleKeyDeletionPendingWindowInDays": str(days)}
+        assert allows(retire, "kms:ScheduleKeyDeletion", key, window) == allowed, days
+    assert not allows(retire, "kms:ScheduleKeyDeletion", key, {**theirs,
+                                                              "kms:ScheduleKeyDeletionPendingWindowInDays": "30"})
     assert not allows(rotate, "kms:TagResource", key, {**new_key, **theirs})
     assert allows(rotate, "kms:UpdateAlias", f"{KMS_ARN}:alias/customer-pii/v7", {})
     assert not allows(rotate, "kms:UpdateAlias", f"{KMS_ARN}:alias/customer-pii-archive", {})
@@ -817,8 +862,16 @@ def test_documents_are_scoped(role):
             assert resources == ["*"] and "Condition" not in s
         elif actions == ["kms:CreateKey"]:
             assert resources == ["*"]
-            assert s["Condition"]["StringEquals"] == {f"aws:RequestTag/{TAG}": KEY_CLASS}
-            assert s["Condition"]["ForAllValues:StringEquals"] == {"aws:TagKeys": [TAG, "keyrotation:version"]}
+            assert s["Condition"] == {
+                "StringEquals": {f"aws:RequestTag/{TAG}": KEY_CLASS, "kms:KeySpec": "SYMMETRIC_DEFAULT",
+                                 "kms:KeyUsage": "ENCRYPT_DECRYPT"},
+                "StringEqualsIfExists": {"kms:KeyOrigin": "AWS_KMS"},
+                "BoolIfExists": {"kms:MultiRegion": "false", "kms:BypassPolicyLockoutSafetyCheck": "false"},
+                "ForAllValues:StringEquals": {"aws:TagKeys": [TAG, "keyrotation:version"]}}
+        elif actions == ["kms:ScheduleKeyDeletion"]:
+            assert role == "retire" and resources == [f"{KMS_ARN}:key/*"]
+            assert s["Condition"] == {**of_class, "NumericGreaterThanEquals": {
+                "kms:ScheduleKeyDeletionPendingWindowInDays": str(DELETION_WINDOW_DAYS)}}
         elif actions == ["kms:TagResource"]:
             assert resources == [f"{KMS_ARN}:key/*"]
             assert s["Condition"]["StringEquals"] == {f"aws:RequestTag/{TAG}": KEY_CLASS}
@@ -853,6 +906,12 @@ def test_documents_in_docs_match_the_module_and_the_cli():
          "--key-ref", KEY_REF, "--region", REGION, "--account", ACCOUNT, "--bucket", f"{BUCKET}/{PREFIX}"],
         cwd=ROOT / "include", capture_output=True, text=True, check=True, timeout=60)
     assert json.loads(printed.stdout) == sample_policy("reencrypt")
+    printed = subprocess.run(
+        [sys.executable, "-m", "keyrotation.aws_policies", "--role", "retire", "--key-class", KEY_CLASS,
+         "--key-ref", KEY_REF, "--region", REGION, "--account", ACCOUNT, "--bucket", f"{BUCKET}/{PREFIX}",
+         "--deletion-window-days", str(DELETION_WINDOW_DAYS)],
+        cwd=ROOT / "include", capture_output=True, text=True, check=True, timeout=60)
+    assert json.loads(printed.stdout) == sample_policy("retire")
     bad = subprocess.run([sys.executable, "-m", "keyrotation.aws_policies", "--role", "rotate", "--key-class", "k",
                           "--key-ref", "alias/k", "--region", REGION, "--account", "42"],
                          cwd=ROOT / "include", capture_output=True, text=True, timeout=60)

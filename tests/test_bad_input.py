@@ -69,7 +69,8 @@ CASES = {
     "truncated key material": (_truncate_material, "rewrap", "key material is not valid"),
     "tampered key material": (_tamper_material, "reencrypt", ""),
     "unknown key version": (_unknown_version, "rewrap", "unknown key version"),
-    "empty partition": (_empty_partition, "rewrap", "holds no Parquet files"),
+    "empty partition": (_empty_partition, "rewrap", "its manifest _PARTITION.json is missing and the ledger's last "
+                                                    "record (partition_written,"),
 }
 
 

@@ -7,30 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from helpers import CANARY, days, runtime, seed
+from dag_runs import key_class_dags as _dags
+from dag_runs import seed_and_rotate_through_dags, task_context
+from dag_runs import state as _state
+from dag_runs import task_states as _task_states
+from helpers import CANARY, days, runtime
 from keyrotation import ledger as lg
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.airflow
-
-
-def _dags(name: str):
-    from keyrotation_factory import key_class_dags
-
-    return key_class_dags(name)
-
-
-def _state(dag_run) -> str:
-    return getattr(dag_run.state, "value", dag_run.state)
-
-
-def _task_states(dag_run) -> dict[str, str]:
-    from airflow.models.taskinstance import TaskInstance
-    from airflow.settings import Session
-
-    session = Session()
-    tis = session.query(TaskInstance).filter_by(dag_id=dag_run.dag_id, run_id=dag_run.run_id).all()
-    return {f"{ti.task_id}[{ti.map_index}]" if ti.map_index >= 0 else ti.task_id: str(ti.state) for ti in tis}
 
 
 def _try_numbers(dag_run) -> dict[str, int]:
@@ -122,9 +107,7 @@ def test_end_to_end_rotate_reencrypt_validate_retire_report(make_key_class, vaul
     parts = days("2024-01-01", 10)
     caplog.set_level(logging.INFO)
 
-    assert _state(dags["rotate__e2e"].test(run_conf={"force": False, "reason": "test: first version"})) == "success"
-    seed(rt, "e2e_customers", parts)
-    assert _state(dags["rotate__e2e"].test(run_conf={"force": True, "reason": "e2e"})) == "success"
+    seed_and_rotate_through_dags(rt, dags, "e2e_customers", parts, "e2e")
     assert rt.census("e2e_customers").by_version() == {1: 10}
 
     # Retirement before re-encryption: the census gate must hold it back.
@@ -134,7 +117,7 @@ def test_end_to_end_rotate_reencrypt_validate_retire_report(make_key_class, vaul
 
     op = RetireKeyVersionsOperator(task_id="retire_versions", key_class="e2e")
     with pytest.raises(AirflowFailException, match="10 partitions still under versions below v2"):
-        op.execute(_context("retire__e2e", "retire_versions"))
+        op.execute(task_context("retire__e2e", "retire_versions"))
     assert rt.backend.key_state().min_decryption_version == 1
     assert [r["status"] for r in rt.ledger.rows(events_in=(lg.RETIREMENT_REFUSED,))] == ["refused"]
 
@@ -156,7 +139,7 @@ def test_end_to_end_rotate_reencrypt_validate_retire_report(make_key_class, vaul
 
     report = ComplianceReportOperator(task_id="write_report", output_dir=str(tmp_path / "report"),
                                       key_classes=["e2e"])
-    path = Path(report.execute(_context("compliance_report", "write_report"))["html"])
+    path = Path(report.execute(task_context("compliance_report", "write_report"))["html"])
     page = path.read_text()
     assert "e2e" in page and "PASS" in page
     coverage = (path.parent / "coverage.csv").read_text().splitlines()
@@ -178,9 +161,7 @@ def test_dry_run_and_range_plans(make_key_class, vault, airflow_db):
     rt = runtime(config, vault)
     dags = _dags("rng")
     parts = days("2024-01-01", 8)
-    assert _state(dags["rotate__rng"].test(run_conf={"force": False, "reason": "test: first version"})) == "success"
-    seed(rt, "rng_customers", parts)
-    assert _state(dags["rotate__rng"].test(run_conf={"force": True, "reason": "range"})) == "success"
+    seed_and_rotate_through_dags(rt, dags, "rng_customers", parts, "range")
 
     root = Path(config.dataset("rng_customers").location)
     files_before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
@@ -210,14 +191,3 @@ def test_dry_run_and_range_plans(make_key_class, vault, airflow_db):
     assert census.under(2) == [p for p in parts if p not in ("2024-01-03", "2024-01-04", "2024-01-05")]
     rewrapped = rt.ledger.rows(events_in=(lg.PARTITION_REWRAPPED,))
     assert sorted(r["partition"] for r in rewrapped) == ["2024-01-03", "2024-01-04", "2024-01-05"]
-
-
-def _context(dag_id: str, task_id: str) -> dict:
-    class TI:
-        def __init__(self):
-            self.dag_id, self.run_id, self.task_id, self.try_number = dag_id, "manual__test", task_id, 1
-
-        def xcom_pull(self, **_kwargs):
-            return None
-
-    return {"ti": TI(), "dag_run": None}

@@ -117,7 +117,7 @@ def test_reencrypt_mode_rewrites_files_with_new_data_keys(make_gcp_key_class, gc
     assert partition_digests(owner, "gcp_full_customers", parts) == before
 
 
-def test_each_role_is_refused_what_it_must_not_do(make_gcp_key_class, gcp):
+def test_each_role_is_refused_what_it_must_not_do(make_gcp_key_class, gcp, monkeypatch):
     config = make_gcp_key_class("gcp_roles", dataset="gcp_roles_customers")
     owner = gcp_runtime(config, gcp)
     owner.backend.create_key()
@@ -148,13 +148,32 @@ def test_each_role_is_refused_what_it_must_not_do(make_gcp_key_class, gcp):
     with pytest.raises(BackendError, match="FailedPrecondition|DISABLED"):
         reencrypt.unwrap(wrapped)  # v1 disabled by the retire role
 
+    # cryptoKeyVersions.update, which disables, re-enables as well (IAM cannot tell them apart; here by the
+    # retire account itself, right after the task disabled v1): the task reads the key back and fails.
+    call = retire._call
 
-def _disable(backend, version: int) -> None:
+    def then_enabled(api: str, action: str, done=None, **request):
+        answer = call(api, action, done=done, **request)
+        if api == "update_crypto_key_version" and request["crypto_key_version"]["state"] == 2:
+            _disable(retire, 1, state=1, call=call)
+        return answer
+
+    _disable(retire, 1, state=1)
+    assert retire.key_state().min_decryption_version == 1 and reencrypt.unwrap(wrapped) == b"data key"
+    monkeypatch.setattr(retire, "_call", then_enabled)
+    with pytest.raises(BackendError, match=f"after retiring below v{version}, v1 is still enabled"):
+        retire.retire_below(version)
+    monkeypatch.undo()
+    assert retire.retire_below(version).min_decryption_version == version
+
+
+def _disable(backend, version: int, state: int = 2, call=None) -> None:
+    """Set the version's state (2: DISABLED, 1: ENABLED) through ``call`` (default: the backend's)."""
     from google.protobuf import field_mask_pb2
 
-    backend._call("update_crypto_key_version", f"disable v{version}",
-                  crypto_key_version={"name": backend.version_name(version), "state": 2},
-                  update_mask=field_mask_pb2.FieldMask(paths=["state"]))
+    (call or backend._call)("update_crypto_key_version", f"set v{version} to state {state}",
+                            crypto_key_version={"name": backend.version_name(version), "state": state},
+                            update_mask=field_mask_pb2.FieldMask(paths=["state"]))
 
 
 def _promote(backend, version: int) -> None:

@@ -1,36 +1,33 @@
-"""Least privilege, enforced by OpenBao: each role's token can do its part and is refused the rest;
-the DAGs run with exactly those tokens; the connections can come from a secrets backend (the
-hashicorp provider's VaultBackend over OpenBao's KV engine)."""
+"""Least privilege, enforced by OpenBao: each role's token can do its part (and it takes effect) and is
+refused the rest, including every parameter that would weaken the key; the DAGs run with exactly those
+tokens; the connections can come from a secrets backend (the hashicorp provider's VaultBackend over
+OpenBao's KV engine)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import hvac
 import pytest
-from hvac.exceptions import Forbidden, VaultError
+from hvac.exceptions import Forbidden, InvalidPath, InvalidRequest
 
-from helpers import days, runtime, seed
+from helpers import AWS_KEY_CLASS_YAML, days, runtime, seed
+from keyrotation.backends.vault_transit import KEY_TYPE, VaultTransitBackend
+from keyrotation.errors import BackendError
 from keyrotation.policies import ROLES, policies_for
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLE_CONNS = {role: f"kr_{role}" for role in ROLES}
 CONNECTIONS_YAML = "conn_id: vault_keyrotation\n  connections: {" + ", ".join(
     f"{role}: {conn}" for role, conn in ROLE_CONNS.items()) + "}"
-
-# What each role may do with its key class's Transit key; everything else must be refused.
-ALLOWED = {
-    "rotate": {"read", "create", "rotate"},
-    "reencrypt": {"read", "encrypt", "decrypt", "rewrap"},
-    "retire": {"read", "config", "trim"},
-    "report": {"read"},
-}
-OPERATIONS = ["read", "create", "rotate", "encrypt", "decrypt", "rewrap", "config", "trim", "delete",
-              "export", "other_key"]
+SECRET = b"k" * 32
 
 
 def role_tokens(vault, kc) -> dict[str, str]:
@@ -42,44 +39,276 @@ def role_tokens(vault, kc) -> dict[str, str]:
     return tokens
 
 
-def attempt(client: hvac.Client, key: str, ciphertext: str, operation: str) -> bool:
-    """True if OpenBao let the operation through (a refusal other than 403 counts as let through)."""
-    transit = client.secrets.transit
-    calls = {
-        "read": lambda: transit.read_key(key),
-        "create": lambda: transit.create_key(key),
-        "rotate": lambda: transit.rotate_key(key),
-        "encrypt": lambda: transit.encrypt_data(key, "AAAA"),
-        "decrypt": lambda: transit.decrypt_data(key, ciphertext),
-        "rewrap": lambda: transit.rewrap_data(key, ciphertext),
-        "config": lambda: transit.update_key_configuration(key, min_decryption_version=1),
-        "trim": lambda: transit.trim_key(key, min_version=1),
-        "delete": lambda: transit.delete_key(key),
-        "export": lambda: transit.export_key(key, key_type="encryption-key"),
-        "other_key": lambda: transit.read_key("keyrotation-some-other-key"),
-    }
+def role_clients(vault, openbao, kc) -> dict[str, hvac.Client]:
+    return {role: hvac.Client(url=openbao.url, token=token) for role, token in role_tokens(vault, kc).items()}
+
+
+def key_config(vault: hvac.Client, key: str) -> dict[str, Any] | None:
+    """The key as the root token reads it; None if there is no such key."""
     try:
-        calls[operation]()
-    except Forbidden:
-        return False
-    except VaultError:
-        return True  # authorised, refused for another reason (e.g. trim below a zero minimum)
-    return True
+        return vault.secrets.transit.read_key(key)["data"]
+    except InvalidPath:
+        return None
 
 
-def test_each_role_is_refused_what_it_must_not_do(make_key_class, vault, openbao):
+def refused(vault: hvac.Client, key: str, call: Callable[[], Any], what: str) -> None:
+    """``call`` is refused by the token's policy (HTTP 403), and the key is exactly as it was."""
+    before = key_config(vault, key)
+    with pytest.raises(Forbidden, match="permission denied"):
+        call()
+        pytest.fail(f"{what}: allowed")
+    assert key_config(vault, key) == before, f"{what}: the key changed"
+
+
+Op = Callable[[hvac.Client, str, str], Any]
+# Every operation on the key, as a caller holding a role's token would try it; the ciphertext is the key's.
+OPERATIONS: dict[str, Op] = {
+    "read": lambda c, key, ct: c.secrets.transit.read_key(key),
+    "create": lambda c, key, ct: c.secrets.transit.create_key(key, key_type=KEY_TYPE),
+    "rotate": lambda c, key, ct: c.secrets.transit.rotate_key(key),
+    "encrypt": lambda c, key, ct: c.secrets.transit.encrypt_data(key, base64.b64encode(SECRET).decode()),
+    "decrypt": lambda c, key, ct: c.secrets.transit.decrypt_data(key, ct),
+    "rewrap": lambda c, key, ct: c.secrets.transit.rewrap_data(key, ct),
+    "config": lambda c, key, ct: c.secrets.transit.update_key_configuration(key, min_decryption_version=1),
+    "trim": lambda c, key, ct: c.secrets.transit.trim_key(key, min_version=1),
+    "delete": lambda c, key, ct: c.secrets.transit.delete_key(key),
+    "export": lambda c, key, ct: c.secrets.transit.export_key(key, key_type="encryption-key"),
+    "backup": lambda c, key, ct: c.secrets.transit.backup_key(key),
+    "list": lambda c, key, ct: c.secrets.transit.list_keys(),
+    "soft-delete": lambda c, key, ct: c.adapter.post(f"/v1/transit/keys/{key}/soft-delete"),
+    "import_version": lambda c, key, ct: c.adapter.post(f"/v1/transit/keys/{key}/import_version",
+                                                        json={"ciphertext": ct}),
+    "other_key": lambda c, key, ct: c.secrets.transit.read_key("keyrotation-some-other-key"),
+}
+# What each role may do; each is proven to take effect in the role's own test below.
+ALLOWED = {
+    "rotate": {"read", "create", "rotate"},
+    "reencrypt": {"read", "encrypt", "decrypt", "rewrap"},
+    "retire": {"read", "config", "trim"},
+    "report": {"read"},
+}
+
+
+def _post(suffix: str, body: dict[str, Any]) -> Op:
+    return lambda c, key, ct: c.adapter.post(f"/v1/transit/keys/{key}{suffix}", json=body)
+
+
+def _create(**options: Any) -> Op:
+    """Create the key (a POST to its path) with ``options``; sent as JSON, since hvac checks key types itself."""
+    return _post("", {"type": KEY_TYPE, **options})
+
+
+def _config(**options: Any) -> Op:
+    return lambda c, key, ct: c.secrets.transit.update_key_configuration(key, **options)
+
+
+# What would weaken the key, with what it does to the key when a token may send it (the root token, in
+# test_the_weakenings_are_real): refused to every role, those whose policy has the path included.
+# Lowering a minimum version is not here: no policy can refuse it (test_retire_role_raises_the_minimums_...).
+WEAKENINGS: dict[str, tuple[Op, dict[str, Any]]] = {
+    "create type aes128-gcm96": (_create(type="aes128-gcm96"), {"type": "aes128-gcm96"}),
+    "create type chacha20-poly1305": (_create(type="chacha20-poly1305"), {"type": "chacha20-poly1305"}),
+    "create chacha20-poly1305 derived": (_create(type="chacha20-poly1305", derived=True),
+                                         {"type": "chacha20-poly1305", "derived": True}),
+    "create derived": (_create(derived=True), {"derived": True}),
+    "create convergent_encryption": (_create(derived=True, convergent_encryption=True),
+                                     {"derived": True, "convergent_encryption": True}),
+    "create exportable": (_create(exportable=True), {"exportable": True}),
+    "create allow_plaintext_backup": (_create(allow_plaintext_backup=True), {"allow_plaintext_backup": True}),
+    "create auto_rotate_period": (_create(auto_rotate_period="1h"), {"auto_rotate_period": 3600}),
+    "config exportable": (_config(exportable=True), {"exportable": True}),
+    "config allow_plaintext_backup": (_config(allow_plaintext_backup=True), {"allow_plaintext_backup": True}),
+    "config deletion_allowed": (_config(deletion_allowed=True), {"deletion_allowed": True}),
+    "config auto_rotate_period": (_config(auto_rotate_period="1h"), {"auto_rotate_period": 3600}),
+    "config exportable beside a minimum": (_config(min_decryption_version=1, exportable=True), {"exportable": True}),
+}
+# Parameters the product never sends, which Transit ignores or refuses itself: refused by the policies too.
+STRAY: dict[str, Op] = {
+    "create Exportable (other case)": _create(Exportable=True),
+    "rotate managed_key_name": _post("/rotate", {"managed_key_name": "elsewhere"}),
+    "trim with deletion_allowed": _post("/trim", {"min_available_version": 1, "deletion_allowed": True}),
+}
+
+
+def test_the_weakenings_are_real(vault):
+    """Each weakening, sent with the root token to a key of its own, changes the key as listed: the 403s below
+    refuse something real. (A key made as the product makes it shows none of these values.)"""
+    plain = f"lp-plain-{os.getpid()}"
+    vault.secrets.transit.create_key(plain, key_type=KEY_TYPE)
+    product = key_config(vault, plain)
+    for i, (what, (call, effect)) in enumerate(WEAKENINGS.items()):
+        key = f"lp-weak-{os.getpid()}-{i}"
+        if not what.startswith("create"):
+            vault.secrets.transit.create_key(key, key_type=KEY_TYPE)
+        call(vault, key, "")
+        weakened = key_config(vault, key)
+        assert {k: weakened.get(k) for k in effect} == effect, what
+        assert {k: product.get(k) for k in effect} != effect, what
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_each_role_is_refused_what_it_must_not_do(make_key_class, vault, openbao, role):
     rt = runtime(make_key_class(name="lp"), vault)
+    key = rt.config.key_class.key_ref
     rt.backend.create_key()
-    ciphertext = rt.backend.wrap(b"k" * 32)
-    tokens = role_tokens(vault, rt.config.key_class)
-    verified = 0
-    for role, token in tokens.items():
-        client = hvac.Client(url=openbao.url, token=token)
-        for operation in OPERATIONS:
-            assert attempt(client, rt.config.key_class.key_ref, ciphertext, operation) == (
-                operation in ALLOWED[role]), f"role {role}, operation {operation}"
-            verified += 1
-    assert verified == len(ROLES) * len(OPERATIONS)
+    ciphertext = rt.backend.wrap(SECRET)
+    client = role_clients(vault, openbao, rt.config.key_class)[role]
+    tried = 0
+    weakenings = {what: call for what, (call, _) in WEAKENINGS.items()}
+    for operation, call in {**OPERATIONS, **weakenings, **STRAY}.items():
+        if operation not in ALLOWED[role]:
+            refused(vault, key, lambda call=call: call(client, key, ciphertext), f"role {role}: {operation}")
+            tried += 1
+    assert tried == len(OPERATIONS) - len(ALLOWED[role]) + len(WEAKENINGS) + len(STRAY)
+    assert OPERATIONS["read"](client, key, ciphertext)["data"] == key_config(vault, key)
+
+
+def test_rotate_role_creates_the_key_and_adds_versions(make_key_class, vault, openbao):
+    kc = make_key_class(name="lprot").key_class
+    key = kc.key_ref
+    clients = role_clients(vault, openbao, kc)
+    for what, (call, _) in WEAKENINGS.items():  # before the key exists: no weak key is created either
+        if what.startswith("create"):
+            refused(vault, key, lambda call=call: call(clients["rotate"], key, ""), f"rotate role: {what}")
+    # Encrypt creates a missing key for a token that may "create" on the path: the reencrypt role may not.
+    refused(vault, key, lambda: OPERATIONS["encrypt"](clients["reencrypt"], key, ""), "reencrypt role: encrypt upsert")
+    assert key_config(vault, key) is None
+
+    rotate = VaultTransitBackend(clients["rotate"], key)
+    assert (rotate.create_key().latest_version, rotate.create_key().latest_version) == (1, 1)
+    created = key_config(vault, key)
+    assert {k: created[k] for k in ("type", "derived", "exportable", "allow_plaintext_backup", "deletion_allowed",
+                                    "auto_rotate_period", "min_decryption_version", "min_encryption_version",
+                                    "latest_version")} == {
+        "type": "aes256-gcm96", "derived": False, "exportable": False, "allow_plaintext_backup": False,
+        "deletion_allowed": False, "auto_rotate_period": 0, "min_decryption_version": 1, "min_encryption_version": 0,
+        "latest_version": 1}
+    assert "convergent_encryption" not in created  # shown for derived keys only
+    assert rotate.rotate() == 2
+    rotated = key_config(vault, key)
+    assert (rotated["latest_version"], sorted(rotated["keys"])) == (2, ["1", "2"])
+    assert {k: v for k, v in rotated.items() if k not in ("keys", "latest_version")} == \
+        {k: v for k, v in created.items() if k not in ("keys", "latest_version")}
+
+
+def test_reencrypt_role_encrypts_decrypts_and_rewraps(make_key_class, vault, openbao):
+    kc = make_key_class(name="lpre").key_class
+    root = VaultTransitBackend(vault, kc.key_ref)
+    root.create_key()
+    old = root.wrap(SECRET)
+    root.rotate()
+    before = key_config(vault, kc.key_ref)
+    reencrypt = VaultTransitBackend(role_clients(vault, openbao, kc)["reencrypt"], kc.key_ref)
+
+    new = reencrypt.wrap(b"fresh secret")
+    assert reencrypt.version_of(new) == 2 and root.unwrap(new) == b"fresh secret"
+    pinned = reencrypt.wrap(b"pinned", version=1)
+    assert reencrypt.version_of(pinned) == 1 and root.unwrap(pinned) == b"pinned"
+    assert reencrypt.unwrap(old) == SECRET
+    rewrapped = reencrypt.rewrap([old, pinned])
+    assert [reencrypt.version_of(c) for c in rewrapped] == [2, 2]
+    assert [root.unwrap(c) for c in rewrapped] == [SECRET, b"pinned"]
+    assert key_config(vault, kc.key_ref) == before  # using the key changes nothing about it
+
+
+def test_retire_role_raises_the_minimums_and_trims(make_key_class, vault, openbao, monkeypatch):
+    kc = make_key_class(name="lpret").key_class
+    key = kc.key_ref
+    root = VaultTransitBackend(vault, key)
+    root.create_key()
+    old = root.wrap(SECRET)
+    root.rotate()
+    root.rotate()
+    clients = role_clients(vault, openbao, kc)
+    retire = VaultTransitBackend(clients["retire"], key)
+
+    state = retire.retire_below(2)
+    config = key_config(vault, key)
+    assert (state.min_encryption_version, state.min_decryption_version) == (2, 2)
+    assert (config["min_encryption_version"], config["min_decryption_version"], config["min_available_version"],
+            sorted(config["keys"])) == (2, 2, 0, ["2", "3"])  # v1 no longer usable, not trimmed
+    with pytest.raises(InvalidRequest, match=r"ciphertext or signature version is disallowed by policy \(too old\)"):
+        vault.secrets.transit.decrypt_data(key, old)
+
+    # Lowering a minimum: the policy cannot refuse it (it limits parameters, not how a value compares with
+    # the key), so the retire task refuses it itself, before sending anything.
+    def lowering(asked: int, lowered: str) -> None:
+        before = key_config(vault, key)
+        with pytest.raises(BackendError) as refusal:
+            retire.retire_below(asked)
+        assert str(refusal.value) == (f"Transit key {key!r}: refusing to retire below v{asked}: {lowered}; a "
+                                      "minimum version is never lowered")
+        assert key_config(vault, key) == before
+
+    lowering(1, "min_encryption_version is already v2, min_decryption_version is already v2")
+    vault.secrets.transit.update_key_configuration(key, min_encryption_version=3)  # e.g. by an operator
+    lowering(2, "min_encryption_version is already v3")
+    vault.secrets.transit.update_key_configuration(key, min_encryption_version=0)  # 0: no minimum
+    lowering(1, "min_decryption_version is already v2")
+    vault.secrets.transit.update_key_configuration(key, min_encryption_version=2)
+
+    # ... and reads both back after the update: here the same token lowers min_decryption_version right
+    # after the task raised it (OpenBao allows it), and the task fails instead of reporting v3 retired.
+    transit = retire._transit
+    update = transit.update_key_configuration
+
+    def then_lowered(name: str, **kwargs: Any) -> Any:
+        done = update(name, **kwargs)
+        if kwargs.get("min_decryption_version") == 3:
+            update(key, min_decryption_version=2)
+        return done
+
+    monkeypatch.setattr(transit, "update_key_configuration", then_lowered)
+    with pytest.raises(BackendError) as lowered:
+        retire.retire_below(3)
+    assert str(lowered.value) == (f"Transit key {key!r}: retiring below v3 is not in effect after the update: "
+                                  "min_decryption_version is v2, not v3 (changed meanwhile by another token?)")
+    monkeypatch.undo()
+
+    state = retire.retire_below(3, trim=True)
+    config = key_config(vault, key)
+    assert (state.min_encryption_version, state.min_decryption_version, state.min_available_version) == (3, 3, 3)
+    assert (config["min_encryption_version"], config["min_decryption_version"], config["min_available_version"],
+            sorted(config["keys"])) == (3, 3, 3, ["3"])
+    with pytest.raises(InvalidRequest):  # v1 and v2 are gone: not even the root token can bring them back
+        vault.secrets.transit.update_key_configuration(key, min_decryption_version=2)
+    assert key_config(vault, key) == config
+
+
+def test_report_role_reads_the_key(make_key_class, vault, openbao):
+    kc = make_key_class(name="lprep").key_class
+    root = VaultTransitBackend(vault, kc.key_ref)
+    root.create_key()
+    root.rotate()
+    report = VaultTransitBackend(role_clients(vault, openbao, kc)["report"], kc.key_ref)
+    assert report.key_state() == root.key_state()
+    assert (report.key_state().latest_version, sorted(report.key_state().versions)) == (2, [1, 2])
+
+
+def _policies_cli(name: str, config_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **({"KEYROTATION_CONFIG_DIR": str(config_dir)} if config_dir else {})}
+    return subprocess.run([sys.executable, "-m", "keyrotation.policies", name], cwd=ROOT / "include", env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_policies_cli(make_key_class, tmp_path):
+    kc = make_key_class(name="lpcli").key_class
+    printed = _policies_cli("lpcli")
+    assert printed.returncode == 0, printed.stderr
+    for role, hcl in policies_for(kc).items():
+        assert f"# keyrotation-lpcli-{role}: Airflow connection 'vault_keyrotation'\n{hcl}" in printed.stdout
+
+    # A key class that does not exist, and one on another KMS: one line on stderr, exit code 2.
+    missing = _policies_cli("lp_no_such_class", tmp_path)
+    assert (missing.returncode, missing.stdout) == (2, "")
+    assert missing.stderr == f"error: {tmp_path / 'lp_no_such_class.yaml'}: key class config file not found\n"
+    (tmp_path / "lpcli_aws.yaml").write_text(AWS_KEY_CLASS_YAML.format(
+        name="lpcli_aws", key_ref="alias/lpcli-aws", conn_id="aws_keyrotation", strategy="alias", mode="rewrap",
+        chunk_size=16, dataset="lpcli_aws_data", location="s3://keyrotation-data/lpcli"))
+    other = _policies_cli("lpcli_aws", tmp_path)
+    assert (other.returncode, other.stdout) == (2, "")
+    assert other.stderr == ("error: key class 'lpcli_aws': backend 'aws_kms' has no Vault policy "
+                            "(use python -m keyrotation.aws_policies)\n")
 
 
 @pytest.mark.airflow

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import sqlite3
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from keyrotation import ledger as lg
+from keyrotation.errors import KeyRotationError
 from keyrotation.ledger import Ledger, RunContext
 
 PG_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -152,3 +155,189 @@ def test_concurrent_writers_keep_one_chain(backend, request, tmp_path):
     ledger = Ledger(url)
     assert ledger.verify() == lg.VerifyResult(ok=True, rows_checked=100)
     ledger.engine.dispose()
+
+
+# -- verify only reads ------------------------------------------------------------------------------
+
+def _triggers(ledger: Ledger) -> list[str]:
+    """The triggers on ledger_events, from the catalog, as an administrator sees them."""
+    query = {
+        "sqlite": "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'ledger_events'",
+        "postgresql": "SELECT tgname FROM pg_trigger WHERE tgrelid = 'ledger_events'::regclass AND NOT tgisinternal",
+    }[ledger.engine.dialect.name]
+    with ledger.engine.connect() as conn:
+        return sorted(conn.exec_driver_sql(query).scalars())
+
+
+@pytest.fixture
+def pg_role(postgres_url):
+    """Make a login role on the test database with CONNECT and the given grants only; dropped afterwards."""
+    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    database = sa.make_url(postgres_url).database
+    made: list[str] = []
+
+    def make(*grants: str) -> str:
+        role = f"kr_reader_{secrets.token_hex(4)}"
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE ROLE {role} LOGIN")
+            made.append(role)
+            conn.exec_driver_sql(f"REVOKE ALL ON DATABASE {database} FROM PUBLIC")
+            conn.exec_driver_sql("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+            conn.exec_driver_sql(f"GRANT CONNECT ON DATABASE {database} TO {role}")
+            for grant in grants:
+                conn.exec_driver_sql(grant.format(role=role))
+        return f"postgresql+psycopg2://{role}@127.0.0.1:5432/{database}"
+
+    yield make
+    with admin.connect() as conn:
+        for role in made:
+            conn.exec_driver_sql(f"DROP OWNED BY {role}")
+            conn.exec_driver_sql(f"DROP ROLE {role}")
+    admin.dispose()
+
+
+def test_verify_under_a_select_only_role_runs_no_ddl(postgres_url, pg_role):
+    ledger = Ledger(postgres_url)
+    ids = _record_some(ledger)
+    reader = pg_role("GRANT SELECT ON ledger_events TO {role}")
+
+    intact = _cli(reader)
+    assert (intact.returncode, intact.stdout, intact.stderr) == (0, f"ledger {reader}: 6 rows, chain intact\n", "")
+
+    with ledger.engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE ledger_events DISABLE TRIGGER ledger_events_append_only")
+    disabled = _cli(reader)
+    assert (disabled.returncode, disabled.stdout.splitlines()) == (3, [
+        f"ledger {reader}: 6 rows, chain intact",
+        f"ledger {reader}: append-only guard: trigger ledger_events_append_only is disabled: UPDATE and DELETE are "
+        "not refused"])
+
+    # Dropped with its function: neither the reader nor the database's owner running verify brings either back.
+    with ledger.engine.begin() as conn:
+        conn.exec_driver_sql("DROP FUNCTION ledger_events_append_only() CASCADE")
+    for url in (reader, postgres_url):
+        missing = _cli(url)
+        assert (missing.returncode, missing.stdout.splitlines(), missing.stderr) == (3, [
+            f"ledger {url}: 6 rows, chain intact",
+            f"ledger {url}: append-only guard: trigger ledger_events_append_only is missing: UPDATE and DELETE are "
+            "not refused"], "")
+    assert _triggers(ledger) == []
+    with ledger.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM pg_proc WHERE proname = 'ledger_events_append_only'"
+                                    ).scalar() == 0
+
+    with ledger.engine.begin() as conn:  # nothing refuses an edit now
+        conn.execute(lg.events.update().where(lg.events.c.id == ids[1]).values(rows=999))
+    broken = _cli(reader)
+    assert (broken.returncode, broken.stdout.splitlines()) == (1, [
+        f"ledger {reader}: chain broken at row {ids[1]}: row_hash does not match its content",
+        f"ledger {reader}: append-only guard: trigger ledger_events_append_only is missing: UPDATE and DELETE are "
+        "not refused"])
+
+
+def test_verify_does_not_recreate_a_dropped_trigger(ledger):
+    _record_some(ledger)
+    guarded = _triggers(ledger)
+    assert guarded in (["ledger_events_no_delete", "ledger_events_no_update"], ["ledger_events_append_only"])
+    with ledger.engine.begin() as conn:
+        conn.exec_driver_sql(DROP_GUARD[ledger.engine.dialect.name]["delete"])
+    finding = {"sqlite": "trigger ledger_events_no_delete is missing: DELETE is not refused",
+               "postgresql": "trigger ledger_events_append_only is missing: UPDATE and DELETE are not refused"}
+    for _ in range(2):
+        result = _cli(ledger.url)
+        assert (result.returncode, result.stdout.splitlines()) == (3, [
+            f"ledger {ledger.url}: 6 rows, chain intact",
+            f"ledger {ledger.url}: append-only guard: {finding[ledger.engine.dialect.name]}"])
+    assert _triggers(ledger) == {"sqlite": ["ledger_events_no_update"], "postgresql": []}[ledger.engine.dialect.name]
+    reader = Ledger(ledger.url, read_only=True)
+    assert reader.verify() == lg.VerifyResult(ok=True, rows_checked=6)
+    with pytest.raises(KeyRotationError, match=r"was opened read-only: nothing can be recorded"):
+        reader.record(lg.KEY_CREATED, "pii")
+    assert len(ledger.rows()) == 6
+
+
+def test_verify_reads_a_read_only_sqlite_file(tmp_path):
+    source = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    ids = _record_some(source)
+    source.engine.dispose()
+    copies = tmp_path / "copies"
+    copies.mkdir()
+
+    def read_only_copy(name: str, *statements: str) -> Path:
+        path = copies / name
+        shutil.copyfile(tmp_path / "ledger.db", path)
+        with sqlite3.connect(path) as conn:
+            for statement in statements:
+                conn.execute(statement)
+        path.chmod(0o444)
+        return path
+
+    intact = read_only_copy("intact.db")
+    unguarded = read_only_copy("unguarded.db", "DROP TRIGGER ledger_events_no_update")
+    edited = read_only_copy("edited.db", "DROP TRIGGER ledger_events_no_update",
+                            f"UPDATE ledger_events SET digest = 'sha256:forged' WHERE id = {ids[3]}")
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in copies.iterdir()}
+    # Root writes to a 0444 file regardless: only SQLite's read-only mode keeps verify from writing.
+    for path, code, last in ((intact, 0, "6 rows, chain intact"),
+                             (unguarded, 3, "append-only guard: trigger ledger_events_no_update is missing: UPDATE is "
+                                            "not refused"),
+                             (edited, 1, "append-only guard: trigger ledger_events_no_update is missing: UPDATE is "
+                                         "not refused")):
+        for url in (f"sqlite:///{path}", f"sqlite:///file:{path}?mode=ro&uri=true"):
+            result = _cli(url)
+            assert (result.returncode, result.stdout.splitlines()[-1], result.stderr) == (code, f"ledger {url}: {last}",
+                                                                                          "")
+    assert f"chain broken at row {ids[3]}: row_hash does not match its content" in _cli(f"sqlite:///{edited}").stdout
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in copies.iterdir()} == before  # no journal either
+
+
+@pytest.mark.parametrize("case", ["no_file", "no_table_sqlite", "no_table_postgresql", "no_hash_chain",
+                                  "other_table", "cannot_connect", "permission_denied"])
+def test_verify_could_not_check_is_exit_2_with_one_line(case, request, tmp_path):
+    path = tmp_path / "ledger.db"
+    url = f"sqlite:///{path}"
+    if case == "no_file":
+        expected = "no such file"
+    elif case == "no_table_sqlite":
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE accounts (id INTEGER)")
+        expected = "not a ledger (no table ledger_events)"
+    elif case == "no_table_postgresql":
+        url = request.getfixturevalue("postgres_url")
+        expected = "not a ledger (no table ledger_events)"
+    elif case == "no_hash_chain":  # the format before the hash chain: every column but the two hashes
+        old = sa.MetaData()
+        sa.Table("ledger_events", old,
+                 *(sa.Column(c.name, c.type) for c in lg.events.columns if c.name not in ("prev_hash", "row_hash")))
+        engine = sa.create_engine(url)
+        old.create_all(engine)
+        engine.dispose()
+        expected = "an older format, before the hash chain (no prev_hash or row_hash column)"
+    elif case == "other_table":
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE ledger_events (id INTEGER, event TEXT, row_hash TEXT)")
+        expected = ("not a ledger (table ledger_events has no column recorded_at, status, key_class, dataset, "
+                    "partition, from_version, to_version, rows, bytes, digest, duration_s, detail, dag_id, run_id, "
+                    "task_id, try_number, actor, prev_hash)")
+    elif case == "cannot_connect":
+        url = "postgresql+psycopg2://postgres@127.0.0.1:1/test"
+        expected = 'cannot connect: connection to server at "127.0.0.1", port 1 failed: Connection refused'
+    else:
+        admin = request.getfixturevalue("postgres_url")
+        Ledger(admin).engine.dispose()
+        url = request.getfixturevalue("pg_role")()  # CONNECT only
+        expected = "cannot read ledger_events: permission denied for table ledger_events"
+    before = sorted(tmp_path.iterdir())
+    result = _cli(url)
+    assert (result.returncode, result.stdout, result.stderr) == (2, f"ledger {url}: {expected}; nothing verified\n",
+                                                                 "")
+    assert sorted(tmp_path.iterdir()) == before  # no SQLite file was created, nor a table in one
+
+
+def test_verify_help_documents_the_exit_codes():
+    result = subprocess.run([sys.executable, "-m", "keyrotation.ledger", "verify", "--help"], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(INCLUDE)})
+    assert result.returncode == 0
+    assert lg.VERIFY_EXIT_CODES in result.stdout
+    assert [line.split()[0] for line in lg.VERIFY_EXIT_CODES.splitlines()[1:] if line[:3].strip().isdigit()] == [
+        "0", "1", "2", "3"]

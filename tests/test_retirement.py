@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from helpers import days, runtime, seed
+from helpers import days, runtime, seed, sweep
 from keyrotation import ledger as lg
 from keyrotation.errors import RetirementRefused
 from keyrotation.ledger import RunContext
@@ -34,19 +34,21 @@ def test_refuses_while_partitions_are_under_old_versions_then_retires(make_key_c
     assert rt.backend.key_state().min_decryption_version == 1
     for p in ("2024-01-02", "2024-01-03"):
         engine.process(p, v2, "rewrap")
+    with pytest.raises(RetirementRefused, match="3 partitions not proven under v2 or newer by a validation in the "
+                                                "ledger .*: 2024-01-01: never validated"):
+        retire(rt.backend, kc, plan, rt.censuses(), rt.ledger, RunContext())
+    sweep(rt, "customers", v2)
     state = retire(rt.backend, kc, plan, rt.censuses(), rt.ledger, RunContext(actor="ana"))
     assert state.min_decryption_version == 2
     assert plan_retirement(kc, rt.backend.key_state(), v2) is None  # nothing left to retire
     events = [(r["event"], r["status"]) for r in rt.ledger.rows(events_in=(lg.RETIREMENT_REFUSED,
                                                                           lg.VERSIONS_RETIRED))]
-    assert events == [(lg.RETIREMENT_REFUSED, "refused"), (lg.VERSIONS_RETIRED, "ok")]
+    assert events == [(lg.RETIREMENT_REFUSED, "refused")] * 2 + [(lg.VERSIONS_RETIRED, "ok")]
 
 
 def test_refuses_during_grace_period_without_approval_and_on_unreadable_partitions(make_key_class, vault):
     rt, v2 = _rotated(make_key_class, vault, grace="7d")
-    engine = rt.engine("customers")
-    for p in days("2024-01-01", 3):
-        engine.process(p, v2, "rewrap")
+    sweep(rt, "customers", v2)
     kc = rt.config.key_class
     plan = plan_retirement(kc, rt.backend.key_state(), v2)
     with pytest.raises(RetirementRefused, match="grace period of 7 days"):
@@ -60,7 +62,8 @@ def test_refuses_during_grace_period_without_approval_and_on_unreadable_partitio
                approval={"approved": False, "approved_by": "bo"})
     censuses = rt.censuses()
     censuses[0].errors["2024-01-09"] = "key material is not valid"
-    with pytest.raises(RetirementRefused, match="1 partitions unreadable"):
+    with pytest.raises(RetirementRefused, match="1 partitions unreadable or blocking, cannot prove they are not "
+                                                "under versions below v2: 2024-01-09: key material is not valid"):
         retire(rt.backend, kc, plan, censuses, rt.ledger, RunContext(), now=later)
     assert rt.backend.key_state().min_decryption_version == 1
     retire(rt.backend, strict, plan, rt.censuses(), rt.ledger, RunContext(), now=later,

@@ -276,7 +276,8 @@ def test_sweep_scales_out_over_two_celery_workers_survives_a_killed_worker_and_k
         single = single_rt.engine(SWEEP)
         single.run(partitions, lambda p: single.process(p, target, "rewrap"))
         assert rt.census(SWEEP).summary() == single_rt.census(SWEEP).summary() == {
-            "dataset": SWEEP, "partitions": PARTITIONS, "by_version": {f"v{target}": PARTITIONS}, "unreadable": 0}
+            "dataset": SWEEP, "partitions": PARTITIONS, "by_version": {f"v{target}": PARTITIONS}, "unreadable": 0,
+            "blocking": 0, "unmanaged_files": 0}
         assert partition_digests(single_rt, SWEEP, partitions) == before
 
         # The pool: never two KMS tasks of key class "pooled" at once (all their tries), while

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from live_airflow import LiveAirflow
 
-from helpers import CONN_ID, DAG_STUB, KEY_CLASS_YAML, days, runtime, seed
+from helpers import CONN_ID, DAG_STUB, KEY_CLASS_YAML, days, runtime, seed, sweep
 from keyrotation import ledger as lg
 from keyrotation.config import load_key_class_file
 from keyrotation.ledger import RunContext
@@ -38,8 +38,7 @@ def live(tmp_path_factory, openbao):
     seed(rt, "ui_customers", days("2024-01-01", 3))
     v2 = rt.backend.rotate()
     update_reference("ui", v2, rt.ledger, RunContext(actor="test"))
-    engine = rt.engine("ui_customers")
-    engine.run(days("2024-01-01", 3), lambda p: engine.process(p, v2, "rewrap"))
+    sweep(rt, "ui_customers", v2)  # re-wrapped and validated: the gate's evidence
     airflow = LiveAirflow(base, dags, {"KEYROTATION_CONFIG_DIR": str(config_dir),
                                        "KEYROTATION_LEDGER_URL": ledger_url}).start()
     airflow.rt = rt
@@ -149,8 +148,7 @@ def test_operator_walkthrough_in_the_airflow_ui(live, tmp_path):
     rt = live.rt
     target = rt.backend.rotate()  # a new version, data re-wrapped: v2 is due for retirement next
     update_reference("ui", target, rt.ledger, RunContext(actor="test"))
-    engine = rt.engine("ui_customers")
-    engine.run(days("2024-01-01", 3), lambda p: engine.process(p, target, "rewrap"))
+    sweep(rt, "ui_customers", target)
     out = Path(os.environ.get("KEYROTATION_SCREENSHOTS") or tmp_path)
     with Browser(1400, 1000) as browser, live.client("admin") as client:
         browser.set_cookie(live.url, "_token", live.token("admin"))

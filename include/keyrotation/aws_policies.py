@@ -14,8 +14,15 @@ one Airflow ``aws`` connection) each:
 
 KMS keys are scoped by their ``keyrotation:key-class`` tag (``aws:ResourceTag``; new keys must carry
 it, ``aws:RequestTag``), aliases by name (``alias/<name>`` and ``alias/<name>/*``), objects by
-prefix. ``python -m keyrotation.aws_policies --role R --key-class K --key-ref alias/x --region REGION
---account ID --bucket bucket/prefix`` prints one document as JSON.
+prefix. The documents are allow-lists: ``PutKeyPolicy``, ``CreateGrant``, ``ImportKeyMaterial``,
+``ReplicateKey``, ``EnableKey``, ``CancelKeyDeletion``, ``DisableKeyRotation`` and every other action
+not named are refused. Where a KMS condition key can limit a request's parameters, it does:
+``CreateKey`` only for a symmetric ``ENCRYPT_DECRYPT`` key whose material KMS generates in one region
+(:data:`NEW_KEY_CONDITIONS`), and, given ``deletion_window_days``, ``ScheduleKeyDeletion`` with no
+shorter waiting period. What IAM cannot limit is listed in ``docs/aws-iam/README.md``.
+
+``python -m keyrotation.aws_policies --role R --key-class K --key-ref alias/x --region REGION
+--account ID --bucket bucket/prefix [--deletion-window-days N]`` prints one document as JSON.
 """
 
 from __future__ import annotations
@@ -39,6 +46,15 @@ KEY_ACTIONS = {
                   "kms:ReEncryptTo", "kms:GenerateDataKey"],
     "retire": ["kms:DescribeKey", "kms:ListKeyRotations", "kms:DisableKey", "kms:ScheduleKeyDeletion"],
     "report": ["kms:DescribeKey", "kms:ListKeyRotations", "kms:GetKeyRotationStatus", "kms:ListResourceTags"],
+}
+#: What CreateKey may ask for: the key the AWS KMS backend creates. AWS evaluates these keys with the
+#: parameter's default when a request leaves it out; the backend sends KeySpec and KeyUsage, not the rest
+#: (hence IfExists, which still refuses any other value that is sent). Not expressible: the key policy a
+#: request may pass (``Policy``), for which KMS has no condition key.
+NEW_KEY_CONDITIONS: dict[str, dict[str, str]] = {
+    "StringEquals": {"kms:KeySpec": "SYMMETRIC_DEFAULT", "kms:KeyUsage": "ENCRYPT_DECRYPT"},
+    "StringEqualsIfExists": {"kms:KeyOrigin": "AWS_KMS"},
+    "BoolIfExists": {"kms:MultiRegion": "false", "kms:BypassPolicyLockoutSafetyCheck": "false"},
 }
 #: S3 object actions on the dataset prefixes, by role; these roles also list the prefixes (rotate has no S3).
 OBJECT_ACTIONS = {
@@ -110,12 +126,16 @@ def _s3_statements(role: str, buckets: list[str], arn: str) -> list[dict[str, An
 
 
 def aws_policy(role: str, *, key_class: str, key_ref: str, region: str, account: str,
-               buckets: list[str]) -> dict[str, Any]:
+               buckets: list[str], deletion_window_days: int | None = None) -> dict[str, Any]:
     """The IAM policy document of ``role`` for the key class ``key_class``.
 
     ``key_ref`` is the class's KMS alias (``alias/<name>``; a key id or ARN gets no alias
-    permissions); ``buckets`` are the ``bucket/prefix`` locations of its datasets on S3.
+    permissions); ``buckets`` are the ``bucket/prefix`` locations of its datasets on S3;
+    ``deletion_window_days`` (the key class's ``aws.deletion_window_days``), if given, is the shortest
+    waiting period the retire role may ask ``ScheduleKeyDeletion`` for.
     """
+    if deletion_window_days is not None and not 7 <= deletion_window_days <= 30:
+        raise ValueError(f"deletion_window_days must be 7-30 (AWS's range): {deletion_window_days}")
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r} (one of {', '.join(ROLES)})")
     if not key_class:
@@ -131,6 +151,9 @@ def aws_policy(role: str, *, key_class: str, key_ref: str, region: str, account:
     alias = key_ref.removeprefix("alias/") if key_ref.startswith("alias/") else None
     if not alias:
         key_actions = [a for a in key_actions if a not in ("kms:CreateAlias", "kms:UpdateAlias")]
+    schedule_deletion = role == "retire" and deletion_window_days is not None
+    if schedule_deletion:
+        key_actions.remove("kms:ScheduleKeyDeletion")
 
     statements: list[dict[str, Any]] = [
         {"Sid": "KeyClassKeys", "Effect": "Allow", "Action": key_actions, "Resource": f"{kms}:key/*",
@@ -138,12 +161,21 @@ def aws_policy(role: str, *, key_class: str, key_ref: str, region: str, account:
         # ListAliases has no resource-level permissions: "*" is the only resource it accepts.
         {"Sid": "ListAliases", "Effect": "Allow", "Action": ["kms:ListAliases"], "Resource": "*"},
     ]
+    if schedule_deletion:
+        # A shorter waiting period leaves less time to cancel a deletion (CancelKeyDeletion) found wrong.
+        statements.append({"Sid": "ScheduleDeletionOfClassKeys", "Effect": "Allow",
+                           "Action": ["kms:ScheduleKeyDeletion"], "Resource": f"{kms}:key/*",
+                           "Condition": {**of_class, "NumericGreaterThanEquals": {
+                               "kms:ScheduleKeyDeletionPendingWindowInDays": str(deletion_window_days)}}})
     if role == "rotate":
         new_key_tags = {f"aws:RequestTag/{TAG_KEY_CLASS}": key_class}
         statements += [
-            # CreateKey has no resource; the request must tag the new key with this class and no other tags.
+            # CreateKey has no resource; the request must tag the new key with this class and no other tags,
+            # and ask for the kind of key the backend creates (NEW_KEY_CONDITIONS).
             {"Sid": "CreateKeysOfClass", "Effect": "Allow", "Action": ["kms:CreateKey"], "Resource": "*",
-             "Condition": {"StringEquals": new_key_tags,
+             "Condition": {"StringEquals": {**new_key_tags, **NEW_KEY_CONDITIONS["StringEquals"]},
+                           "StringEqualsIfExists": dict(NEW_KEY_CONDITIONS["StringEqualsIfExists"]),
+                           "BoolIfExists": dict(NEW_KEY_CONDITIONS["BoolIfExists"]),
                            "ForAllValues:StringEquals": {"aws:TagKeys": list(KEY_TAGS)}}},
             # Tags given to CreateKey need kms:TagResource on every key of the account and region; the
             # request must set this class, and a key already of another class cannot be re-tagged.
@@ -172,10 +204,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--account", required=True, help="12-digit AWS account id")
     parser.add_argument("--bucket", action="append", default=[], metavar="BUCKET/PREFIX",
                         help="S3 location of one of the key class's datasets (repeat for each)")
+    parser.add_argument("--deletion-window-days", type=int, metavar="N",
+                        help="retire: refuse ScheduleKeyDeletion with a waiting period under N days (the key "
+                             "class's aws.deletion_window_days)")
     args = parser.parse_args(argv)
     try:
         document = aws_policy(args.role, key_class=args.key_class, key_ref=args.key_ref, region=args.region,
-                              account=args.account, buckets=args.bucket)
+                              account=args.account, buckets=args.bucket,
+                              deletion_window_days=args.deletion_window_days)
     except ValueError as exc:
         parser.error(str(exc))
     print(json.dumps(document, indent=2))

@@ -755,9 +755,17 @@ class KeyRotationClient:
         """Write ``table`` to ``path`` with PME exactly as the DAGs do (encrypted columns and footer, key
         material in ``_KEY_MATERIAL_FOR_<file>.json`` beside it), under the current version; return it.
 
-        A single file: the partition manifest the DAGs' partition stores keep is not written here.
+        A single file: the partition manifest the DAGs' partition stores keep is not written here, so a
+        folder that holds one (a partition the DAGs manage) is refused: a file added there would be
+        unmanaged, reported by the census and blocking retirement while under an old version. Write a new
+        partition folder instead (the next sweep adopts it), or replace a partition through the engine.
         """
+        import posixpath
+
+        import pyarrow.fs as pafs
+
         from keyrotation.formats.parquet_pme import ParquetEncryption
+        from keyrotation.stores.partitions import MANIFEST
 
         self.metrics_.add("requests", "write_parquet")
         try:
@@ -773,6 +781,11 @@ class KeyRotationClient:
                                           f"retired (versions below v{state.min_version})", state.version,
                                           state.min_version)
             fs, where = _local(path, filesystem)
+            manifest = posixpath.join(posixpath.dirname(where), MANIFEST)
+            if fs.get_file_info(manifest).type == pafs.FileType.File:
+                raise InvalidInput(f"{path}: refusing to write into a partition the keyrotation DAGs manage (its "
+                                   f"folder holds {MANIFEST}); write a new partition folder, which the next sweep "
+                                   "adopts, or replace the partition through the re-encryption engine")
             ParquetEncryption(self._kms, encrypted).write(table, where, fs, state.version)
             return state.version
         except Exception as exc:

@@ -12,10 +12,17 @@ Every step is idempotent and every crash point is safe: before the manifest is r
 generation is the live one and whatever was staged is removed on the next run; after, the new
 one is live and the old files are removed on the next run. The ledger is reconciled on re-run when
 a crash fell between the commit and the ledger write.
+
+Nothing the engine did not write is removed: clean-up takes staging names and the files the ledger
+records for the partition (a ``generation_staged`` row is written before a new generation's files
+get their final names), and every removal is logged and recorded. A validation proves, besides the
+digest, which versions the KMS itself unwrapped the partition's keys with and which columns the
+files' footers encrypt; the retirement gate asks for that proof (:mod:`keyrotation.proof`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -24,13 +31,13 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 
 from keyrotation import ledger as lg
-from keyrotation.census import partition_census
-from keyrotation.errors import KeyRotationError, PartitionError, ValidationError
+from keyrotation.census import PartitionCensus, known_versions, partition_census
+from keyrotation.errors import KeyRotationError, KmsUnreachable, PartitionError, PermissionDenied, ValidationError
 from keyrotation.formats.digest import DigestBuilder
 from keyrotation.formats.parquet_pme import ParquetEncryption, key_material_path
 from keyrotation.ledger import Ledger, RunContext
 from keyrotation.locks import PartitionLeases
-from keyrotation.stores.partitions import STAGING_PREFIX, Manifest, PartitionStore
+from keyrotation.stores.partitions import GENERATION_NAME, MANIFEST, STAGING_PREFIX, Manifest, PartitionStore
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,8 @@ class PartitionResult:
     digest: str | None = None
     duration_s: float = 0.0
     error: str | None = None
+    #: A failure that may pass on its own (the KMS unreachable): worth a task retry; bad input is not.
+    retryable: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,13 +86,14 @@ class PartitionEngine:
             rows=result.rows, bytes=result.bytes, digest=result.digest, duration_s=round(result.duration_s, 4),
         )
 
-    def _finish_validation(self, result: PartitionResult, problem: str | None) -> PartitionResult:
+    def _finish_validation(self, result: PartitionResult, problem: str | None,
+                           detail: dict | None = None) -> PartitionResult:
         """Record a validation: failed (and raise ValidationError) when there is a ``problem``."""
         if problem:
             result.action, result.error = "failed", problem
-            self._record(lg.VALIDATION_FAILED, result, status="failed")
+            self._record(lg.VALIDATION_FAILED, result, status="failed", detail={**(detail or {}), "error": problem})
             raise ValidationError(result.partition, problem)
-        self._record(lg.PARTITION_VALIDATED, result)
+        self._record(lg.PARTITION_VALIDATED, result, detail=detail)
         return result
 
     def run(self, partitions: list[str], operation: Callable[[str], PartitionResult]) -> list[PartitionResult]:
@@ -96,7 +106,7 @@ class PartitionEngine:
                 result = operation(partition)
             except (KeyRotationError, OSError, ValueError) as exc:
                 message = str(exc) if isinstance(exc, PartitionError) else f"partition {partition}: {exc}"
-                result = PartitionResult(partition, "failed", error=message)
+                result = PartitionResult(partition, "failed", error=message, retryable=isinstance(exc, KmsUnreachable))
                 if not isinstance(exc, ValidationError):
                     self._record(lg.PARTITION_FAILED, result, status="failed", detail={"error": message})
                 log.error("%s (key class %s): %s", self.dataset, self.key_class, message)
@@ -125,13 +135,28 @@ class ReencryptionEngine(PartitionEngine):
         self.checkpoint = checkpoint or _no_checkpoint
         self.batch_rows = batch_rows
         self.leases = PartitionLeases(ledger)
-        self._latest: int | None = None
+        self._known: frozenset[int] | None = None
 
     # -- helpers ------------------------------------------------------------------------------
-    def _latest_version(self) -> int:
-        if self._latest is None:
-            self._latest = self.pme.backend.key_state().latest_version
-        return self._latest
+    def _known_versions(self) -> frozenset[int]:
+        """The versions the KMS has, read once per engine (a task): every label must be one of them."""
+        if self._known is None:
+            self._known = known_versions(self.pme)
+        return self._known
+
+    def _census(self, partition: str) -> PartitionCensus:
+        return partition_census(self.store, self.pme, partition, self._known_versions())
+
+    def _encrypted_in(self, partition: str, files: list[str]) -> tuple[frozenset[int], frozenset[str]]:
+        """The versions the KMS unwrapped ``files``' keys with, and the columns every one of their footers
+        says are encrypted (one KMS request per file)."""
+        versions: set[int] = set()
+        columns: frozenset[str] | None = None
+        for name in files:
+            protection = self.pme.inspect(self.store.path(partition, name), self.store.fs)
+            versions |= protection.versions
+            columns = protection.encrypted_columns if columns is None else columns & protection.encrypted_columns
+        return frozenset(versions), columns or frozenset()
 
     def _unreadable(self, partition: str, name: str, exc: Exception) -> PartitionError:
         hint = " (file or key material altered, or protected by another key)" if "decrypt" in str(exc) else ""
@@ -187,14 +212,48 @@ class ReencryptionEngine(PartitionEngine):
             digest.update(batch)
         return digest.hexdigest(), rows
 
-    def _adopt(self, partition: str) -> Manifest:
-        """The partition's manifest; a partition written by another tool gets one naming its files."""
+    def _manifest(self, partition: str) -> Manifest:
+        """The partition's manifest. A partition the ledger has never seen (written by another tool) is
+        adopted: a manifest naming its Parquet files. A manifest gone from a partition the ledger knows is
+        rebuilt from the ledger's last record when every file it names is there, else refused. Either is
+        logged and recorded."""
         manifest = self.store.read_manifest(partition)
-        if manifest is None:
+        if manifest is not None:
+            return manifest
+        last = self.ledger.partition_record(self.dataset, partition)
+        if last is None:
             files = self.store.live_files(partition)
             manifest = Manifest(files=files, generation=self.store.next_generation(partition) - 1)
-            self.store.write_manifest(partition, manifest)
+            event, message = lg.PARTITION_ADOPTED, "no manifest and no ledger record: adopted its files"
+        else:
+            detail = json.loads(last["detail"] or "{}")
+            files = list(detail.get("files") or [])
+            present = set(self.store.listing(partition))
+            if not files or not set(files) <= present:
+                raise PartitionError(partition, f"its manifest {MANIFEST} is missing and the ledger's last record "
+                                                f"({last['event']}, id {last['id']}) names files {files} that are not "
+                                                "all there: restore the manifest; nothing was changed")
+            generations = [int(m.group(1)) for f in files if (m := GENERATION_NAME.match(f))]
+            manifest = Manifest(files=files, generation=max(generations, default=1), rows=last["rows"],
+                                bytes=last["bytes"], digest=last["digest"],
+                                written_under_version=detail.get("written_under"))
+            event, message = lg.MANIFEST_REBUILT, "manifest missing: rebuilt from the ledger's last record"
+        self.store.write_manifest(partition, manifest)
+        log.warning("%s partition %s: %s %s", self.dataset, partition, message, files)
+        self.ledger.record(event, self.key_class, self.ctx, dataset=self.dataset, partition=partition,
+                           detail={"files": files})
         return manifest
+
+    def _clean(self, partition: str) -> list[str]:
+        """Remove what an interrupted run of the engine left (staging names, earlier generations the ledger
+        records); log and record each removal. Unmanaged files stay where they are."""
+        removed = self.store.clean(partition, self.ledger.partition_files(self.dataset, partition))
+        if removed:
+            log.info("%s partition %s: removed what an earlier run left: %s", self.dataset, partition,
+                     ", ".join(removed))
+            self.ledger.record(lg.PARTITION_CLEANED, self.key_class, self.ctx, dataset=self.dataset,
+                               partition=partition, detail={"removed": removed})
+        return removed
 
     def _commit_generation(self, partition: str, source: pa.Table | list[str], digest: str | None,
                            version: int) -> Manifest:
@@ -234,15 +293,22 @@ class ReencryptionEngine(PartitionEngine):
         self.checkpoint("staged")
         if self._digest(partition, [STAGING_PREFIX + name])[0] != digest:
             raise ValidationError(partition, f"staged file does not read back to digest {digest}")
+        previous = store.read_manifest(partition)
+        # Before the files get their final names: the ledger is what lets a later run remove them (if this
+        # one stops before the commit) or the generation they replace (if after), and nothing else.
+        self.ledger.record(lg.GENERATION_STAGED, self.key_class, self.ctx, dataset=self.dataset, partition=partition,
+                           to_version=version, detail={"files": [name], "generation": generation,
+                                                       "replaces": previous.files if previous else []})
         store.fs.move(key_material_path(staged), key_material_path(final))
         self.checkpoint("material_moved")
         store.fs.move(staged, final)
         self.checkpoint("data_moved")
         manifest = Manifest(files=[name], generation=generation, rows=rows,
-                            bytes=store.size(partition, [name]), digest=digest, written_under_version=version)
+                            bytes=store.size(partition, [name]), digest=digest, written_under_version=version,
+                            encrypted_columns=sorted(self.pme.encrypted_columns))
         store.write_manifest(partition, manifest)
         self.checkpoint("committed")
-        store.clean(partition)
+        self._clean(partition)
         self.checkpoint("cleaned")
         return manifest
 
@@ -255,11 +321,11 @@ class ReencryptionEngine(PartitionEngine):
     def _write_partition(self, partition: str, table: pa.Table, version: int) -> PartitionResult:
         start = time.monotonic()
         self.store.fs.create_dir(self.store.partition_dir(partition), recursive=True)
-        self.store.clean(partition)
+        self._clean(partition)
         manifest = self._commit_generation(partition, table, None, version)
         result = PartitionResult(partition, "written", None, version, manifest.rows, manifest.bytes,
                                  manifest.digest, time.monotonic() - start)
-        self._record(lg.PARTITION_WRITTEN, result)
+        self._record(lg.PARTITION_WRITTEN, result, detail={"files": manifest.files, "written_under": version})
         return result
 
     def process(self, partition: str, target_version: int, mode: str) -> PartitionResult:
@@ -274,16 +340,13 @@ class ReencryptionEngine(PartitionEngine):
 
     def _process(self, partition: str, target_version: int, mode: str) -> PartitionResult:
         start = time.monotonic()
-        self.store.clean(partition)
-        manifest = self._adopt(partition)
-        before = partition_census(self.store, self.pme, partition)
-        unknown = sorted(v for v in before.versions if v > self._latest_version())
-        if unknown:
-            raise PartitionError(partition, f"key material names version(s) {unknown} that the master key "
-                                            f"{self.pme.backend.key_ref!r} does not have (latest "
-                                            f"v{self._latest_version()}): unknown key version")
+        manifest = self._manifest(partition)
+        self._clean(partition)
+        before = self._census(partition)  # raises on what it cannot establish: unknown versions, missing files
+        required = frozenset(self.pme.encrypted_columns)
+        columns_known = before.encrypted_columns is not None and required <= before.encrypted_columns
         needs = before.oldest < target_version or (
-            mode == "reencrypt" and (manifest.written_under_version or 0) < target_version
+            mode == "reencrypt" and ((manifest.written_under_version or 0) < target_version or not columns_known)
         )
         if not needs:
             return self._reconcile(partition, manifest, before.oldest, start)
@@ -296,19 +359,26 @@ class ReencryptionEngine(PartitionEngine):
             for name in manifest.files:
                 self.pme.rotate(self.store.path(partition, name), self.store.fs, target_version)
                 self.checkpoint("rewrapped_file")
-            after = partition_census(self.store, self.pme, partition)
+            after = self._census(partition)
             if after.versions != {target_version}:
                 raise PartitionError(partition, f"after rewrap the key material is under {sorted(after.versions)}, "
                                                 f"expected only v{target_version}")
             event, action = lg.PARTITION_REWRAPPED, "rewrapped"
         else:
+            _, encrypted = self._encrypted_in(partition, manifest.files)
+            dropped = sorted(encrypted - required)
+            if dropped:
+                raise PartitionError(partition, f"column(s) {', '.join(dropped)} are encrypted in its files but not "
+                                                "in the key class's encrypted_columns: re-encrypting would write them "
+                                                "in plaintext, refused (add them back to encrypted_columns)")
             recorded = manifest.digest or (self.ledger.partition_record(self.dataset, partition) or {}).get("digest")
             manifest = self._commit_generation(partition, list(manifest.files), recorded, target_version)
             event, action = lg.PARTITION_REENCRYPTED, "reencrypted"
 
         result = PartitionResult(partition, action, before.oldest, target_version, manifest.rows, manifest.bytes,
                                  manifest.digest, time.monotonic() - start)
-        self._record(event, result, detail={"mode": mode, "files": manifest.files})
+        self._record(event, result, detail={"mode": mode, "files": manifest.files,
+                                            "written_under": manifest.written_under_version})
         self.checkpoint("recorded")
         return result
 
@@ -328,19 +398,41 @@ class ReencryptionEngine(PartitionEngine):
             return self._validate(partition, min_version)
 
     def _validate(self, partition: str, min_version: int | None) -> PartitionResult:
+        """Decrypt and digest the partition, and prove what protects it: the versions the KMS unwraps its
+        keys with (equal to the labels of its key material) and the encrypted columns its footers name
+        (every configured one). Any failure, unreadable files included, is a recorded failed validation."""
         start = time.monotonic()
         manifest = self.store.read_manifest(partition)
         if manifest is None:
             raise PartitionError(partition, "has no manifest: it was never written or re-encrypted by keyrotation")
-        census = partition_census(self.store, self.pme, partition)
-        recorded = (self.ledger.partition_record(self.dataset, partition) or {}).get("digest") or manifest.digest
-        digest, rows = self._digest(partition, manifest.files)
-        result = PartitionResult(partition, "validated", census.oldest, max(census.versions), rows,
-                                 manifest.bytes, digest, time.monotonic() - start)
+        result = PartitionResult(partition, "validated", duration_s=0.0)
+        detail: dict = {"generation": manifest.generation, "files": manifest.files}
+        try:
+            census = self._census(partition)
+            result.from_version, result.to_version = census.oldest, max(census.versions)
+            recorded = (self.ledger.partition_record(self.dataset, partition) or {}).get("digest") or manifest.digest
+            result.digest, result.rows = self._digest(partition, manifest.files)
+            result.bytes = manifest.bytes
+            confirmed, encrypted = self._encrypted_in(partition, manifest.files)
+        except (PermissionDenied, KmsUnreachable):
+            raise  # the KMS refused or was away: no finding about the data
+        except (KeyRotationError, OSError) as exc:
+            result.duration_s = time.monotonic() - start
+            return self._finish_validation(result, str(exc).removeprefix(f"partition {partition}: "), detail)
+        result.duration_s = time.monotonic() - start
+        detail.update(kms_confirmed=sorted(confirmed), encrypted_columns=sorted(encrypted),
+                      key_material=census.material_digest)
+        missing = sorted(frozenset(self.pme.encrypted_columns) - encrypted)
         problem = None
-        if recorded != digest:
-            problem = f"decrypts to digest {digest}, recorded {recorded}"
+        if recorded != result.digest:
+            problem = f"decrypts to digest {result.digest}, recorded {recorded}"
+        elif confirmed != census.versions:
+            problem = (f"key material is labelled {sorted(census.versions)}, but the KMS unwrapped its keys with "
+                       f"{sorted(confirmed)}")
         elif min_version is not None and census.oldest < min_version:
             problem = f"still has keys under v{census.oldest}, expected v{min_version} or newer"
-        return self._finish_validation(result, problem)
+        elif missing:
+            problem = (f"column(s) {', '.join(missing)} are not encrypted in its files, but encrypted_columns requires "
+                       "them: a run in reencrypt mode encrypts them")
+        return self._finish_validation(result, problem, detail)
 

@@ -19,6 +19,10 @@ class PermissionDenied(BackendError):
     """The KMS refused the credentials for this operation; retrying will not help."""
 
 
+class KmsUnreachable(BackendError):
+    """The KMS could not be reached (or stayed throttled) after every retry: worth retrying later."""
+
+
 class KeyNotFoundError(BackendError):
     """The configured master key does not exist in the KMS."""
 

@@ -15,7 +15,19 @@ The same four roles as the Vault policies (:mod:`keyrotation.policies`) and the 
 The predefined roles are broader: ``roles/cloudkms.admin`` (which rotate and retire would otherwise
 need) can also destroy and change IAM, so each role here is a custom role with exactly its
 permissions. Creating the key ring and key (``create_if_missing``) needs a fourth custom role on the
-project, for the rotate account only; drop it where keys are made by Terraform or by hand.
+project, for the rotate account only; drop it where keys are made by Terraform or by hand. No role
+holds ``cryptoKeyVersions.restore``, ``cryptoKeyVersions.useToEncrypt`` outside reencrypt, or any
+``setIamPolicy``, ``importJobs`` or ``ekmConnections`` permission.
+
+What Cloud KMS IAM cannot limit (a permission covers every field of its request, and IAM Conditions
+see the resource, not the request): ``cryptoKeys.update``, which promoting a version needs, also sets
+the rotation schedule (versions Cloud KMS adds by itself) and the version template (e.g. SOFTWARE
+instead of HSM for new versions); ``cryptoKeyVersions.update``, which disabling needs, also re-enables
+a disabled version; ``cryptoKeys.create`` takes any purpose, algorithm, protection level and
+destroy-scheduled duration. ``retire_below`` reads the key back and fails if a version below the new
+minimum is still enabled; organization policies (``constraints/cloudkms.allowedProtectionLevels``,
+``constraints/cloudkms.minimumDestroyScheduledDuration``, ``constraints/cloudkms.disableBeforeDestroy``)
+cover part of the rest. See ``docs/gcp-iam/README.md``.
 
 GCS permissions (datasets on ``gs://``) go on the bucket, limited to the dataset prefixes with an
 IAM condition; CMEK objects also need the bucket's GCS service agent to hold
@@ -31,6 +43,7 @@ import sys
 from typing import Any
 
 from keyrotation.config import KeyClassConfig, load_key_class
+from keyrotation.errors import ConfigError
 
 ROLES = ("rotate", "reencrypt", "retire", "report")
 _READ = ["cloudkms.cryptoKeys.get", "cloudkms.cryptoKeyVersions.get", "cloudkms.cryptoKeyVersions.list"]
@@ -120,9 +133,14 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m keyrotation.gcp_policies KEY_CLASS", file=sys.stderr)
         return 2
-    config = load_key_class(argv[0])
+    try:
+        config = load_key_class(argv[0])
+    except ConfigError as exc:
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+        return 2
     if config.key_class.backend != "gcp_kms":
-        print(f"key class {argv[0]!r} is not on gcp_kms", file=sys.stderr)
+        print(f"error: key class {argv[0]!r} is not on gcp_kms (backend {config.key_class.backend!r})",
+              file=sys.stderr)
         return 2
     project = project_of(config.key_class.key_ref)
     members = {r: f"serviceAccount:keyrotation-{config.key_class.name.replace('_', '-')}-{r}@{project}."

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 import sqlalchemy as sa
 
@@ -40,13 +41,24 @@ PARTITION_RECONCILED = "partition_reconciled"
 PARTITION_FAILED = "partition_failed"
 PARTITION_VALIDATED = "partition_validated"
 VALIDATION_FAILED = "validation_failed"
+KMS_UNREACHABLE = "kms_unreachable"
+CONFIG_INVALID = "config_invalid"
 VERSIONS_RETIRED = "versions_retired"
 RETIREMENT_DECISION = "retirement_decision"
 RETIREMENT_REFUSED = "retirement_refused"
 RETIREMENT_NOT_POSSIBLE = "retirement_not_possible"
 REPORT_WRITTEN = "report_written"
+# The engine's own bookkeeping of a partition's files: a new generation about to be moved into place, a
+# partition found without a manifest (adopted, or its manifest rebuilt from the ledger), files removed.
+GENERATION_STAGED = "generation_staged"
+PARTITION_ADOPTED = "partition_adopted"
+MANIFEST_REBUILT = "manifest_rebuilt"
+PARTITION_CLEANED = "partition_cleaned"
 
 PARTITION_CHANGES = (PARTITION_WRITTEN, PARTITION_REWRAPPED, PARTITION_REENCRYPTED, PARTITION_RECONCILED)
+# Rows whose detail names files the engine wrote or adopted in a partition.
+PARTITION_FILE_EVENTS = (*PARTITION_CHANGES, GENERATION_STAGED, PARTITION_ADOPTED, MANIFEST_REBUILT)
+PARTITION_VALIDATIONS = (PARTITION_VALIDATED, VALIDATION_FAILED)
 
 metadata = sa.MetaData()
 events = sa.Table(
@@ -103,6 +115,11 @@ class LedgerFormatError(KeyRotationError):
     """The database holds a ledger in a format this version cannot extend."""
 
 
+class LedgerUnreadable(KeyRotationError):
+    """A ledger opened read-only could not be read: no such ledger, cannot connect, permission denied, or not
+    a ledger (of this format); nothing was checked."""
+
+
 @dataclass(frozen=True)
 class RunContext:
     """Who is acting: the Airflow task instance (or a script) behind a ledger row."""
@@ -152,24 +169,71 @@ def _row_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
     return hashlib.sha256((prev_hash + canonical).encode()).hexdigest()
 
 
-def default_url() -> str:
-    """``$KEYROTATION_LEDGER_URL``, else a SQLite file under ``$KEYROTATION_HOME`` (default ``./var``)."""
+def default_url(create: bool = True) -> str:
+    """``$KEYROTATION_LEDGER_URL``, else a SQLite file under ``$KEYROTATION_HOME`` (default ``./var``), whose
+    folder is made unless ``create`` is false."""
     url = os.environ.get("KEYROTATION_LEDGER_URL")
     if url:
         return url
     home = Path(os.environ.get("KEYROTATION_HOME", "var")).resolve()
-    home.mkdir(parents=True, exist_ok=True)
+    if create:
+        home.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{home / 'ledger.db'}"
 
 
+def _sqlite_read_only(url: sa.URL, shown: str) -> sa.URL:
+    """The same SQLite file, opened in SQLite's own read-only mode (a URI filename with ``mode=ro``): no
+    journal, no table, not even an empty file is ever written, whatever the file's permissions."""
+    database = url.database or ""
+    if url.query.get("uri") in ("true", "1", "True") and database.startswith("file:"):
+        path = unquote(database.removeprefix("file:").split("?", 1)[0])
+        if path.startswith("//"):  # file://host/path: SQLite takes only an empty host or localhost
+            path = "/" + path[2:].split("/", 1)[-1]
+        read_only = url.update_query_dict({"mode": "ro"})
+    elif database in ("", ":memory:"):
+        raise LedgerUnreadable(f"ledger {shown}: an in-memory database holds no ledger")
+    else:
+        path = str(Path(database).resolve())
+        read_only = url.set(database=f"file:{quote(path)}").update_query_dict({"mode": "ro", "uri": "true"})
+    if not Path(path).exists():
+        raise LedgerUnreadable(f"ledger {shown}: no such file")
+    return read_only
+
+
+def _shown(url: sa.URL, given: str) -> str:
+    """The URL as given, unless it holds a password (rendering re-quotes e.g. a ``file:`` database)."""
+    return url.render_as_string(hide_password=True) if url.password is not None else given
+
+
+def _reason(exc: sa.exc.DBAPIError) -> str:
+    """The driver's message, first line only (psycopg2 adds hints on the lines after)."""
+    lines = str(exc.orig).strip().splitlines()
+    return lines[0] if lines else type(exc.orig).__name__
+
+
 class Ledger:
-    def __init__(self, url: str | None = None) -> None:
-        self.url = url or default_url()
+    """The ledger at ``url``. It is created (table, indexes, append-only triggers) if missing, unless
+    ``read_only``: then nothing is created or written, not even the triggers; the table and its hash-chain
+    columns are checked by inspection, and any failure to read is a :class:`LedgerUnreadable` or a
+    :class:`LedgerFormatError`. SELECT on ``ledger_events`` is all a read-only ledger needs."""
+
+    def __init__(self, url: str | None = None, *, read_only: bool = False) -> None:
+        self.url = url or default_url(create=not read_only)
+        self.read_only = read_only
+        target = sa.make_url(self.url)
+        self.shown = _shown(target, self.url)
         kwargs: dict[str, Any] = {"future": True}
-        if self.url.startswith("sqlite"):
+        if target.get_backend_name() == "sqlite":
             # Mapped tasks write concurrently: wait for the lock instead of failing.
             kwargs["connect_args"] = {"timeout": 60}
-        self.engine = sa.create_engine(self.url, **kwargs)
+            if read_only:
+                target = _sqlite_read_only(target, self.shown)
+        self.engine = sa.create_engine(target, **kwargs)
+        if read_only:
+            if self.engine.dialect.name == "postgresql":  # the server refuses any write in these sessions
+                self.engine = self.engine.execution_options(postgresql_readonly=True)
+            self._check_readable()
+            return
         # Under the write lock, so that workers opening a brand-new ledger together do not race.
         with self._writing() as conn:
             metadata.create_all(conn)
@@ -181,9 +245,34 @@ class Ledger:
             for statement in _APPEND_ONLY.get(self.engine.dialect.name, []):
                 conn.exec_driver_sql(statement)
 
+    def _check_readable(self) -> None:
+        """By inspection only: the table is there with every column of this format, and this role may read it."""
+        try:
+            conn = self.engine.connect()
+        except sa.exc.DBAPIError as exc:
+            raise LedgerUnreadable(f"ledger {self.shown}: cannot connect: {_reason(exc)}") from None
+        try:
+            with conn:
+                inspector = sa.inspect(conn)
+                if not inspector.has_table(events.name):
+                    raise LedgerUnreadable(f"ledger {self.shown}: not a ledger (no table {events.name})")
+                columns = {c["name"] for c in inspector.get_columns(events.name)}
+                missing = [c.name for c in events.columns if c.name not in columns]
+                if missing and set(missing) <= {"prev_hash", "row_hash"}:
+                    raise LedgerFormatError(f"ledger {self.shown}: an older format, before the hash chain (no "
+                                            f"{' or '.join(missing)} column)")
+                if missing:
+                    raise LedgerUnreadable(f"ledger {self.shown}: not a ledger (table {events.name} has no "
+                                           f"column {', '.join(missing)})")
+                conn.execute(sa.select(events.c.id).limit(1)).all()  # SELECT granted?
+        except sa.exc.DBAPIError as exc:
+            raise LedgerUnreadable(f"ledger {self.shown}: cannot read {events.name}: {_reason(exc)}") from None
+
     @contextmanager
     def _writing(self) -> Iterator[sa.Connection]:
         """A transaction holding the ledger's write lock: writers, from any process, chain one at a time."""
+        if self.read_only:
+            raise KeyRotationError(f"ledger {self.shown} was opened read-only: nothing can be recorded")
         if self.engine.dialect.name == "sqlite":
             # BEGIN IMMEDIATE takes the write lock before the last row is read. Only for ledger writes:
             # every other transaction keeps pysqlite's lazy BEGIN, since a read-then-write transaction
@@ -231,6 +320,44 @@ class Ledger:
                 prev_hash = row["row_hash"]
         return VerifyResult(True, checked)
 
+    def append_only_findings(self) -> list[str]:
+        """What is wrong with the triggers that refuse UPDATE and DELETE (none: they are all in place), read
+        from the catalog: never repaired here, since a guard someone removed is evidence in itself."""
+        dialect = self.engine.dialect.name
+        with self.engine.connect() as conn:
+            if dialect == "sqlite":
+                triggers = dict(conn.execute(sa.text(
+                    "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = :table"),
+                    {"table": events.name}).all())
+            elif dialect == "postgresql":
+                rows = conn.execute(sa.text(
+                    "SELECT t.tgname, t.tgenabled, t.tgtype, p.proname, p.prosrc FROM pg_trigger t "
+                    "JOIN pg_proc p ON p.oid = t.tgfoid WHERE t.tgrelid = CAST(:table AS regclass) "
+                    "AND NOT t.tgisinternal"), {"table": events.name}).all()
+            else:
+                return [f"no append-only triggers on {dialect}: UPDATE and DELETE are not refused"]
+        if dialect == "sqlite":
+            findings = []
+            for name, verb in (("ledger_events_no_update", "UPDATE"), ("ledger_events_no_delete", "DELETE")):
+                sql = " ".join((triggers.get(name) or "").split())
+                if not sql:
+                    findings.append(f"trigger {name} is missing: {verb} is not refused")
+                elif f"BEFORE {verb} ON ledger_events" not in sql or "RAISE(ABORT" not in sql:
+                    findings.append(f"trigger {name} was changed: {verb} may not be refused")
+            return findings
+        name = "ledger_events_append_only"
+        trigger = next((r for r in rows if r.tgname == name), None)
+        if trigger is None:
+            return [f"trigger {name} is missing: UPDATE and DELETE are not refused"]
+        # pg_trigger.tgtype bits: 1 row-level, 2 before, 8 delete, 16 update; tgenabled 'D' disabled, 'R' replica only.
+        if trigger.tgenabled in ("D", "R"):
+            return [f"trigger {name} is disabled: UPDATE and DELETE are not refused"]
+        if trigger.tgtype & 27 != 27 or trigger.proname != name:
+            return [f"trigger {name} was changed: UPDATE and DELETE may not be refused"]
+        if "RAISE EXCEPTION 'ledger_events is append-only'" not in " ".join(trigger.prosrc.split()):
+            return [f"function {name}() was replaced: it no longer refuses UPDATE and DELETE"]
+        return []
+
     def rows(self, *, key_class: str | None = None, dataset: str | None = None,
              events_in: tuple[str, ...] | None = None, since: datetime | None = None) -> list[dict]:
         query = sa.select(events).order_by(events.c.id)
@@ -271,29 +398,94 @@ class Ledger:
             )
         )
 
+    def partition_files(self, dataset: str, partition: str) -> set[str]:
+        """Every data file name the ledger records the engine writing, adopting or replacing in a partition."""
+        query = sa.select(events.c.detail).where(
+            events.c.dataset == dataset, events.c.partition == partition,
+            events.c.event.in_(PARTITION_FILE_EVENTS))
+        names: set[str] = set()
+        with self.engine.connect() as conn:
+            for (detail,) in conn.execute(query):
+                recorded = json.loads(detail) if detail else {}
+                names.update([*(recorded.get("files") or []), *(recorded.get("replaces") or [])])
+        return names
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keyrotation.ledger", description="Ledger maintenance.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    verify = commands.add_parser("verify", help="check the ledger's hash chain (exit 1 if broken)")
-    verify.add_argument("--url", help="ledger database URL (default: $KEYROTATION_LEDGER_URL, else the SQLite file)")
-    args = parser.parse_args(argv)
-    url = args.url or default_url()
-    shown = sa.make_url(url).render_as_string(hide_password=True)
-    database = sa.make_url(url).database
-    if url.startswith("sqlite") and database and not Path(database).exists():
-        print(f"ledger {shown}: no such file; nothing verified")  # opening it would create an empty ledger
-        return 2
+    def partition_evidence(self, dataset: str) -> dict[str, dict[str, dict | None]]:
+        """Per partition of ``dataset``: its last successful change (``change``) and its last validation,
+        passed or failed (``validation``), as ledger rows; the rows' ids order them."""
+        out: dict[str, dict[str, dict | None]] = {}
+        with self.engine.connect() as conn:
+            for name, kinds in (("change", PARTITION_CHANGES), ("validation", PARTITION_VALIDATIONS)):
+                last = sa.select(sa.func.max(events.c.id)).where(
+                    events.c.dataset == dataset, events.c.event.in_(kinds),
+                    *([events.c.status == "ok"] if name == "change" else []),
+                ).group_by(events.c.partition)
+                for row in conn.execute(sa.select(events).where(events.c.id.in_(last))).mappings():
+                    out.setdefault(row["partition"], {"change": None, "validation": None})[name] = dict(row)
+        return out
+
+
+# Exit codes of ``verify``.
+INTACT, BROKEN, NOT_CHECKED, UNGUARDED = 0, 1, 2, 3
+VERIFY_EXIT_CODES = f"""\
+exit codes:
+  {INTACT}  the hash chain is intact and the append-only triggers are in place
+  {BROKEN}  the hash chain is broken: a row was edited or deleted (the first broken row is named)
+  {NOT_CHECKED}  nothing was checked: no such ledger, cannot connect, permission denied, not a ledger,
+     or an older format without the hash chain (also: a usage error)
+  {UNGUARDED}  the hash chain is intact, but an append-only trigger is missing, disabled or changed,
+     so UPDATE or DELETE is not refused; reported, never repaired
+
+verify only reads: it runs no DDL and writes nothing, so SELECT on ledger_events is enough, and a
+SQLite file is opened read-only (also sqlite:///file:/path/ledger.db?mode=ro&uri=true).
+"""
+
+
+def verify_command(url: str | None) -> int:
+    """``python -m keyrotation.ledger verify``: print the findings, return the exit code."""
+    url = url or default_url(create=False)
     try:
-        result = Ledger(url).verify()
+        shown = _shown(sa.make_url(url), url)
+    except sa.exc.ArgumentError as exc:
+        print(f"ledger URL: {exc}; nothing verified")
+        return NOT_CHECKED
+    try:
+        ledger = Ledger(url, read_only=True)
+        result = ledger.verify()
+        findings = ledger.append_only_findings()
     except KeyRotationError as exc:
-        print(exc)
-        return 2
+        print(f"{exc}; nothing verified")
+        return NOT_CHECKED
+    except sa.exc.DBAPIError as exc:
+        print(f"ledger {shown}: cannot read {events.name}: {_reason(exc)}; nothing verified")
+        return NOT_CHECKED
+    except Exception as exc:  # exit 1 must only ever mean a broken chain, never a crash
+        print(f"ledger {shown}: {type(exc).__name__}: {exc}; nothing verified")
+        return NOT_CHECKED
     if result.ok:
         print(f"ledger {shown}: {result.rows_checked} rows, chain intact")
-        return 0
-    print(f"ledger {shown}: chain broken at row {result.first_broken_id}: {result.reason}")
-    return 1
+    else:
+        print(f"ledger {shown}: chain broken at row {result.first_broken_id}: {result.reason}")
+    for finding in findings:
+        print(f"ledger {shown}: append-only guard: {finding}")
+    if not result.ok:
+        return BROKEN
+    return UNGUARDED if findings else INTACT
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m keyrotation.ledger", description="Ledger maintenance.",
+                                     epilog=f"verify's {VERIFY_EXIT_CODES}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    verify = commands.add_parser(
+        "verify", help="check the ledger's hash chain and append-only triggers (read only; exit 1 if broken)",
+        description="Walk the ledger's hash chain and report the first broken link; check that the "
+                    "append-only triggers are in place.",
+        epilog=VERIFY_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    verify.add_argument("--url", help="ledger database URL (default: $KEYROTATION_LEDGER_URL, else the SQLite file)")
+    args = parser.parse_args(argv)
+    return verify_command(args.url)
 
 
 if __name__ == "__main__":

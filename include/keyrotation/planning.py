@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date
 
@@ -25,15 +26,16 @@ def _date(value: str, field: str) -> str:
 
 def select_partitions(census: Census, target_version: int, mode: str, scope: str, *,
                       interval_partition: str | None = None, partition_from: str | None = None,
-                      partition_to: str | None = None) -> list[str]:
-    """Partitions in scope that are not yet under ``target_version``.
+                      partition_to: str | None = None, unfinished: Iterable[str] = ()) -> list[str]:
+    """Partitions in scope that are not yet under ``target_version``, or whose last run did not finish
+    (``unfinished``: not validated since their last change, leftovers of an interrupted run on disk).
 
     ``interval``: the run's own partition (a scheduled or backfill run); ``range``: partitions from
     ``partition_from`` to ``partition_to`` inclusive; ``sweep``: every partition of the dataset.
     """
     if scope not in SCOPES or scope == "auto":
         raise ConfigError(f"parameter scope: {scope!r} must be one of interval, sweep, range")
-    needing = set(census.needing(target_version, mode))
+    needing = set(census.needing(target_version, mode)) | set(unfinished)
     if scope == "interval":
         if not interval_partition:
             raise ConfigError("parameter scope: 'interval' needs a run with a data interval (scheduled or backfill)")
@@ -66,11 +68,13 @@ def chunk(partitions: list[str], chunk_size: int, max_chunks: int = MAX_MAPPED_T
 # List price of AWS KMS and of Cloud KMS software-key operations: USD 0.03 per 10,000 requests.
 CLOUD_KMS_USD_PER_10K = 0.03
 # KMS requests per data file. rewrap: one server-side batch rewrap of the file's key material.
-# reencrypt: unwrap the old KEK, wrap the new one, unwrap it again to read the staged file back.
-# Validation afterwards: one unwrap per file.
-REQUESTS_PER_FILE = {"rewrap": 1 + 1, "reencrypt": 3 + 1}
+# reencrypt: unwrap the input's KEK to read its footer (which columns it encrypts), unwrap it to read the
+# data, wrap the new one, unwrap it again to read the staged file back. Validation afterwards: one unwrap
+# to read the data, one to prove the versions and read the footer.
+VALIDATION_REQUESTS = 2
+REQUESTS_PER_FILE = {"rewrap": 1 + VALIDATION_REQUESTS, "reencrypt": 4 + VALIDATION_REQUESTS}
 # Where the KMS cannot rewrap server-side (Cloud KMS), rewrap is a decrypt and an encrypt per file.
-REQUESTS_PER_FILE_CLIENT_REWRAP = {"rewrap": 2 + 1, "reencrypt": 3 + 1}
+REQUESTS_PER_FILE_CLIENT_REWRAP = {"rewrap": 2 + VALIDATION_REQUESTS, "reencrypt": 4 + VALIDATION_REQUESTS}
 # SSE-KMS objects, requests S3 makes to KMS for us: read before (decrypt), copy (decrypt + generate a
 # data key), read after (decrypt), validation (decrypt). Without S3 Bucket Keys each counts.
 REQUESTS_PER_OBJECT = 1 + 2 + 1 + 1

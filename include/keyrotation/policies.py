@@ -4,9 +4,28 @@ Roles, one Airflow connection (and so one token) each:
 
 * ``rotate``: read the key, create it, add versions. Cannot encrypt, decrypt or change its config.
 * ``reencrypt``: read the key; rewrap, encrypt and decrypt with it (PME wraps and unwraps KEKs, and
-  validation decrypts). Cannot rotate, retire, trim or change config.
+  validation decrypts). Cannot create, rotate, retire, trim or change config.
 * ``retire``: read the key; raise its minimum versions; trim. Cannot encrypt, decrypt or rotate.
 * ``report``: read the key's metadata. Nothing else.
+
+Every path a role may write to also limits the request's parameters to exactly those
+:class:`~keyrotation.backends.vault_transit.VaultTransitBackend` sends (``allowed_parameters``: any
+other parameter is refused with 403, whatever its value; ``denied_parameters = {"*" = []}``: none):
+
+* ``transit/keys/<key>`` (rotate): ``type`` = ``aes256-gcm96`` only, so no other key type and no
+  ``derived``, ``convergent_encryption``, ``exportable``, ``allow_plaintext_backup`` or
+  ``auto_rotate_period``. Transit has no existence check on this path: creating is ``update``.
+* ``transit/keys/<key>/rotate`` (rotate): no parameters (e.g. no ``managed_key_name``).
+* ``transit/keys/<key>/config`` (retire): ``min_encryption_version`` and ``min_decryption_version``
+  only, so never ``exportable``, ``allow_plaintext_backup`` (both irreversible), ``deletion_allowed``
+  or ``auto_rotate_period``.
+* ``transit/keys/<key>/trim`` (retire): ``min_available_version`` only.
+
+A policy limits which parameters a request carries and which literal values they take, never how a
+value compares with the key's current state: it cannot say "only raise the minimum versions". The
+retire token can therefore lower them through the API; the retire task never does, and checks it:
+``VaultTransitBackend.retire_below`` refuses a minimum below the current one, and reads both back
+after the update.
 
 ``python -m keyrotation.policies KEY_CLASS`` prints them for a key class, to load with
 ``bao policy write keyrotation-<key_class>-<role> -``.
@@ -14,34 +33,60 @@ Roles, one Airflow connection (and so one token) each:
 
 from __future__ import annotations
 
+import json
 import sys
 
+from keyrotation.backends.vault_transit import KEY_TYPE
 from keyrotation.config import KeyClass, load_key_class
+from keyrotation.errors import ConfigError
 
 ROLES = ("rotate", "reencrypt", "retire", "report")
+#: ``allowed_parameters`` per write path (relative to ``transit/keys/<key>``): name -> allowed values
+#: (``[]``: any value). An empty mapping: no parameter at all (``denied_parameters = {"*" = []}``).
+KEY_PARAMETERS: dict[str, dict[str, list[str]]] = {
+    "": {"type": [KEY_TYPE]},
+    "/rotate": {},
+    "/config": {"min_encryption_version": [], "min_decryption_version": []},
+    "/trim": {"min_available_version": []},
+}
+
+
+def _path(p: str, capabilities: list[str], parameters: dict[str, list[str]] | None = None) -> str:
+    """One HCL path block; ``parameters`` as in :data:`KEY_PARAMETERS`, None for no limit (read-only paths
+    and the encrypt, decrypt and rewrap paths, which change nothing about the key)."""
+    quoted = ", ".join(f'"{c}"' for c in capabilities)
+    lines = [f'path "{p}" {{', f"  capabilities = [{quoted}]"]
+    if parameters == {}:
+        lines.append('  denied_parameters = {\n    "*" = []\n  }')
+    elif parameters:
+        allowed = "".join(f'    "{name}" = {json.dumps(values)}\n' for name, values in parameters.items())
+        lines.append(f"  allowed_parameters = {{\n{allowed}  }}")
+    return "\n".join(lines) + "\n}\n"
 
 
 def transit_policies(key_ref: str, mount_point: str = "transit") -> dict[str, str]:
     """HCL policy per role for the Transit key ``key_ref`` at ``mount_point``."""
     keys = f"{mount_point}/keys/{key_ref}"
 
-    def path(p: str, *capabilities: str) -> str:
-        quoted = ", ".join(f'"{c}"' for c in capabilities)
-        return f'path "{p}" {{\n  capabilities = [{quoted}]\n}}\n'
+    def write(suffix: str) -> str:
+        return _path(f"{keys}{suffix}", ["update"], KEY_PARAMETERS[suffix])
 
-    read = path(keys, "read")
+    read = _path(keys, ["read"])
     return {
-        "rotate": path(keys, "read", "create", "update") + path(f"{keys}/rotate", "update"),
-        "reencrypt": read + path(f"{mount_point}/rewrap/{key_ref}", "update")
-        + path(f"{mount_point}/encrypt/{key_ref}", "update") + path(f"{mount_point}/decrypt/{key_ref}", "update"),
-        "retire": read + path(f"{keys}/config", "update") + path(f"{keys}/trim", "update"),
+        # One block for the key's path: read, and create (an update, with the type limited).
+        "rotate": _path(keys, ["read", "update"], KEY_PARAMETERS[""]) + write("/rotate"),
+        "reencrypt": read + "".join(_path(f"{mount_point}/{op}/{key_ref}", ["update"])
+                                    for op in ("rewrap", "encrypt", "decrypt")),
+        "retire": read + write("/config") + write("/trim"),
         "report": read,
     }
 
 
 def policies_for(kc: KeyClass) -> dict[str, str]:
     if kc.backend != "vault_transit":
-        raise ValueError(f"key class {kc.name!r}: no policy template for backend {kc.backend!r}")
+        other = {"aws_kms": "keyrotation.aws_policies", "gcp_kms": "keyrotation.gcp_policies"}.get(kc.backend)
+        hint = f" (use python -m {other})" if other else ""
+        raise ValueError(f"key class {kc.name!r}: backend {kc.backend!r} has no Vault policy{hint}")
     return transit_policies(kc.key_ref, kc.mount_point)
 
 
@@ -49,8 +94,13 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m keyrotation.policies KEY_CLASS", file=sys.stderr)
         return 2
-    kc = load_key_class(argv[0]).key_class
-    for role, hcl in policies_for(kc).items():
+    try:
+        kc = load_key_class(argv[0]).key_class
+        policies = policies_for(kc)
+    except (ConfigError, ValueError) as exc:
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line, whatever the cause
+        return 2
+    for role, hcl in policies.items():
         print(f"# keyrotation-{kc.name}-{role}: Airflow connection {kc.conn_for(role)!r}\n{hcl}")
     return 0
 

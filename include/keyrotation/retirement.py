@@ -1,9 +1,12 @@
 """The retirement gate: the one place that decides whether old key versions may be retired.
 
-Every retire path goes through :func:`retire`. It refuses unless the census of every dataset of
-the key class shows no partition under a version being retired (and none unreadable), the grace
-period since the current version became the reference has passed, and, where the policy says
-so, a person approved. Where the KMS cannot retire versions at all (AWS KMS key material), it
+Every retire path goes through :func:`retire`. It opens only on positive proof: the census of every
+dataset of the key class shows no partition under a version being retired, none blocking (unreadable,
+labelled with a version the KMS does not have, a data file missing or not encrypted) and no unmanaged
+file under such a version or of unknown protection; the ledger shows every partition validated after
+its last change under a version being kept (:mod:`keyrotation.proof`); the grace period since the
+current version became the reference has passed; and, where the policy says so, a person approved.
+Where the KMS cannot retire versions at all (AWS KMS key material), it
 says so and records it, with the census, instead of pretending.
 """
 
@@ -19,6 +22,7 @@ from keyrotation.census import Census
 from keyrotation.config import KeyClass
 from keyrotation.errors import RetirementNotPossible, RetirementRefused
 from keyrotation.ledger import Ledger, RunContext
+from keyrotation.proof import proof_gaps
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +52,43 @@ def plan_retirement(kc: KeyClass, state: KeyState, reference_version: int | None
     return RetirementPlan(kc.name, reference_version, state.min_decryption_version, new_min)
 
 
-def gate_reasons(kc: KeyClass, plan: RetirementPlan, censuses: list[Census], reference_time: datetime | None,
-                 approval: dict | None, now: datetime) -> list[str]:
-    """Why retirement must not happen now; empty when every condition holds."""
+def _listed(items: list[str], limit: int = 5) -> str:
+    return "; ".join(items[:limit]) + (" ..." if len(items) > limit else "")
+
+
+def data_reasons(min_version: int, censuses: list[Census], evidence: dict[str, dict[str, dict]]) -> list[str]:
+    """Why the data does not yet prove that versions below ``min_version`` protect nothing; empty when it
+    does. ``evidence``: per dataset, :meth:`Ledger.partition_evidence`. The census gate and the
+    retirement gate both ask this."""
     reasons: list[str] = []
     for census in censuses:
         if census.errors:
-            reasons.append(f"dataset {census.dataset}: {len(census.errors)} partitions unreadable, cannot prove "
-                           f"they are not under v{plan.versions[0]}..v{plan.versions[-1]}: "
-                           + ", ".join(sorted(census.errors)[:5]))
-        old = census.under(plan.new_min_version)
+            reasons.append(f"dataset {census.dataset}: {len(census.errors)} partitions unreadable or blocking, cannot "
+                           f"prove they are not under versions below v{min_version}: "
+                           + _listed([f"{p}: {census.errors[p]}" for p in sorted(census.errors)]))
+        old = census.under(min_version)
         if old:
             reasons.append(f"dataset {census.dataset}: {len(old)} partitions still under versions below "
-                           f"v{plan.new_min_version}: " + ", ".join(old[:5]) + (" ..." if len(old) > 5 else ""))
+                           f"v{min_version}: " + ", ".join(old[:5]) + (" ..." if len(old) > 5 else ""))
+        unmanaged = census.unmanaged_blocking(min_version)
+        if unmanaged:
+            files = [f"{p}/{r}" for p, rs in unmanaged.items() for r in rs]
+            reasons.append(f"dataset {census.dataset}: {len(files)} unmanaged files (not in a manifest; left in place) "
+                           f"under versions below v{min_version} or of unknown protection: " + _listed(files))
+        gaps = {p: g for p, g in proof_gaps(census, evidence.get(census.dataset, {}), min_version).items()
+                if p not in old}
+        if gaps:
+            reasons.append(f"dataset {census.dataset}: {len(gaps)} partitions not proven under v{min_version} or newer "
+                           f"by a validation in the ledger (a sweep of the dataset validates them): "
+                           + _listed([f"{p}: {g}" for p, g in gaps.items()]))
+    return reasons
+
+
+def gate_reasons(kc: KeyClass, plan: RetirementPlan, censuses: list[Census], reference_time: datetime | None,
+                 approval: dict | None, now: datetime, evidence: dict[str, dict[str, dict]] | None = None
+                 ) -> list[str]:
+    """Why retirement must not happen now; empty when every condition holds."""
+    reasons = data_reasons(plan.new_min_version, censuses, evidence or {})
     grace = kc.retire.grace_period
     if reference_time is None:
         reasons.append(f"no time recorded for reference v{plan.reference_version}; cannot check the grace period")
@@ -80,7 +108,8 @@ def retire(backend: KmsBackend, kc: KeyClass, plan: RetirementPlan, censuses: li
     reference_time = reference["recorded_at"] if reference else None
     if reference_time is not None and reference_time.tzinfo is None:
         reference_time = reference_time.replace(tzinfo=UTC)
-    reasons = gate_reasons(kc, plan, censuses, reference_time, approval, now)
+    evidence = {c.dataset: ledger.partition_evidence(c.dataset) for c in censuses}
+    reasons = gate_reasons(kc, plan, censuses, reference_time, approval, now, evidence)
     detail = {"plan": plan.to_dict(), "census": [c.summary() for c in censuses]}
     if not backend.can_retire:
         data = "; ".join(r for r in reasons if r.startswith("dataset ")) or \

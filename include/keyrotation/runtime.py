@@ -16,6 +16,7 @@ from keyrotation.config import Dataset, KeyClassConfig
 from keyrotation.engine import Checkpoint, ReencryptionEngine
 from keyrotation.formats.parquet_pme import ParquetEncryption
 from keyrotation.ledger import Ledger, RunContext
+from keyrotation.proof import proof_gaps
 from keyrotation.retirement import RetirementPlan, plan_retirement
 from keyrotation.stores.filesystems import Storage
 from keyrotation.stores.partitions import PartitionStore
@@ -92,6 +93,23 @@ class KeyClassRuntime:
 
     def censuses(self) -> list[Census]:
         return [self.census(ds.name) for ds in self.config.datasets]
+
+    def evidence(self, censuses: list[Census]) -> dict[str, dict[str, dict]]:
+        """What the ledger proves of each census's partitions (:meth:`Ledger.partition_evidence`), by dataset."""
+        return {c.dataset: self.ledger.partition_evidence(c.dataset) for c in censuses}
+
+    def unfinished(self, census: Census, target_version: int) -> dict[str, str]:
+        """Partitions a run must visit although their keys may be under ``target_version`` already, with why:
+        not proven by a validation since their last change (a crash after the commit, a validation that
+        failed or never ran), or holding what an interrupted run left (staging names, an earlier generation)."""
+        out = proof_gaps(census, self.ledger.partition_evidence(census.dataset), target_version)
+        for name, partition in census.partitions.items():
+            if partition.leftovers:
+                out.setdefault(name, "an interrupted run left " + ", ".join(partition.leftovers))
+            stray = {f.name for f in partition.unmanaged if f.kind != "other"}
+            if stray and stray & self.ledger.partition_files(census.dataset, name):
+                out.setdefault(name, "an earlier generation is still on disk")
+        return dict(sorted(out.items()))
 
     def retirement_plan(self) -> RetirementPlan | None:
         """The versions due for retirement now, counted back from the ledger's reference."""

@@ -32,7 +32,7 @@ from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, End
 
 from keyrotation.backends.base import KeyState, KeyVersion, KmsBackend
 from keyrotation.backends.retry import RetryPolicy, TransientFailure, call_with_retries
-from keyrotation.errors import BackendError, KeyNotFoundError, PermissionDenied
+from keyrotation.errors import BackendError, KeyNotFoundError, KmsUnreachable, PermissionDenied
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -126,7 +126,7 @@ class AwsKmsBackend(KmsBackend):
             return call_with_retries(attempt, policy=self.retry, retryable=(_Retryable,), describe=describe,
                                      done=done)
         except TransientFailure as exc:
-            raise BackendError(f"KMS unreachable or throttled: {exc}") from None
+            raise KmsUnreachable(f"KMS unreachable or throttled: {exc}") from None
         except ClientError as exc:
             error = exc.response.get("Error", {})
             code, message = error.get("Code", ""), error.get("Message", "")
@@ -364,7 +364,12 @@ class AwsKmsBackend(KmsBackend):
                                    PendingWindowInDays=self.deletion_window_days)
             log.info("AWS KMS key %s: v%d (%s) disabled, deletion scheduled for %s", self.key_ref, number, key_id,
                      scheduled.get("DeletionDate"))
-        return self.key_state()
+        after = self.key_state()  # read back: no key below min_version may still be enabled
+        if after.min_decryption_version < min_version:
+            raise BackendError(f"AWS KMS key {self.key_ref!r}: after retiring below v{min_version}, "
+                               f"v{after.min_decryption_version} is still enabled (enabled meanwhile by another "
+                               "principal?)")
+        return after
 
     def deletion_dates(self) -> dict[int, datetime]:
         """Versions whose keys are pending deletion, with the date AWS will delete them."""

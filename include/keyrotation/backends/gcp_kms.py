@@ -37,7 +37,7 @@ from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 
 from keyrotation.backends.base import KeyState, KeyVersion, KmsBackend
 from keyrotation.backends.retry import RetryPolicy, TransientFailure, call_with_retries
-from keyrotation.errors import BackendError, KeyNotFoundError, PermissionDenied
+from keyrotation.errors import BackendError, KeyNotFoundError, KmsUnreachable, PermissionDenied
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -125,7 +125,7 @@ class GcpKmsBackend(KmsBackend):
         try:
             return call_with_retries(attempt, policy=self.retry, retryable=_RETRYABLE, describe=describe, done=done)
         except TransientFailure as exc:
-            raise BackendError(f"KMS unreachable or over quota: {exc}") from None
+            raise KmsUnreachable(f"KMS unreachable or over quota: {exc}") from None
         except _DENIED as exc:
             raise PermissionDenied(f"{describe} refused: {exc.message} (the role's IAM bindings do not allow "
                                    "it)") from None
@@ -365,7 +365,12 @@ class GcpKmsBackend(KmsBackend):
                 destroyed = self._call("destroy_crypto_key_version", f"destroy v{number}", name=v.name)
                 log.info("Cloud KMS key %s: v%d destruction scheduled for %s (restorable until then)",
                          self.key_ref, number, _aware(destroyed.destroy_time))
-        return self.key_state()
+        # Read back: cryptoKeyVersions.update, which disables, re-enables as well (IAM cannot tell them apart).
+        after = self.key_state()
+        if after.min_decryption_version < min_version:
+            raise BackendError(f"Cloud KMS key {self.key_ref!r}: after retiring below v{min_version}, "
+                               f"v{after.min_decryption_version} is still enabled (or pending generation)")
+        return after
 
     def deletion_dates(self) -> dict[int, datetime]:
         """Versions scheduled for destruction (or destroyed), with the time Cloud KMS destroys them."""

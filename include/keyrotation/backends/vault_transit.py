@@ -22,7 +22,7 @@ from hvac.exceptions import (
 
 from keyrotation.backends.base import KeyState, KeyVersion, KmsBackend
 from keyrotation.backends.retry import RetryPolicy, TransientFailure, call_with_retries
-from keyrotation.errors import BackendError, KeyNotFoundError, PermissionDenied
+from keyrotation.errors import BackendError, KeyNotFoundError, KmsUnreachable, PermissionDenied
 
 T = TypeVar("T")
 # Worth retrying: the server is unreachable, sealed, electing a leader or overloaded.
@@ -32,6 +32,8 @@ RETRYABLE = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, V
 _CIPHERTEXT = re.compile(r"^vault:v(\d+):")
 # OpenBao's default JSON limits refuse a rewrap batch of 500 strings; 250 passes.
 REWRAP_BATCH = 250
+#: The only key type create_key asks for; the rotate role's policy allows no other (keyrotation.policies).
+KEY_TYPE = "aes256-gcm96"
 
 
 def _created(value: object) -> datetime | None:
@@ -64,7 +66,7 @@ class VaultTransitBackend(KmsBackend):
             return call_with_retries(fn, policy=self.retry, retryable=RETRYABLE, done=done,
                                      describe=f"Transit key {self.key_ref!r} at {self.client.url}: {action}")
         except TransientFailure as exc:
-            raise BackendError(f"KMS unreachable: {exc}") from None
+            raise KmsUnreachable(f"KMS unreachable: {exc}") from None
         except Forbidden as exc:
             raise PermissionDenied(f"Transit key {self.key_ref!r} at mount {self.mount_point!r}: {action} "
                                    f"refused: {exc} (the token's policy does not allow it)") from None
@@ -94,7 +96,9 @@ class VaultTransitBackend(KmsBackend):
         )
 
     def create_key(self) -> KeyState:
-        self._call("create key", lambda: self._transit.create_key(self.key_ref, key_type="aes256-gcm96",
+        # Only "type" is sent (no derived, convergent, exportable, plaintext-backup or auto-rotate option):
+        # exactly what the rotate role's policy lets through.
+        self._call("create key", lambda: self._transit.create_key(self.key_ref, key_type=KEY_TYPE,
                                                                   mount_point=self.mount_point))
         return self.key_state()
 
@@ -160,16 +164,32 @@ class VaultTransitBackend(KmsBackend):
             raise BackendError(
                 f"Transit key {self.key_ref!r}: cannot retire below v{min_version}, latest is v{state.latest_version}"
             )
+        # The retire role's policy can limit which config parameters are sent, not their values: it cannot
+        # say "only raise". So the minimums are checked here, before and after.
+        before = {"min_encryption_version": state.min_encryption_version,
+                  "min_decryption_version": state.min_decryption_version}
+        lowered = [f"{name} is already v{current}" for name, current in before.items() if min_version < current]
+        if lowered:
+            raise BackendError(f"Transit key {self.key_ref!r}: refusing to retire below v{min_version}: "
+                               f"{', '.join(lowered)}; a minimum version is never lowered")
         # min_encryption_version first, in its own request (Transit checks each against the stored other):
         # a retired version must never encrypt again, and 0 does not mean "latest only" (OpenBao#3508).
         action = f"retire versions below v{min_version}"
         self._call(action, lambda: self._transit.update_key_configuration(
-            self.key_ref, min_encryption_version=max(min_version, state.min_encryption_version),
-            mount_point=self.mount_point))
+            self.key_ref, min_encryption_version=min_version, mount_point=self.mount_point))
         self._call(action, lambda: self._transit.update_key_configuration(
-            self.key_ref, min_decryption_version=max(min_version, state.min_decryption_version),
-            mount_point=self.mount_point))
+            self.key_ref, min_decryption_version=min_version, mount_point=self.mount_point))
         if trim:
             self._call(f"trim versions below v{min_version}", lambda: self._transit.trim_key(
                 self.key_ref, min_version=min_version, mount_point=self.mount_point))
-        return self.key_state()
+        after = self._require_key()
+        read_back = {"min_encryption_version": after.min_encryption_version,
+                     "min_decryption_version": after.min_decryption_version}
+        if trim:
+            read_back["min_available_version"] = after.min_available_version
+        wrong = [f"{name} is v{got}" for name, got in read_back.items() if got != min_version]
+        if wrong:
+            raise BackendError(f"Transit key {self.key_ref!r}: retiring below v{min_version} is not in effect after "
+                               f"the update: {', '.join(wrong)}, not v{min_version} (changed meanwhile by another "
+                               "token?)")
+        return after

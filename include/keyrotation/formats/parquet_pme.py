@@ -9,9 +9,12 @@ which version protects a file is known from the sidecar alone, without reading d
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import posixpath
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 
 import pyarrow as pa
@@ -19,9 +22,11 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pyarrow.parquet.encryption as pe
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keyrotation.backends.base import KmsBackend
 from keyrotation.errors import BackendError
+from keyrotation.formats.parquet_footer import FooterError, FooterFacts, footer_facts
 
 KEY_MATERIAL_PREFIX = "_KEY_MATERIAL_FOR_"
 #: Rows per row group of the files written here: what a streaming reader holds of a file at once.
@@ -34,6 +39,18 @@ TEMP_MATERIAL_PREFIX = "_TMP"
 def key_material_path(data_path: str) -> str:
     directory, name = posixpath.split(data_path)
     return posixpath.join(directory, f"{KEY_MATERIAL_PREFIX}{name}.json")
+
+
+@dataclass(frozen=True)
+class FileProtection:
+    """What protects one PME file, proven by the KMS and the file itself: the master key versions that
+    unwrapped its keys (the KMS decrypts a wrapped key only with the version it was made with, so a
+    relabelled key fails), and the columns its footer, decrypted with its footer key, says are encrypted."""
+
+    versions: frozenset[int]
+    algorithm: str
+    encrypted_columns: frozenset[str]
+    columns: frozenset[str]
 
 
 class _BackendKmsClient(pe.KmsClient):
@@ -160,6 +177,9 @@ class ParquetEncryption:
 
     def _material(self, material_path: str, filesystem: pafs.FileSystem) -> dict[str, dict]:
         """The key material entries of a sidecar, checked to belong to this key class's master key."""
+        return self._material_and_digest(material_path, filesystem)[0]
+
+    def _material_and_digest(self, material_path: str, filesystem: pafs.FileSystem) -> tuple[dict[str, dict], str]:
         with filesystem.open_input_stream(material_path) as stream:
             raw = stream.read()
         try:
@@ -174,16 +194,58 @@ class ParquetEncryption:
             raise BackendError(f"{material_path}: key material is not valid ({type(exc).__name__})") from None
         if not entries:
             raise BackendError(f"{material_path}: key material holds no keys")
-        return entries
+        return entries, hashlib.sha256(raw).hexdigest()
+
+    def inspect(self, path: str, filesystem: pafs.FileSystem) -> FileProtection:
+        """Prove what protects ``path``: each distinct wrapped key of its key material unwrapped by the
+        KMS (one request per file with double wrapping), its footer decrypted with the footer data key
+        and read for the columns it encrypts. Raises BackendError when any step fails."""
+        material_path = key_material_path(path)
+        entries = self._material(material_path, filesystem)
+        footer = next((m for m in entries.values() if m.get("isFooterKey")), None)
+        if footer is None:
+            raise BackendError(f"{material_path}: key material holds no footer key")
+        unwrapped: dict[str, bytes] = {}
+        try:
+            for material in entries.values():
+                wrapped = material["wrappedKEK" if material.get("doubleWrapping") else "wrappedDEK"]
+                if wrapped not in unwrapped:
+                    unwrapped[wrapped] = self.backend.unwrap(wrapped)
+            versions = frozenset(self.backend.version_of(w) for w in unwrapped)
+            if footer.get("doubleWrapping"):
+                blob = base64.b64decode(footer["wrappedDEK"])
+                footer_key = AESGCM(unwrapped[footer["wrappedKEK"]]).decrypt(
+                    blob[:12], blob[12:], base64.b64decode(footer["keyEncryptionKeyID"]))
+            else:
+                footer_key = unwrapped[footer["wrappedDEK"]]
+            facts: FooterFacts = footer_facts(path, filesystem, footer_key)
+        except (KeyError, ValueError, TypeError) as exc:
+            if isinstance(exc, FooterError):
+                raise BackendError(str(exc)) from None
+            raise BackendError(f"{material_path}: key material does not open the file ({type(exc).__name__})") \
+                from None
+        except Exception as exc:  # cryptography's InvalidTag: a wrapped data key altered or not this KEK's
+            if isinstance(exc, BackendError):
+                raise
+            raise BackendError(f"{material_path}: a data key does not authenticate under its KEK") from None
+        finally:
+            unwrapped.clear()
+        return FileProtection(versions, facts.algorithm or "", facts.encrypted_columns or frozenset(),
+                              facts.columns or frozenset())
 
     def wrapping_versions(self, path: str, filesystem: pafs.FileSystem) -> set[int]:
         """Master key versions that wrap the file's keys, read from its key material sidecar."""
+        return self.key_material_facts(path, filesystem)[0]
+
+    def key_material_facts(self, path: str, filesystem: pafs.FileSystem) -> tuple[set[int], str]:
+        """The versions that wrap the file's keys, as its key material labels them, and the sha256 of the key
+        material file (a validation records it, so a later change to the labels is seen without the KMS)."""
         material_path = key_material_path(path)
-        entries = self._material(material_path, filesystem)
+        entries, digest = self._material_and_digest(material_path, filesystem)
         try:
             return {
                 self.backend.version_of(m.get("wrappedKEK") if m.get("doubleWrapping") else m.get("wrappedDEK"))
                 for m in entries.values()
-            }
+            }, digest
         except (ValueError, AttributeError, TypeError) as exc:
             raise BackendError(f"{material_path}: key material is not valid ({type(exc).__name__})") from None

@@ -3,8 +3,10 @@
 Each partition directory holds a manifest, ``_PARTITION.json``, that names the partition's live
 data files. Writing the manifest (to a temporary name, then a rename) is the single commit point
 of a re-encryption, so a reader that follows the manifest always sees one consistent generation
-of files, whatever point a writer crashed at. Files not named by the manifest are leftovers of an
-interrupted run and are removed by :meth:`PartitionStore.clean`.
+of files, whatever point a writer crashed at. :meth:`PartitionStore.clean` removes only what the
+engine wrote and no longer needs: names its staging produces, and files the caller (the engine, from
+the ledger) knows as earlier generations of the partition. Any other file not named by the manifest is
+*unmanaged*: listed by :meth:`PartitionStore.unmanaged`, reported by the census, never removed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from keyrotation.stores.filesystems import Storage
 
 MANIFEST = "_PARTITION.json"
 STAGING_PREFIX = ".staging-"
-_GENERATION = re.compile(r"^part-(\d+)\.parquet$")
+# A staged file, its key material, and re-wrapped key material before its rename.
+_STAGING_NAMES = (STAGING_PREFIX, KEY_MATERIAL_PREFIX + STAGING_PREFIX, TEMP_MATERIAL_PREFIX + KEY_MATERIAL_PREFIX)
+GENERATION_NAME = re.compile(r"^part-(\d+)\.parquet$")
 
 
 @dataclass
@@ -33,6 +37,8 @@ class Manifest:
     bytes: int | None = None
     digest: str | None = None
     written_under_version: int | None = None
+    #: The columns the engine encrypted when it wrote this generation (None: not written by the engine).
+    encrypted_columns: list[str] | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -77,7 +83,7 @@ class PartitionStore:
                     names.add(rest.split("/", 1)[0])
         return sorted(n[len(prefix):] for n in names if n.startswith(prefix))
 
-    def _listing(self, partition: str) -> list[str]:
+    def listing(self, partition: str) -> list[str]:
         directory = self.partition_dir(partition)
         info = self.fs.get_file_info(directory)
         if info.type != pafs.FileType.Directory:
@@ -107,28 +113,45 @@ class PartitionStore:
         manifest = self.read_manifest(partition)
         if manifest is not None:
             return list(manifest.files)
-        files = [n for n in self._listing(partition) if n.endswith(".parquet") and not n.startswith((".", "_"))]
+        files = [n for n in self.listing(partition) if n.endswith(".parquet") and not n.startswith((".", "_"))]
         if not files:
             raise PartitionError(partition, "partition holds no Parquet files")
         return files
 
     def next_generation(self, partition: str) -> int:
         manifest = self.read_manifest(partition)
-        gens = [int(m.group(1)) for n in self._listing(partition) if (m := _GENERATION.match(n))]
+        gens = [int(m.group(1)) for n in self.listing(partition) if (m := GENERATION_NAME.match(n))]
         return max([manifest.generation if manifest else 0, *gens]) + 1
 
-    def clean(self, partition: str) -> list[str]:
-        """Remove what an interrupted run left: staging files and files the manifest does not name."""
+    @staticmethod
+    def _managed(manifest: Manifest) -> set[str]:
+        return {MANIFEST, *manifest.files, *(posixpath.basename(key_material_path(f)) for f in manifest.files)}
+
+    @staticmethod
+    def is_staging(name: str) -> bool:
+        """A name only the engine's staging produces (a file being written, key material being re-wrapped)."""
+        return name.startswith(_STAGING_NAMES)
+
+    def unmanaged(self, partition: str, manifest: Manifest | None = None) -> list[str]:
+        """Files in the partition folder that its manifest does not name, staging names aside."""
+        manifest = manifest or self.read_manifest(partition)
+        if manifest is None:
+            return []
+        keep = self._managed(manifest)
+        return [n for n in self.listing(partition) if n not in keep and not self.is_staging(n)]
+
+    def clean(self, partition: str, earlier_generations: set[str] = frozenset()) -> list[str]:
+        """Remove what an interrupted run of the engine left: staging names, and the files of
+        ``earlier_generations`` (names the ledger records for this partition) that the manifest no
+        longer names, with their key material. Nothing else is touched."""
         manifest = self.read_manifest(partition)
         if manifest is None:
             return []
-        keep = {MANIFEST, *manifest.files, *(posixpath.basename(key_material_path(f)) for f in manifest.files)}
+        keep = self._managed(manifest)
+        known = {*earlier_generations, *(posixpath.basename(key_material_path(f)) for f in earlier_generations)}
         removed = []
-        for name in self._listing(partition):
-            stray = name.startswith((STAGING_PREFIX, TEMP_MATERIAL_PREFIX)) or (
-                name not in keep and (name.endswith(".parquet") or name.startswith(KEY_MATERIAL_PREFIX))
-            )
-            if stray:
+        for name in self.listing(partition):
+            if name not in keep and (self.is_staging(name) or name in known):
                 self.fs.delete_file(self.path(partition, name))
                 removed.append(name)
         return removed

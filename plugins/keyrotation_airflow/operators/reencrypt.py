@@ -6,13 +6,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowException
 
 from keyrotation import ledger as lg
 from keyrotation.errors import PartitionError
 from keyrotation.planning import chunk, estimate, select_partitions
 from keyrotation_airflow.operators.rotation import as_bool
-from keyrotation_airflow.runtime import key_class_runtime, run_context, run_type
+from keyrotation_airflow.runtime import key_class_runtime, partitions_failed, run_context, run_type
 
 INTERVAL_RUN_TYPES = ("scheduled", "backfill")
 
@@ -66,9 +65,13 @@ class PlanReencryptionOperator(BaseOperator):
         if scope == "auto":
             scope = "interval" if run_type(context) in INTERVAL_RUN_TYPES else "sweep"
         start = context.get("data_interval_start")
+        unfinished = rt.unfinished(census, target)
+        if unfinished:
+            self.log.info("%d partitions to finish or validate again: %s", len(unfinished), "; ".join(
+                f"{p}: {why}" for p, why in list(unfinished.items())[:10]) + (" ..." if len(unfinished) > 10 else ""))
         partitions = select_partitions(
             census, target, mode, scope, interval_partition=start.date().isoformat() if start else None,
-            partition_from=self.partition_from, partition_to=self.partition_to,
+            partition_from=self.partition_from, partition_to=self.partition_to, unfinished=unfinished,
         )
         chunks = chunk(partitions, policy.chunk_size)
         self.log.info("plan (%s): %d partitions to bring under v%s in %d chunks: %s", scope, len(partitions),
@@ -117,8 +120,8 @@ class ReencryptPartitionsOperator(BaseOperator):
         results = engine.run(list(self.partitions), lambda p: engine.process(p, target, self.mode))
         failed = [r for r in results if r.action == "failed"]
         if failed:
-            raise AirflowException(f"{self.dataset}: {len(failed)} of {len(results)} partitions failed: "
-                                   + "; ".join(f"{r.partition}: {r.error}" for r in failed))
+            raise partitions_failed(failed, f"{self.dataset}: {len(failed)} of {len(results)} partitions failed: "
+                                    + "; ".join(f"{r.partition}: {r.error}" for r in failed))
         return [r.to_dict() for r in results]
 
 
@@ -148,8 +151,8 @@ class ValidatePartitionsOperator(BaseOperator):
         validated = engine.run(list(targets), lambda p: engine.validate(p, min_version=targets[p]))
         failed = [r for r in validated if r.action == "failed"]
         if failed:
-            raise AirflowException(f"{self.dataset}: validation failed for {len(failed)} partitions: "
-                                   + "; ".join(f"{r.partition}: {r.error}" for r in failed))
+            raise partitions_failed(failed, f"{self.dataset}: validation failed for {len(failed)} partitions: "
+                                    + "; ".join(f"{r.partition}: {r.error}" for r in failed))
         self.log.info("%s: %d partitions decrypt to their recorded digests", self.dataset, len(validated))
         return [r.to_dict() for r in validated]
 

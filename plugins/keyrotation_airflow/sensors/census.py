@@ -8,6 +8,7 @@ from typing import Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowSkipException
 
+from keyrotation.retirement import data_reasons
 from keyrotation_airflow.runtime import denied_fails_fast, key_class_runtime
 
 
@@ -33,13 +34,16 @@ class CensusGateSensor(BaseSensorOperator):
             plan = rt.retirement_plan()
         if plan is None:
             raise AirflowSkipException(f"key class {rt.name}: no version is due for retirement")
-        blocking = 0
         evidence = {"retire_below": plan.new_min_version, "versions": plan.versions, "datasets": []}
-        for census in rt.censuses():
+        censuses = rt.censuses()
+        for census in censuses:
             old = census.under(plan.new_min_version)
-            blocking += len(old) + len(census.errors)
             evidence["datasets"].append({**census.summary(), "under_retired_versions": len(old)})
             self.log.info("%s; %d partitions under versions below v%s", census.format(), len(old),
                           plan.new_min_version)
+        # The same test as the retirement gate's, on the same evidence.
+        reasons = data_reasons(plan.new_min_version, censuses, rt.evidence(censuses))
+        for reason in reasons:
+            self.log.info("not yet: %s", reason)
         # The census the gate passed on goes to XCom: the approval shows it.
-        return PokeReturnValue(is_done=blocking == 0, xcom_value=evidence)
+        return PokeReturnValue(is_done=not reasons, xcom_value=evidence)

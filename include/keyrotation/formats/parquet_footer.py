@@ -1,0 +1,229 @@
+"""What a Parquet file's footer says about its encryption, read from the file's bytes.
+
+pyarrow does not expose which columns of a PME file are encrypted, and touching the metadata of a
+column whose key it lacks aborts the process (pyarrow 26), so the footer is read here: the tail
+(magic, footer length), ``FileCryptoMetaData`` and, with the footer key, the encrypted footer
+(AES-GCM, associated data = file AAD + module type 0), then each column chunk's ``crypto_metadata``
+(parquet.thrift field 8). Only the Thrift compact protocol's decoding is needed; unknown fields are
+skipped, so newer writers' footers parse too.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+PLAIN_MAGIC = b"PAR1"
+ENCRYPTED_FOOTER_MAGIC = b"PARE"
+_FOOTER_MODULE = 0
+#: parquet.thrift EncryptionAlgorithm union members.
+ALGORITHMS = {1: "AES_GCM_V1", 2: "AES_GCM_CTR_V1"}
+_MAX_FOOTER = 64 << 20
+
+
+class FooterError(ValueError):
+    """The file's tail or footer is not what a Parquet file holds."""
+
+
+@dataclass(frozen=True)
+class FooterFacts:
+    """The encryption of one Parquet file, as its footer states it.
+
+    ``encrypted_columns`` is None when the footer is encrypted and was not decrypted (no key given).
+    """
+
+    magic: bytes
+    algorithm: str | None
+    encrypted_columns: frozenset[str] | None
+    columns: frozenset[str] | None
+
+    @property
+    def encrypted(self) -> bool:
+        return self.algorithm is not None
+
+
+class _Compact:
+    """A reader of the Thrift compact protocol: structs become ``{field id: value}``."""
+
+    def __init__(self, data: bytes, pos: int = 0) -> None:
+        self.data, self.pos = data, pos
+
+    def _byte(self) -> int:
+        if self.pos >= len(self.data):
+            raise FooterError("footer ends inside a Thrift value")
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def _varint(self) -> int:
+        shift = result = 0
+        while True:
+            b = self._byte()
+            result |= (b & 0x7F) << shift
+            if not b & 0x80:
+                return result
+            shift += 7
+            if shift > 70:
+                raise FooterError("footer holds a malformed varint")
+
+    def _zigzag(self) -> int:
+        n = self._varint()
+        return (n >> 1) ^ -(n & 1)
+
+    def _bytes(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise FooterError("footer ends inside a binary value")
+        self.pos += n
+        return self.data[self.pos - n : self.pos]
+
+    def struct(self) -> dict[int, Any]:
+        fields: dict[int, Any] = {}
+        last = 0
+        while True:
+            header = self._byte()
+            if header == 0:
+                return fields
+            kind, delta = header & 0x0F, header >> 4
+            last = last + delta if delta else self._zigzag()
+            fields[last] = self._value(kind)
+
+    def _value(self, kind: int) -> Any:
+        if kind in (1, 2):
+            return kind == 1
+        if kind == 3:
+            return struct.unpack("b", self._bytes(1))[0]
+        if kind in (4, 5, 6):
+            return self._zigzag()
+        if kind == 7:
+            return struct.unpack("<d", self._bytes(8))[0]
+        if kind == 8:
+            return self._bytes(self._varint())
+        if kind in (9, 10):
+            header = self._byte()
+            size, element = header >> 4, header & 0x0F
+            if size == 15:
+                size = self._varint()
+            return [self._element(element) for _ in range(size)]
+        if kind == 11:
+            size = self._varint()
+            if not size:
+                return {}
+            types = self._byte()
+            return {self._element(types >> 4): self._element(types & 0x0F) for _ in range(size)}
+        if kind == 12:
+            return self.struct()
+        raise FooterError(f"footer holds an unknown Thrift type {kind}")
+
+    def _element(self, kind: int) -> Any:
+        return self._byte() == 1 if kind in (1, 2) else self._value(kind)
+
+
+def _streamed(filesystem: pafs.FileSystem) -> bool:
+    # pyarrow 26's random-access reads on a GcsFileSystem block a process that also serves the storage API
+    # (the tests' GCS server runs in the test process): there, files are read as streams, front to back.
+    return isinstance(filesystem, pafs.GcsFileSystem)
+
+
+def head_magic(path: str, filesystem: pafs.FileSystem) -> bytes:
+    """The first four bytes: ``PARE`` for a file with an encrypted footer (spec: it starts and ends so)."""
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read(4)
+
+
+def _checked(path: str, size: int, trailer: bytes) -> tuple[bytes, int]:
+    length, magic = struct.unpack("<I", trailer[:4])[0], trailer[4:]
+    if magic not in (PLAIN_MAGIC, ENCRYPTED_FOOTER_MAGIC):
+        raise FooterError(f"{path}: Parquet magic bytes not found at the end of the file")
+    if length > min(size - 12, _MAX_FOOTER):
+        raise FooterError(f"{path}: footer length {length} does not fit the file")
+    return magic, length
+
+
+def read_tail(path: str, filesystem: pafs.FileSystem) -> tuple[bytes, bytes]:
+    """The file's closing magic and its footer region (the bytes its length field counts)."""
+    size = filesystem.get_file_info(path).size
+    if size is None:
+        raise FileNotFoundError(path)
+    if size < 12:
+        raise FooterError(f"{path}: {size} bytes, too short for a Parquet file")
+    if not _streamed(filesystem):
+        with filesystem.open_input_file(path) as f:
+            magic, length = _checked(path, size, f.read_at(8, size - 8))
+            return magic, f.read_at(length, size - 8 - length)
+    kept = bytearray()  # the last bytes a footer can span
+    with filesystem.open_input_stream(path) as stream:
+        while chunk := stream.read(1 << 20):
+            kept += chunk
+            del kept[: max(0, len(kept) - _MAX_FOOTER - 8)]
+    magic, length = _checked(path, size, bytes(kept[-8:]))
+    return magic, bytes(kept[-8 - length : -8])
+
+
+def _column_facts(file_metadata: dict[int, Any]) -> tuple[frozenset[str], frozenset[str]]:
+    """All column paths, and those a column or the footer key encrypts, over every row group."""
+    columns: set[str] = set()
+    encrypted: set[str] = set()
+    for row_group in file_metadata.get(4) or []:
+        for chunk in row_group.get(1) or []:
+            crypto = chunk.get(8)
+            path_parts = (chunk.get(3) or {}).get(3)
+            if crypto and 2 in crypto:  # ENCRYPTION_WITH_COLUMN_KEY names its column
+                path_parts = crypto[2].get(1) or path_parts
+            if not path_parts:
+                raise FooterError("a column chunk names no column")
+            name = ".".join(p.decode() for p in path_parts)
+            columns.add(name)
+            if crypto:
+                encrypted.add(name)
+    return frozenset(columns), frozenset(encrypted)
+
+
+def is_encrypted(path: str, filesystem: pafs.FileSystem) -> bool:
+    """Whether ``path`` is a Parquet file with any encryption, as cheaply as the file allows: a file that
+    starts with ``PARE`` has an encrypted footer; one that starts with ``PAR1`` is plain unless its footer
+    names an algorithm (plaintext-footer mode)."""
+    head = head_magic(path, filesystem)
+    if head == ENCRYPTED_FOOTER_MAGIC:
+        return True
+    if head != PLAIN_MAGIC:
+        raise FooterError(f"{path}: Parquet magic bytes not found at the start of the file")
+    return footer_facts(path, filesystem).encrypted
+
+
+def footer_facts(path: str, filesystem: pafs.FileSystem, footer_key: bytes | None = None) -> FooterFacts:
+    """What the footer of ``path`` says about its encryption; an encrypted footer is decrypted with
+    ``footer_key`` (the file's footer data key) when given, else its columns stay unknown."""
+    magic, region = read_tail(path, filesystem)
+    if magic == PLAIN_MAGIC:
+        metadata = _Compact(region).struct()
+        algorithm = metadata.get(8)
+        columns, encrypted = _column_facts(metadata)
+        name = ALGORITHMS.get(next(iter(algorithm)), "unknown") if algorithm else None
+        return FooterFacts(magic, name, encrypted, columns)
+    reader = _Compact(region)
+    crypto = reader.struct()
+    algorithm = crypto.get(1) or {}
+    if len(algorithm) != 1:
+        raise FooterError(f"{path}: footer names no encryption algorithm")
+    kind, params = next(iter(algorithm.items()))
+    name = ALGORITHMS.get(kind, "unknown")
+    if footer_key is None:
+        return FooterFacts(magic, name, None, None)
+    if params.get(3) and not params.get(1):
+        raise FooterError(f"{path}: the file's AAD prefix is not stored in it (supplied by readers)")
+    aad = (params.get(1) or b"") + (params.get(2) or b"") + bytes([_FOOTER_MODULE])
+    module = region[reader.pos :]
+    if len(module) < 4 + 12 + 16:
+        raise FooterError(f"{path}: encrypted footer too short")
+    length = struct.unpack("<I", module[:4])[0]
+    if length != len(module) - 4:
+        raise FooterError(f"{path}: encrypted footer length {length} does not match its module")
+    try:
+        plain = AESGCM(footer_key).decrypt(module[4:16], module[16:], aad)
+    except Exception:  # InvalidTag, or a key of the wrong size: the footer is not this key's
+        raise FooterError(f"{path}: footer does not authenticate under its footer key") from None
+    columns, encrypted = _column_facts(_Compact(plain).struct())
+    return FooterFacts(magic, name, encrypted, columns)
