@@ -162,11 +162,14 @@ def build_rotation_dag(config: KeyClassConfig) -> DAG:
             "reason": Param(None, type=["null", "string"], title="Reason", section="Rotation",
                             description="Why this rotation runs; required for a manual run, recorded in the "
                                         "ledger."),
+            "dry_run": Param(False, type="boolean", title="Dry run", section="Rotation",
+                             description="Say whether a rotation is due and what the sweep after it would "
+                                         "touch and cost; change nothing, start nothing."),
         },
     ) as dag:
         pool = kms_pool(kc)
         rotate = RotateKeyOperator(task_id="rotate_key", key_class=kc.name, force="{{ params.force }}",
-                                   reason="{{ params.reason }}", **pool)
+                                   reason="{{ params.reason }}", dry_run="{{ params.dry_run }}", **pool)
         # Cloud KMS HSM and external versions take a while to generate: wait in the triggerer.
         ready = KeyVersionReadySensor(task_id="wait_version_ready", key_class=kc.name,
                                       version="{{ ti.xcom_pull(task_ids='rotate_key') }}",
@@ -229,8 +232,8 @@ def build_reencrypt_dag(config: KeyClassConfig, dataset: str) -> DAG:
             task_id="validate", key_class=kc.name, dataset=ds.name, **pool,
         ).expand(results=reencrypt.output)
         summary = CensusSummaryOperator(task_id="census_after", key_class=kc.name, dataset=ds.name,
-                                        trigger_rule="none_failed", outlets=[dataset_asset(ds.name), AUDIT_ASSET],
-                                        **pool)
+                                        dry_run="{{ params.dry_run }}", trigger_rule="none_failed",
+                                        outlets=[dataset_asset(ds.name), AUDIT_ASSET], **pool)
         plan >> reencrypt >> validate >> summary
     return dag
 

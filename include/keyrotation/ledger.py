@@ -43,6 +43,8 @@ PARTITION_VALIDATED = "partition_validated"
 VALIDATION_FAILED = "validation_failed"
 KMS_UNREACHABLE = "kms_unreachable"
 CONFIG_INVALID = "config_invalid"
+# A dry run of a rotation or a re-encryption: what it found, and nothing else written anywhere.
+DRY_RUN = "dry_run"
 VERSIONS_RETIRED = "versions_retired"
 RETIREMENT_DECISION = "retirement_decision"
 RETIREMENT_REFUSED = "retirement_refused"

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowSkipException
 
 from keyrotation import ledger as lg
 from keyrotation.errors import PartitionError
@@ -82,7 +83,14 @@ class PlanReencryptionOperator(BaseOperator):
                       "about $%.4f on AWS KMS or Cloud KMS (software keys), $0 on Vault/OpenBao", cost.rows,
                       cost.bytes, cost.files, cost.kms_requests, cost.basis, cost.cloud_cost_usd)
         if as_bool(self.dry_run):
-            self.log.info("dry run: nothing changed")
+            summary = {"dry_run": True, "dataset": self.dataset, "scope": scope, "mode": mode, "target_version": target,
+                       "partitions": len(partitions), "chunks": len(chunks), "files": cost.files, "rows": cost.rows,
+                       "bytes": cost.bytes, "kms_requests": cost.kms_requests,
+                       "cloud_cost_usd": round(cost.cloud_cost_usd, 4), "census": census.summary()}
+            rt.ledger.record(lg.DRY_RUN, rt.name, run_context(context), status="dry_run", dataset=self.dataset,
+                             to_version=target, rows=cost.rows, bytes=cost.bytes, detail=summary)
+            context["ti"].xcom_push(key="dry_run_summary", value=summary)
+            self.log.info("dry run: nothing changed; summary (XCom dry_run_summary): %s", summary)
             return []
         return [{"partitions": c, "target_version": target, "mode": mode} for c in chunks]
 
@@ -159,20 +167,25 @@ class ValidatePartitionsOperator(BaseOperator):
 
 class CensusSummaryOperator(BaseOperator):
     """
-    Log the dataset's census after the run and emit the dataset's Asset event with it.
+    Log the dataset's census after the run and emit the dataset's Asset event with it. Skipped in a dry
+    run: a skipped task emits no asset event, so a dry run starts no retirement and no report.
 
     :param key_class: Key class name. (templated)
     :param dataset: Dataset name. (templated)
+    :param dry_run: The run is a dry run. (templated)
     """
 
-    template_fields: Sequence[str] = ("key_class", "dataset")
+    template_fields: Sequence[str] = ("key_class", "dataset", "dry_run")
 
-    def __init__(self, *, key_class: str, dataset: str, **kwargs: Any) -> None:
+    def __init__(self, *, key_class: str, dataset: str, dry_run: bool | str = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.key_class = key_class
         self.dataset = dataset
+        self.dry_run = dry_run
 
     def execute(self, context: Any) -> dict:
+        if as_bool(self.dry_run):
+            raise AirflowSkipException(f"{self.dataset}: dry run: no census asset event, nothing started downstream")
         rt = key_class_runtime(self.key_class, "reencrypt")
         census = rt.census(self.dataset)
         target = rt.target_version()

@@ -9,6 +9,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from keyrotation import ledger as lg
+from keyrotation.planning import estimate, select_partitions
 from keyrotation.rotation import check_rotation, create_version, promote_version, update_reference
 from keyrotation_airflow.runtime import denied_fails_fast, key_class_runtime, run_context, run_type
 
@@ -40,22 +41,29 @@ class RotateKeyOperator(BaseOperator):
     :param key_class: Key class name (file ``<config dir>/<key_class>.yaml``). (templated)
     :param force: Rotate even when the current version is not yet due. (templated)
     :param reason: Why this rotation runs, recorded in the ledger. (templated)
+    :param dry_run: Say whether a rotation is due and what the sweep after it would touch and cost (XCom
+        ``dry_run_summary``, a ``dry_run`` ledger row); create nothing, and skip the rest of the run, so no
+        asset event starts a sweep. (templated)
     """
 
-    template_fields: Sequence[str] = ("key_class", "force", "reason")
+    template_fields: Sequence[str] = ("key_class", "force", "reason", "dry_run")
     ui_color = "#f4d7a1"
 
-    def __init__(self, *, key_class: str, force: bool | str = False, reason: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, key_class: str, force: bool | str = False, reason: str | None = None,
+                 dry_run: bool | str = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.key_class = key_class
         self.force = force
         self.reason = reason
+        self.dry_run = dry_run
 
     def execute(self, context: Any) -> int:
         with denied_fails_fast():
             return self._rotate(context)
 
     def _rotate(self, context: Any) -> int:
+        if as_bool(self.dry_run):
+            return self._dry_run(context, as_bool(self.force))
         rt = key_class_runtime(self.key_class, "rotate")
         ctx = run_context(context)
         kind = run_type(context)
@@ -76,6 +84,35 @@ class RotateKeyOperator(BaseOperator):
         version = create_version(rt.backend, check, rt.ledger, ctx, reason=reason)
         self.log.info("key class %s: master key now at v%s", rt.name, version)
         return version
+
+
+    def _dry_run(self, context: Any, force: bool) -> int:
+        """What a rotation now would do, and the sweep after it: read through the report role (key metadata and
+        the census), recorded as one ``dry_run`` row; then the task is skipped."""
+        rt = key_class_runtime(self.key_class, "report")
+        state = rt.backend.key_state()
+        check = check_rotation(rt.config.key_class, state, rt.ledger.current_version(rt.name), force=force)
+        following = state.latest_version + 1 if check.action in ("create", "rotate") else state.latest_version
+        mode = rt.config.key_class.reencryption.mode
+        datasets = []
+        for ds in rt.config.datasets:
+            census = rt.census(ds.name)
+            partitions = select_partitions(census, following, mode, "sweep")
+            cost = estimate(census, partitions, mode, ds.format, rt.backend.server_side_rewrap)
+            datasets.append({"dataset": ds.name, "partitions": cost.partitions, "files": cost.files,
+                             "rows": cost.rows, "bytes": cost.bytes, "kms_requests": cost.kms_requests,
+                             "cloud_cost_usd": round(cost.cloud_cost_usd, 4), "census": census.summary()})
+        summary = {"dry_run": True, "key_class": rt.name, "due": check.due, "action": check.action,
+                   "check": check.reason, "latest_version": state.latest_version, "next_version": following,
+                   "mode": mode, "sweep": datasets}
+        rt.ledger.record(lg.DRY_RUN, rt.name, run_context(context), status="dry_run",
+                         from_version=state.latest_version, to_version=following, detail=summary)
+        context["ti"].xcom_push(key="dry_run_summary", value=summary)
+        self.log.info("dry run: %s; would %s; the sweep after it: %s", check.reason, check.action,
+                      "; ".join(f"{d['dataset']}: {d['partitions']} partitions, {d['rows']} rows, {d['bytes']} bytes, "
+                                f"about {d['kms_requests']} KMS requests" for d in datasets) or "no datasets")
+        raise AirflowSkipException(f"key class {rt.name}: dry run: nothing created, nothing started "
+                                   "(XCom dry_run_summary)")
 
 
 class UpdateKeyReferenceOperator(BaseOperator):
