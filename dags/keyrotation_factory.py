@@ -195,6 +195,9 @@ def build_reencrypt_dag(config: KeyClassConfig, dataset: str) -> DAG:
         schedule=schedule,
         start_date=_start(ds.start_date),
         catchup=False,
+        # Active from the start: Airflow queues no asset event for a paused DAG, so a rotation must never
+        # complete into a paused sweep (rotate__* and the report start paused as configured).
+        is_paused_upon_creation=False,
         default_args=DEFAULT_ARGS,
         tags=["keyrotation", "reencrypt", kc.name],
         doc_md=REENCRYPT_DOC.format(dataset=ds.name, name=kc.name, location=ds.location,
@@ -249,6 +252,7 @@ def build_retire_dag(config: KeyClassConfig) -> DAG:
         start_date=_start("2024-01-01"),
         catchup=False,
         max_active_runs=1,
+        is_paused_upon_creation=False,  # as reencrypt__*: the census gate and the approval hold it, not a pause
         default_args={**DEFAULT_ARGS, "retries": 0},
         tags=["keyrotation", "retire", kc.name],
         doc_md=RETIRE_DOC.format(name=kc.name, kept=policy.versions_kept, grace=policy.grace_period,

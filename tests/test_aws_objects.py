@@ -4,8 +4,11 @@ HeadObject, in-place copy to the new key, validation, and the retirement gate, r
 from __future__ import annotations
 
 import pytest
-from test_dags import _context, _dags, _state, _task_states
 
+from dag_runs import key_class_dags as _dags
+from dag_runs import state as _state
+from dag_runs import task_context as _context
+from dag_runs import task_states as _task_states
 from helpers import CANARY, aws_runtime, days
 from keyrotation import ledger as lg
 from keyrotation.ledger import RunContext

@@ -191,3 +191,26 @@ def test_dry_run_and_range_plans(make_key_class, vault, airflow_db):
     assert census.under(2) == [p for p in parts if p not in ("2024-01-03", "2024-01-04", "2024-01-05")]
     rewrapped = rt.ledger.rows(events_in=(lg.PARTITION_REWRAPPED,))
     assert sorted(r["partition"] for r in rewrapped) == ["2024-01-03", "2024-01-04", "2024-01-05"]
+
+
+def test_the_dags_a_rotation_starts_are_created_active(make_key_class, airflow_db):
+    """Airflow queues no asset event for a paused DAG: reencrypt__* and retire__* are created unpaused, so a
+    rotation never completes into a void; rotate__* starts paused as Airflow is configured (here: the default)."""
+    from airflow.configuration import conf
+    from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
+    from airflow.models.dag import DagModel
+    from airflow.models.dagbundle import DagBundleModel
+    from airflow.settings import Session
+    from conftest import DAGS_DIR
+
+    make_key_class(name="active", dataset="active_data")
+    bag = DagBag(dag_folder=str(DAGS_DIR / "active.py"))
+    assert bag.import_errors == {}
+    session = Session()
+    if session.get(DagBundleModel, "keyrotation-tests") is None:
+        session.add(DagBundleModel(name="keyrotation-tests"))
+        session.commit()
+    sync_bag_to_db(bag, "keyrotation-tests", None)
+    paused = {m.dag_id: m.is_paused for m in session.query(DagModel).filter(DagModel.dag_id.in_(bag.dags))}
+    assert conf.getboolean("core", "dags_are_paused_at_creation") is True
+    assert paused == {"rotate__active": True, "reencrypt__active_data": False, "retire__active": False}

@@ -10,8 +10,11 @@ import secrets
 
 import pyarrow.fs as pafs
 import pytest
-from test_dags import _context, _dags, _state, _task_states
 
+from dag_runs import key_class_dags as _dags
+from dag_runs import state as _state
+from dag_runs import task_context as _context
+from dag_runs import task_states as _task_states
 from helpers import CANARY, days, gcp_runtime, partition_digests, seed
 from keyrotation import ledger as lg
 from keyrotation.errors import BackendError, PermissionDenied

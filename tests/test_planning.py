@@ -25,6 +25,18 @@ def test_scopes_select_only_partitions_under_old_versions():
                              partition_to="2024-01-03") == ["2024-01-03"]
 
 
+def test_a_scheduled_run_catches_up_every_partition_left_under_an_older_version():
+    c = census({"2024-01-01": 1, "2024-01-02": 2, "2024-01-03": 1, "2024-01-04": 2}, errors=("2024-01-05",))
+    assert select_partitions(c, 2, "rewrap", "interval", interval_partition="2024-01-04",
+                             catch_up=True) == ["2024-01-01", "2024-01-03"]
+    assert select_partitions(c, 2, "rewrap", "interval", interval_partition="2024-01-03",
+                             catch_up=True) == ["2024-01-01", "2024-01-03"]
+    assert select_partitions(c, 2, "rewrap", "interval", interval_partition="2024-02-01",  # no data that day
+                             catch_up=True, unfinished={"2024-01-02"}) == ["2024-01-01", "2024-01-02", "2024-01-03"]
+    # A backfill (no catch_up) handles its own partition only.
+    assert select_partitions(c, 2, "rewrap", "interval", interval_partition="2024-01-04") == []
+
+
 def test_reencrypt_mode_also_selects_partitions_rewrapped_but_not_rewritten():
     c = census({"2024-01-01": 2})
     c.partitions["2024-01-01"] = PartitionCensus("2024-01-01", frozenset({2}), written_under=1)

@@ -242,7 +242,8 @@ def test_tampered_moved_and_unknown_values_are_named_and_left_alone(make_key_cla
 
 @pytest.mark.airflow
 def test_a_table_dataset_through_the_dags(make_key_class, vault, pg, airflow_db):
-    from test_dags import _dags, _state
+    from dag_runs import key_class_dags as _dags
+    from dag_runs import state as _state
 
     config = sql_key_class(make_key_class, pg, "sqldag", batch=40)
     rt = runtime(config, vault)

@@ -26,12 +26,15 @@ def _date(value: str, field: str) -> str:
 
 def select_partitions(census: Census, target_version: int, mode: str, scope: str, *,
                       interval_partition: str | None = None, partition_from: str | None = None,
-                      partition_to: str | None = None, unfinished: Iterable[str] = ()) -> list[str]:
+                      partition_to: str | None = None, unfinished: Iterable[str] = (),
+                      catch_up: bool = False) -> list[str]:
     """Partitions in scope that are not yet under ``target_version``, or whose last run did not finish
     (``unfinished``: not validated since their last change, leftovers of an interrupted run on disk).
 
     ``interval``: the run's own partition (a scheduled or backfill run); ``range``: partitions from
     ``partition_from`` to ``partition_to`` inclusive; ``sweep``: every partition of the dataset.
+    ``catch_up`` (scheduled runs): with ``interval``, also every other partition still under an older
+    version or unfinished, so the lifecycle converges even when the sweep a rotation started was lost.
     """
     if scope not in SCOPES or scope == "auto":
         raise ConfigError(f"parameter scope: {scope!r} must be one of interval, sweep, range")
@@ -39,11 +42,14 @@ def select_partitions(census: Census, target_version: int, mode: str, scope: str
     if scope == "interval":
         if not interval_partition:
             raise ConfigError("parameter scope: 'interval' needs a run with a data interval (scheduled or backfill)")
+        behind = sorted(needing - {interval_partition}) if catch_up else []
+        if behind:
+            log.info("%s: %d more partitions under older versions or unfinished, caught up by this scheduled run: %s",
+                     census.dataset, len(behind), ", ".join(behind[:10]) + (" ..." if len(behind) > 10 else ""))
         if interval_partition not in census.partitions and interval_partition not in census.errors:
-            log.warning("%s: no partition %s (no data for this interval); nothing to do", census.dataset,
-                        interval_partition)
-            return []
-        candidates = [interval_partition]
+            log.warning("%s: no partition %s (no data for this interval)", census.dataset, interval_partition)
+            return behind
+        candidates = [interval_partition, *behind]
     elif scope == "range":
         if not partition_from or not partition_to:
             raise ConfigError("parameters partition_from and partition_to are both required for scope 'range'")

@@ -18,6 +18,7 @@ from keyrotation.config import list_key_classes, load_key_class
 from keyrotation.errors import KeyRotationError
 from keyrotation.ledger import Ledger
 from keyrotation.runtime import KeyClassRuntime
+from keyrotation.status import behind
 
 CURRENT, OLDER, UNREADABLE = "#59a14f", "#f28e2b", "#444"
 
@@ -44,11 +45,14 @@ def _last_runs(dag_ids: list[str]) -> dict[str, list[dict]]:
     return out
 
 
-def _status(age_s: float | None, due_s: float, period_s: float) -> tuple[str, str]:
+def _status(age_s: float | None, due_s: float, period_s: float, behind_reason: str | None = None
+            ) -> tuple[str, str]:
     if age_s is None:
         return "#999", "no current version"
     if age_s > period_s:
         return "#e15759", "past its cryptoperiod"
+    if behind_reason:
+        return "#e15759", behind_reason
     if age_s >= due_s:
         return "#f28e2b", "due for rotation"
     return "#59a14f", "within policy"
@@ -65,12 +69,15 @@ def _key_class_section(name: str, ledger: Ledger, now: datetime) -> str:
                              storage=dataset_storage(kc, "report"))
         state = rt.backend.key_state()
         censuses = rt.censuses()
-        current = ledger.current_version(name)
+        reference = ledger.current_reference(name)
+        current = int(reference["to_version"]) if reference else None
     except (KeyRotationError, OSError, ValueError) as exc:
         return f"<section><h2>{html.escape(name)}</h2><p class='error'>{html.escape(str(exc))}</p></section>"
     created = state.created_at(current) if current else None
     age = (now - created).total_seconds() if created else None
-    colour, verdict = _status(age, kc.rotation.due_after.total_seconds(), kc.rotation.cryptoperiod.total_seconds())
+    since = reference["recorded_at"] if reference else None
+    colour, verdict = _status(age, kc.rotation.due_after.total_seconds(), kc.rotation.cryptoperiod.total_seconds(),
+                              behind(kc, current, since, censuses, now))
     age_text = f"{age / 86400:.1f} days" if age is not None else "n/a"
     next_due = (created + kc.rotation.due_after).date().isoformat() if created else "now"
     bars = []

@@ -16,6 +16,7 @@ from keyrotation.census import Census
 from keyrotation.config import KeyClass
 from keyrotation.ledger import Ledger
 from keyrotation.reports.airflow_history import AirflowHistory, HistoryUnavailable
+from keyrotation.status import behind
 
 # NIST SP 800-57 Part 1 Rev. 5, symmetric data-encryption and key-wrapping keys: originator-usage
 # period up to 2 years, recipient-usage period up to 3 years beyond it.
@@ -94,7 +95,9 @@ def key_inventory(items: list[KeyClassEvidence], ledger: Ledger, now: datetime) 
     rows = []
     for ev in items:
         kc, state = ev.key_class, ev.state
-        reference = ledger.current_version(kc.name)
+        reference_row = ledger.current_reference(kc.name)
+        reference = int(reference_row["to_version"]) if reference_row else None
+        since = reference_row["recorded_at"] if reference_row else None
         created = state.created_at(reference) if reference else None
         first = min((v.created_at for v in state.versions.values() if v.created_at), default=None)
         rows.append({
@@ -107,11 +110,12 @@ def key_inventory(items: list[KeyClassEvidence], ledger: Ledger, now: datetime) 
             "kms_latest_version": state.latest_version, "min_decryption_version": state.min_decryption_version,
             "min_encryption_version": state.min_encryption_version,
             "retirement": "retire DAG" if kc.retires_versions else "not possible (KMS keeps every version)",
+            "behind": behind(kc, reference, since, ev.censuses, now) or "",
         })
     return _frame(rows, "inv", ["key_class", "backend", "key_ref", "algorithm", "owner", "exists", "created",
                                 "current_version", "current_version_created", "age_days", "cryptoperiod_days",
                                 "next_due", "kms_latest_version", "min_decryption_version",
-                                "min_encryption_version", "retirement"])
+                                "min_encryption_version", "retirement", "behind"])
 
 
 def versions(items: list[KeyClassEvidence], now: datetime) -> pd.DataFrame:

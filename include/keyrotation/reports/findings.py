@@ -85,8 +85,9 @@ def findings(ev: Evidence) -> pd.DataFrame:
         mine_cov = cov[cov["key_class"] == name]
         old = mine_cov[~mine_cov["current"].astype(bool)]
         partitions = int(old["partitions"].sum()) if len(old) else 0
-        out.append(_finding("DATA-1", name, "WARN" if partitions else "PASS",
-                            f"{partitions} partitions under older versions (or unreadable)" if partitions
+        out.append(_finding("DATA-1", name, ("FAIL" if key["behind"] else "WARN") if partitions else "PASS",
+                            (key["behind"] or f"{partitions} partitions under older versions (or unreadable)")
+                            if partitions
                             else f"{int(mine_cov['partitions'].sum()) if len(mine_cov) else 0} partitions, all "
                                  f"under v{key['current_version']}", _ids(old if partitions else mine_cov)))
 

@@ -65,6 +65,9 @@ class PlanReencryptionOperator(BaseOperator):
         scope = self.scope
         if scope == "auto":
             scope = "interval" if run_type(context) in INTERVAL_RUN_TYPES else "sweep"
+        # A scheduled run also catches up what an earlier sweep left (e.g. its asset event was lost); a
+        # backfill touches its own partition only.
+        catch_up = self.scope == "auto" and run_type(context) == "scheduled"
         start = context.get("data_interval_start")
         unfinished = rt.unfinished(census, target)
         if unfinished:
@@ -73,6 +76,7 @@ class PlanReencryptionOperator(BaseOperator):
         partitions = select_partitions(
             census, target, mode, scope, interval_partition=start.date().isoformat() if start else None,
             partition_from=self.partition_from, partition_to=self.partition_to, unfinished=unfinished,
+            catch_up=catch_up,
         )
         chunks = chunk(partitions, policy.chunk_size)
         self.log.info("plan (%s): %d partitions to bring under v%s in %d chunks: %s", scope, len(partitions),

@@ -1,0 +1,31 @@
+"""Where a key class stands against its policy, for the key inventory and the compliance report."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from keyrotation.census import Census
+from keyrotation.config import KeyClass
+
+
+def behind(kc: KeyClass, current_version: int | None, current_since: datetime | None, censuses: list[Census],
+           now: datetime) -> str | None:
+    """Why the key class is *behind*: data still under an older version (or blocking) longer than the policy's
+    ``reencryption.behind_after`` after the current version became the reference (``current_since``: the
+    ledger's reference time; naive means UTC, as SQLite hands it back); None when it is not."""
+    if current_version is None or current_since is None:
+        return None
+    if current_since.tzinfo is None:
+        current_since = current_since.replace(tzinfo=UTC)
+    stale = sum(len(c.under(current_version)) + len(c.errors) for c in censuses)
+    waited = now - current_since
+    if not stale or waited <= kc.reencryption.behind_after:
+        return None
+    limit = _days(kc.reencryption.behind_after.total_seconds())
+    return (f"behind: {stale} partitions still under versions older than v{current_version} (or blocking) "
+            f"{_days(waited.total_seconds())} after it became current (policy: {limit})")
+
+
+def _days(seconds: float) -> str:
+    days = seconds / 86400
+    return f"{days:.1f} days" if days < 10 else f"{days:.0f} days"
