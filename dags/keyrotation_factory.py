@@ -22,14 +22,18 @@ from airflow.sdk import (
     Param,
 )
 
-from keyrotation.config import KeyClass, KeyClassConfig, load_key_class
+from keyrotation.config import KeyClass, KeyClassConfig, human_duration, load_key_class
 from keyrotation_airflow.operators.reencrypt import (
     CensusSummaryOperator,
     PlanReencryptionOperator,
     ReencryptPartitionsOperator,
     ValidatePartitionsOperator,
 )
-from keyrotation_airflow.operators.retire import RetireKeyVersionsOperator, RetirementApprovalOperator
+from keyrotation_airflow.operators.retire import (
+    RetireKeyVersionsOperator,
+    RetirementApprovalOperator,
+    WaitGracePeriodOperator,
+)
 from keyrotation_airflow.operators.rotation import RotateKeyOperator, UpdateKeyReferenceOperator
 from keyrotation_airflow.sensors.census import CensusGateSensor
 from keyrotation_airflow.sensors.key_version import KeyVersionReadySensor
@@ -84,9 +88,12 @@ RETIRE_DOC = """
 ### Retire old versions of key class `{name}`
 
 Waits (census gate) until no partition of any dataset of the key class is under a version older
-than the newest {kept}, then retires them through the retirement gate: grace period {grace} since
-the current version became the reference{approval}. Otherwise the retire task fails, with the
-reasons in its log and in the ledger. Nothing due: the run is skipped.
+than the newest {kept} and every partition is validated, then waits in the triggerer (deferred, no
+worker slot) until the grace period of {grace} since the current version became the reference has
+passed{approval}, then retires them through the retirement gate. Otherwise the retire task fails,
+with the reasons in its log and in the ledger. Nothing due: the run is skipped. A rejected or
+unanswered request is not asked again for the same versions and census (trigger with **Ask again**
+to override).
 """
 
 NOT_RETIRABLE_DOC = """
@@ -103,7 +110,10 @@ APPROVAL_BODY = """
 Approving raises the key's minimum decryption and encryption version to
 **v{{{{ ti.xcom_pull(task_ids='census_gate')['retire_below'] }}}}**: versions
 {{{{ ti.xcom_pull(task_ids='census_gate')['versions'] }}}} can no longer decrypt or encrypt
-(trim: {trim}, grace period {grace}).
+(trim: {trim}). The grace period of {grace} since
+v{{{{ ti.xcom_pull(task_ids='wait_grace_period')['reference_version'] }}}} became current (by
+{{{{ ti.xcom_pull(task_ids='wait_grace_period')['rotated_by'] }}}}) ended at
+{{{{ ti.xcom_pull(task_ids='wait_grace_period')['grace_end'] }}}}.
 
 **Census the gate passed on** (partitions per oldest wrapping version, read from the key material):
 
@@ -255,13 +265,21 @@ def build_retire_dag(config: KeyClassConfig) -> DAG:
         is_paused_upon_creation=False,  # as reencrypt__*: the census gate and the approval hold it, not a pause
         default_args={**DEFAULT_ARGS, "retries": 0},
         tags=["keyrotation", "retire", kc.name],
-        doc_md=RETIRE_DOC.format(name=kc.name, kept=policy.versions_kept, grace=policy.grace_period,
-                                 approval=", and a human approval" if policy.approval_required else "")
+        doc_md=RETIRE_DOC.format(name=kc.name, kept=policy.versions_kept, grace=human_duration(policy.grace_period),
+                                 approval=", then asks once for a human approval" if policy.approval_required else "")
         + ("" if kc.retires_versions else NOT_RETIRABLE_DOC.format(key_ref=kc.key_ref)),
+        params={
+            "ask_again": Param(False, type="boolean", title="Ask again", section="Approval",
+                               description="Ask for an approval again after the same versions' retirement was "
+                                           "rejected or not answered in time (otherwise such a run skips)."),
+        },
     ) as dag:
         pool = kms_pool(kc)
         gate = CensusGateSensor(task_id="census_gate", key_class=kc.name, poke_interval=300,
                                 timeout=policy.census_timeout.total_seconds(), mode="reschedule", **pool)
+        # The grace period is waited for in the triggerer, before anyone is asked.
+        wait = WaitGracePeriodOperator(task_id="wait_grace_period", key_class=kc.name,
+                                       ask_again="{{ params.ask_again }}", **pool)
         approval = policy.approval_required and kc.retires_versions  # nothing to approve where nothing retires
         retire = RetireKeyVersionsOperator(task_id="retire_versions", key_class=kc.name, outlets=[AUDIT_ASSET],
                                            approval_task_id="approve" if approval else None, **pool)
@@ -271,12 +289,12 @@ def build_retire_dag(config: KeyClassConfig) -> DAG:
                 key_class=kc.name,
                 subject=f"Retire versions of key class {kc.name} ({kc.key_ref})?",
                 body=APPROVAL_BODY.format(name=kc.name, key_ref=kc.key_ref, backend=kc.backend,
-                                          grace=policy.grace_period, trim=policy.trim),
+                                          grace=human_duration(policy.grace_period), trim=policy.trim),
                 response_timeout=policy.approval_timeout,
             )
-            gate >> approve >> retire
+            gate >> wait >> approve >> retire
         else:
-            gate >> retire
+            gate >> wait >> retire
     return dag
 
 

@@ -71,6 +71,7 @@ def test_every_task_that_calls_the_kms_is_in_the_key_class_pool(tmp_path, monkey
         "reencrypt__pw_data.validate": "kms_quota",
         "reencrypt__pw_data.census_after": "kms_quota",
         "retire__poolwiring.census_gate": "kms_quota",
+        "retire__poolwiring.wait_grace_period": "kms_quota",  # reads the key; deferred, it holds no slot
         "retire__poolwiring.approve": "default_pool",  # a person answers
         "retire__poolwiring.retire_versions": "kms_quota",
     }

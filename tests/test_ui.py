@@ -59,8 +59,8 @@ def test_inventory_view_needs_a_login_and_shows_each_key_class(live):
     assert "/dags/rotate__ui" in page.text
 
 
-def _trigger_and_answer(live, client, answer: str) -> str:
-    run = client.post("/api/v2/dags/retire__ui/dagRuns", json={"logical_date": None}).json()
+def _trigger_and_answer(live, client, answer: str, conf: dict | None = None) -> str:
+    run = client.post("/api/v2/dags/retire__ui/dagRuns", json={"logical_date": None, "conf": conf or {}}).json()
     run_id = run["dag_run_id"]
 
     def pending():
@@ -70,6 +70,8 @@ def _trigger_and_answer(live, client, answer: str) -> str:
     [detail] = live.wait(pending, f"approval request of {run_id}")
     assert "under the versions to retire: **0**" in detail["body"], detail["body"]
     assert "ui_customers" in detail["body"]
+    assert "The grace period of 0 seconds since v2 became current (by test) ended at 20" in " ".join(
+        detail["body"].split()), detail["body"]
     _wait_until_answerable(live, client, run_id)
     resp = client.patch(f"/api/v2/dags/retire__ui/dagRuns/{run_id}/taskInstances/approve/-1/hitlDetails",
                         json={"chosen_options": [answer], "params_input": {}})
@@ -104,8 +106,14 @@ def test_retirement_waits_for_approval_reject_keeps_the_version_approve_retires_
         rejected = _trigger_and_answer(live, client, "Reject")
         assert _task_state(client, rejected, "retire_versions") == "skipped"
         assert rt.backend.key_state().min_decryption_version == 1
+        # Asked once: a further run for the same versions and census skips, without a new request.
+        again = client.post("/api/v2/dags/retire__ui/dagRuns", json={"logical_date": None}).json()["dag_run_id"]
+        live.wait(lambda: client.get(f"/api/v2/dags/retire__ui/dagRuns/{again}").json()["state"] == "success",
+                  f"end of {again}")
+        assert _task_state(client, again, "wait_grace_period") == "skipped"
+        assert client.get(f"/api/v2/dags/retire__ui/dagRuns/{again}/hitlDetails").json()["hitl_details"] == []
         time.sleep(1)
-        approved = _trigger_and_answer(live, client, "Approve")
+        approved = _trigger_and_answer(live, client, "Approve", conf={"ask_again": True})
         assert _task_state(client, approved, "retire_versions") == "success"
     assert rt.backend.key_state().min_decryption_version == 2
     decisions = rt.ledger.rows(events_in=(lg.RETIREMENT_DECISION,))

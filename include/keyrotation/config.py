@@ -64,6 +64,19 @@ def parse_duration(value: Any) -> timedelta:
     raise ValueError(f"not a duration: {value!r} (use e.g. 90d, 12h, 30m, 45s, 2w)")
 
 
+def human_duration(value: timedelta) -> str:
+    """A duration as people write it: ``7 days``, ``1 day 12 hours``, ``90 seconds`` (not ``7 days, 0:00:00``)."""
+    seconds = int(value.total_seconds())
+    if seconds == 0:
+        return "0 seconds"
+    parts = []
+    for name, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count} {name}{'s' if count != 1 else ''}")
+    return " ".join(parts)
+
+
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
 

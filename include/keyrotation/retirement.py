@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from keyrotation import ledger as lg
 from keyrotation.backends.base import KeyState, KmsBackend
 from keyrotation.census import Census
-from keyrotation.config import KeyClass
+from keyrotation.config import KeyClass, human_duration
 from keyrotation.errors import RetirementNotPossible, RetirementRefused
 from keyrotation.ledger import Ledger, RunContext
 from keyrotation.proof import proof_gaps
@@ -93,7 +93,7 @@ def gate_reasons(kc: KeyClass, plan: RetirementPlan, censuses: list[Census], ref
     if reference_time is None:
         reasons.append(f"no time recorded for reference v{plan.reference_version}; cannot check the grace period")
     elif now - reference_time < grace:
-        reasons.append(f"grace period of {grace} since v{plan.reference_version} became current "
+        reasons.append(f"grace period of {human_duration(grace)} since v{plan.reference_version} became current "
                        f"({reference_time.isoformat()}) ends at {(reference_time + grace).isoformat()}")
     if kc.retire.approval_required and not (approval and approval.get("approved")):
         reasons.append("the retire policy requires an approval and none was given")
