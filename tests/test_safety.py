@@ -299,3 +299,19 @@ def test_a_file_without_encryption_and_a_column_not_encrypted_block(make_key_cla
     assert census.errors == {parts[0]: f"partition {parts[0]}: part-00001.parquet is not encrypted (plain Parquet), "
                                        "but the dataset requires encryption"}
     _refused(rt, v2, "1 partitions unreadable or blocking")
+
+
+def test_a_manifest_without_its_columns_is_checked_from_the_footers_not_rewritten(make_key_class, vault):
+    """Manifests written before the engine recorded its encrypted columns: a reencrypt run at the target reads
+    the footers (one KMS request per file) and rewrites nothing when every configured column is encrypted."""
+    parts = days("2024-09-01", 2)
+    rt, ds, v2 = _rotated(make_key_class, vault, "oldmani", parts, mode="reencrypt")
+    assert {r.action for r in sweep(rt, ds, v2, mode="reencrypt")} == {"validated"}
+    folder = _folder(rt, ds, parts[0])
+    manifest = json.loads((folder / MANIFEST).read_text())
+    del manifest["encrypted_columns"]
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    before = _files(folder)
+    [result] = rt.engine(ds).run([parts[0]], lambda p: rt.engine(ds).process(p, v2, "reencrypt"))
+    assert result.action in ("up_to_date", "reconciled")
+    assert _files(folder) == before

@@ -345,9 +345,15 @@ class ReencryptionEngine(PartitionEngine):
         before = self._census(partition)  # raises on what it cannot establish: unknown versions, missing files
         required = frozenset(self.pme.encrypted_columns)
         columns_known = before.encrypted_columns is not None and required <= before.encrypted_columns
+        written_under_target = (manifest.written_under_version or 0) >= target_version
         needs = before.oldest < target_version or (
-            mode == "reencrypt" and ((manifest.written_under_version or 0) < target_version or not columns_known)
+            mode == "reencrypt" and (not written_under_target or not columns_known)
         )
+        if needs and mode == "reencrypt" and before.oldest >= target_version and written_under_target \
+                and before.encrypted_columns is None:
+            # A manifest from before keyrotation recorded the columns it encrypted: the footers say, instead of
+            # a rewrite of data that is already under the target.
+            needs = not required <= self._encrypted_in(partition, manifest.files)[1]
         if not needs:
             return self._reconcile(partition, manifest, before.oldest, start)
 
