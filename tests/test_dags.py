@@ -11,7 +11,7 @@ from dag_runs import key_class_dags as _dags
 from dag_runs import seed_and_rotate_through_dags, task_context
 from dag_runs import state as _state
 from dag_runs import task_states as _task_states
-from helpers import CANARY, days, runtime
+from helpers import CANARY, days, runtime, seed
 from keyrotation import ledger as lg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,3 +214,31 @@ def test_the_dags_a_rotation_starts_are_created_active(make_key_class, airflow_d
     paused = {m.dag_id: m.is_paused for m in session.query(DagModel).filter(DagModel.dag_id.in_(bag.dags))}
     assert conf.getboolean("core", "dags_are_paused_at_creation") is True
     assert paused == {"rotate__active": True, "reencrypt__active_data": False, "retire__active": False}
+
+
+def test_a_scheduled_run_catches_up_once_the_rotation_sweep_had_its_time(make_key_class, vault):
+    """A scheduled run handles its own partition, and, once the current version has been the reference longer
+    than ``catch_up_after`` (1 day by default), every partition still under an older version."""
+    from datetime import UTC, datetime, timedelta
+
+    from keyrotation.ledger import RunContext
+    from keyrotation_airflow.operators.reencrypt import PlanReencryptionOperator
+
+    rt = runtime(make_key_class(name="catchup", dataset="catchup_data"), vault)
+    parts = days("2024-10-01", 4)
+    seed(rt, "catchup_data", parts)
+    v2 = rt.backend.rotate()
+
+    class Run:
+        run_type = "scheduled"
+
+    context = {**task_context("reencrypt__catchup_data", "plan"), "dag_run": Run(),
+               "data_interval_start": datetime(2024, 10, 3, tzinfo=UTC)}
+    plan = PlanReencryptionOperator(task_id="plan", key_class="catchup", dataset="catchup_data")
+    rt.ledger.record(lg.REFERENCE_UPDATED, rt.name, RunContext(actor="test"), from_version=1, to_version=v2)
+    assert plan.execute(context) == [{"partitions": ["2024-10-03"], "target_version": v2, "mode": "rewrap"}]
+    rt.ledger.record(lg.REFERENCE_UPDATED, rt.name, RunContext(actor="test"), from_version=1, to_version=v2,
+                     at=datetime.now(UTC) - timedelta(days=1, minutes=1))  # the reference, current for a day
+    assert plan.execute(context) == [{"partitions": parts, "target_version": v2, "mode": "rewrap"}]
+    Run.run_type = "backfill"  # a backfill never catches up
+    assert plan.execute(context) == [{"partitions": ["2024-10-03"], "target_version": v2, "mode": "rewrap"}]

@@ -117,6 +117,10 @@ class ReencryptionPolicy(_Strict):
         default=65_536, ge=1_024, le=4_194_304, description="Rows of a Parquet partition decrypted, checked and "
         "re-encrypted at a time (reencrypt mode, validation): with the 65,536-row row groups keyrotation writes, "
         "this bounds a task's memory whatever the partition's size.")
+    catch_up_after: Duration = Field(
+        default=timedelta(days=1), description="A scheduled run also re-encrypts every partition still under an "
+        "older version once the current version has been the reference this long (the sweep a rotation starts "
+        "normally finishes well before): the lifecycle converges even if that sweep's event was lost.")
     behind_after: Duration = Field(
         default=timedelta(days=7), description="Data still under an older version this long after the current "
         "version became the reference is reported as behind (key inventory, compliance report).")

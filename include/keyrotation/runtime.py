@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
@@ -114,6 +115,14 @@ class KeyClassRuntime:
     def retirement_plan(self) -> RetirementPlan | None:
         """The versions due for retirement now, counted back from the ledger's reference."""
         return plan_retirement(self.config.key_class, self.backend.key_state(), self.ledger.current_version(self.name))
+
+    def current_for(self) -> timedelta:
+        """How long the ledger's reference has been current (zero when there is none)."""
+        reference = self.ledger.current_reference(self.name)
+        if reference is None:
+            return timedelta(0)
+        since = reference["recorded_at"]
+        return datetime.now(UTC) - (since if since.tzinfo else since.replace(tzinfo=UTC))
 
     def target_version(self) -> int:
         """The version data must be brought under: the ledger's reference, else the KMS's latest."""

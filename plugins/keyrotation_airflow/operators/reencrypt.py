@@ -65,9 +65,10 @@ class PlanReencryptionOperator(BaseOperator):
         scope = self.scope
         if scope == "auto":
             scope = "interval" if run_type(context) in INTERVAL_RUN_TYPES else "sweep"
-        # A scheduled run also catches up what an earlier sweep left (e.g. its asset event was lost); a
-        # backfill touches its own partition only.
-        catch_up = self.scope == "auto" and run_type(context) == "scheduled"
+        # A scheduled run also catches up what the rotation's own sweep left (e.g. its asset event was lost),
+        # once that sweep has had its time; a backfill touches its own partition only.
+        catch_up = self.scope == "auto" and run_type(context) == "scheduled" and rt.current_for() > \
+            rt.config.key_class.reencryption.catch_up_after
         start = context.get("data_interval_start")
         unfinished = rt.unfinished(census, target)
         if unfinished:
