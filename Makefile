@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 BACKEND ?= vault
 export PYTHONPATH := $(CURDIR)/include:$(CURDIR)/plugins:$(CURDIR)/dags
 
-.PHONY: install test demo up lint lock bench clean screenshots
+.PHONY: install test demo up down lint lock bench clean screenshots
 
 $(VENV)/.installed: requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,10 @@ demo: install
 	BACKEND=$(BACKEND) $(PY) scripts/demo.py
 
 up: install
-	$(PY) scripts/up.py
+	exec $(PY) scripts/up.py
+
+down:
+	$(PY) scripts/up.py down
 
 bench: install
 	BENCH_COMMAND="make bench" $(PY) bench/run.py --size full

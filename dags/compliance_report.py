@@ -20,6 +20,11 @@ PASS / WARN / FAIL per control, each linked to its evidence rows.
 - **Monthly** (data interval = the month; backfill any past month: `airflow backfill create --dag-id
   compliance_report --from-date 2025-01-01 --to-date 2025-06-30`), after every retirement or
   re-encryption (the `keyrotation.audit` asset: month to date), or by hand with a **period**.
+- After an audit event the run is **skipped** (recorded in the ledger as `report_skipped`, with the
+  reason) if the previous report is younger than **min_interval_minutes** (default 60; 0: no limit).
+  Monthly, backfill and manual runs always write a report.
+- Each report names the previous one (its path and the SHA-256 of its HTML, PDF and content), so the
+  reports form a chain.
 - Writes `report.html`, `report.pdf`, charts and every table as CSV and Parquet to **output**
   (a folder, `s3://` or `gs://`), and records each artifact's path and SHA-256 in the ledger.
 - Airflow's run history comes from the REST API through the connection `keyrotation_airflow_api`
@@ -47,8 +52,14 @@ with DAG(
                                     "$KEYROTATION_HOME/reports/<period>_<time>."),
         "output_conn_id": Param(None, type=["null", "string"], title="Output connection", section="Output",
                                 description="aws connection for an s3:// output."),
+        "min_interval_minutes": Param(60, type="integer", minimum=0, title="Minimum interval after audit events",
+                                      section="Rate",
+                                      description="An audit-triggered run is skipped if the previous report is "
+                                                  "younger than this (minutes); 0: no limit. Other runs always "
+                                                  "write."),
     },
 ):
     ComplianceReportOperator(task_id="write_report", period_start="{{ params.period_start }}",
                              period_end="{{ params.period_end }}", output_dir="{{ params.output }}",
-                             output_conn_id="{{ params.output_conn_id }}")
+                             output_conn_id="{{ params.output_conn_id }}",
+                             min_interval_minutes="{{ params.min_interval_minutes }}")

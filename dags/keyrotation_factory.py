@@ -23,7 +23,10 @@ from airflow.sdk import (
 )
 
 from keyrotation.config import KeyClass, KeyClassConfig, human_duration, load_key_class
+from keyrotation_airflow.notifications import approval_notifiers, failure_callbacks
+from keyrotation_airflow.operators.policy import policy_check
 from keyrotation_airflow.operators.reencrypt import (
+    POLICY_MODE,
     CensusSummaryOperator,
     PlanReencryptionOperator,
     ReencryptPartitionsOperator,
@@ -107,12 +110,10 @@ alias strategy where old material must be destroyed.
 APPROVAL_BODY = """
 **Key class** `{name}`, master key `{key_ref}` ({backend}).
 
-Approving raises the key's minimum decryption and encryption version to
-**v{{{{ ti.xcom_pull(task_ids='census_gate')['retire_below'] }}}}**: versions
-{{{{ ti.xcom_pull(task_ids='census_gate')['versions'] }}}} can no longer decrypt or encrypt
-(trim: {trim}). The grace period of {grace} since
-v{{{{ ti.xcom_pull(task_ids='wait_grace_period')['reference_version'] }}}} became current (by
-{{{{ ti.xcom_pull(task_ids='wait_grace_period')['rotated_by'] }}}}) ended at
+**What approving does in the KMS:** it {{{{ ti.xcom_pull(task_ids='wait_grace_period')['effect'] }}}}.
+
+**Grace period:** {grace} since v{{{{ ti.xcom_pull(task_ids='wait_grace_period')['reference_version'] }}}}
+became current (by {{{{ ti.xcom_pull(task_ids='wait_grace_period')['rotated_by'] }}}}), ended at
 {{{{ ti.xcom_pull(task_ids='wait_grace_period')['grace_end'] }}}}.
 
 **Census the gate passed on** (partitions per oldest wrapping version, read from the key material):
@@ -160,26 +161,30 @@ def build_rotation_dag(config: KeyClassConfig) -> DAG:
         start_date=_start("2024-01-01"),
         catchup=False,
         max_active_runs=1,
-        default_args=DEFAULT_ARGS,
+        default_args={**DEFAULT_ARGS, **failure_callbacks(kc)},
         tags=["keyrotation", "rotate", kc.name, kc.backend],
-        doc_md=ROTATE_DOC.format(name=kc.name, key_ref=kc.key_ref, backend=kc.backend, conn_id=kc.conn_id,
+        doc_md=ROTATE_DOC.format(name=kc.name, key_ref=kc.key_ref, backend=kc.backend, conn_id=kc.conn_for("rotate"),
                                  due=kc.rotation.due_after.days, period=kc.rotation.cryptoperiod.days,
                                  source=config.source),
         render_template_as_native_obj=True,
         params={
             "force": Param(False, type="boolean", title="Force", section="Rotation",
                            description="Rotate even if the current version is not due yet."),
-            "reason": Param(None, type=["null", "string"], title="Reason", section="Rotation",
-                            description="Why this rotation runs; required for a manual run, recorded in the "
-                                        "ledger."),
+            # Required in the trigger form (a string, not nullable); "" is the scheduled runs' default, and the
+            # rotate task refuses it for a manual run, whatever submitted it.
+            "reason": Param("", type="string", maxLength=500, title="Reason", section="Rotation",
+                            description="Why this rotation runs (ticket, incident, audit finding): required for a "
+                                        "manual run, recorded in the ledger and shown in the report."),
             "dry_run": Param(False, type="boolean", title="Dry run", section="Rotation",
                              description="Say whether a rotation is due and what the sweep after it would "
                                          "touch and cost; change nothing, start nothing."),
         },
     ) as dag:
         pool = kms_pool(kc)
+        followers = [f"reencrypt__{ds.name}" for ds in config.datasets] + [f"retire__{kc.name}"]
         rotate = RotateKeyOperator(task_id="rotate_key", key_class=kc.name, force="{{ params.force }}",
-                                   reason="{{ params.reason }}", dry_run="{{ params.dry_run }}", **pool)
+                                   reason="{{ params.reason }}", dry_run="{{ params.dry_run }}",
+                                   follower_dag_ids=followers, **pool)
         # Cloud KMS HSM and external versions take a while to generate: wait in the triggerer.
         ready = KeyVersionReadySensor(task_id="wait_version_ready", key_class=kc.name,
                                       version="{{ ti.xcom_pull(task_ids='rotate_key') }}",
@@ -191,6 +196,9 @@ def build_rotation_dag(config: KeyClassConfig) -> DAG:
                                                outlets=[key_class_asset(kc.name)],
                                                **(pool if kc.backend == "gcp_kms" else {}))
         rotate >> ready >> reference
+        check = policy_check(kc, dry_run="{{ params.dry_run }}", **pool)  # where the key class notifies on overdue
+        if check is not None:
+            reference >> check
     return dag
 
 
@@ -209,6 +217,7 @@ def build_reencrypt_dag(config: KeyClassConfig, dataset: str) -> DAG:
         # complete into a paused sweep (rotate__* and the report start paused as configured).
         is_paused_upon_creation=False,
         default_args=DEFAULT_ARGS,
+        **failure_callbacks(kc),  # the DAG's own: one notice per failed run, not one per failed chunk
         tags=["keyrotation", "reencrypt", kc.name],
         doc_md=REENCRYPT_DOC.format(dataset=ds.name, name=kc.name, location=ds.location,
                                     mode=kc.reencryption.mode, chunk=kc.reencryption.chunk_size),
@@ -224,9 +233,12 @@ def build_reencrypt_dag(config: KeyClassConfig, dataset: str) -> DAG:
             "partition_to": Param(None, type=["null", "string"], format="date", title="To partition",
                                   section="Partitions",
                                   description="Last partition date for scope 'range'."),
-            "mode": Param(None, type=["null", "string"], enum=[None, "rewrap", "reencrypt"], title="Mode",
+            "mode": Param(POLICY_MODE, type="string", enum=[POLICY_MODE, "rewrap", "reencrypt"], title="Mode",
                           section="Mode",
-                          description=f"Override the key class's mode ({kc.reencryption.mode})."),
+                          values_display={POLICY_MODE: f"The key class's policy ({kc.reencryption.mode})",
+                                          "rewrap": "rewrap: new key material, data files untouched",
+                                          "reencrypt": "reencrypt: new data keys, data rewritten"},
+                          description="Override the key class's mode for this run."),
             "dry_run": Param(False, type="boolean", title="Dry run", section="Mode",
                              description="Log the census and the plan; change nothing."),
         },
@@ -263,7 +275,7 @@ def build_retire_dag(config: KeyClassConfig) -> DAG:
         catchup=False,
         max_active_runs=1,
         is_paused_upon_creation=False,  # as reencrypt__*: the census gate and the approval hold it, not a pause
-        default_args={**DEFAULT_ARGS, "retries": 0},
+        default_args={**DEFAULT_ARGS, "retries": 0, **failure_callbacks(kc)},
         tags=["keyrotation", "retire", kc.name],
         doc_md=RETIRE_DOC.format(name=kc.name, kept=policy.versions_kept, grace=human_duration(policy.grace_period),
                                  approval=", then asks once for a human approval" if policy.approval_required else "")
@@ -289,8 +301,9 @@ def build_retire_dag(config: KeyClassConfig) -> DAG:
                 key_class=kc.name,
                 subject=f"Retire versions of key class {kc.name} ({kc.key_ref})?",
                 body=APPROVAL_BODY.format(name=kc.name, key_ref=kc.key_ref, backend=kc.backend,
-                                          grace=human_duration(policy.grace_period), trim=policy.trim),
+                                          grace=human_duration(policy.grace_period)),
                 response_timeout=policy.approval_timeout,
+                notifiers=approval_notifiers(kc),
             )
             gate >> wait >> approve >> retire
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +17,13 @@ from keyrotation.devserver import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 class LiveAirflow:
@@ -62,7 +70,10 @@ class LiveAirflow:
             args = [name, "--port", str(self.port)] if name == "api-server" else [name]
             log = open(self.home / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
             self.logs.append(log)
-            self.procs.append(subprocess.Popen([AIRFLOW, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT))
+            # Each component in a session of its own, so that stop() ends its children too (the scheduler's
+            # log server and task runners would outlive it otherwise).
+            self.procs.append(subprocess.Popen([AIRFLOW, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                               start_new_session=True))
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -76,13 +87,18 @@ class LiveAirflow:
         return self
 
     def stop(self) -> None:
+        """Terminate every component with its children, and kill what is still up after 10 s in all (a
+        triggerer or scheduler finishing its loop; nothing of a test's state is lost by it)."""
         for proc in self.procs:
-            proc.terminate()
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + 10
         for proc in self.procs:
             try:
-                proc.wait(20)
+                proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                proc.kill()
+                pass
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait(10)
         for log in self.logs:
             log.close()
 

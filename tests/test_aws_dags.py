@@ -46,7 +46,7 @@ def test_full_cycle_on_s3_partitions(strategy, make_aws_key_class, moto, airflow
     assert rt.backend.key_state().min_decryption_version == 1
 
     sweep = dags[f"reencrypt__{dataset}"].test(run_conf={"scope": "auto", "partition_from": None,
-                                                         "partition_to": None, "mode": None, "dry_run": False})
+                                                         "partition_to": None, "mode": "policy", "dry_run": False})
     assert _state(sweep) == "success"
     assert [_task_states(sweep)[f"reencrypt[{i}]"] for i in range(4)] == ["success"] * 4
     assert rt.census(dataset).by_version() == {2: 30}

@@ -50,6 +50,9 @@ def test_alias_strategy_retirement_disables_and_schedules_deletion(moto):
     with pytest.raises(BackendError, match="cannot retire below v4, latest is v3"):
         backend.retire_below(4)
     old_keys = [backend.key_id_of(1), backend.key_id_of(2)]
+    assert backend.retirement_effect([1, 2]) == (
+        f"disables the KMS keys of versions v1..v2 of `{backend.key_ref}` and schedules the deletion 7 days after "
+        "the approval (CancelKeyDeletion restores a key until then)")
     state = backend.retire_below(3)
     assert (state.min_decryption_version, sorted(state.versions)) == (3, [3])
     for key in old_keys:

@@ -56,7 +56,7 @@ def test_sse_kms_objects_rotate_copy_in_place_validate_and_retire(make_aws_key_c
             _context("retire__aws_objects", "retire_versions"))
 
     sweep = dags["reencrypt__aws_documents"].test(run_conf={"scope": "auto", "partition_from": None,
-                                                           "partition_to": None, "mode": None, "dry_run": False})
+                                                           "partition_to": None, "mode": "policy", "dry_run": False})
     assert _state(sweep) == "success"
     assert [_task_states(sweep)[f"validate[{i}]"] for i in range(2)] == ["success"] * 2
     assert rt.census("aws_documents").by_version() == {2: 4}

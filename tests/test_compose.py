@@ -194,7 +194,7 @@ def test_no_secret_is_written_in_the_file_all_come_from_env_variables():
         assert not re.search(r"[0-9a-f]{32,}|[A-Za-z0-9+_-]{40,}={0,2}", value.replace("$$", "")), (path, value)
     text = COMPOSE.read_text()
     # moto's dummy credentials ("testing") are the only literal ones: moto accepts any.
-    assert re.findall(r"password=(\S+)", text) == ['"$$kms_token"', "testing"]
+    assert re.findall(r"password=(\S+)", text) == ['"$$kms_token"', "testing", '"$$report_pw"']
     # Every required variable is in .env.example, with no value (each is generated per install).
     required = set(re.findall(r"\$\{([A-Z_]+):\?", text))
     assert required == {"POSTGRES_PASSWORD", "AIRFLOW_FERNET_KEY", "AIRFLOW_JWT_SECRET", "AIRFLOW_API_SECRET_KEY",
@@ -348,20 +348,27 @@ def test_openbao_configuration_and_set_up_script_of_the_compose_file_run_nativel
         assert done.returncode == 0, done.stdout + done.stderr + (tmp_path / "openbao.log").read_text()[-3000:]
         return done.stdout
 
-    def backend_connection():  # noqa: ANN202
+    def backend_kwargs() -> dict:
         kwargs = json.loads(doc["services"]["airflow-worker"]["environment"]["AIRFLOW__SECRETS__BACKEND_KWARGS"])
         kwargs.update(url=url, token_path=str(tmp_path / "token" / "openbao-airflow-token"))
-        return VaultBackend(**kwargs).get_connection("vault_keyrotation")
+        return kwargs
+
+    def backend_connection(conn_id: str = "vault_keyrotation"):  # noqa: ANN202
+        return VaultBackend(**backend_kwargs()).get_connection(conn_id)
 
     server = start_server()
     try:
-        assert "OpenBao initialised" in run_init()
+        first = run_init()
+        assert "OpenBao initialised" in first
         token_file = tmp_path / "token" / "openbao-airflow-token"
         reader_token = token_file.read_text()
         assert token_file.stat().st_mode & 0o077 == 0 and (tmp_path / "init" / "init.json").stat().st_mode & 0o077 == 0
         again = run_init()
         assert "OpenBao initialised" not in again and "OpenBao ready" in again
         assert token_file.read_text() == reader_token  # a valid token is kept
+        report_conn = _check_report_connection(backend_connection("keyrotation_airflow_api"))
+        assert report_conn.password not in first + again
+        _check_airflow_init_reads_the_report_password(doc, backend_kwargs(), report_conn.password)
         conn = backend_connection()
         assert (conn.conn_type, conn.host, conn.port) == ("vault", "127.0.0.1", port)
         assert conn.extra_dejson == {"auth_type": "token"}
@@ -392,6 +399,7 @@ def test_openbao_configuration_and_set_up_script_of_the_compose_file_run_nativel
             time.sleep(0.2)
         run_init()
         assert token_file.read_text() == reader_token
+        assert backend_connection("keyrotation_airflow_api").password == report_conn.password  # kept
         conn = backend_connection()
         kms = hvac.Client(url=url, token=conn.password)
         assert kms.secrets.transit.decrypt_data(name="compose-check", ciphertext=ciphertext)["data"]["plaintext"] \
@@ -400,6 +408,33 @@ def test_openbao_configuration_and_set_up_script_of_the_compose_file_run_nativel
     finally:
         server.terminate()
         server.wait(30)
+
+
+def _check_report_connection(conn):  # noqa: ANN001, ANN202
+    """The report's connection as the operator reads it: the API server inside the stack, user report."""
+    from keyrotation_airflow.hooks.airflow_api import AirflowApiHook
+
+    assert AirflowApiHook.default_conn_name == "keyrotation_airflow_api"  # what ComplianceReportOperator uses
+    assert (conn.conn_type, conn.schema, conn.host, conn.port, conn.login) == (
+        "http", "http", "airflow-apiserver", 8080, "report")
+    assert re.fullmatch(r"[0-9a-f]{64}", conn.password or "")
+    return conn
+
+
+def _check_airflow_init_reads_the_report_password(doc: dict, backend_kwargs: dict, password: str) -> None:
+    """airflow-init's command reads the password through the secrets backend of the stack (run here
+    natively against the same OpenBao) and creates the read-only user with it."""
+    script = doc["services"]["airflow-init"]["command"][-1]
+    [line] = [x.strip() for x in script.splitlines() if x.strip().startswith("report_pw=")]
+    env = {**os.environ, "AIRFLOW__SECRETS__BACKEND": "airflow.providers.hashicorp.secrets.vault.VaultBackend",
+           "AIRFLOW__SECRETS__BACKEND_KWARGS": json.dumps(backend_kwargs),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "-c", f'set -euo pipefail; {line.replace("$$", "$")}; echo "$report_pw"'],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == password  # the line's value only, whatever Airflow logs on the way
+    assert "airflow users create --username report --role Viewer" in script
+    assert '--password "$${report_pw}"' in script and "users reset-password --username report" in script
 
 
 def test_readme_secrets_backends_are_importable_with_the_documented_kwargs():

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from keyrotation.config import list_key_classes, load_key_class, load_key_class_file, parse_duration
+from keyrotation.config import (
+    ROLE_CONNECTIONS_ENV,
+    list_key_classes,
+    load_key_class,
+    load_key_class_file,
+    parse_duration,
+)
 from keyrotation.errors import ConfigError
 
 SHIPPED = Path(__file__).resolve().parents[1] / "include" / "config" / "key_classes"
@@ -76,6 +82,20 @@ def test_other_config_errors_are_clear(tmp_path):
         load_key_class("missing", tmp_path)
     with pytest.raises(ConfigError, match="has no dataset 'orders'"):
         load_key_class_file(write(tmp_path, GOOD)).dataset("orders")
+
+
+def test_role_connections_listed_else_the_deployment_template_else_conn_id(tmp_path, monkeypatch):
+    monkeypatch.delenv(ROLE_CONNECTIONS_ENV, raising=False)
+    kc = load_key_class_file(write(tmp_path, GOOD.replace(
+        "conn_id: vault_default", "conn_id: vault_default\n  connections: {retire: kr_retire}"))).key_class
+    assert [kc.conn_for(role) for role in ("rotate", "retire")] == ["vault_default", "kr_retire"]
+    # `make up` names a connection per key class and role without editing the file; listed roles keep theirs.
+    monkeypatch.setenv(ROLE_CONNECTIONS_ENV, "{conn_id}_{key_class}_{role}")
+    assert [kc.conn_for(role) for role in ("rotate", "report", "retire")] == [
+        "vault_default_pii_rotate", "vault_default_pii_report", "kr_retire"]
+    monkeypatch.setenv(ROLE_CONNECTIONS_ENV, "{connection}_{role}")
+    with pytest.raises(ConfigError, match=f"{ROLE_CONNECTIONS_ENV}=.*not a connection id template.*connection"):
+        kc.conn_for("rotate")
 
 
 @pytest.mark.parametrize(("text", "expected"), [

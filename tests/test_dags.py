@@ -41,6 +41,16 @@ def test_shipped_dags_load_without_import_errors(monkeypatch):
     for dag_id, dag in bag.dags.items():
         assert dag.doc_md, dag_id
         assert "keyrotation" in dag.tags
+        # The trigger forms: no dropdown offers "null", every dropdown choice is labelled.
+        for name in dag.params:
+            schema = dag.params.get_param(name).schema
+            if "enum" in schema:
+                assert None not in schema["enum"], (dag_id, name)
+                if len(schema["enum"]) > 1 and name != "scope":
+                    assert set(schema.get("values_display", {})) == set(schema["enum"]), (dag_id, name)
+    # A manual rotation's reason is a required field of the form (its type is not nullable).
+    reason = bag.dags["rotate__customer_pii"].params.get_param("reason").schema
+    assert reason["type"] == "string" and bag.dags["rotate__customer_pii"].params["reason"] == ""
 
 
 def test_bad_config_fails_only_its_dag_file_with_file_key_class_and_field(tmp_path, monkeypatch):
@@ -82,7 +92,7 @@ def test_rotation_creates_version_skips_when_not_due_and_rotates_when_forced(mak
     assert [r["status"] for r in rt.ledger.rows(events_in=(lg.ROTATION_SKIPPED,))] == ["skipped"]
 
     # A manual rotation without a reason is refused, at once and without retries.
-    unexplained = dag.test(run_conf={"force": True, "reason": None})
+    unexplained = dag.test(run_conf={"force": True, "reason": ""})
     assert _state(unexplained) == "failed"
     assert rt.backend.key_state().latest_version == 1
     assert _try_numbers(unexplained) == {"rotate_key": 1}

@@ -65,7 +65,7 @@ def test_dry_runs_change_nothing_start_nothing_and_say_what_they_found(make_key_
 
     # Rotation dry run: due (forced), the next version and the sweep that would follow it.
     before = (_files(root), rt.backend.key_state(), len(rt.ledger.rows()), _airflow_counts())
-    run = dags["rotate__dry"].test(run_conf={"force": True, "reason": None, "dry_run": True})
+    run = dags["rotate__dry"].test(run_conf={"force": True, "reason": "", "dry_run": True})
     assert state(run) == "success"
     assert task_states(run) == {"rotate_key": "skipped", "wait_version_ready": "skipped",
                                 "update_reference": "skipped"}

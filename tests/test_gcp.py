@@ -20,7 +20,7 @@ from keyrotation import ledger as lg
 from keyrotation.errors import BackendError, PermissionDenied
 
 OBJECTS_PER_PARTITION = 3
-SWEEP_CONF = {"scope": "auto", "partition_from": None, "partition_to": None, "mode": None, "dry_run": False}
+SWEEP_CONF = {"scope": "auto", "partition_from": None, "partition_to": None, "mode": "policy", "dry_run": False}
 
 
 def seed_objects(rt, dataset: str, partitions: list[str]) -> None:
@@ -147,6 +147,8 @@ def test_each_role_is_refused_what_it_must_not_do(make_gcp_key_class, gcp, monke
     version = rotate.rotate()
     assert rotate.is_version_usable(version) and rotate.promote(version)
     assert report.key_state().min_encryption_version == version
+    assert retire.retirement_effect([1]) == (
+        f"disables v1 of `{retire.key_ref}`: no decryption under v1 (no trim: a disabled version can be enabled again)")
     assert retire.retire_below(version).min_decryption_version == version
     with pytest.raises(BackendError, match="FailedPrecondition|DISABLED"):
         reencrypt.unwrap(wrapped)  # v1 disabled by the retire role

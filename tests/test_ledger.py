@@ -340,4 +340,4 @@ def test_verify_help_documents_the_exit_codes():
     assert result.returncode == 0
     assert lg.VERIFY_EXIT_CODES in result.stdout
     assert [line.split()[0] for line in lg.VERIFY_EXIT_CODES.splitlines()[1:] if line[:3].strip().isdigit()] == [
-        "0", "1", "2", "3"]
+        "0", "1", "2", "3", "4", "5", "6", "7"]

@@ -70,11 +70,12 @@ def test_seeded_history_gives_the_expected_findings_cell_by_cell(seeded, tmp_pat
     findings = _table(built, "findings")
     by_control = {row.control: row for row in findings.itertuples()}
     assert list(findings["control"]) == ["INV-1", "CP-1", "CP-2", "CP-3", "ROT-1", "ENC-1", "DATA-1", "RET-1",
-                                         "OPS-1", "LOG-1"]
+                                         "POL-1", "SOD-1", "OPS-1", "LOG-1"]
     expected = {"INV-1": "PASS", "CP-1": "PASS", "CP-2": "PASS", "CP-3": "PASS", "ROT-1": "FAIL", "ENC-1": "PASS",
-                "DATA-1": "FAIL", "RET-1": "PASS", "OPS-1": "WARN", "LOG-1": "WARN"}
+                "DATA-1": "FAIL", "RET-1": "PASS", "POL-1": "PASS", "SOD-1": "PASS", "OPS-1": "WARN",
+                "LOG-1": "WARN"}
     assert {c: r.status for c, r in by_control.items()} == expected
-    assert built.findings == {"PASS": 6, "WARN": 2, "FAIL": 2}
+    assert built.findings == {"PASS": 8, "WARN": 2, "FAIL": 2}
     assert "1 of 1 rotations in the period came later than 90 days after the previous version: v3 after " \
            "143.0 days" in by_control["ROT-1"].detail
     # Behind: v3 became the reference in the seeded August, the data is still partly under older versions.

@@ -31,7 +31,7 @@ def _rotated(make_key_class, vault, name: str, grace: str):
 def test_retirement_waits_out_the_grace_period_in_the_triggerer(make_key_class, vault, airflow_db, capfd, caplog):
     caplog.set_level(logging.INFO)
     rt = _rotated(make_key_class, vault, "gracewait", "25s")
-    current_since = rt.ledger.current_reference(rt.name)["recorded_at"].replace(tzinfo=UTC)
+    current_since = rt.ledger.current_reference(rt.name)["recorded_at"]
     started = datetime.now(UTC)
     assert started < current_since + timedelta(seconds=25)  # the run starts inside the grace period
     run = key_class_dags("gracewait")["retire__gracewait"].test()
@@ -85,3 +85,53 @@ def test_a_rejected_request_is_not_asked_again_until_something_changes(make_key_
                      detail={"approved": True, "retire_below": 2, "census": gate["datasets"]})
     assert wait.execute(_context(gate))["grace_end"]
     assert json.loads(rt.ledger.rows(events_in=(lg.RETIREMENT_DECISION,))[0]["detail"])["census"] == gate["datasets"]
+
+
+def test_an_approval_is_joined_not_asked_again_and_a_timeout_is_recorded_and_skips(make_key_class, vault):
+    """One request per version range and census: a run that finds them approved (the retirement then failed,
+    say) joins that approval; no answer within the timeout is a recorded decision that skips the retirement."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from keyrotation_airflow.operators.retire import (
+        RetireKeyVersionsOperator,
+        RetirementApprovalOperator,
+        approval_from_hitl,
+    )
+
+    rt = _rotated(make_key_class, vault, "joined", "0s")
+    gate = {"retire_below": 2, "versions": [1], "datasets": [rt.census("joined_data").summary()]}
+    approve = RetirementApprovalOperator(task_id="approve", key_class="joined", subject="Retire?",
+                                         response_timeout=timedelta(hours=1))
+    timeout = {"error": "The Human-in-the-loop response timeout has passed without a response.",
+               "error_type": "timeout"}
+    with pytest.raises(AirflowSkipException) as skipped:
+        approve.execute_complete(_context(gate), timeout)
+    assert str(skipped.value) == (
+        "key class joined: nobody answered within 1 hour; recorded as timed_out, the versions stay enabled and the "
+        "same request is not made again until a new version or the census changes, or a run with ask_again")
+    [timed_out] = rt.ledger.rows(events_in=(lg.RETIREMENT_DECISION,))
+    assert timed_out["status"] == "timed_out" and json.loads(timed_out["detail"])["census"] == gate["datasets"]
+    assert approve.standing_approval(rt.ledger, "joined", gate) is None  # a timeout is no approval
+
+    rt.ledger.record(lg.RETIREMENT_DECISION, rt.name, RunContext(run_id="manual__9"), status="approved", actor="cy",
+                     detail={"approved": True, "approved_by": "cy", "retire_below": 2, "census": gate["datasets"]})
+    joined = approve.execute(_context(gate))  # no request is made: this would need a running Airflow
+    assert (joined["chosen_options"], joined["responded_by_user"], joined["joined_run_id"]) == (
+        ["Approve"], "cy", "manual__9")
+    assert approval_from_hitl(joined)["approved"] is True
+    changed = {**gate, "datasets": [{**gate["datasets"][0], "partitions": 4}]}
+    assert approve.standing_approval(rt.ledger, "joined", changed) is None  # another census: ask again
+    stale = RetirementApprovalOperator(task_id="approve", key_class="joined", subject="Retire?",
+                                       response_timeout=timedelta(seconds=0))
+    assert stale.standing_approval(rt.ledger, "joined", gate) is None  # older than a request would have waited
+
+    class TI:
+        dag_id, run_id, task_id, try_number = "retire__joined", "manual__10", "retire_versions", 1
+
+        def xcom_pull(self, task_ids: str):
+            return joined if task_ids == "approve" else None
+
+    retire = RetireKeyVersionsOperator(task_id="retire_versions", key_class="joined", approval_task_id="approve")
+    assert retire.execute({"ti": TI(), "dag_run": None})["min_decryption_version"] == 2
+    [retired] = rt.ledger.rows(events_in=(lg.VERSIONS_RETIRED,))
+    assert retired["run_id"] == "manual__10" and "cy" in retired["detail"]

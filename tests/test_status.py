@@ -32,8 +32,6 @@ def test_behind_only_past_the_threshold_and_only_with_stale_or_blocking_data():
     assert behind(kc, 2, NOW - timedelta(days=4), stale, NOW) == (
         "behind: 1 partitions still under versions older than v2 (or blocking) 4.0 days after it became current "
         "(policy: 3.0 days)")
-    naive = (NOW - timedelta(days=4)).replace(tzinfo=None)  # as SQLite hands the ledger's times back
-    assert behind(kc, 2, naive, stale, NOW) == behind(kc, 2, NOW - timedelta(days=4), stale, NOW)
     assert behind(kc, 2, NOW - timedelta(days=30), [_census({"2024-01-01": 2})], NOW) is None  # all current
     assert behind(kc, 2, NOW - timedelta(days=30), [_census({"2024-01-01": 2}, errors=("2024-01-03",))],
                   NOW).startswith("behind: 1 partitions")  # blocking counts

@@ -9,23 +9,33 @@ import os
 import secrets
 import shutil
 import time
+from contextlib import ExitStack
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from live_airflow import LiveAirflow
+from smtp_server import running_smtp_server
 
 from helpers import CONN_ID, DAG_STUB, KEY_CLASS_YAML, days, runtime, seed, sweep
 from keyrotation import ledger as lg
 from keyrotation.config import load_key_class_file
 from keyrotation.ledger import RunContext
 from keyrotation.rotation import update_reference
+from keyrotation.sample_data import DATASET_WRITERS
 
 pytestmark = [pytest.mark.airflow, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory, openbao):
+def live(tmp_path_factory, openbao, moto):
+    """One running Airflow (API server, scheduler, DAG processor, triggerer) for every test of this module, each
+    on a key class of its own: ``ui`` (approvals, the inventory, the report's history), ``life`` (the shipped
+    policy's lifecycle), ``bf`` (a backfill) and ``ev`` (rotation from a KMS event queue)."""
     base = tmp_path_factory.mktemp("live")
+    smtp = ExitStack()
+    mail = smtp.enter_context(running_smtp_server())
     dags, config_dir = base / "dags", base / "config"
     dags.mkdir()
     config_dir.mkdir()
@@ -42,11 +52,74 @@ def live(tmp_path_factory, openbao):
     v2 = rt.backend.rotate()
     update_reference("ui", v2, rt.ledger, RunContext(actor="test"))
     sweep(rt, "ui_customers", v2)  # re-wrapped and validated: the gate's evidence
-    airflow = LiveAirflow(base, dags, {"KEYROTATION_CONFIG_DIR": str(config_dir),
-                                       "KEYROTATION_LEDGER_URL": ledger_url}).start()
-    airflow.rt = rt
+    (config_dir / "life.yaml").write_text(shipped_policy_shortened(base / "life_data"))
+    (dags / "life.py").write_text(DAG_STUB.format(name="life"))
+    life = runtime(load_key_class_file(config_dir / "life.yaml"), openbao.client(), ledger_url)
+    first = life.backend.create_key().latest_version
+    update_reference("life", first, life.ledger, RunContext(actor="test"))
+    engine = life.engine("life_customers")
+    for partition, table in DATASET_WRITERS["customers"](3, 200):  # the demo's data: email, phone and ssn
+        engine.write_partition(partition, table, first)
+    bf = _key_class(base, config_dir, dags, "bf", KEY_CLASS_YAML.format(
+        name="bf", key_ref=f"bf-{secrets.token_hex(4)}", conn_id=CONN_ID, mode="rewrap", chunk_size=4, grace="0s",
+        dataset="bf_customers", location=base / "bf_data"), openbao, ledger_url)
+    seed(bf, "bf_customers", days("2024-01-01", 7))
+    update_reference("bf", bf.backend.rotate(), bf.ledger, RunContext(actor="test"))
+    sqs = moto.client("sqs")
+    queue_url = sqs.create_queue(QueueName=f"kms-events-{secrets.token_hex(3)}")["QueueUrl"]
+    ev = _key_class(base, config_dir, dags, "ev", KEY_CLASS_YAML.format(
+        name="ev", key_ref=f"ev-{secrets.token_hex(4)}", conn_id=CONN_ID, mode="rewrap", chunk_size=4, grace="0s",
+        dataset="ev_data", location=base / "ev_data").replace(
+        "  rotation:\n", f"  events:\n    sqs_queue: {queue_url}\n    aws_conn_id: aws_kms_events\n"
+                         "    region_name: us-east-1\n  rotation:\n"), openbao, ledger_url)
+    update_reference("ev", ev.backend.create_key().latest_version, ev.ledger, RunContext(actor="test"))
+    airflow = LiveAirflow(base, dags, {"KEYROTATION_CONFIG_DIR": str(config_dir), "KEYROTATION_LEDGER_URL": ledger_url,
+                                       "AIRFLOW__SCHEDULER__TRIGGER_TIMEOUT_CHECK_INTERVAL": "2",
+                                       "AIRFLOW_CONN_AWS_KMS_EVENTS": moto.airflow_connection_uri(),
+                                       "AIRFLOW_CONN_SMTP_LIFE": mail.airflow_connection()},
+                          triggerer=True)
+    # The users' passwords set beforehand, so the rotation's check of the DAGs it starts reads the API as the
+    # viewer, through the connection an operator configures (read-only).
+    passwords = {"admin": secrets.token_urlsafe(12), "viewer": secrets.token_urlsafe(12)}
+    (airflow.home / "simple_auth_manager_passwords.json.generated").write_text(json.dumps(passwords))
+    airflow.env["AIRFLOW_CONN_KEYROTATION_AIRFLOW_API"] = json.dumps({
+        "conn_type": "http", "host": "127.0.0.1", "port": airflow.port, "login": "viewer",
+        "password": passwords["viewer"]})
+    airflow.start()
+    airflow.rt, airflow.life, airflow.bf, airflow.ev = rt, life, bf, ev
+    airflow.sqs, airflow.queue_url, airflow.mail = sqs, queue_url, mail
     yield airflow
     airflow.stop()
+    smtp.close()
+
+
+def _key_class(base: Path, config_dir: Path, dags: Path, name: str, text: str, openbao, ledger_url: str):  # noqa: ANN001
+    (config_dir / f"{name}.yaml").write_text(text)
+    (dags / f"{name}.py").write_text(DAG_STUB.format(name=name))
+    return runtime(load_key_class_file(config_dir / f"{name}.yaml"), openbao.client(), ledger_url)
+
+
+LIFE_GRACE = timedelta(seconds=75)
+
+
+def shipped_policy_shortened(location: Path) -> str:
+    """The shipped customer_pii key class (approval required, one version kept, its approval timeout), renamed
+    ``life``, on its own key and data, with the grace period shortened from 7 days to 75 seconds, its notices
+    mailed to the test's SMTP server, and no scheduled sweep (the test starts every run but the ones the
+    lifecycle starts itself)."""
+    text = (ROOT / "include" / "config" / "key_classes" / "customer_pii.yaml").read_text()
+    for old, new in {"name: customer_pii": "name: life",
+                     "key_ref: customer-pii": f"key_ref: life-{secrets.token_hex(4)}",
+                     "grace_period: 7d": f"grace_period: {int(LIFE_GRACE.total_seconds())}s",
+                     "  owner: data-platform\n": "  owner: data-platform\n  notifications:\n"
+                                               "    smtp: {conn_id: smtp_life, to: [key-custodians@example.test]}\n",
+                     "- name: customers": "- name: life_customers",
+                     "location: ${KEYROTATION_HOME:-var}/data/customers": f"location: {location}",
+                     'start_date: "2024-01-01"': 'start_date: "2099-01-01"'}.items():
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    assert "approval_required: true" in text and "versions_kept: 1" in text
+    return text
 
 
 def test_inventory_view_needs_a_login_and_shows_each_key_class(live):
@@ -73,7 +146,7 @@ def _trigger_and_answer(live, client, answer: str, conf: dict | None = None) -> 
     [detail] = live.wait(pending, f"approval request of {run_id}")
     assert "under the versions to retire: **0**" in detail["body"], detail["body"]
     assert "ui_customers" in detail["body"]
-    assert "The grace period of 0 seconds since v2 became current (by test) ended at 20" in " ".join(
+    assert "**Grace period:** 0 seconds since v2 became current (by test), ended at 20" in " ".join(
         detail["body"].split()), detail["body"]
     _wait_until_answerable(live, client, run_id)
     resp = client.patch(f"/api/v2/dags/retire__ui/dagRuns/{run_id}/taskInstances/approve/-1/hitlDetails",
@@ -88,18 +161,22 @@ def _trigger_and_answer(live, client, answer: str, conf: dict | None = None) -> 
     return run_id
 
 
-def _wait_until_answerable(live, client, run_id: str) -> None:
+def _wait_until_answerable(live, client, run_id: str, dag_id: str = "retire__ui") -> None:
     """Airflow 3.3.2's scheduler fails an approval task whose answer re-queues it before the scheduler
     has processed the executor's report of the pause (seen 5 s after the pause under load): answer after."""
-    live.wait(lambda: _task_state(client, run_id, "approve") == "awaiting_input", "approve awaiting input")
-    paused = f"task_id=approve, run_id={run_id}, map_index=-1"
+    live.wait(lambda: _task_state(client, run_id, "approve", dag_id) == "awaiting_input", "approve awaiting input")
+    paused = f"dag_id={dag_id}, task_id=approve, run_id={run_id}, map_index=-1"
     live.wait(lambda: any(paused in line and "state=awaiting_input" in line
                           for line in live.log_lines("scheduler", "TaskInstance Finished:")),
               "the scheduler's processing of the approval pause", every=0.5)
 
 
-def _task_state(client, run_id: str, task_id: str) -> str:
-    return client.get(f"/api/v2/dags/retire__ui/dagRuns/{run_id}/taskInstances/{task_id}").json()["state"]
+def _task_state(client, run_id: str, task_id: str, dag_id: str = "retire__ui") -> str:
+    return client.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}").json()["state"]
+
+
+def _runs(client, dag_id: str) -> list[dict]:
+    return client.get(f"/api/v2/dags/{dag_id}/dagRuns", params={"order_by": "id"}).json()["dag_runs"]
 
 
 def test_retirement_waits_for_approval_reject_keeps_the_version_approve_retires_it(live):
@@ -180,7 +257,9 @@ def test_operator_walkthrough_in_the_airflow_ui(live, tmp_path):
         run_id = client.post("/api/v2/dags/retire__ui/dagRuns", json={"logical_date": None}).json()["dag_run_id"]
         live.wait(lambda: _task_state(client, run_id, "approve") == "awaiting_input", "approval request")
         browser.open(f"{live.url}/dags/retire__ui/runs/{run_id}/tasks/approve/required_actions")
-        browser.wait_for_text("Retire versions of key class ui", "Approve", "Reject")
+        browser.wait_for_text("Retire versions of key class ui", "What approving does in the KMS",
+                              f"of Transit key {rt.config.key_class.key_ref} to v{target}: v{target - 1} can no longer",
+                              "Grace period:", "became current (by test), ended at", "Approve", "Reject")
         browser.screenshot(out / "approval.png")
         _wait_until_answerable(live, client, run_id)
         resp = client.patch(f"/api/v2/dags/retire__ui/dagRuns/{run_id}/taskInstances/approve/-1/hitlDetails",
@@ -211,7 +290,7 @@ def test_report_reads_run_history_through_the_rest_api_as_a_read_only_user(live)
 
             return run_id, live.wait(finished, f"end of {run_id}")
 
-        unexplained, unexplained_state = run({"force": True, "reason": None})
+        unexplained, unexplained_state = run({"force": True, "reason": ""})
         explained, explained_state = run({"force": True, "reason": "audit: yearly rotation"})
     assert (unexplained_state, explained_state) == ("failed", "success")
     with live.client("viewer") as viewer:
@@ -244,3 +323,167 @@ def test_report_reads_run_history_through_the_rest_api_as_a_read_only_user(live)
     assert findings.loc["LOG-1", "status"] == "PASS" and "runs" in findings.loc["LOG-1", "detail"]
     assert findings.loc["OPS-1", "status"] == "WARN"
     assert history.requests > 3  # two per page: every list was read page by page
+
+
+def test_the_lifecycle_closes_unattended_under_the_shipped_policy(live):
+    """The shipped policy with a 75-second grace period: a manual rotation with its reason, the sweep it starts,
+    a retire run that waits out the grace period deferred in the triggerer and only then asks, once, even after
+    more sweeps; approved through the REST API (as the Required Actions page does), then retired; no failed run."""
+    life = live.life
+    dag_ids = ("rotate__life", "reencrypt__life_customers", "retire__life")
+    with live.client("admin") as client:
+        assert client.patch("/api/v2/dags/rotate__life", json={"is_paused": False}).status_code == 200
+        rotation = client.post("/api/v2/dags/rotate__life/dagRuns", json={
+            "logical_date": None, "conf": {"force": True, "reason": "lifecycle test: quarterly rotation"}}).json()
+        assert live.wait(lambda: _finished(client, "rotate__life", rotation["dag_run_id"]), "the rotation") == "success"
+        assert life.ledger.current_version("life") == 2
+        grace_end = life.ledger.current_reference("life")["recorded_at"] + LIFE_GRACE
+        live.wait(lambda: [r for r in _runs(client, "reencrypt__life_customers") if r["state"] == "success"],
+                  "the sweep the rotation started")
+        assert life.census("life_customers").by_version() == {2: 3}
+        [retire] = live.wait(lambda: _runs(client, "retire__life"), "the retire run the sweep started")
+        retire_id = retire["dag_run_id"]
+        live.wait(lambda: _task_state(client, retire_id, "wait_grace_period", "retire__life") == "deferred",
+                  "wait_grace_period deferred to the triggerer")
+        assert datetime.now(UTC) < grace_end, "the grace period ended before the retire run could wait for it"
+        assert client.get("/api/v2/dags/retire__life/dagRuns/~/hitlDetails").json()["hitl_details"] == []
+
+        # More sweeps while it waits (a daily run, a backfill, an operator): each ends with the asset events
+        # that start retire__life again; none of them may add a request.
+        extra = [client.post("/api/v2/dags/reencrypt__life_customers/dagRuns", json={"logical_date": None}).json()
+                 ["dag_run_id"] for _ in range(2)]
+        live.wait(lambda: all(_run_state(client, "reencrypt__life_customers", r) == "success" for r in extra),
+                  "the extra sweeps", timeout=240)
+
+        def pending():
+            details = client.get("/api/v2/dags/retire__life/dagRuns/~/hitlDetails").json()["hitl_details"]
+            return [d for d in details if d.get("response_received") is False]
+
+        [request] = live.wait(pending, "the approval request after the grace end", timeout=240)
+        assert datetime.now(UTC) >= grace_end
+        assert request["task_instance"]["dag_run_id"] == retire_id
+        body = " ".join(request["body"].split())
+        key_ref = life.config.key_class.key_ref
+        assert ("**What approving does in the KMS:** it raises the minimum decryption and encryption version of "
+                f"Transit key `{key_ref}` to v2: v1 can no longer decrypt or encrypt; the key material stays in the "
+                "key (no trim): lowering the minimum again re-enables it.") in body, body
+        assert ("**Grace period:** 1 minute 15 seconds since v2 became current (by admin), ended at "
+                f"{grace_end.isoformat()}") in body, body
+        # The mail that asks for it, with the link that opens it (as the approver would, in a browser).
+        [mail] = live.mail.wait_for(1)
+        link = f"{live.url}/dags/retire__life/runs/{retire_id}/tasks/approve/required_actions?map_index=-1"
+        assert mail.subject == "[keyrotation] life: approval pending in retire__life" and link in mail.text
+        assert mail.rcpt_tos == ("key-custodians@example.test",)
+        _open_as_admin(live, link, "Retire versions of key class life", "What approving does in the KMS", "Approve")
+        _wait_until_answerable(live, client, retire_id, "retire__life")
+        assert client.patch(f"/api/v2/dags/retire__life/dagRuns/{retire_id}/taskInstances/approve/-1/hitlDetails",
+                            json={"chosen_options": ["Approve"], "params_input": {}}).status_code == 200
+        live.wait(lambda: _task_state(client, retire_id, "retire_versions", "retire__life") == "success",
+                  "the retirement")
+        live.wait(lambda: all(r["state"] in ("success", "failed") for r in _runs(client, "retire__life")),
+                  "every retire run queued behind the first", timeout=240)
+        assert len(client.get("/api/v2/dags/retire__life/dagRuns/~/hitlDetails").json()["hitl_details"]) == 1
+        runs = {dag_id: _runs(client, dag_id) for dag_id in dag_ids}
+    assert {dag_id: sorted({r["state"] for r in rs}) for dag_id, rs in runs.items()} == {
+        dag_id: ["success"] for dag_id in dag_ids}
+    assert life.backend.key_state().min_decryption_version == 2
+    [decision] = life.ledger.rows(key_class="life", events_in=(lg.RETIREMENT_DECISION,))
+    assert (decision["status"], decision["actor"], decision["run_id"]) == ("approved", "admin", retire_id)
+    [retired] = life.ledger.rows(key_class="life", events_in=(lg.VERSIONS_RETIRED,))
+    assert retired["run_id"] == retire_id and lg.as_utc(retired["recorded_at"]) >= grace_end
+
+
+def _open_as_admin(live, url: str, *texts: str) -> None:
+    from browser import Browser, chromium_binary
+
+    if not chromium_binary():
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs the Debian package 'chromium'")
+        return  # the rest of the lifecycle still runs
+    with Browser(1400, 1000) as browser:
+        browser.set_cookie(live.url, "_token", live.token("admin"))
+        browser.open(url)
+        browser.wait_for_text(*texts)
+
+
+def _run_state(client, dag_id: str, run_id: str) -> str:
+    return client.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}").json()["state"]
+
+
+def _finished(client, dag_id: str, run_id: str) -> str | None:
+    state = _run_state(client, dag_id, run_id)
+    return state if state in ("success", "failed") else None
+
+
+def test_backfill_reencrypts_exactly_the_partitions_of_its_range(live):
+    """As an operator backfills (the Backfill form posts to the REST API, as `airflow backfill create` does to
+    the database): the scheduler runs one DAG run per day of the range, each re-encrypting its data interval's
+    partition, and no other."""
+    bf = live.bf
+    v2 = bf.ledger.current_version("bf")
+    with live.client("admin") as client:
+        created = client.post("/api/v2/backfills", json={
+            "dag_id": "reencrypt__bf_customers", "from_date": "2024-01-03T00:00:00Z",
+            "to_date": "2024-01-05T00:00:00Z", "max_active_runs": 1})
+        assert created.status_code == 200, created.text
+
+        def finished():
+            runs = [r for r in _runs(client, "reencrypt__bf_customers") if r["run_type"] == "backfill"]
+            return runs if len(runs) == 3 and all(r["state"] in ("success", "failed") for r in runs) else None
+
+        runs = live.wait(finished, "the backfill's three runs", timeout=300)
+    assert sorted((r["logical_date"][:10], r["state"]) for r in runs) == [
+        ("2024-01-03", "success"), ("2024-01-04", "success"), ("2024-01-05", "success")]
+    assert bf.census("bf_customers").under(v2) == ["2024-01-01", "2024-01-02", "2024-01-06", "2024-01-07"]
+    rewrapped = bf.ledger.rows(key_class="bf", events_in=(lg.PARTITION_REWRAPPED,))
+    assert sorted(r["partition"] for r in rewrapped) == ["2024-01-03", "2024-01-04", "2024-01-05"]
+    assert {r["dag_id"] for r in rewrapped} == {"reencrypt__bf_customers"}
+    assert all(r["run_id"].startswith("backfill__") for r in rewrapped)
+
+
+def test_a_message_on_the_kms_event_queue_rotates_the_key(live):
+    """Event-driven rotation: a message on the key class's SQS queue (as an EventBridge rule on AWS KMS events
+    would send) starts rotate__ev through an AssetWatcher with the common-messaging MessageQueueTrigger, in the
+    triggerer, against the local AWS-API server's SQS."""
+    ev = live.ev
+    with live.client() as client:
+        assert client.patch("/api/v2/dags/rotate__ev", json={"is_paused": False}).status_code == 200
+        time.sleep(5)  # let the triggerer pick up the watcher
+        message_id = live.sqs.send_message(QueueUrl=live.queue_url, MessageBody=json.dumps(
+            {"source": "aws.kms", "detail-type": "KMS CMK Rotation", "detail": {"key-id": "demo"}}))["MessageId"]
+
+        def event_run():
+            runs = client.get("/api/v2/dags/rotate__ev/dagRuns", params={"run_type": "asset_triggered"}).json()
+            done = [r for r in runs.get("dag_runs", []) if r["state"] in ("success", "failed")]
+            return done[0] if done else None
+
+        run = live.wait(event_run, "an asset-triggered rotation", timeout=240)
+    assert run["state"] == "success", live.log_tail("triggerer")
+    assert ev.backend.key_state().latest_version == 2
+    [created] = ev.ledger.rows(key_class="ev", events_in=(lg.VERSION_CREATED,))
+    assert json.loads(created["detail"])["reason"] == f"KMS event: messages {message_id}"
+    assert created["run_id"] == run["dag_run_id"]
+
+
+def test_a_rotation_refuses_to_start_while_a_dag_it_must_start_is_paused(live):
+    """A sweep paused by hand after its creation: the rotation fails before creating anything, naming it (read
+    through the read-only API connection), since the asset event would be lost and the data left behind."""
+    rt = live.rt
+    before = rt.backend.key_state().latest_version
+    with live.client("admin") as client:
+        assert client.patch("/api/v2/dags/reencrypt__ui_customers", json={"is_paused": True}).status_code == 200
+        try:
+            assert client.patch("/api/v2/dags/rotate__ui", json={"is_paused": False}).status_code == 200
+            run_id = client.post("/api/v2/dags/rotate__ui/dagRuns", json={
+                "logical_date": None, "conf": {"force": True, "reason": "test: paused follower"}}).json()["dag_run_id"]
+            assert live.wait(lambda: _finished(client, "rotate__ui", run_id), f"end of {run_id}") == "failed"
+            ti = client.get(f"/api/v2/dags/rotate__ui/dagRuns/{run_id}/taskInstances/rotate_key").json()
+            log = client.get(f"/api/v2/dags/rotate__ui/dagRuns/{run_id}/taskInstances/rotate_key/logs/1",
+                             params={"full_content": True}, headers={"Accept": "text/plain"}).text
+        finally:
+            assert client.patch("/api/v2/dags/reencrypt__ui_customers", json={"is_paused": False}).status_code == 200
+    assert (ti["state"], ti["try_number"]) == ("failed", 1)
+    assert ("key class ui: reencrypt__ui_customers is paused: Airflow queues no asset event for a paused DAG, so this "
+            "rotation would leave the data under the old version and nothing would retire it; nothing was created. "
+            "Unpause it, then trigger the rotation again") in log, log[-2000:]
+    assert rt.backend.key_state().latest_version == before and rt.ledger.current_version("ui") == before

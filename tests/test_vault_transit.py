@@ -6,6 +6,7 @@ import secrets
 
 import pytest
 
+from keyrotation.backends.base import versions_text
 from keyrotation.backends.vault_transit import REWRAP_BATCH, VaultTransitBackend
 from keyrotation.errors import BackendError, KeyNotFoundError
 
@@ -47,6 +48,10 @@ def test_retire_below_refuses_old_versions_and_trims(backend):
     old = backend.wrap(b"k" * 32)
     backend.rotate()
     backend.rotate()
+    assert backend.retirement_effect([1], trim=True) == (
+        f"raises the minimum decryption and encryption version of Transit key `{backend.key_ref}` to v2: v1 can no "
+        "longer decrypt or encrypt; trim deletes that key material at once, permanently")
+    assert versions_text([1, 2, 3]) == "versions v1..v3" and versions_text([1, 3]) == "versions v1, v3"
     state = backend.retire_below(2)
     assert (state.min_decryption_version, state.min_encryption_version) == (2, 2)
     with pytest.raises(BackendError, match=r"decrypt \(ciphertext version v1\) failed"):

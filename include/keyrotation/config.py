@@ -21,6 +21,8 @@ file, the key class and the field at fault.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from datetime import timedelta
@@ -45,6 +47,9 @@ _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _NAME = r"^[a-z][a-z0-9_]*$"
+#: Environment variable: the connection id of every role a key class's ``connections:`` does not list, as a
+#: template over ``{conn_id}``, ``{key_class}`` and ``{role}`` (``make up``: ``{conn_id}_{key_class}_{role}``).
+ROLE_CONNECTIONS_ENV = "KEYROTATION_ROLE_CONNECTIONS"
 
 
 def parse_duration(value: Any) -> timedelta:
@@ -75,6 +80,16 @@ def human_duration(value: timedelta) -> str:
         if count:
             parts.append(f"{count} {name}{'s' if count != 1 else ''}")
     return " ".join(parts)
+
+
+def human_bytes(value: int) -> str:
+    """A size as people read it: ``512 B``, ``1.5 MiB``, ``2.0 GiB``."""
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
@@ -137,6 +152,69 @@ class RetirePolicy(_Strict):
     census_timeout: Duration = Field(
         default=timedelta(hours=6), description="How long the census gate waits for re-encryption to finish."
     )
+    separate_approver: bool = Field(
+        default=False, description="Separation of duties: the person who approves a retirement must not be the "
+        "one who triggered the rotation that made the current version (the retirement gate refuses otherwise).")
+
+
+_EMAIL = re.compile(r"^[^@\s,;<>]+@[^@\s,;<>]+$")
+NotificationEvent = Literal["approval_pending", "failed", "overdue"]
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+class SmtpChannel(_Strict):
+    """Mail through an Airflow ``smtp`` connection (host, port, login, TLS, ``from_email`` in its extra)."""
+
+    conn_id: str = Field(default="smtp_default", min_length=1, description="Airflow smtp connection.")
+    to: Annotated[list[str], BeforeValidator(_as_list)] = Field(min_length=1, description="Recipients.")
+    cc: Annotated[list[str], BeforeValidator(_as_list)] = Field(default_factory=list, description="Copied.")
+    from_email: str | None = Field(default=None, description="Sender (default: the connection's from_email).")
+
+    @field_validator("to", "cc", "from_email")
+    @classmethod
+    def _addresses(cls, value: list[str] | str | None) -> list[str] | str | None:
+        for address in [value] if isinstance(value, str) else value or []:
+            if not _EMAIL.match(address):
+                raise ValueError(f"not an email address: {address!r}")
+        return value
+
+
+class SlackChannel(_Strict):
+    """A Slack Incoming Webhook: the channel is the webhook's, chosen when it is created in Slack."""
+
+    conn_id: str = Field(default="slack_default", min_length=1,
+                         description="Airflow slackwebhook connection (the webhook token in its password).")
+
+
+class Notifications(_Strict):
+    """Who hears about what, per key class: an approval waiting, a failed task, a key past policy."""
+
+    smtp: SmtpChannel | None = None
+    slack: SlackChannel | None = None
+    events: list[NotificationEvent] = Field(
+        default_factory=lambda: ["approval_pending", "failed", "overdue"], min_length=1,
+        description="approval_pending: a retirement waits for an approval; failed: a rotate__ or retire__ task "
+        "(or a reencrypt__ run) failed; overdue: the current version is past its cryptoperiod, or the data is "
+        "behind (reencryption.behind_after).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bare_on(cls, data: Any) -> Any:
+        if isinstance(data, dict) and True in data:
+            raise ValueError("unknown key 'on' (YAML reads a bare on as true): list the events under 'events'")
+        return data
+
+    @model_validator(mode="after")
+    def _a_channel(self) -> Notifications:
+        if self.smtp is None and self.slack is None:
+            raise ValueError("name at least one channel: smtp, slack")
+        return self
+
+    def wants(self, event: str) -> bool:
+        return event in self.events
 
 
 class EventSource(_Strict):
@@ -200,7 +278,8 @@ class KeyClass(_Strict):
     conn_id: str = Field(min_length=1, description="Airflow connection that reaches the KMS.")
     connections: dict[Literal["rotate", "reencrypt", "retire", "report"], str] = Field(
         default_factory=dict,
-        description="Per-role Airflow connections (least privilege); a role not listed uses conn_id.",
+        description="Per-role Airflow connections (least privilege); a role not listed uses the template in "
+        "$KEYROTATION_ROLE_CONNECTIONS if set, else conn_id.",
     )
     mount_point: str = Field(default="transit", description="Transit secrets engine mount (vault_transit).")
     create_if_missing: bool = False
@@ -215,6 +294,8 @@ class KeyClass(_Strict):
         default=None, description="Airflow pool for every task that calls the KMS, so that more workers never "
         "mean more concurrent KMS calls than the pool has slots."
     )
+    notifications: Notifications | None = Field(
+        default=None, description="Mail (SMTP) and Slack notices for this key class; absent: none.")
 
     @model_validator(mode="after")
     def _backend_options(self) -> KeyClass:
@@ -245,9 +326,69 @@ class KeyClass(_Strict):
         """False where the KMS keeps old versions for good (AWS on_demand): no retirement, no approval."""
         return not (self.backend == "aws_kms" and self.aws_options.strategy == "on_demand")
 
+    def config_hash(self) -> str:
+        """SHA-256 of the validated key class as canonical JSON: the same settings give the same hash."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def policy_facts(self) -> dict[str, Any]:
+        """The policy a decision on this key class is taken under, as every rotation, approval, retirement and
+        refusal records it in the ledger (``detail.policy``); durations in seconds."""
+        return {
+            "cryptoperiod_s": int(self.rotation.cryptoperiod.total_seconds()),
+            "grace_period_s": int(self.retire.grace_period.total_seconds()),
+            "approval_required": self.retire.approval_required,
+            "separate_approver": self.retire.separate_approver,
+            "versions_kept": self.retire.versions_kept,
+            "config_sha256": self.config_hash(),
+        }
+
     def conn_for(self, role: str) -> str:
-        """The Airflow connection of ``role`` (rotate, reencrypt, retire, report)."""
-        return self.connections.get(role, self.conn_id)
+        """The Airflow connection of ``role`` (rotate, reencrypt, retire, report): ``connections.<role>``;
+        for a role not listed there, the template in ``$KEYROTATION_ROLE_CONNECTIONS`` if set (a deployment
+        gives every key class per-role connections without editing its file), else ``conn_id``."""
+        if role in self.connections:
+            return self.connections[role]
+        template = os.environ.get(ROLE_CONNECTIONS_ENV, "").strip()
+        if not template:
+            return self.conn_id
+        try:
+            return template.format(conn_id=self.conn_id, key_class=self.name, role=role)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(f"{ROLE_CONNECTIONS_ENV}={template!r} is not a connection id template (fields: "
+                              f"{{conn_id}}, {{key_class}}, {{role}}): {type(exc).__name__}: {exc}") from None
+
+
+# Policy facts (KeyClass.policy_facts) and the direction in which each one weakens the policy: None = a change
+# either way is neither weaker nor stronger.
+_POLICY_FIELDS: dict[str, tuple[str, str | None]] = {
+    "cryptoperiod_s": ("cryptoperiod", "longer"),
+    "grace_period_s": ("grace period", "shorter"),
+    "approval_required": ("approval required", "off"),
+    "separate_approver": ("separate approver", "off"),
+    "versions_kept": ("versions kept", "fewer"),
+}
+
+
+def _policy_value(key: str, value: Any) -> str:
+    if key.endswith("_s") and isinstance(value, int | float):
+        return human_duration(timedelta(seconds=value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def policy_changes(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, bool]]:
+    """What changed between two :meth:`KeyClass.policy_facts`, each as ``(text, weaker)``: e.g.
+    ``("grace period 7 days -> 1 minute", True)``. Fewer versions kept counts as weaker (older versions
+    are retired sooner). A fact missing on either side (recorded before it existed) is not compared."""
+    changes = []
+    for key, (label, weaker_when) in _POLICY_FIELDS.items():
+        old, new = before.get(key), after.get(key)
+        if old is None or new is None or old == new:
+            continue
+        weaker = {"longer": new > old, "shorter": new < old, "fewer": new < old,
+                  "off": bool(old) and not new}.get(weaker_when or "", False)
+        changes.append((f"{label} {_policy_value(key, old)} -> {_policy_value(key, new)}", weaker))
+    return changes
 
 
 class Dataset(_Strict):

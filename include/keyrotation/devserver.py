@@ -31,6 +31,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def write_private(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only (mode 0600 from its creation on, never wider)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.chmod(tmp, 0o600)  # whatever the umask
+    os.replace(tmp, path)
+
+
 def stop_process(proc: subprocess.Popen | None) -> None:
     """Terminate a server process; kill it if it has not exited within 10 s."""
     if proc and proc.poll() is None:
@@ -53,10 +64,14 @@ def bao_binary() -> str:
 class OpenBaoDevServer:
     """``bao server -dev`` on a loopback port, with the Transit engine enabled."""
 
-    def __init__(self, port: int | None = None, token: str | None = None, log_path: str | None = None) -> None:
+    def __init__(self, port: int | None = None, token: str | None = None, log_path: str | None = None,
+                 new_session: bool = False) -> None:
         self.port = port or free_port()
         self.token = token or secrets.token_hex(16)
         self.log_path = log_path or os.devnull
+        #: Start the server in a session (and process group) of its own: a Ctrl-C in the terminal does not reach
+        #: it, and whoever started it stops it (``make up``).
+        self.new_session = new_session
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -79,7 +94,8 @@ class OpenBaoDevServer:
             Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen([bao_binary(), "server", *self._args()], stdout=log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=self.new_session)
         deadline = time.monotonic() + timeout
 
         def wait(check: Callable[[], bool], what: str) -> None:
@@ -106,10 +122,11 @@ class OpenBaoDevServer:
     def stop(self) -> None:
         stop_process(self.proc)
 
-    def airflow_connection_uri(self) -> str:
-        """``AIRFLOW_CONN_<ID>`` value (JSON) for a token-authenticated ``vault`` connection."""
-        return json.dumps({"conn_type": "vault", "host": "127.0.0.1", "port": self.port, "password": self.token,
-                           "extra": {"auth_type": "token"}})
+    def airflow_connection_uri(self, token: str | None = None) -> str:
+        """``AIRFLOW_CONN_<ID>`` value (JSON) for a token-authenticated ``vault`` connection, with ``token``
+        (default: the server's root token)."""
+        return json.dumps({"conn_type": "vault", "host": "127.0.0.1", "port": self.port,
+                           "password": token or self.token, "extra": {"auth_type": "token"}})
 
     def __enter__(self) -> OpenBaoDevServer:
         return self.start()
@@ -125,8 +142,9 @@ class OpenBaoFileServer(OpenBaoDevServer):
     ``<directory>/init.json`` (mode 0600). Local use only: a real deployment keeps these elsewhere.
     """
 
-    def __init__(self, directory: str | Path, port: int | None = None, log_path: str | None = None) -> None:
-        super().__init__(port=port, token="", log_path=log_path)
+    def __init__(self, directory: str | Path, port: int | None = None, log_path: str | None = None,
+                 new_session: bool = False) -> None:
+        super().__init__(port=port, token="", log_path=log_path, new_session=new_session)
         self.directory = Path(directory)
 
     def _args(self) -> list[str]:
@@ -148,9 +166,8 @@ class OpenBaoFileServer(OpenBaoDevServer):
         init_file = self.directory / "init.json"
         if not client.sys.is_initialized():
             result = client.sys.initialize(secret_shares=1, secret_threshold=1)
-            init_file.write_text(json.dumps({"unseal_key": result["keys_base64"][0],
-                                             "root_token": result["root_token"]}))
-            os.chmod(init_file, 0o600)
+            write_private(init_file, json.dumps({"unseal_key": result["keys_base64"][0],
+                                                 "root_token": result["root_token"]}))
         init = json.loads(init_file.read_text())
         if client.sys.is_sealed():
             client.sys.submit_unseal_key(init["unseal_key"])

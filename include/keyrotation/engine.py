@@ -27,11 +27,13 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 
 import pyarrow as pa
 
 from keyrotation import ledger as lg
 from keyrotation.census import PartitionCensus, known_versions, partition_census
+from keyrotation.config import human_bytes, human_duration
 from keyrotation.errors import KeyRotationError, KmsUnreachable, PartitionError, PermissionDenied, ValidationError
 from keyrotation.formats.digest import DigestBuilder
 from keyrotation.formats.parquet_pme import ParquetEncryption, key_material_path
@@ -101,6 +103,7 @@ class PartitionEngine:
         recorded in the ledger and the rest go on."""
         results: list[PartitionResult] = []
         started = time.monotonic()
+        rows = size = 0
         for i, partition in enumerate(partitions, 1):
             try:
                 result = operation(partition)
@@ -111,11 +114,15 @@ class PartitionEngine:
                     self._record(lg.PARTITION_FAILED, result, status="failed", detail={"error": message})
                 log.error("%s (key class %s): %s", self.dataset, self.key_class, message)
             results.append(result)
+            rows, size = rows + (result.rows or 0), size + (result.bytes or 0)
             elapsed = time.monotonic() - started
             eta = elapsed / i * (len(partitions) - i)
-            log.info("%s %d/%d partition %s: %s (v%s -> v%s) %.2fs; elapsed %.1fs, eta %.1fs",
-                     self.dataset, i, len(partitions), partition, result.action, result.from_version,
-                     result.to_version, result.duration_s, elapsed, eta)
+            rate = f"{rows / elapsed:,.0f}" if elapsed > 0 else "-"
+            log.info("%s %d/%d partition %s: %s (v%s -> v%s) %.2fs; so far %s rows, %s, %s rows/s; "
+                     "elapsed %s, eta %s", self.dataset, i, len(partitions), partition, result.action,
+                     result.from_version, result.to_version, result.duration_s, f"{rows:,}", human_bytes(size),
+                     rate, human_duration(timedelta(seconds=round(elapsed))),
+                     human_duration(timedelta(seconds=round(eta))))
         return results
 
 

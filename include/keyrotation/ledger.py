@@ -143,7 +143,7 @@ class VerifyResult:
     reason: str | None = None
 
 
-def _utc(value: datetime) -> datetime:
+def as_utc(value: datetime) -> datetime:
     # SQLite hands datetimes back naive (they were stored as UTC); PostgreSQL in the session's zone.
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
@@ -158,7 +158,7 @@ def _normalised(row: dict[str, Any]) -> dict[str, Any]:
         value = row.get(name)
         if value is not None:
             kind = events.c[name].type.python_type
-            out[name] = _utc(value) if kind is datetime else kind(value)
+            out[name] = as_utc(value) if kind is datetime else kind(value)
     return out
 
 
@@ -166,7 +166,7 @@ def _row_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
     payload = {}
     for name in _HASHED:
         value = row.get(name)
-        payload[name] = _utc(value).isoformat() if isinstance(value, datetime) else value
+        payload[name] = as_utc(value).isoformat() if isinstance(value, datetime) else value
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256((prev_hash + canonical).encode()).hexdigest()
 
@@ -380,10 +380,12 @@ class Ledger:
         return dict(row._mapping) if row else None
 
     def current_reference(self, key_class: str) -> dict | None:
-        """The last ``reference_updated`` row: the version data must be under."""
-        return self._last(
+        """The last ``reference_updated`` row: the version data must be under, and since when (``recorded_at``,
+        timezone-aware UTC whatever the database)."""
+        row = self._last(
             sa.select(events).where(events.c.key_class == key_class, events.c.event == REFERENCE_UPDATED)
         )
+        return {**row, "recorded_at": as_utc(row["recorded_at"])} if row else None
 
     def current_version(self, key_class: str) -> int | None:
         row = self.current_reference(key_class)
@@ -429,6 +431,9 @@ class Ledger:
 
 # Exit codes of ``verify``.
 INTACT, BROKEN, NOT_CHECKED, UNGUARDED = 0, 1, 2, 3
+# With --checkpoints (or $KEYROTATION_LEDGER_CHECKPOINTS): the chain against its latest anchored head.
+TAIL_CUT, REWRITTEN, CHECKPOINT_FORGED, NO_CHECKPOINT = 4, 5, 6, 7
+_ANCHOR_CODES = {"cut": TAIL_CUT, "rewritten": REWRITTEN, "forged": CHECKPOINT_FORGED, "missing": NO_CHECKPOINT}
 VERIFY_EXIT_CODES = f"""\
 exit codes:
   {INTACT}  the hash chain is intact and the append-only triggers are in place
@@ -437,14 +442,24 @@ exit codes:
      or an older format without the hash chain (also: a usage error)
   {UNGUARDED}  the hash chain is intact, but an append-only trigger is missing, disabled or changed,
      so UPDATE or DELETE is not refused; reported, never repaired
+  with --checkpoints FILE (or $KEYROTATION_LEDGER_CHECKPOINTS), the chain is also checked against the
+  latest checkpoint of its head, HMAC'd by the KMS (VAULT_ADDR, VAULT_TOKEN, $KEYROTATION_ANCHOR_KEY):
+  {TAIL_CUT}  tail cut: the row the checkpoint anchors is gone and the ledger ends before it
+  {REWRITTEN}  chain rewritten: that row's hash, or the number of rows up to it, differs from the checkpoint
+  {CHECKPOINT_FORGED}  the latest checkpoint does not verify with the KMS: replaced or forged
+  {NO_CHECKPOINT}  no checkpoint in the file: the head is anchored nowhere
+  (the KMS not reachable for the HMAC check: {NOT_CHECKED})
 
 verify only reads: it runs no DDL and writes nothing, so SELECT on ledger_events is enough, and a
 SQLite file is opened read-only (also sqlite:///file:/path/ledger.db?mode=ro&uri=true).
 """
 
 
-def verify_command(url: str | None) -> int:
+def verify_command(url: str | None, checkpoints: str | None = None) -> int:
     """``python -m keyrotation.ledger verify``: print the findings, return the exit code."""
+    from keyrotation.anchoring import checkpoints_path
+
+    anchor_file = checkpoints_path(checkpoints)
     url = url or default_url(create=False)
     try:
         shown = _shown(sa.make_url(url), url)
@@ -472,7 +487,46 @@ def verify_command(url: str | None) -> int:
         print(f"ledger {shown}: append-only guard: {finding}")
     if not result.ok:
         return BROKEN
+    if anchor_file is not None:
+        code = _anchor_command(ledger, shown, anchor_file)
+        if code != INTACT:
+            return code
     return UNGUARDED if findings else INTACT
+
+
+def _anchor_command(ledger: Ledger, shown: str, path: Path) -> int:
+    from keyrotation.anchoring import TransitAnchor, check_anchor
+
+    try:
+        check = check_anchor(ledger, TransitAnchor.from_env(), path)
+    except Exception as exc:  # the KMS, not the ledger, failed: nothing proven either way
+        print(f"ledger {shown}: anchor not checked: {type(exc).__name__}: {exc}")
+        return NOT_CHECKED
+    print(f"ledger {shown}: {check.message}")
+    return _ANCHOR_CODES.get(check.status, INTACT)
+
+
+def checkpoint_command(url: str | None, checkpoints: str | None) -> int:
+    """``python -m keyrotation.ledger checkpoint``: append a KMS-HMAC'd checkpoint of the chain's head."""
+    from keyrotation.anchoring import TransitAnchor, checkpoints_path, write_checkpoint
+
+    path = checkpoints_path(checkpoints)
+    if path is None:
+        print("no checkpoints file: give --checkpoints or set KEYROTATION_LEDGER_CHECKPOINTS")
+        return NOT_CHECKED
+    ledger = Ledger(url or default_url(create=False))
+    if not ledger.verify().ok:  # never anchor a broken chain
+        print("the hash chain is broken; no checkpoint written (run verify)")
+        return BROKEN
+    try:
+        anchor = TransitAnchor.from_env()
+        anchor.ensure_key()
+        cp = write_checkpoint(ledger, anchor, path)
+    except (KeyRotationError, OSError) as exc:
+        print(f"no checkpoint written: {exc}")
+        return NOT_CHECKED
+    print(f"checkpoint of row {cp.last_id} ({cp.rows} rows) written to {path}, HMAC by {cp.key}")
+    return INTACT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -486,8 +540,16 @@ def main(argv: list[str] | None = None) -> int:
                     "append-only triggers are in place.",
         epilog=VERIFY_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     verify.add_argument("--url", help="ledger database URL (default: $KEYROTATION_LEDGER_URL, else the SQLite file)")
+    verify.add_argument("--checkpoints", help="checkpoints file to check the chain's head against "
+                                              "(default: $KEYROTATION_LEDGER_CHECKPOINTS; unset: not checked)")
+    checkpoint = commands.add_parser(
+        "checkpoint", help="append a checkpoint of the chain's head, HMAC'd by the KMS, to a file outside the ledger")
+    checkpoint.add_argument("--url", help="ledger database URL")
+    checkpoint.add_argument("--checkpoints", help="checkpoints file (default: $KEYROTATION_LEDGER_CHECKPOINTS)")
     args = parser.parse_args(argv)
-    return verify_command(args.url)
+    if args.command == "checkpoint":
+        return checkpoint_command(args.url, args.checkpoints)
+    return verify_command(args.url, args.checkpoints)
 
 
 if __name__ == "__main__":

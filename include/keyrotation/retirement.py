@@ -5,7 +5,9 @@ dataset of the key class shows no partition under a version being retired, none 
 labelled with a version the KMS does not have, a data file missing or not encrypted) and no unmanaged
 file under such a version or of unknown protection; the ledger shows every partition validated after
 its last change under a version being kept (:mod:`keyrotation.proof`); the grace period since the
-current version became the reference has passed; and, where the policy says so, a person approved.
+current version became the reference has passed; and, where the policy says so, a person approved
+(and, with ``retire.separate_approver``, not the person who triggered the rotation). Every row it writes
+records the policy in force (:meth:`KeyClass.policy_facts`) and who rotated.
 Where the KMS cannot retire versions at all (AWS KMS key material), it
 says so and records it, with the census, instead of pretending.
 """
@@ -84,10 +86,34 @@ def data_reasons(min_version: int, censuses: list[Census], evidence: dict[str, d
     return reasons
 
 
+def rotated_by(ledger: Ledger, key_class: str, version: int | None) -> str | None:
+    """Who triggered the rotation that made ``version``: the actor of its ``version_created`` (or
+    ``key_created``) row, else of the ``reference_updated`` row that made it current; None for a schedule."""
+    if version is None:
+        return None
+    for events in ((lg.VERSION_CREATED, lg.KEY_CREATED), (lg.REFERENCE_UPDATED,)):
+        rows = [r for r in ledger.rows(key_class=key_class, events_in=events) if r["to_version"] == version]
+        if rows:
+            return rows[-1]["actor"] or None
+    return None
+
+
+def duty_reason(kc: KeyClass, approval: dict | None, rotator: str | None, reference_version: int) -> str | None:
+    """Why the approval breaks ``retire.separate_approver`` (the approver triggered the rotation); None if not."""
+    if not (kc.retire.separate_approver and approval and approval.get("approved")):
+        return None
+    approver = approval.get("approved_by") or ""
+    if rotator and approver == rotator:
+        return (f"separation of duties: {approver} approved the retirement and also triggered the rotation to "
+                f"v{reference_version}; retire.separate_approver requires a different approver")
+    return None
+
+
 def gate_reasons(kc: KeyClass, plan: RetirementPlan, censuses: list[Census], reference_time: datetime | None,
-                 approval: dict | None, now: datetime, evidence: dict[str, dict[str, dict]] | None = None
-                 ) -> list[str]:
-    """Why retirement must not happen now; empty when every condition holds."""
+                 approval: dict | None, now: datetime, evidence: dict[str, dict[str, dict]] | None = None,
+                 rotator: str | None = None) -> list[str]:
+    """Why retirement must not happen now; empty when every condition holds. ``rotator``: who triggered the
+    rotation to the reference version (:func:`rotated_by`)."""
     reasons = data_reasons(plan.new_min_version, censuses, evidence or {})
     grace = kc.retire.grace_period
     if reference_time is None:
@@ -97,6 +123,9 @@ def gate_reasons(kc: KeyClass, plan: RetirementPlan, censuses: list[Census], ref
                        f"({reference_time.isoformat()}) ends at {(reference_time + grace).isoformat()}")
     if kc.retire.approval_required and not (approval and approval.get("approved")):
         reasons.append("the retire policy requires an approval and none was given")
+    duty = duty_reason(kc, approval, rotator, plan.reference_version)
+    if duty:
+        reasons.append(duty)
     return reasons
 
 
@@ -106,11 +135,11 @@ def retire(backend: KmsBackend, kc: KeyClass, plan: RetirementPlan, censuses: li
     now = now or datetime.now(UTC)
     reference = ledger.current_reference(kc.name)
     reference_time = reference["recorded_at"] if reference else None
-    if reference_time is not None and reference_time.tzinfo is None:
-        reference_time = reference_time.replace(tzinfo=UTC)
     evidence = {c.dataset: ledger.partition_evidence(c.dataset) for c in censuses}
-    reasons = gate_reasons(kc, plan, censuses, reference_time, approval, now, evidence)
-    detail = {"plan": plan.to_dict(), "census": [c.summary() for c in censuses]}
+    rotator = rotated_by(ledger, kc.name, plan.reference_version)
+    reasons = gate_reasons(kc, plan, censuses, reference_time, approval, now, evidence, rotator)
+    detail = {"plan": plan.to_dict(), "census": [c.summary() for c in censuses], "policy": kc.policy_facts(),
+              "rotated_by": rotator}
     if not backend.can_retire:
         data = "; ".join(r for r in reasons if r.startswith("dataset ")) or \
             f"no data is under versions below v{plan.new_min_version}"

@@ -57,9 +57,10 @@ def check_rotation(kc: KeyClass, state: KeyState, reference_version: int | None,
 
 
 def create_version(backend: KmsBackend, check: RotationCheck, ledger: Ledger, ctx: RunContext,
-                   reason: str | None = None) -> int:
-    """Carry out ``check``: create the key or a new version (or adopt the latest); return the version."""
-    detail = {"reason": reason, "check": check.reason}
+                   reason: str | None = None, *, kc: KeyClass) -> int:
+    """Carry out ``check``: create the key or a new version (or adopt the latest); return the version. The
+    ledger row records the policy ``kc`` was under."""
+    detail = {"reason": reason, "check": check.reason, "policy": kc.policy_facts()}
     if check.action == "create":
         version = backend.create_key().latest_version
         ledger.record(lg.KEY_CREATED, check.key_class, ctx, to_version=version, detail=detail)
@@ -72,6 +73,12 @@ def create_version(backend: KmsBackend, check: RotationCheck, ledger: Ledger, ct
     else:
         raise ValueError(f"key class {check.key_class!r}: rotation not due ({check.reason})")
     return version
+
+
+def record_skip(kc: KeyClass, check: RotationCheck, ledger: Ledger, ctx: RunContext) -> None:
+    """Record that a rotation was not due, with the policy that said so."""
+    ledger.record(lg.ROTATION_SKIPPED, kc.name, ctx, status="skipped", from_version=check.latest_version,
+                  detail={"check": check.reason, "policy": kc.policy_facts()})
 
 
 def promote_version(backend: KmsBackend, key_class: str, version: int, ledger: Ledger, ctx: RunContext) -> bool:

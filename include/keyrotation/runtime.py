@@ -121,8 +121,7 @@ class KeyClassRuntime:
         reference = self.ledger.current_reference(self.name)
         if reference is None:
             return timedelta(0)
-        since = reference["recorded_at"]
-        return datetime.now(UTC) - (since if since.tzinfo else since.replace(tzinfo=UTC))
+        return datetime.now(UTC) - reference["recorded_at"]
 
     def target_version(self) -> int:
         """The version data must be brought under: the ledger's reference, else the KMS's latest."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 from keyrotation.census import Census
 from keyrotation.config import KeyClass
@@ -12,11 +12,9 @@ def behind(kc: KeyClass, current_version: int | None, current_since: datetime | 
            now: datetime) -> str | None:
     """Why the key class is *behind*: data still under an older version (or blocking) longer than the policy's
     ``reencryption.behind_after`` after the current version became the reference (``current_since``: the
-    ledger's reference time; naive means UTC, as SQLite hands it back); None when it is not."""
+    ledger's reference time, timezone-aware); None when it is not."""
     if current_version is None or current_since is None:
         return None
-    if current_since.tzinfo is None:
-        current_since = current_since.replace(tzinfo=UTC)
     stale = sum(len(c.under(current_version)) + len(c.errors) for c in censuses)
     waited = now - current_since
     if not stale or waited <= kc.reencryption.behind_after:

@@ -30,7 +30,7 @@ from typing import Any, Literal, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, EndpointConnectionError
 
-from keyrotation.backends.base import KeyState, KeyVersion, KmsBackend
+from keyrotation.backends.base import KeyState, KeyVersion, KmsBackend, versions_text
 from keyrotation.backends.retry import RetryPolicy, TransientFailure, call_with_retries
 from keyrotation.errors import BackendError, KeyNotFoundError, KmsUnreachable, PermissionDenied
 
@@ -339,6 +339,13 @@ class AwsKmsBackend(KmsBackend):
     def is_version_usable(self, version: int) -> bool:
         state = self.key_state()
         return state.exists and version in state.versions and version >= state.min_decryption_version
+
+    def retirement_effect(self, versions: list[int], *, trim: bool = False) -> str:
+        if not self.can_retire:
+            return self.cannot_retire_reason
+        keys = "the KMS key" if len(versions) == 1 else "the KMS keys"
+        return (f"disables {keys} of {versions_text(versions)} of `{self.key_ref}` and schedules the deletion "
+                f"{self.deletion_window_days} days after the approval (CancelKeyDeletion restores a key until then)")
 
     def retire_below(self, min_version: int, *, trim: bool = False) -> KeyState:
         """Disable the keys of versions below ``min_version`` and schedule their deletion (alias strategy).

@@ -45,6 +45,15 @@ class KeyState:
         }
 
 
+def versions_text(versions: list[int]) -> str:
+    """``v3``, ``v1..v4`` (consecutive), or ``v1, v3``: versions as the approval page and the logs name them."""
+    if len(versions) == 1:
+        return f"v{versions[0]}"
+    if versions == list(range(versions[0], versions[-1] + 1)):
+        return f"versions v{versions[0]}..v{versions[-1]}"
+    return "versions " + ", ".join(f"v{v}" for v in versions)
+
+
 class KmsBackend(abc.ABC):
     """A master key in a KMS, with versions.
 
@@ -97,6 +106,10 @@ class KmsBackend(abc.ABC):
     @abc.abstractmethod
     def retire_below(self, min_version: int, *, trim: bool = False) -> KeyState:
         """Make versions below ``min_version`` unusable for encryption and decryption (and delete them if trim)."""
+
+    @abc.abstractmethod
+    def retirement_effect(self, versions: list[int], *, trim: bool = False) -> str:
+        """What :meth:`retire_below` does to ``versions`` in this KMS, in words, for the person who approves it."""
 
     def is_version_usable(self, version: int) -> bool:
         """Round-trip a random probe through ``version``: true when it encrypts and decrypts."""

@@ -35,7 +35,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import kms_v1
 from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 
-from keyrotation.backends.base import KeyState, KeyVersion, KmsBackend
+from keyrotation.backends.base import KeyState, KeyVersion, KmsBackend, versions_text
 from keyrotation.backends.retry import RetryPolicy, TransientFailure, call_with_retries
 from keyrotation.errors import BackendError, KeyNotFoundError, KmsUnreachable, PermissionDenied
 
@@ -342,6 +342,16 @@ class GcpKmsBackend(KmsBackend):
             raise BackendError(f"Cloud KMS key {self.key_ref!r}: v{version} is not the primary (v{primary}); CMEK "
                                "services encrypt with the primary only: promote it first (update_reference)")
         return self.key_ref
+
+    def retirement_effect(self, versions: list[int], *, trim: bool = False) -> str:
+        named = versions_text(versions)
+        effect = f"disables {named} of `{self.key_ref}`: no decryption under {named}"
+        if not trim:
+            return effect + " (no trim: a disabled version can be enabled again)"
+        after = (f"{self.destroy_scheduled_duration.days} days" if self.destroy_scheduled_duration
+                 else "the key's scheduled-destruction duration (Cloud KMS's default: 30 days)")
+        return effect + f"; trim schedules the destruction of that key material {after} after the approval " \
+            "(restorable until then)"
 
     def retire_below(self, min_version: int, *, trim: bool = False) -> KeyState:
         """Disable every version below ``min_version``; with ``trim``, schedule their destruction too."""

@@ -20,7 +20,7 @@ from hvac.exceptions import (
     VaultError,
 )
 
-from keyrotation.backends.base import KeyState, KeyVersion, KmsBackend
+from keyrotation.backends.base import KeyState, KeyVersion, KmsBackend, versions_text
 from keyrotation.backends.retry import RetryPolicy, TransientFailure, call_with_retries
 from keyrotation.errors import BackendError, KeyNotFoundError, KmsUnreachable, PermissionDenied
 
@@ -157,6 +157,13 @@ class VaultTransitBackend(KmsBackend):
         if not match:
             raise BackendError(f"Transit key {self.key_ref!r}: not a Transit ciphertext (no vault:vN: prefix)")
         return int(match.group(1))
+
+    def retirement_effect(self, versions: list[int], *, trim: bool = False) -> str:
+        effect = (f"raises the minimum decryption and encryption version of Transit key `{self.key_ref}` to "
+                  f"v{versions[-1] + 1}: {versions_text(versions)} can no longer decrypt or encrypt")
+        if trim:
+            return effect + "; trim deletes that key material at once, permanently"
+        return effect + "; the key material stays in the key (no trim): lowering the minimum again re-enables it"
 
     def retire_below(self, min_version: int, *, trim: bool = False) -> KeyState:
         state = self._require_key()

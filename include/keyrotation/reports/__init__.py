@@ -6,9 +6,10 @@ ledger with each artifact's SHA-256."""
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from keyrotation import ledger as lg
 from keyrotation.ledger import Ledger, RunContext
@@ -19,8 +20,62 @@ from keyrotation.reports.findings import CONTROLS, findings
 from keyrotation.reports.render import content_hash, render_html, render_pdf, table_files
 from keyrotation.stores.filesystems import Storage
 
-__all__ = ["CONTROLS", "AirflowHistory", "BuiltReport", "Evidence", "HistoryUnavailable", "KeyClassEvidence", "Period",
-           "ReportResult", "build_report", "write_report"]
+__all__ = ["CONTROLS", "DEFAULT_MIN_INTERVAL", "REPORT_SKIPPED", "AirflowHistory", "BuiltReport", "Evidence",
+           "HistoryUnavailable", "KeyClassEvidence", "Period", "PreviousReport", "ReportResult", "build_report",
+           "previous_report", "skip_reason", "write_report"]
+
+#: Ledger event of a report not written because the previous one is too recent (asset-triggered runs).
+REPORT_SKIPPED = "report_skipped"
+#: After an audit event, no new report if the previous one is younger than this.
+DEFAULT_MIN_INTERVAL = timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class PreviousReport:
+    """The last report recorded in the ledger: each report names it, so the reports form a chain."""
+
+    ledger_id: int
+    written_at: datetime
+    period: str
+    location: str
+    html_path: str
+    html_sha256: str
+    pdf_sha256: str
+    content_hash: str
+
+    def summary(self) -> dict:
+        return {"ledger_id": self.ledger_id, "written_at": self.written_at.isoformat(timespec="seconds"),
+                "period": self.period, "location": self.location, "html": self.html_path,
+                "html_sha256": self.html_sha256, "pdf_sha256": self.pdf_sha256, "content_hash": self.content_hash}
+
+
+def previous_report(ledger: Ledger) -> PreviousReport | None:
+    """The most recent ``report_written`` event of the ledger, with its artifacts' SHA-256."""
+    rows = ledger.rows(events_in=(lg.REPORT_WRITTEN,))
+    if not rows:
+        return None
+    row = rows[-1]
+    detail = json.loads(row["detail"] or "{}")
+    artifacts = detail.get("artifacts") or {}
+    when = row["recorded_at"]
+    when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    return PreviousReport(int(row["id"]), when, str(detail.get("period") or ""), str(detail.get("location") or ""),
+                          str(detail.get("html") or ""), str(artifacts.get("report.html") or ""),
+                          str(artifacts.get("report.pdf") or ""), str(detail.get("content_hash") or ""))
+
+
+def skip_reason(ledger: Ledger, now: datetime, min_interval: timedelta) -> str | None:
+    """Why an audit-triggered report should not be written now (the previous one is younger than
+    ``min_interval``), or None to write it."""
+    previous = previous_report(ledger)
+    if previous is None or min_interval <= timedelta(0):
+        return None
+    age = now - previous.written_at
+    if age >= min_interval:
+        return None
+    return (f"previous report written {int(age.total_seconds() // 60)} min ago "
+            f"({previous.written_at.isoformat(timespec='seconds')}, {previous.html_path}), less than the minimum "
+            f"interval of {int(min_interval.total_seconds() // 60)} min between reports after audit events")
 
 
 @dataclass
@@ -41,12 +96,15 @@ class BuiltReport:
     files: dict[str, bytes]  # file name -> content
     content_hash: str
     findings: dict[str, int]  # status -> count
+    previous: dict | None = None  # the report before this one, as its ``PreviousReport.summary()``
 
 
 def build_report(items: list[KeyClassEvidence], ledger: Ledger, period: Period,
                  history: AirflowHistory | None = None, now: datetime | None = None) -> BuiltReport:
     """Every artifact of the report, by file name."""
     ev = collect(items, ledger, period, history, now or datetime.now(UTC))
+    previous = previous_report(ledger)
+    ev.previous = previous.summary() if previous else None
     found = findings(ev)
     charts = all_charts(ev.tables)
     digest = content_hash(found, ev.tables)
@@ -58,7 +116,7 @@ def build_report(items: list[KeyClassEvidence], ledger: Ledger, period: Period,
         "CONTENT_SHA256": f"{digest}\n".encode(),
     }
     counts = found["status"].value_counts().to_dict()
-    return BuiltReport(files, digest, {s: int(counts.get(s, 0)) for s in ("PASS", "WARN", "FAIL")})
+    return BuiltReport(files, digest, {s: int(counts.get(s, 0)) for s in ("PASS", "WARN", "FAIL")}, ev.previous)
 
 
 def write_report(items: list[KeyClassEvidence], ledger: Ledger, location: str, period: Period, *,
@@ -76,5 +134,6 @@ def write_report(items: list[KeyClassEvidence], ledger: Ledger, location: str, p
             stream.write(data)
         artifacts[name] = {"path": path, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     result = ReportResult(location, artifacts["report.html"]["path"], built.content_hash, artifacts, built.findings)
-    ledger.record(lg.REPORT_WRITTEN, "*", ctx, detail={"period": str(period), **result.summary()})
+    ledger.record(lg.REPORT_WRITTEN, "*", ctx, detail={"period": str(period), **result.summary(),
+                                                       "previous": built.previous})
     return result

@@ -9,7 +9,7 @@ Every list is paginated; nothing here writes.
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import requests
@@ -19,6 +19,20 @@ from keyrotation.errors import KeyRotationError
 log = logging.getLogger(__name__)
 #: DAGs of this package: the report reads only their history.
 DAG_PREFIXES = ("rotate__", "reencrypt__", "retire__", "compliance_report")
+
+
+def _when(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def ran_during(item: dict, start: datetime, end: datetime) -> bool:
+    """Whether a run or task instance (as the API returns it) ran at some time in [start, end): it
+    started before ``end`` and ended at or after ``start``, or has not ended. Not started: no."""
+    began, ended = _when(item.get("start_date")), _when(item.get("end_date"))
+    return began is not None and began < end and (ended is None or ended >= start)
 
 
 class HistoryUnavailable(KeyRotationError):
@@ -90,16 +104,19 @@ class AirflowHistory:
         return bool(dag_id) and dag_id.startswith(DAG_PREFIXES)
 
     def dag_runs(self, start: datetime, end: datetime) -> list[dict]:
-        """Runs of this package's DAGs whose ``run_after`` falls in [start, end)."""
+        """Runs of this package's DAGs that ran during [start, end): started before ``end`` and ended at
+        or after ``start`` (or still running). Selected by when they ran, not by ``run_after``, which
+        for a backfill lies in the past it covers."""
         runs = self.paginate("/api/v2/dags/~/dagRuns", "dag_runs",
-                             {"run_after_gte": start.isoformat(), "run_after_lt": end.isoformat(),
-                              "order_by": "run_after"})
-        return [r for r in runs if self._ours(r.get("dag_id"))]
+                             {"start_date_lt": end.isoformat(), "end_date_gte": start.isoformat(),
+                              "order_by": "id"})
+        return [r for r in runs if self._ours(r.get("dag_id")) and ran_during(r, start, end)]
 
     def task_instances(self, start: datetime, end: datetime) -> list[dict]:
+        """Task instances of this package's DAGs that ran during [start, end), as for :meth:`dag_runs`."""
         tis = self.paginate("/api/v2/dags/~/dagRuns/~/taskInstances", "task_instances",
-                            {"run_after_gte": start.isoformat(), "run_after_lt": end.isoformat()})
-        return [t for t in tis if self._ours(t.get("dag_id"))]
+                            {"start_date_lt": end.isoformat(), "end_date_gte": start.isoformat()})
+        return [t for t in tis if self._ours(t.get("dag_id")) and ran_during(t, start, end)]
 
     def event_log(self, start: datetime, end: datetime) -> list[dict]:
         """The audit log of actions on this package's DAGs: triggers, approvals, clears, pauses."""

@@ -43,13 +43,26 @@ def key_age(inventory: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
+def coverage_series(history: pd.DataFrame) -> pd.DataFrame:
+    """Partitions per ``<key class> v<version>`` (columns) at each time of the history (index).
+
+    The history has rows only at the times its key class changed: each (key class, dataset, version)
+    keeps its last value until its next row (0 before its first), and is then summed per series.
+    """
+    if not len(history):
+        return pd.DataFrame()
+    wide = history.pivot_table(index="time", columns=["key_class", "dataset", "version"], values="partitions",
+                               aggfunc="last").sort_index().ffill().fillna(0).astype(int)
+    names = [f"{key_class} v{version}" for key_class, _dataset, version in wide.columns]
+    return wide.T.groupby(names).sum().T
+
+
 def coverage_over_time(history: pd.DataFrame) -> bytes:
     fig, ax = plt.subplots(figsize=(7, 3.2))
     if not len(history):
         _empty(ax, "no partition changes on record")
     else:
-        frame = history.assign(series=history["key_class"] + " v" + history["version"].astype(str))
-        frame = frame.groupby(["time", "series"])["partitions"].sum().unstack(fill_value=0).sort_index()
+        frame = coverage_series(history)
         for series in frame.columns:
             ax.step(pd.to_datetime(frame.index), frame[series], where="post", marker="o", label=series)
         ax.set_ylabel("partitions")

@@ -13,7 +13,7 @@ import pandas as pd
 from keyrotation import ledger as lg
 from keyrotation.backends.base import KeyState
 from keyrotation.census import Census
-from keyrotation.config import KeyClass
+from keyrotation.config import KeyClass, policy_changes
 from keyrotation.ledger import Ledger
 from keyrotation.reports.airflow_history import AirflowHistory, HistoryUnavailable
 from keyrotation.status import behind
@@ -25,6 +25,9 @@ NIST_RECIPIENT_EXTRA = timedelta(days=3 * 365)
 
 PARTITION_EVENTS = (lg.PARTITION_WRITTEN, lg.PARTITION_REWRAPPED, lg.PARTITION_REENCRYPTED, lg.PARTITION_RECONCILED)
 FAILURE_EVENTS = (lg.PARTITION_FAILED, lg.VALIDATION_FAILED, lg.RETIREMENT_REFUSED)
+# Decisions that record the policy they were taken under (detail.policy, KeyClass.policy_facts).
+POLICY_EVENTS = (lg.KEY_CREATED, lg.VERSION_CREATED, lg.ROTATION_SKIPPED, lg.RETIREMENT_DECISION,
+                 lg.VERSIONS_RETIRED, lg.RETIREMENT_REFUSED, lg.RETIREMENT_NOT_POSSIBLE)
 ALGORITHMS = {"aes256-gcm96": "AES-256-GCM", "SYMMETRIC_DEFAULT": "AES-256-GCM"}
 
 
@@ -66,6 +69,8 @@ class Evidence:
     history_error: str | None = None
     ledger_ok: bool = True
     ledger_detail: str = ""
+    #: The report written before this one (``PreviousReport.summary()``), None for the first.
+    previous: dict | None = None
 
 
 def _aware(value: datetime | str | None) -> datetime | None:
@@ -182,7 +187,9 @@ def coverage(items: list[KeyClassEvidence], ledger: Ledger) -> pd.DataFrame:
 
 def coverage_history(items: list[KeyClassEvidence], ledger: Ledger, period: Period) -> pd.DataFrame:
     """Partitions per version after each run (each run and minute) that changed partitions in the period,
-    replayed from the ledger."""
+    replayed from the ledger. The first rows (at the period's start) are the state carried in from
+    before it; each later row lists every series of its key class seen so far, 0 once it has no
+    partitions left, so a series reads as a step function with no gaps."""
     rows = []
     for ev in items:
         latest: dict[tuple[str, str], int] = {}
@@ -203,12 +210,16 @@ def coverage_history(items: list[KeyClassEvidence], ledger: Ledger, period: Peri
             else:
                 snapshots.append((when, counts))
                 group = key
-        for when, counts in snapshots:
-            if not period.contains(when):
-                continue
-            for (dataset, version), partitions in sorted(counts.items()):
+        before = [counts for when, counts in snapshots if when < period.start]
+        shown = [(when, counts) for when, counts in snapshots if period.contains(when)]
+        if before and not (shown and shown[0][0] == period.start):
+            shown.insert(0, (period.start, before[-1]))
+        seen: set[tuple[str, int]] = set()
+        for when, counts in shown:
+            seen.update(counts)
+            for dataset, version in sorted(seen):
                 rows.append({"time": when.strftime("%Y-%m-%dT%H:%M:%S"), "key_class": ev.key_class.name,
-                             "dataset": dataset, "version": version, "partitions": partitions})
+                             "dataset": dataset, "version": version, "partitions": counts.get((dataset, version), 0)})
     return _frame(rows, "hist", ["time", "key_class", "dataset", "version", "partitions"])
 
 
@@ -227,26 +238,71 @@ def retirements(items: list[KeyClassEvidence], ledger: Ledger, period: Period) -
             rows.append({
                 "key_class": ev.key_class.name, "time": _iso(when), "event": row["event"], "status": row["status"],
                 "versions_below": row["to_version"], "approved_by": (approval or {}).get("approved_by") or "",
-                "approval_required": ev.key_class.retire.approval_required, "trim": detail.get("trim"),
+                "rotated_by": detail.get("rotated_by") or "",
+                # the policy recorded with the decision; rows recorded before policies were: today's config
+                "approval_required": (detail.get("policy") or {}).get(
+                    "approval_required", ev.key_class.retire.approval_required),
+                "separate_approver": (detail.get("policy") or {}).get(
+                    "separate_approver", ev.key_class.retire.separate_approver),
+                "trim": detail.get("trim"),
                 "deletion_scheduled_for": ", ".join(pending),
                 "reasons": "; ".join(detail.get("reasons") or []), "actor": row["actor"] or "",
                 "dag_id": row["dag_id"] or "", "run_id": row["run_id"] or "",
             })
     return _frame(rows, "ret", ["key_class", "time", "event", "status", "versions_below", "approved_by",
-                                "approval_required", "trim", "deletion_scheduled_for", "reasons", "actor", "dag_id",
-                                "run_id"])
+                                "rotated_by", "approval_required", "separate_approver", "trim",
+                                "deletion_scheduled_for", "reasons", "actor", "dag_id", "run_id"])
+
+
+def _partition(run: dict) -> str:
+    """The partition a run worked on: its asset partition key, or the range asked for in its conf."""
+    if run.get("partition_key"):
+        return str(run["partition_key"])
+    conf = run.get("conf") if isinstance(run.get("conf"), dict) else {}
+    low, high = conf.get("partition_from"), conf.get("partition_to")
+    return f"{low or ''}..{high or ''}" if low or high else ""
+
+
+def policy_history(items: list[KeyClassEvidence], ledger: Ledger, period: Period) -> pd.DataFrame:
+    """Every change of policy in the period, seen at the first decision taken under the new one (the
+    policy each decision recorded, compared with the one recorded before it, however long ago)."""
+    rows = []
+    for ev in items:
+        before: dict | None = None
+        for row in ledger.rows(key_class=ev.key_class.name, events_in=POLICY_EVENTS):
+            policy = json.loads(row["detail"] or "{}").get("policy")
+            if not policy:
+                continue
+            if before is not None and policy.get("config_sha256") != before.get("config_sha256"):
+                when = _aware(row["recorded_at"])
+                changes = policy_changes(before, policy)
+                if period.contains(when):
+                    rows.append({
+                        "key_class": ev.key_class.name, "time": _iso(when), "decision": row["event"],
+                        "ledger_row": row["id"], "changed": "; ".join(t for t, _ in changes) or "other settings",
+                        "weaker": "; ".join(t for t, weaker in changes if weaker),
+                        "from_config": before.get("config_sha256") or "", "to_config": policy["config_sha256"],
+                        "actor": row["actor"] or "", "run_id": row["run_id"] or "",
+                    })
+            before = policy
+    return _frame(rows, "pol", ["key_class", "time", "decision", "ledger_row", "changed", "weaker", "from_config",
+                                "to_config", "actor", "run_id"])
 
 
 def runs(history: list[dict]) -> pd.DataFrame:
+    """Runs that ran in the period (backfills of past intervals included), ordered by start."""
     rows = [{
         "dag_id": r.get("dag_id"), "run_id": r.get("dag_run_id"), "run_type": r.get("run_type"),
         "state": r.get("state"), "run_after": _iso(r.get("run_after")), "start": _iso(r.get("start_date")),
-        "end": _iso(r.get("end_date")), "triggered_by": r.get("triggered_by") or "",
-        "triggering_user": r.get("triggering_user_name") or "",
+        "end": _iso(r.get("end_date")), "data_interval_start": _iso(r.get("data_interval_start")),
+        "data_interval_end": _iso(r.get("data_interval_end")), "partition": _partition(r),
+        "triggered_by": r.get("triggered_by") or "", "triggering_user": r.get("triggering_user_name") or "",
         "reason": ((r.get("conf") or {}).get("reason") or "") if isinstance(r.get("conf"), dict) else "",
-    } for r in history]
+    } for r in sorted(history, key=lambda r: (_iso(r.get("start_date")), r.get("dag_id") or "",
+                                              r.get("dag_run_id") or ""))]
     return _frame(rows, "run", ["dag_id", "run_id", "run_type", "state", "run_after", "start", "end",
-                                "triggered_by", "triggering_user", "reason"])
+                                "data_interval_start", "data_interval_end", "partition", "triggered_by",
+                                "triggering_user", "reason"])
 
 
 def failures(items: list[KeyClassEvidence], ledger: Ledger, period: Period, tis: list[dict]) -> pd.DataFrame:
@@ -307,6 +363,7 @@ def collect(items: list[KeyClassEvidence], ledger: Ledger, period: Period, histo
         "coverage": coverage(items, ledger),
         "coverage_history": coverage_history(items, ledger, period),
         "retirements": retirements(items, ledger, period),
+        "policy_changes": policy_history(items, ledger, period),
         "runs": runs(dag_runs),
         "failures": failures(items, ledger, period, tis),
         "ui_actions": ui_actions(log),

@@ -19,6 +19,8 @@ CONTROLS = {
     "ENC-1": "No retired version can still encrypt",
     "DATA-1": "All data is under the current version",
     "RET-1": "Every retirement had the approval its policy requires",
+    "POL-1": "No decision was taken under a policy weaker than the one in force before it",
+    "SOD-1": "Separation of duties: who rotated and who approved each retirement",
     "OPS-1": "Failed and retried work in the period",
     "LOG-1": "The audit trail is complete: ledger hash chain intact, Airflow run history read",
 }
@@ -33,10 +35,36 @@ def _finding(control: str, key_class: str, status: str, detail: str, evidence: s
             "detail": detail, "evidence": evidence}
 
 
+def _policy_finding(name: str, changes: pd.DataFrame) -> dict:
+    weaker = changes[changes["weaker"] != ""]
+    if len(weaker):
+        return _finding("POL-1", name, "FAIL", f"{len(weaker)} of {len(changes)} policy changes in the period "
+                        "weakened the policy before a decision: " + "; ".join(
+                            f"{r.decision} at {r.time} under {r.weaker} (config {r.from_config[:12]} -> "
+                            f"{r.to_config[:12]})" for r in weaker.itertuples()), _ids(weaker))
+    return _finding("POL-1", name, "PASS", f"{len(changes)} policy changes in the period, none weaker",
+                    _ids(changes))
+
+
+def _duty_finding(name: str, retired: pd.DataFrame) -> dict:
+    same = retired[(retired["approved_by"] != "") & (retired["approved_by"] == retired["rotated_by"])]
+    pairs = "; ".join(f"v<{int(r.versions_below)}: rotated by {r.rotated_by or 'a schedule / not recorded'}, "
+                      f"approved by {r.approved_by or 'nobody'}" for r in retired.itertuples())
+    if len(same):
+        required = same[same["separate_approver"].astype(bool)]
+        return _finding("SOD-1", name, "FAIL" if len(required) else "WARN",
+                        f"{len(same)} retirements approved by the person who rotated"
+                        + (" although retire.separate_approver requires another" if len(required)
+                           else " (retire.separate_approver is off)") + f": {pairs}", _ids(same))
+    return _finding("SOD-1", name, "PASS", f"{len(retired)} retirements, none approved by the rotator"
+                    + (f": {pairs}" if pairs else ""), _ids(retired))
+
+
 def findings(ev: Evidence) -> pd.DataFrame:
     t = ev.tables
     inv, ver, rot, cov, ret, fail = (t["key_inventory"], t["versions"], t["rotations"], t["coverage"],
                                      t["retirements"], t["failures"])
+    pol = t["policy_changes"]
     out: list[dict] = []
     for _, key in inv.iterrows():
         name = key["key_class"]
@@ -105,6 +133,8 @@ def findings(ev: Evidence) -> pd.DataFrame:
             approved = ", ".join(sorted(set(retired["approved_by"]) - {""})) or "not required"
             out.append(_finding("RET-1", name, "PASS", f"{len(retired)} retirements in the period; approved by: "
                                 f"{approved}", _ids(mine_ret)))
+        out.append(_policy_finding(name, pol[pol["key_class"] == name]))
+        out.append(_duty_finding(name, retired))
 
     key_dags = {f"{p}{n}" for n in inv["key_class"] for p in ("rotate__", "retire__")}
     mine_fail = fail[fail["key_class"].isin(list(inv["key_class"])) | fail["dag_id"].isin(list(key_dags))

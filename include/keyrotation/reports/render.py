@@ -20,6 +20,7 @@ SECTIONS = [
     ("coverage", "Data coverage per version"),
     ("coverage_history", "Data coverage over time"),
     ("retirements", "Retirements and destructions"),
+    ("policy_changes", "Policy changes (seen at the first decision under the new policy)"),
     ("runs", "Runs and who triggered them"),
     ("failures", "Failures and retries"),
     ("ui_actions", "Actions in the Airflow UI (event log)"),
@@ -60,6 +61,16 @@ def _parquet(frame: pd.DataFrame) -> bytes:
     buf = io.BytesIO()
     pq.write_table(pa.table(columns), buf)
     return buf.getvalue()
+
+
+def previous_text(ev: Evidence) -> str:
+    """The sentence naming the report before this one and its SHA-256s (plain text)."""
+    prev = ev.previous
+    if not prev:
+        return "Previous report: none on record (this is the first of the series)."
+    return (f"Previous report: {prev['html']} (period {prev['period']}, written {prev['written_at']}, ledger event "
+            f"{prev['ledger_id']}); report.html SHA-256 {prev['html_sha256']}, report.pdf SHA-256 "
+            f"{prev['pdf_sha256']}, content SHA-256 {prev['content_hash']}.")
 
 
 def _cell(value: object) -> str:
@@ -110,6 +121,7 @@ def render_html(ev: Evidence, findings: pd.DataFrame, charts: dict[str, bytes], 
         f" from the ledger ({html.escape(ev.ledger_detail)}), each KMS's metadata, the census of each dataset's "
         f"key material, and Airflow's run history. {history}.</p>"
         f"<p>Findings: {summary}. Content SHA-256: <code>{digest}</code></p>"
+        f"<p id='previous-report'>{html.escape(previous_text(ev))}</p>"
         f"<h2 id='section-findings'>Findings</h2>{_html_table(findings)}"
         f"<h2 id='section-charts'>Charts</h2>{images}{sections}</body></html>"
     )
@@ -152,6 +164,7 @@ def render_pdf(ev: Evidence, findings: pd.DataFrame, charts: dict[str, bytes], d
                               f"Airflow run history: {history}."), styles["BodyText"]),
         Paragraph(html.escape(f"Findings: {counts.get('PASS', 0)} PASS, {counts.get('WARN', 0)} WARN, "
                               f"{counts.get('FAIL', 0)} FAIL. Content SHA-256: {digest}"), styles["BodyText"]),
+        Paragraph(html.escape(previous_text(ev)), styles["BodyText"]),
         Paragraph("Findings", styles["Heading2"]), *table(findings),
         Paragraph("Charts", styles["Heading2"]),
     ]

@@ -17,6 +17,10 @@ from keyrotation_airflow.runtime import key_class_runtime, partitions_failed, ru
 INTERVAL_RUN_TYPES = ("scheduled", "backfill")
 
 
+#: The ``mode`` that means "as the key class's policy says" (the trigger form's default choice).
+POLICY_MODE = "policy"
+
+
 class PlanReencryptionOperator(BaseOperator):
     """
     Take the census of a dataset and plan the partitions to bring under the key class's current version.
@@ -30,7 +34,7 @@ class PlanReencryptionOperator(BaseOperator):
         otherwise), ``interval``, ``range`` or ``sweep``. (templated)
     :param partition_from: First partition (YYYY-MM-DD) for scope ``range``. (templated)
     :param partition_to: Last partition (YYYY-MM-DD) for scope ``range``. (templated)
-    :param mode: ``rewrap`` or ``reencrypt``; default: the key class's policy. (templated)
+    :param mode: ``rewrap`` or ``reencrypt``; ``policy`` (or empty): the key class's policy. (templated)
     :param dry_run: Log the plan and change nothing. (templated)
     """
 
@@ -53,7 +57,7 @@ class PlanReencryptionOperator(BaseOperator):
     def execute(self, context: Any) -> list[dict]:
         rt = key_class_runtime(self.key_class, "reencrypt")
         policy = rt.config.key_class.reencryption
-        mode = self.mode or policy.mode
+        mode = policy.mode if self.mode in (None, "", POLICY_MODE) else self.mode
         target = rt.target_version()
         try:
             census = rt.census(self.dataset)

@@ -8,12 +8,19 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowNotFoundException
+from airflow.sdk.exceptions import AirflowNotFoundException, AirflowSkipException
 
 from keyrotation.config import list_key_classes
 from keyrotation.errors import ConfigError, KeyRotationError
 from keyrotation.ledger import Ledger
-from keyrotation.reports import KeyClassEvidence, Period, write_report
+from keyrotation.reports import (
+    DEFAULT_MIN_INTERVAL,
+    REPORT_SKIPPED,
+    KeyClassEvidence,
+    Period,
+    skip_reason,
+    write_report,
+)
 from keyrotation_airflow.hooks.airflow_api import AirflowApiHook
 from keyrotation_airflow.hooks.storage import storage_for
 from keyrotation_airflow.runtime import key_class_runtime, run_context, run_type
@@ -57,15 +64,19 @@ class ComplianceReportOperator(BaseOperator):
     :param period_end: Last day reported on, inclusive. (templated)
     :param api_conn_id: Connection to the Airflow API server for the run history; if it is not
         defined, the report says so and its LOG-1 finding is a WARN. (templated)
+    :param min_interval_minutes: A run triggered by an audit asset event is skipped (and the skip
+        recorded in the ledger with its reason) if the previous report was written less than this many
+        minutes ago; 0 turns the limit off. Scheduled, backfill and manual runs always write. (templated)
     """
 
     template_fields: Sequence[str] = ("output_dir", "output_conn_id", "key_classes", "period_start", "period_end",
-                                      "api_conn_id")
+                                      "api_conn_id", "min_interval_minutes")
     ui_color = "#d6eaf8"
 
     def __init__(self, *, output_dir: str | None = None, output_conn_id: str | None = None,
                  key_classes: list[str] | None = None, period_start: str | None = None,
                  period_end: str | None = None, api_conn_id: str = AirflowApiHook.default_conn_name,
+                 min_interval_minutes: int | str | None = int(DEFAULT_MIN_INTERVAL.total_seconds() // 60),
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.output_dir = output_dir
@@ -74,8 +85,30 @@ class ComplianceReportOperator(BaseOperator):
         self.period_start = period_start
         self.period_end = period_end
         self.api_conn_id = api_conn_id
+        self.min_interval_minutes = min_interval_minutes
+
+    def min_interval(self) -> timedelta:
+        value = self.min_interval_minutes
+        if value in (None, ""):
+            return DEFAULT_MIN_INTERVAL
+        try:
+            minutes = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"parameter min_interval_minutes: {value!r} is not a number of minutes") from None
+        if minutes < 0:
+            raise ConfigError(f"parameter min_interval_minutes: {value!r} is negative")
+        return timedelta(minutes=minutes)
 
     def execute(self, context: Any) -> dict:
+        ledger = Ledger()
+        ctx = run_context(context) if context.get("ti") else None
+        if run_type(context) == "asset_triggered":
+            reason = skip_reason(ledger, datetime.now(UTC), self.min_interval())
+            if reason:
+                ledger.record(REPORT_SKIPPED, "*", ctx, status="skipped",
+                              detail={"reason": reason, "run_type": "asset_triggered"})
+                self.log.info("report skipped: %s", reason)
+                raise AirflowSkipException(reason)
         period = report_period(self.period_start, self.period_end, context)
         items, problems = [], []
         for name in self.key_classes or list_key_classes():
@@ -95,9 +128,8 @@ class ComplianceReportOperator(BaseOperator):
         home = os.environ.get("KEYROTATION_HOME", "var")
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         out = self.output_dir or f"{home}/reports/{period.start.date().isoformat()}_{stamp}"
-        result = write_report(items, Ledger(), out, period, history=history,
-                              storage=storage_for(out, self.output_conn_id),
-                              ctx=run_context(context) if context.get("ti") else None)
+        result = write_report(items, ledger, out, period, history=history,
+                              storage=storage_for(out, self.output_conn_id), ctx=ctx)
         self.log.info("compliance report for %s, %d key classes: %s (findings %s, content SHA-256 %s)", period,
                       len(items), result.html_path, result.findings, result.content_hash)
         if problems:

@@ -15,7 +15,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from keyrotation import ledger as lg
 from keyrotation.config import human_duration
 from keyrotation.errors import RetirementNotPossible, RetirementRefused
-from keyrotation.retirement import retire
+from keyrotation.retirement import duty_reason, retire, rotated_by
 from keyrotation_airflow.operators.rotation import as_bool
 from keyrotation_airflow.runtime import denied_fails_fast, key_class_runtime, run_context
 
@@ -38,7 +38,10 @@ class RetirementApprovalOperator(ApprovalOperator):
     """
     Ask a person to approve retiring a key class's old versions (Browse -> Required Actions), showing
     the census the gate saw; record the decision, the person and the time in the ledger. Reject skips
-    the retirement, so the versions stay enabled.
+    the retirement, so the versions stay enabled; so does no answer within ``response_timeout`` (recorded
+    as ``timed_out``). A request is made once per version range and census: a run that finds the same
+    versions and census already approved (within ``response_timeout``, and not retired since, e.g. because
+    the retirement failed) joins that approval instead of asking again.
 
     :param key_class: Key class name. (templated)
     """
@@ -49,32 +52,75 @@ class RetirementApprovalOperator(ApprovalOperator):
         super().__init__(**kwargs)
         self.key_class = key_class
 
+    def execute(self, context: Any) -> Any:
+        gate = context["ti"].xcom_pull(task_ids="census_gate") or {}
+        rt = key_class_runtime(self.key_class, "retire")
+        decision = self.standing_approval(rt.ledger, rt.name, gate)
+        if decision is not None:
+            recorded = decision["recorded_at"]
+            self.log.info("key class %s: retiring below v%s with this census was approved by %s at %s (run %s); "
+                          "joining that approval, no new request", rt.name, gate.get("retire_below"),
+                          decision["actor"] or "nobody", f"{recorded:%Y-%m-%d %H:%M:%S} UTC", decision["run_id"])
+            return {"chosen_options": [self.APPROVE], "params_input": {}, "responded_at": recorded.isoformat(),
+                    "responded_by_user": decision["actor"] or "", "joined_run_id": decision["run_id"]}
+        return super().execute(context)
+
+    def standing_approval(self, ledger: Any, key_class: str, gate: dict) -> dict | None:
+        """The approval of the same versions and census, given within ``response_timeout`` (a request would not
+        have waited longer), if that is the last decision on them."""
+        decision = last_decision(ledger, key_class, gate.get("retire_below"), gate.get("datasets"))
+        if decision is None or decision["status"] != "approved":
+            return None
+        if self.response_timeout is not None and datetime.now(UTC) - decision["recorded_at"] > self.response_timeout:
+            return None
+        return decision
+
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
-        decision = approval_from_hitl(event) if "error" not in event else None
         gate = context["ti"].xcom_pull(task_ids="census_gate") or {}
         asked = {"retire_below": gate.get("retire_below"), "census": gate.get("datasets")}
+        if "error" in event and event.get("error_type") != "timeout":
+            return super().execute_complete(context, event)  # fails the task: not a decision
         rt = key_class_runtime(self.key_class, "retire")
-        if decision is not None:
-            rt.ledger.record(lg.RETIREMENT_DECISION, rt.name, run_context(context),
-                             status="approved" if decision["approved"] else "rejected",
-                             actor=decision["approved_by"], detail={**decision, **asked})
-        else:  # no answer within response_timeout: recorded, and not asked again for the same versions
+        kc = rt.config.key_class
+        reference = rt.ledger.current_version(rt.name)
+        asked = {**asked, "policy": kc.policy_facts(), "rotated_by": rotated_by(rt.ledger, rt.name, reference)}
+        if "error" in event:  # no answer within response_timeout: recorded, and not asked again for the same
             rt.ledger.record(lg.RETIREMENT_DECISION, rt.name, run_context(context), status="timed_out",
                              detail={"error": str(event.get("error")), **asked})
+            waited = human_duration(self.response_timeout) if self.response_timeout else "its timeout"
+            raise AirflowSkipException(
+                f"key class {rt.name}: nobody answered within {waited}; recorded as timed_out, the versions stay "
+                "enabled and the same request is not made again until a new version or the census changes, or a "
+                "run with ask_again")
+        decision = approval_from_hitl(event)
+        # Recorded as given; the retirement gate then refuses it, with this reason in the ledger.
+        duty = duty_reason(kc, decision, asked["rotated_by"], reference or 0)
+        if duty:
+            self.log.warning("key class %s: %s", rt.name, duty)
+        rt.ledger.record(lg.RETIREMENT_DECISION, rt.name, run_context(context),
+                         status="approved" if decision["approved"] else "rejected",
+                         actor=decision["approved_by"], detail={**decision, **asked, "duty_conflict": duty})
         return super().execute_complete(context, event)
+
+
+def last_decision(ledger: Any, key_class: str, retire_below: int | None, census: list[dict] | None) -> dict | None:
+    """The last decision on retiring below ``retire_below`` (approved, rejected or timed_out), if the census
+    it was asked about is ``census``; None if there is none, or the census has changed since."""
+    for row in reversed(ledger.rows(key_class=key_class, events_in=(lg.RETIREMENT_DECISION,))):
+        detail = json.loads(row["detail"] or "{}")
+        if detail.get("retire_below") != retire_below:
+            continue
+        if detail.get("census") != census:
+            return None
+        return {**row, "recorded_at": lg.as_utc(row["recorded_at"])}
+    return None
 
 
 def previous_refusal(ledger: Any, key_class: str, retire_below: int, census: list[dict] | None) -> dict | None:
     """The last rejected or timed-out decision on retiring below ``retire_below`` while the census was the same;
     None if there is none, or the census has changed since."""
-    for row in reversed(ledger.rows(key_class=key_class, events_in=(lg.RETIREMENT_DECISION,))):
-        detail = json.loads(row["detail"] or "{}")
-        if detail.get("retire_below") != retire_below:
-            continue
-        if row["status"] in ("rejected", "timed_out") and detail.get("census") == census:
-            return row
-        return None
-    return None
+    decision = last_decision(ledger, key_class, retire_below, census)
+    return decision if decision is not None and decision["status"] in ("rejected", "timed_out") else None
 
 
 class WaitGracePeriodOperator(BaseOperator):
@@ -115,11 +161,11 @@ class WaitGracePeriodOperator(BaseOperator):
         since = reference.get("recorded_at")
         if since is None:
             raise AirflowFailException(f"key class {rt.name}: no time recorded for reference v{plan.reference_version}")
-        since = since if since.tzinfo else since.replace(tzinfo=UTC)
         end = since + rt.config.key_class.retire.grace_period
         info = {"grace_end": end.isoformat(), "reference_version": plan.reference_version,
                 "current_since": since.isoformat(), "rotated_by": reference.get("actor") or "a schedule",
-                "versions": plan.versions, "retire_below": plan.new_min_version}
+                "versions": plan.versions, "retire_below": plan.new_min_version,
+                "effect": rt.backend.retirement_effect(plan.versions, trim=rt.config.key_class.retire.trim)}
         if end > datetime.now(UTC):
             self.log.info("key class %s: grace period of %s since v%s became current ends at %s; waiting in the "
                           "triggerer", rt.name, human_duration(rt.config.key_class.retire.grace_period),
@@ -171,5 +217,9 @@ class RetireKeyVersionsOperator(BaseOperator):
         except RetirementNotPossible as exc:  # recorded in the ledger; nothing an operator can change
             raise AirflowSkipException(str(exc)) from None
         except RetirementRefused as exc:
-            raise AirflowFailException(str(exc)) from None
+            sweeps = ", ".join(f"reencrypt__{ds.name}" for ds in rt.config.datasets) or "the sweeps"
+            raise AirflowFailException(
+                f"{exc}. What to do: where data is under an old version or not validated since its last change, "
+                f"trigger {sweeps} with scope 'sweep' (the census and the ledger name the partitions); once the "
+                f"census gate passes, trigger retire__{rt.name} again: a changed census is asked about anew") from None
         return {"retired": plan.versions, "min_decryption_version": state.min_decryption_version}

@@ -6,11 +6,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from airflow.sdk.exceptions import (
+    AirflowException,
+    AirflowFailException,
+    AirflowNotFoundException,
+    AirflowSkipException,
+)
 
 from keyrotation import ledger as lg
 from keyrotation.planning import estimate, select_partitions
-from keyrotation.rotation import check_rotation, create_version, promote_version, update_reference
+from keyrotation.reports import HistoryUnavailable
+from keyrotation.rotation import check_rotation, create_version, promote_version, record_skip, update_reference
+from keyrotation_airflow.hooks.airflow_api import AirflowApiHook
 from keyrotation_airflow.runtime import denied_fails_fast, key_class_runtime, run_context, run_type
 
 
@@ -44,18 +51,22 @@ class RotateKeyOperator(BaseOperator):
     :param dry_run: Say whether a rotation is due and what the sweep after it would touch and cost (XCom
         ``dry_run_summary``, a ``dry_run`` ledger row); create nothing, and skip the rest of the run, so no
         asset event starts a sweep. (templated)
+    :param follower_dag_ids: The DAGs the rotation's asset event must start (the sweeps, the retirement). Where
+        the Airflow API connection is configured (``keyrotation_airflow_api``), a due rotation fails before
+        creating anything if one of them is paused: Airflow queues no asset event for a paused DAG.
     """
 
     template_fields: Sequence[str] = ("key_class", "force", "reason", "dry_run")
     ui_color = "#f4d7a1"
 
     def __init__(self, *, key_class: str, force: bool | str = False, reason: str | None = None,
-                 dry_run: bool | str = False, **kwargs: Any) -> None:
+                 dry_run: bool | str = False, follower_dag_ids: Sequence[str] = (), **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.key_class = key_class
         self.force = force
         self.reason = reason
         self.dry_run = dry_run
+        self.follower_dag_ids = list(follower_dag_ids)
 
     def execute(self, context: Any) -> int:
         with denied_fails_fast():
@@ -78,13 +89,36 @@ class RotateKeyOperator(BaseOperator):
         self.log.info("key class %s (%s %s): %s -> %s", rt.name, rt.config.key_class.backend,
                       rt.config.key_class.key_ref, check.reason, check.action)
         if not check.due:
-            rt.ledger.record(lg.ROTATION_SKIPPED, rt.name, ctx, status="skipped",
-                             from_version=check.latest_version, detail={"check": check.reason})
+            record_skip(rt.config.key_class, check, rt.ledger, ctx)
             raise AirflowSkipException(f"key class {rt.name}: rotation not due: {check.reason}")
-        version = create_version(rt.backend, check, rt.ledger, ctx, reason=reason)
+        self._check_followers(rt.name)
+        version = create_version(rt.backend, check, rt.ledger, ctx, reason=reason, kc=rt.config.key_class)
         self.log.info("key class %s: master key now at v%s", rt.name, version)
         return version
 
+
+    def _check_followers(self, key_class: str) -> None:
+        """Fail, before anything is created, if a DAG the rotation must start is paused (asked through the
+        read-only API connection; where it is not configured, say that it was not checked)."""
+        if not self.follower_dag_ids:
+            return
+        try:
+            api = AirflowApiHook().get_conn()
+        except AirflowNotFoundException:
+            self.log.warning("key class %s: connection %s not configured: not checked that %s are active (they are "
+                             "created active; a paused one would leave the data under the old version)", key_class,
+                             AirflowApiHook.default_conn_name, ", ".join(self.follower_dag_ids))
+            return
+        try:
+            paused = [d for d in self.follower_dag_ids if api.get(f"/api/v2/dags/{d}")["is_paused"]]
+        except HistoryUnavailable as exc:
+            raise AirflowException(f"key class {key_class}: cannot check that {', '.join(self.follower_dag_ids)} "
+                                   f"are active: {exc}") from None
+        if paused:
+            raise AirflowFailException(
+                f"key class {key_class}: {', '.join(paused)} {'is' if len(paused) == 1 else 'are'} paused: Airflow "
+                "queues no asset event for a paused DAG, so this rotation would leave the data under the old version "
+                "and nothing would retire it; nothing was created. Unpause it, then trigger the rotation again")
 
     def _dry_run(self, context: Any, force: bool) -> int:
         """What a rotation now would do, and the sweep after it: read through the report role (key metadata and
