@@ -60,6 +60,15 @@ def live(tmp_path_factory, openbao, moto):
     engine = life.engine("life_customers")
     for partition, table in DATASET_WRITERS["customers"](3, 200):  # the demo's data: email, phone and ssn
         engine.write_partition(partition, table, first)
+    unanswered = _key_class(base, config_dir, dags, "to", KEY_CLASS_YAML.format(
+        name="to", key_ref=f"to-{secrets.token_hex(4)}", conn_id=CONN_ID, mode="rewrap", chunk_size=4, grace="0s",
+        dataset="to_data", location=base / "to_data").replace(
+        "approval_required: false", f"approval_required: true\n    approval_timeout: {APPROVAL_TIMEOUT}s").replace(
+        'start_date: "2024-01-01"', 'start_date: "2099-01-01"'), openbao, ledger_url)
+    seed(unanswered, "to_data", days("2024-01-01", 2))
+    v2 = unanswered.backend.rotate()
+    update_reference("to", v2, unanswered.ledger, RunContext(actor="test"))
+    sweep(unanswered, "to_data", v2)
     bf = _key_class(base, config_dir, dags, "bf", KEY_CLASS_YAML.format(
         name="bf", key_ref=f"bf-{secrets.token_hex(4)}", conn_id=CONN_ID, mode="rewrap", chunk_size=4, grace="0s",
         dataset="bf_customers", location=base / "bf_data"), openbao, ledger_url)
@@ -86,7 +95,7 @@ def live(tmp_path_factory, openbao, moto):
         "conn_type": "http", "host": "127.0.0.1", "port": airflow.port, "login": "viewer",
         "password": passwords["viewer"]})
     airflow.start()
-    airflow.rt, airflow.life, airflow.bf, airflow.ev = rt, life, bf, ev
+    airflow.rt, airflow.life, airflow.bf, airflow.ev, airflow.unanswered = rt, life, bf, ev, unanswered
     airflow.sqs, airflow.queue_url, airflow.mail = sqs, queue_url, mail
     yield airflow
     airflow.stop()
@@ -100,6 +109,7 @@ def _key_class(base: Path, config_dir: Path, dags: Path, name: str, text: str, o
 
 
 LIFE_GRACE = timedelta(seconds=75)
+APPROVAL_TIMEOUT = 8  # seconds, for the key class "to" whose approval nobody answers
 
 
 def shipped_policy_shortened(location: Path) -> str:
@@ -372,7 +382,7 @@ def test_the_lifecycle_closes_unattended_under_the_shipped_policy(live):
         # The mail that asks for it, with the link that opens it (as the approver would, in a browser).
         [mail] = live.mail.wait_for(1)
         link = f"{live.url}/dags/retire__life/runs/{retire_id}/tasks/approve/required_actions?map_index=-1"
-        assert mail.subject == "[keyrotation] life: approval pending in retire__life" and link in mail.text
+        assert mail.subject == "[keyrotation] life: approval pending in retire__life" and link in mail.text()
         assert mail.rcpt_tos == ("key-custodians@example.test",)
         _open_as_admin(live, link, "Retire versions of key class life", "What approving does in the KMS", "Approve")
         _wait_until_answerable(live, client, retire_id, "retire__life")
@@ -478,8 +488,9 @@ def test_a_rotation_refuses_to_start_while_a_dag_it_must_start_is_paused(live):
                 "logical_date": None, "conf": {"force": True, "reason": "test: paused follower"}}).json()["dag_run_id"]
             assert live.wait(lambda: _finished(client, "rotate__ui", run_id), f"end of {run_id}") == "failed"
             ti = client.get(f"/api/v2/dags/rotate__ui/dagRuns/{run_id}/taskInstances/rotate_key").json()
-            log = client.get(f"/api/v2/dags/rotate__ui/dagRuns/{run_id}/taskInstances/rotate_key/logs/1",
-                             params={"full_content": True}, headers={"Accept": "text/plain"}).text
+            # The task log as the UI reads it (structured events; the failure's message is in the error's value).
+            log = json.dumps(client.get(f"/api/v2/dags/rotate__ui/dagRuns/{run_id}/taskInstances/rotate_key/logs/1",
+                                        params={"full_content": True}).json())
         finally:
             assert client.patch("/api/v2/dags/reencrypt__ui_customers", json={"is_paused": False}).status_code == 200
     assert (ti["state"], ti["try_number"]) == ("failed", 1)
@@ -487,3 +498,22 @@ def test_a_rotation_refuses_to_start_while_a_dag_it_must_start_is_paused(live):
             "rotation would leave the data under the old version and nothing would retire it; nothing was created. "
             "Unpause it, then trigger the rotation again") in log, log[-2000:]
     assert rt.backend.key_state().latest_version == before and rt.ledger.current_version("ui") == before
+
+
+def test_an_unanswered_approval_times_out_is_recorded_and_not_asked_again(live):
+    """Nobody answers within approval_timeout: the scheduler resumes the approval with a timeout, which is recorded
+    as a decision (timed_out) and skips the retirement, the run does not fail; the next run asks no one again."""
+    rt = live.unanswered
+    with live.client("admin") as client:
+        first = client.post("/api/v2/dags/retire__to/dagRuns", json={"logical_date": None}).json()["dag_run_id"]
+        assert live.wait(lambda: _finished(client, "retire__to", first), f"end of {first}") == "success"
+        assert {t: _task_state(client, first, t, "retire__to") for t in ("approve", "retire_versions")} == {
+            "approve": "skipped", "retire_versions": "skipped"}
+        again = client.post("/api/v2/dags/retire__to/dagRuns", json={"logical_date": None}).json()["dag_run_id"]
+        assert live.wait(lambda: _finished(client, "retire__to", again), f"end of {again}") == "success"
+        assert _task_state(client, again, "wait_grace_period", "retire__to") == "skipped"
+        details = client.get("/api/v2/dags/retire__to/dagRuns/~/hitlDetails").json()["hitl_details"]
+    assert [d["task_instance"]["dag_run_id"] for d in details] == [first]
+    [decision] = rt.ledger.rows(key_class="to", events_in=(lg.RETIREMENT_DECISION,))
+    assert (decision["status"], decision["run_id"]) == ("timed_out", first)
+    assert rt.backend.key_state().min_decryption_version == 1

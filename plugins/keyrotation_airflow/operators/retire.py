@@ -162,8 +162,9 @@ class WaitGracePeriodOperator(BaseOperator):
         if since is None:
             raise AirflowFailException(f"key class {rt.name}: no time recorded for reference v{plan.reference_version}")
         end = since + rt.config.key_class.retire.grace_period
+        rotator = rotated_by(rt.ledger, rt.name, plan.reference_version) or "a schedule"
         info = {"grace_end": end.isoformat(), "reference_version": plan.reference_version,
-                "current_since": since.isoformat(), "rotated_by": reference.get("actor") or "a schedule",
+                "current_since": since.isoformat(), "rotated_by": rotator,
                 "versions": plan.versions, "retire_below": plan.new_min_version,
                 "effect": rt.backend.retirement_effect(plan.versions, trim=rt.config.key_class.retire.trim)}
         if end > datetime.now(UTC):
