@@ -119,7 +119,9 @@ became current (by {{{{ ti.xcom_pull(task_ids='wait_grace_period')['rotated_by']
 **Census the gate passed on** (partitions per oldest wrapping version, read from the key material):
 
 {{% for ds in ti.xcom_pull(task_ids='census_gate')['datasets'] %}}
-- `{{{{ ds.dataset }}}}`: {{{{ ds.partitions }}}} partitions ({{% for v, n in ds.by_version.items() %}}{{{{ n }}}} under {{{{ v }}}}{{{{ ', ' if not loop.last }}}}{{% else %}}none{{% endfor %}});
+- `{{{{ ds.dataset }}}}`: {{{{ ds.partitions }}}} partitions
+  ({{% for v, n in ds.by_version.items() %}}{{{{ n }}}} under {{{{ v }}}}
+  {{%- if not loop.last %}}, {{% endif %}}{{% else %}}none{{% endfor %}});
   under the versions to retire: **{{{{ ds.under_retired_versions }}}}**, unreadable: {{{{ ds.unreadable }}}}
 {{% endfor %}}
 
