@@ -20,9 +20,11 @@ PASS / WARN / FAIL per control, each linked to its evidence rows.
 - **Monthly** (data interval = the month; backfill any past month: `airflow backfill create --dag-id
   compliance_report --from-date 2025-01-01 --to-date 2025-06-30`), after every retirement or
   re-encryption (the `keyrotation.audit` asset: month to date), or by hand with a **period**.
-- After an audit event the run is **skipped** (recorded in the ledger as `report_skipped`, with the
-  reason) if the previous report is younger than **min_interval_minutes** (default 60; 0: no limit).
-  Monthly, backfill and manual runs always write a report.
+- After audit events the run reports on the key classes they are about (the event's `key_class`, or
+  the key classes with ledger events since their last report), leaving out each key class whose
+  previous report is younger than **min_interval_minutes** (default 60; 0: no limit), recorded in the
+  ledger as `report_skipped` with the reason; with none left the run is skipped. Monthly, backfill and
+  manual runs always report on every key class.
 - Each report names the previous one (its path and the SHA-256 of its HTML, PDF and content), so the
   reports form a chain.
 - Writes `report.html`, `report.pdf`, charts and every table as CSV and Parquet to **output**
@@ -54,9 +56,9 @@ with DAG(
                                 description="aws connection for an s3:// output."),
         "min_interval_minutes": Param(60, type="integer", minimum=0, title="Minimum interval after audit events",
                                       section="Rate",
-                                      description="An audit-triggered run is skipped if the previous report is "
-                                                  "younger than this (minutes); 0: no limit. Other runs always "
-                                                  "write."),
+                                      description="An audit-triggered run leaves out each key class whose "
+                                                  "previous report is younger than this (minutes); 0: no limit. "
+                                                  "Other runs always cover every key class."),
     },
 ):
     ComplianceReportOperator(task_id="write_report", period_start="{{ params.period_start }}",

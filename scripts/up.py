@@ -14,7 +14,10 @@ class and role (rotate, reencrypt, retire, report) a token with that role's poli
 renewed every hour while ``make up`` runs), kept in ``var/up/openbao/tokens.json`` (mode 0600). The key
 classes reach them through ``$KEYROTATION_ROLE_CONNECTIONS`` (``{conn_id}_{key_class}_{role}``, e.g.
 ``vault_keyrotation_customer_pii_rotate``), so the shipped key class files are used as they are; the
-root token is in no Airflow connection. The compliance report reads the run history as the user
+root token is in no Airflow connection. The ledger's anchor key (``keyrotation-ledger-anchor``) is created,
+with its policies (``keyrotation-ledger-anchor-writer``, ``-verifier``) and a periodic token with those
+only, for the connection ``keyrotation_anchor`` of the hourly ``ledger_checkpoint`` DAG (checkpoints in
+``var/up/ledger-checkpoints.jsonl``). The compliance report reads the run history as the user
 ``report`` (role viewer: read only) through the connection ``keyrotation_airflow_api``; the passwords of
 ``admin`` and ``report`` are in ``var/up/airflow/simple_auth_manager_passwords.json.generated`` (0600).
 On first start, the demo datasets are written (30 daily partitions each) under the key classes' first
@@ -62,6 +65,8 @@ API_CONN_ID = "keyrotation_airflow_api"
 ROLE_CONNECTIONS = "{conn_id}_{key_class}_{role}"
 #: Lets a role token look itself up (the hashicorp provider does, to check it) and renew itself; nothing else.
 TOKEN_SELF_POLICY = "keyrotation-token-self"
+#: The ledger_checkpoint DAG's connection to the ledger's anchor key.
+ANCHOR_CONN_ID = "keyrotation_anchor"
 TOKEN_SELF_HCL = ('path "auth/token/lookup-self" {\n  capabilities = ["read"]\n}\n'
                   'path "auth/token/renew-self" {\n  capabilities = ["update"]\n}\n')
 TOKEN_PERIOD = "24h"
@@ -244,12 +249,60 @@ def log_tail(name: str, lines: int = 15) -> str:
 # --- OpenBao: role policies and tokens ---------------------------------------------------------------------
 
 
-def role_tokens(bao) -> dict[str, dict]:  # noqa: ANN001
-    """Write each key class's role policies and give each key class and role a periodic token with only that
-    role's policy (and the right to look itself up and renew itself). Tokens still valid with the same
-    policies are kept (and renewed); the others are revoked and replaced. Returns conn_id -> token entry."""
+def _periodic_token(root, stored: dict[str, dict], conn_id: str, policies: list[str], display_name: str,  # noqa: ANN001
+                    meta: dict[str, str]) -> tuple[dict, bool]:
+    """The stored token of ``conn_id`` if still valid with exactly ``policies`` (and the self policy), renewed;
+    else a new periodic one (the stored one revoked). Returns the entry and whether it is new."""
     from hvac.exceptions import Forbidden, InvalidRequest
 
+    wanted = sorted([*policies, TOKEN_SELF_POLICY])
+    entry = stored.get(conn_id)
+    if entry:
+        try:
+            data = root.auth.token.lookup(entry["token"])["data"]
+            if sorted(data["policies"]) == wanted and data.get("period"):
+                root.auth.token.renew(entry["token"])
+                return entry, False
+        except (Forbidden, InvalidRequest):  # expired or revoked
+            pass
+        _revoke(root, entry)
+    auth = root.auth.token.create(
+        policies=wanted, no_default_policy=True, period=TOKEN_PERIOD, renewable=True, no_parent=True,
+        display_name=display_name, meta=meta,
+    )["auth"]
+    return {"token": auth["client_token"], "accessor": auth["accessor"], **meta, "policies": wanted}, True
+
+
+def anchor_token(root, stored: dict[str, dict]) -> dict:  # noqa: ANN001
+    """The ledger's anchor key (created here, with the root token: the anchor token cannot create it), its
+    policies (``keyrotation.policies.anchor_policies``) and a periodic token with both, for the
+    ``keyrotation_anchor`` connection of the ``ledger_checkpoint`` DAG."""
+    from hvac.exceptions import InvalidPath
+
+    from keyrotation.anchoring import DEFAULT_ANCHOR_KEY
+    from keyrotation.backends.vault_transit import KEY_TYPE
+    from keyrotation.policies import anchor_policies
+
+    try:
+        root.secrets.transit.read_key(DEFAULT_ANCHOR_KEY)
+    except InvalidPath:
+        root.secrets.transit.create_key(DEFAULT_ANCHOR_KEY, key_type=KEY_TYPE)
+    names = []
+    for role, hcl in anchor_policies(DEFAULT_ANCHOR_KEY).items():
+        names.append(f"keyrotation-ledger-{role}")
+        root.sys.create_or_update_policy(name=names[-1], policy=hcl)
+    entry, new = _periodic_token(root, stored, ANCHOR_CONN_ID, names, "ledger-anchor", {"role": "ledger-anchor"})
+    if new:
+        print(f"OpenBao token for the ledger's anchor key (policies {', '.join(names)}): connection "
+              f"{ANCHOR_CONN_ID}", flush=True)
+    return entry
+
+
+def role_tokens(bao) -> dict[str, dict]:  # noqa: ANN001
+    """Write each key class's role policies and give each key class and role a periodic token with only that
+    role's policy (and the right to look itself up and renew itself); likewise the ledger's anchor
+    (:func:`anchor_token`). Tokens still valid with the same policies are kept (and renewed); the others are
+    revoked and replaced. Returns conn_id -> token entry."""
     from keyrotation.config import list_key_classes, load_key_class
     from keyrotation.policies import policies_for
 
@@ -269,25 +322,11 @@ def role_tokens(bao) -> dict[str, dict]:  # noqa: ANN001
             policy = policy_name(kc.name, role)
             root.sys.create_or_update_policy(name=policy, policy=hcl)
             conn_id = kc.conn_for(role)
-            entry = stored.get(conn_id)
-            wanted = sorted([policy, TOKEN_SELF_POLICY])
-            if entry:
-                try:
-                    data = root.auth.token.lookup(entry["token"])["data"]
-                    if sorted(data["policies"]) == wanted and data.get("period"):
-                        root.auth.token.renew(entry["token"])
-                        tokens[conn_id] = entry
-                        continue
-                except (Forbidden, InvalidRequest):  # expired or revoked
-                    pass
-                _revoke(root, entry)
-            auth = root.auth.token.create(
-                policies=[policy, TOKEN_SELF_POLICY], no_default_policy=True, period=TOKEN_PERIOD, renewable=True,
-                no_parent=True, display_name=f"{kc.name}-{role}", meta={"key_class": kc.name, "role": role},
-            )["auth"]
-            tokens[conn_id] = {"token": auth["client_token"], "accessor": auth["accessor"], "key_class": kc.name,
-                               "role": role, "policies": wanted}
-            print(f"OpenBao token for {kc.name}/{role} (policy {policy}): connection {conn_id}", flush=True)
+            tokens[conn_id], new = _periodic_token(root, stored, conn_id, [policy], f"{kc.name}-{role}",
+                                                   {"key_class": kc.name, "role": role})
+            if new:
+                print(f"OpenBao token for {kc.name}/{role} (policy {policy}): connection {conn_id}", flush=True)
+    tokens[ANCHOR_CONN_ID] = anchor_token(root, stored)
     for conn_id, entry in stored.items():
         if conn_id not in tokens:
             _revoke(root, entry)

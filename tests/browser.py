@@ -15,8 +15,6 @@ from pathlib import Path
 import httpx
 from websockets.sync.client import connect
 
-from keyrotation.devserver import free_port
-
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
 
@@ -30,22 +28,28 @@ class Browser:
         binary = chromium_binary()
         if not binary:
             raise FileNotFoundError("chromium is not installed (Debian package 'chromium')")
-        self.port = free_port()
         self.profile = tempfile.mkdtemp(prefix="chromium-")
-        self.proc = subprocess.Popen(
-            [binary, *FLAGS, f"--remote-debugging-port={self.port}", f"--user-data-dir={self.profile}",
-             f"--window-size={width},{height}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
+        # Port 0: Chromium picks a free port itself and writes it to DevToolsActivePort in the profile (a port
+        # chosen here could be taken by another process before Chromium binds it).
+        self.stderr = Path(tempfile.mkstemp(prefix="chromium-stderr-")[1])
+        with self.stderr.open("w") as err:
+            self.proc = subprocess.Popen(
+                [binary, *FLAGS, "--remote-debugging-port=0", f"--user-data-dir={self.profile}",
+                 f"--window-size={width},{height}", "about:blank"], stdout=subprocess.DEVNULL, stderr=err)
+        active = Path(self.profile) / "DevToolsActivePort"
+        deadline = time.monotonic() + 60
         while True:
             try:
+                self.port = int(active.read_text().split()[0])
                 pages = httpx.get(f"http://127.0.0.1:{self.port}/json", timeout=2).json()
                 page = next(p for p in pages if p.get("type") == "page")
                 break
-            except (httpx.HTTPError, StopIteration, ValueError):
-                if time.monotonic() > deadline:
+            except (OSError, IndexError, httpx.HTTPError, StopIteration, ValueError):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    tail = self.stderr.read_text(errors="replace")[-1500:]
                     self.close()
-                    raise TimeoutError("chromium did not open its DevTools port") from None
+                    raise TimeoutError(f"chromium did not open its DevTools port (exit code {self.proc.returncode}); "
+                                       f"its stderr ends with:\n{tail}") from None
                 time.sleep(0.2)
         self.ws = connect(page["webSocketDebuggerUrl"], max_size=None)
         self.ids = count(1)
@@ -127,6 +131,7 @@ class Browser:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         shutil.rmtree(self.profile, ignore_errors=True)
+        self.stderr.unlink(missing_ok=True)
 
     def __enter__(self) -> Browser:
         return self

@@ -35,8 +35,8 @@ def test_shipped_dags_load_without_import_errors(monkeypatch):
     bag = DagBag(dag_folder=str(ROOT / "dags"))
     assert bag.import_errors == {}
     assert sorted(bag.dags) == [
-        "compliance_report", "reencrypt__customers", "reencrypt__payments", "retire__customer_pii",
-        "retire__payment_tokens", "rotate__customer_pii", "rotate__payment_tokens",
+        "compliance_report", "ledger_checkpoint", "reencrypt__customers", "reencrypt__payments",
+        "retire__customer_pii", "retire__payment_tokens", "rotate__customer_pii", "rotate__payment_tokens",
     ]
     for dag_id, dag in bag.dags.items():
         assert dag.doc_md, dag_id

@@ -21,7 +21,7 @@ from hvac.exceptions import Forbidden, InvalidPath, InvalidRequest
 from helpers import AWS_KEY_CLASS_YAML, days, runtime, seed
 from keyrotation.backends.vault_transit import KEY_TYPE, VaultTransitBackend
 from keyrotation.errors import BackendError
-from keyrotation.policies import ROLES, policies_for
+from keyrotation.policies import ROLES, anchor_policies, policies_for
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLE_CONNS = {role: f"kr_{role}" for role in ROLES}
@@ -309,6 +309,11 @@ def test_policies_cli(make_key_class, tmp_path):
     assert (other.returncode, other.stdout) == (2, "")
     assert other.stderr == ("error: key class 'lpcli_aws': backend 'aws_kms' has no Vault policy "
                             "(use python -m keyrotation.aws_policies)\n")
+    anchor = _policies_cli("--anchor")
+    assert anchor.returncode == 0, anchor.stderr
+    for name, hcl in anchor_policies("keyrotation-ledger-anchor").items():
+        header = f"# keyrotation-ledger-{name}: the ledger's anchor key 'keyrotation-ledger-anchor'"
+        assert f"{header}\n{hcl}" in anchor.stdout
 
 
 @pytest.mark.airflow
@@ -378,3 +383,42 @@ def test_connections_from_the_vault_secrets_backend(make_key_class, vault, openb
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert rt.backend.key_state().latest_version == 1  # the key was created through the rotate token
     assert tokens["rotate"] not in done.stdout + done.stderr
+
+
+def test_anchor_policies_hmac_and_verify_and_nothing_else(vault, openbao):
+    """The ledger's anchor key: the writer's token HMACs (and the HMAC verifies), the verifier's token reads the
+    key and verifies; each is refused every other operation, a hash algorithm other than sha2-256 and any
+    other key with 403."""
+    from keyrotation.anchoring import TransitAnchor
+
+    key = f"anchor-lp-{os.urandom(4).hex()}"
+    vault.secrets.transit.create_key(key, key_type=KEY_TYPE)  # as make up does, with the root token
+    ct = vault.secrets.transit.encrypt_data(key, base64.b64encode(SECRET).decode())["data"]["ciphertext"]
+    clients = {}
+    for name, hcl in anchor_policies(key).items():
+        vault.sys.create_or_update_policy(name=f"{key}-{name}", policy=hcl)
+        token = vault.auth.token.create(policies=[f"{key}-{name}"], no_default_policy=True, ttl="1h")
+        clients[name] = hvac.Client(url=openbao.url, token=token["auth"]["client_token"])
+    writer = TransitAnchor(clients["anchor-writer"], key)
+    verifier = TransitAnchor(clients["anchor-verifier"], key)
+
+    mac = writer.mac(b"head")
+    assert mac.startswith("vault:v1:")
+    assert verifier.verify(b"head", mac) and not verifier.verify(b"other head", mac)
+    assert verifier.client.secrets.transit.read_key(key)["data"]["name"] == key
+    verifier.ensure_key()  # reads it: exists, nothing to create
+
+    b64 = base64.b64encode(b"head").decode()
+    anchor_ops: dict[str, Op] = {
+        "hmac": lambda c, k, _: c.secrets.transit.generate_hmac(k, b64, algorithm="sha2-256"),
+        "hmac-sha512": lambda c, k, _: c.secrets.transit.generate_hmac(k, b64, algorithm="sha2-512"),
+        "verify": lambda c, k, _: c.secrets.transit.verify_signed_data(k, b64, hmac=mac, hash_algorithm="sha2-256"),
+        "verify-sha512": lambda c, k, _: c.secrets.transit.verify_signed_data(k, b64, hmac=mac,
+                                                                              hash_algorithm="sha2-512"),
+        "other-hmac": lambda c, k, _: c.secrets.transit.generate_hmac("keyrotation-some-other-key", b64),
+    }
+    allowed = {"anchor-writer": {"hmac"}, "anchor-verifier": {"read", "verify"}}
+    for name, client in clients.items():
+        for op, call in {**OPERATIONS, **anchor_ops}.items():
+            if op not in allowed[name]:
+                refused(vault, key, lambda call=call, client=client: call(client, key, ct), f"{name}: {op}")

@@ -118,3 +118,88 @@ def test_a_replaced_checkpoint_is_exit_6(anchored, capsys, openbao):
 
 def _anchor_key() -> str:
     return os.environ[ANCHOR_KEY_ENV]
+
+
+# --- The hourly checkpoint task (dags/ledger_checkpoint.py) ------------------------------------------------
+
+
+@pytest.fixture
+def anchor_conn(anchored, vault, openbao, monkeypatch):
+    """The ``keyrotation_anchor`` connection, with a token that has the anchor policies only, as make up makes
+    it; the anchor key created by the root token."""
+    from keyrotation.policies import anchor_policies
+
+    key = _anchor_key()
+    names = []
+    for name, hcl in anchor_policies(key).items():
+        vault.sys.create_or_update_policy(name=f"{key}-{name}", policy=hcl)
+        names.append(f"{key}-{name}")
+    token = vault.auth.token.create(policies=names, no_default_policy=True, ttl="1h")["auth"]["client_token"]
+    monkeypatch.setenv("AIRFLOW_CONN_KEYROTATION_ANCHOR", openbao.airflow_connection_uri(token))
+    ledger, path = anchored
+    monkeypatch.setenv("KEYROTATION_LEDGER_URL", ledger.url)
+    monkeypatch.setenv("KEYROTATION_LEDGER_CHECKPOINTS", str(path))
+    return ledger, path
+
+
+def _checkpoint_task():
+    from dag_runs import task_context
+    from keyrotation_airflow.operators.ledger import LedgerCheckpointOperator
+
+    return LedgerCheckpointOperator(task_id="write_checkpoint"), task_context("ledger_checkpoint", "write_checkpoint")
+
+
+def test_the_checkpoint_task_writes_a_checkpoint_that_verifies(anchor_conn, capsys):
+    ledger, path = anchor_conn
+    ledger.record(lg.ROTATION_SKIPPED, "pii", status="skipped")
+    task, context = _checkpoint_task()
+    assert task.execute(context) == {"last_id": 7, "rows": 7, "path": str(path), "previous": "anchored"}
+    assert len(path.read_text().splitlines()) == 2
+    assert (_checkpoint(path)["last_id"], _checkpoint(path)["rows"]) == (7, 7)
+    code, out = _verify(capsys, ledger, path)
+    assert code == lg.INTACT, out
+    assert out.strip().endswith("; 0 rows since"), out
+
+
+def test_the_checkpoint_task_fails_on_a_cut_tail_and_writes_nothing(anchor_conn):
+    from airflow.sdk.exceptions import AirflowException
+
+    ledger, path = anchor_conn
+    created = _checkpoint(path)["created_at"]
+    before = path.read_text()
+    _sql(ledger, "DROP TRIGGER ledger_events_no_delete", "DELETE FROM ledger_events WHERE id > 4")
+    task, context = _checkpoint_task()
+    with pytest.raises(AirflowException) as failed:
+        task.execute(context)
+    assert str(failed.value) == (f"tail cut: the checkpoint of {created} anchors row 6 (6 rows); the ledger now "
+                                 "ends at row 4 (4 rows); no checkpoint written")
+    assert path.read_text() == before
+    # All of it (the task's Ledger() put the guard back): still a cut tail, not an empty ledger to skip.
+    _sql(ledger, "DROP TRIGGER IF EXISTS ledger_events_no_delete", "DELETE FROM ledger_events")
+    with pytest.raises(AirflowException, match=r"the ledger now ends at row 0 \(0 rows\); no checkpoint written"):
+        task.execute(context)
+    assert path.read_text() == before
+
+
+def test_the_checkpoint_task_is_skipped_without_the_connection(anchor_conn, monkeypatch):
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    _, path = anchor_conn
+    before = path.read_text()
+    monkeypatch.delenv("AIRFLOW_CONN_KEYROTATION_ANCHOR")
+    task, context = _checkpoint_task()
+    with pytest.raises(AirflowSkipException, match="ledger anchoring is not configured: no connection "
+                                                   "'keyrotation_anchor'"):
+        task.execute(context)
+    assert path.read_text() == before
+
+
+def test_a_checkpoint_of_the_empty_ledger_verifies(tmp_path, openbao, monkeypatch, capsys):
+    monkeypatch.setenv("VAULT_ADDR", openbao.url)
+    monkeypatch.setenv("VAULT_TOKEN", openbao.token)
+    monkeypatch.setenv(ANCHOR_KEY_ENV, f"anchor-{secrets.token_hex(4)}")
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    path = tmp_path / "ledger-checkpoints.jsonl"
+    assert lg.main(["checkpoint", "--url", ledger.url, "--checkpoints", str(path)]) == lg.INTACT
+    code, out = _verify(capsys, ledger, path)
+    assert code == lg.INTACT and "row 0 matches the checkpoint of" in out, out

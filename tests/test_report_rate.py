@@ -1,7 +1,7 @@
-"""Reports at a sensible rate, and as a chain: a report triggered by an audit event is skipped (and
-the skip recorded with its reason) while the previous report is younger than the minimum interval;
-scheduled and manual runs always write; each report names the previous one and its SHA-256, checked
-here against the files on disk."""
+"""Reports at a sensible rate, and as a chain: a report triggered by audit events covers the key
+classes they are about, less each one whose previous report covering it is younger than the minimum
+interval (each skip recorded with its reason); scheduled, backfill and manual runs always cover every
+key class; each report names the previous one and its SHA-256, checked here against the files on disk."""
 
 from __future__ import annotations
 
@@ -52,9 +52,27 @@ def test_each_report_names_the_previous_one_and_its_sha256(tmp_path):
             assert html_hash in text and pdf_hash in text
 
 
-def _context(run_type: str) -> dict:
+def _context(run_type: str, *extras: dict) -> dict:
     ti = SimpleNamespace(dag_id="compliance_report", run_id=f"{run_type}__x", task_id="write_report", try_number=1)
-    return {"ti": ti, "dag_run": SimpleNamespace(run_type=run_type, triggering_user_name=None)}
+    events = {"keyrotation.audit": [SimpleNamespace(extra=e) for e in extras]} if extras else {}
+    return {"ti": ti, "dag_run": SimpleNamespace(run_type=run_type, triggering_user_name=None),
+            "triggering_asset_events": events}
+
+
+KEY_CLASSES = ("alpha", "beta", "gamma")
+
+
+def _runtime(name: str, role: str):
+    from keyrotation.backends.base import KeyState, KeyVersion
+    from keyrotation.config import KeyClass
+
+    kc = KeyClass(name=name, backend="vault_transit", key_ref=f"{name}-key", conn_id="vault",
+                  rotation={"cryptoperiod": "90d"})
+    made = datetime.now(UTC) - timedelta(days=1)
+    state = KeyState(key_ref=kc.key_ref, exists=True, latest_version=1, min_decryption_version=1,
+                     min_encryption_version=1, versions={1: KeyVersion(1, made)})
+    return SimpleNamespace(config=SimpleNamespace(key_class=kc), backend=SimpleNamespace(key_state=lambda: state),
+                           censuses=lambda: [])
 
 
 @pytest.fixture
@@ -63,7 +81,8 @@ def operator_ledger(tmp_path, monkeypatch):
 
     url = f"sqlite:///{tmp_path / 'rate.db'}"
     monkeypatch.setenv("KEYROTATION_LEDGER_URL", url)
-    monkeypatch.setattr(report, "list_key_classes", lambda: [])
+    monkeypatch.setattr(report, "list_key_classes", lambda: list(KEY_CLASSES))
+    monkeypatch.setattr(report, "key_class_runtime", _runtime)
     return Ledger(url)
 
 
@@ -74,37 +93,77 @@ def _operator(tmp_path: Path, name: str, **kwargs):
                                     period_start="2025-08-01", period_end="2025-08-31", **kwargs)
 
 
-def test_an_audit_triggered_report_is_skipped_within_the_interval_other_runs_always_write(operator_ledger, tmp_path):
+def _written(ledger: Ledger) -> list[tuple[str, list[str]]]:
+    return [(r["run_id"], json.loads(r["detail"])["key_classes"]) for r in ledger.rows(events_in=(lg.REPORT_WRITTEN,))]
+
+
+def _skips(ledger: Ledger) -> list[tuple[str, str]]:
+    return [(r["key_class"], json.loads(r["detail"])["reason"]) for r in ledger.rows(events_in=("report_skipped",))]
+
+
+def test_the_rate_limit_is_per_key_class_and_other_runs_always_write_all(operator_ledger, tmp_path):
     from airflow.sdk.exceptions import AirflowSkipException
 
     ledger = operator_ledger
-    _operator(tmp_path, "monthly").execute(_context("scheduled"))
-    with pytest.raises(AirflowSkipException, match="previous report written 0 min ago .* less than the minimum "
-                                                   "interval of 60 min"):
-        _operator(tmp_path, "audit1").execute(_context("asset_triggered"))
-    assert not (tmp_path / "audit1").exists()
-    [skipped] = ledger.rows(events_in=("report_skipped",))
-    assert (skipped["status"], skipped["run_id"]) == ("skipped", "asset_triggered__x")
-    assert str(tmp_path / "monthly" / "report.html") in json.loads(skipped["detail"])["reason"]
+    _operator(tmp_path, "first_alpha").execute(_context("asset_triggered", {"key_class": "alpha"}))
+    assert _written(ledger) == [("asset_triggered__x", ["alpha"])]
+    page = (tmp_path / "first_alpha" / "report.html").read_text()
+    assert "alpha-key" in page and "beta-key" not in page
 
-    # Manual and scheduled runs write whatever the interval; an audit-triggered one with the limit off too.
-    _operator(tmp_path, "manual").execute(_context("manual"))
-    _operator(tmp_path, "scheduled").execute(_context("scheduled"))
-    _operator(tmp_path, "nolimit", min_interval_minutes=0).execute(_context("asset_triggered"))
-    written = [r["run_id"] for r in ledger.rows(events_in=(lg.REPORT_WRITTEN,))]
-    assert written == ["scheduled__x", "manual__x", "scheduled__x", "asset_triggered__x"]
-    assert len(ledger.rows(events_in=("report_skipped",))) == 1
+    # alpha again within the interval: skipped, with the reason naming alpha and the report that covered it.
+    with pytest.raises(AirflowSkipException, match="no key class"):
+        _operator(tmp_path, "again_alpha").execute(_context("asset_triggered", {"key_class": "alpha"}))
+    assert not (tmp_path / "again_alpha").exists()
+    [(kc, reason), (star, _)] = _skips(ledger)
+    assert (kc, star) == ("alpha", "*")
+    assert reason.startswith("key class alpha: previous report covering it written 0 min ago")
+    assert str(tmp_path / "first_alpha" / "report.html") in reason and "minimum interval of 60 min" in reason
 
+    # beta is not held back by alpha's report; alpha and beta together: only beta is reported on.
+    _operator(tmp_path, "beta").execute(_context("asset_triggered", {"key_class": "alpha"}, {"key_class": "beta"}))
+    assert _written(ledger)[-1] == ("asset_triggered__x", ["beta"])
+    assert [k for k, _ in _skips(ledger)] == ["alpha", "*", "alpha"]
 
-def test_an_audit_triggered_report_is_written_once_the_previous_one_is_old_enough(operator_ledger, tmp_path):
-    ledger = operator_ledger
-    ledger.record(lg.REPORT_WRITTEN, "*", RunContext(run_id="old"), at=datetime.now(UTC) - timedelta(minutes=31),
-                  detail={"period": "p", "location": "x", "html": "x/report.html", "content_hash": "c",
-                          "artifacts": {"report.html": "h", "report.pdf": "p"}})
-    from airflow.sdk.exceptions import AirflowSkipException
-
+    # Manual, scheduled and backfill runs report on every key class whatever the interval.
+    for run_type in ("manual", "scheduled", "backfill"):
+        _operator(tmp_path, run_type).execute(_context(run_type))
+    assert _written(ledger)[-3:] == [(f"{t}__x", list(KEY_CLASSES)) for t in ("manual", "scheduled", "backfill")]
+    # Now every key class has a report younger than the interval; with the limit off an audit event writes.
     with pytest.raises(AirflowSkipException):
-        _operator(tmp_path, "a").execute(_context("asset_triggered"))
-    _operator(tmp_path, "b", min_interval_minutes="30").execute(_context("asset_triggered"))
-    assert (tmp_path / "b" / "report.html").exists()
-    assert "Previous report: x/report.html" in (tmp_path / "b" / "report.html").read_text()
+        _operator(tmp_path, "gamma").execute(_context("asset_triggered", {"key_class": "gamma"}))
+    _operator(tmp_path, "nolimit", min_interval_minutes=0).execute(_context("asset_triggered", {"key_class": "gamma"}))
+    assert _written(ledger)[-1] == ("asset_triggered__x", ["gamma"])
+    assert len(_written(ledger)) == 6
+
+
+def test_an_event_without_a_key_class_reports_on_those_with_ledger_events_since_their_last_report(
+        operator_ledger, tmp_path):
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    ledger = operator_ledger
+    old = datetime.now(UTC) - timedelta(minutes=90)
+    ledger.record(lg.REPORT_WRITTEN, "*", RunContext(run_id="old"), at=old,
+                  detail={"period": "p", "location": "x", "html": "x/report.html", "content_hash": "c",
+                          "key_classes": list(KEY_CLASSES), "artifacts": {"report.html": "h", "report.pdf": "p"}})
+    # A retirement of beta (retire_versions' audit event carries no extra): the report covers beta only.
+    ledger.record(lg.VERSIONS_RETIRED, "beta", RunContext(run_id="retire"), detail={"versions": [1]})
+    _operator(tmp_path, "after_retire").execute(_context("asset_triggered", {}))
+    assert _written(ledger)[-1] == ("asset_triggered__x", ["beta"])
+    assert "Previous report: x/report.html" in (tmp_path / "after_retire" / "report.html").read_text()
+
+    # Nothing new on any key class since: nothing to report.
+    with pytest.raises(AirflowSkipException):
+        _operator(tmp_path, "nothing").execute(_context("asset_triggered", {}))
+    assert _skips(ledger)[-1][0] == "*"
+    # A new event on beta, within the interval of beta's report: skipped; on gamma: reported.
+    ledger.record(lg.VERSIONS_RETIRED, "beta", RunContext(run_id="retire2"), detail={"versions": [2]})
+    ledger.record(lg.VERSIONS_RETIRED, "gamma", RunContext(run_id="retire3"), detail={"versions": [1]})
+    _operator(tmp_path, "gamma").execute(_context("asset_triggered", {}))
+    assert _written(ledger)[-1] == ("asset_triggered__x", ["gamma"])
+    assert _skips(ledger)[-1][0] == "beta"
+    # Once beta's report is older than the interval (here 0.01 min), beta is due again.
+    import time
+
+    time.sleep(1)
+    _operator(tmp_path, "beta_due", min_interval_minutes="0.01").execute(_context("asset_triggered", {}))
+    assert _written(ledger)[-1] == ("asset_triggered__x", ["beta"])

@@ -4,6 +4,7 @@ HTML renders in headless Chromium with its charts, and the PDF has the same sect
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
@@ -228,3 +229,112 @@ def test_the_report_can_be_written_to_s3(seeded, moto):
 
     assert hashlib.sha256(body).hexdigest() == result.artifacts["report.pdf"]["sha256"]
     assert result.html_path == "audit-reports/2025-08/report.html"
+
+
+LONG_KEY_REF = "projects/keyrotation-prod/locations/europe-west1/keyRings/payments-eu/cryptoKeys/card-tokens-2025"
+LONG_RUN_ID = "scheduled__2025-08-10T00:00:00+00:00__rotation_after_cryptoperiod_policy_change_0123456789"
+
+
+def _words(pdf: Path) -> list[list[tuple[float, float, float, float, str]]]:
+    """Each page's words with their boxes, from ``pdftotext -bbox``: (x_min, y_min, x_max, y_max, word)."""
+    import re
+
+    out = subprocess.run(["pdftotext", "-bbox", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
+    pages = []
+    for page in out.split("<page ")[1:]:
+        pages.append([(float(a), float(b), float(c), float(d), w) for a, b, c, d, w in re.findall(
+            r'<word xMin="([\d.]+)" yMin="([\d.]+)" xMax="([\d.]+)" yMax="([\d.]+)">([^<]*)</word>', page)])
+    return pages
+
+
+def _right_margin_clear(png: Path) -> bool:
+    """No text or lines in the outer 0.76 cm of the page's 1 cm right margin (15 px at 50 dpi)."""
+    from PIL import Image
+
+    image = Image.open(png).convert("L")
+    return image.crop((image.size[0] - 15, 0, *image.size)).getextrema()[0] > 200
+
+
+def test_the_pdf_is_readable_page_by_page_whole_cells_no_overflow_charts_at_full_size(tmp_path):
+    """Every table's header and a sample cell in the PDF's text; a long key ref and run id whole; no two
+    words overlapping and no text in the right margin of any rendered page; wide tables in landscape."""
+    from PIL import Image
+    from reportlab.lib.pagesizes import A4
+    from reportlab.pdfgen.canvas import Canvas
+
+    from keyrotation.config import KeyClass
+    from keyrotation.ledger import Ledger
+
+    if not shutil.which("pdftoppm") or not shutil.which("pdftotext"):
+        if os.environ.get("CI"):
+            pytest.fail("poppler-utils is needed: .ci/run installs it")
+        pytest.skip("pdftoppm or pdftotext is not installed")
+    ledger = Ledger(f"sqlite:///{tmp_path / 'pdf.db'}")
+    kc = KeyClass(name="card_tokens", backend="gcp_kms", key_ref=LONG_KEY_REF, conn_id="gcp",
+                  rotation={"cryptoperiod": "90d"})
+    ctx = RunContext(dag_id="rotate__card_tokens", run_id=LONG_RUN_ID, actor="scheduler")
+    ledger.record(lg.KEY_CREATED, kc.name, ctx, to_version=1, at=at("2025-01-05"))
+    ledger.record(lg.VERSION_CREATED, kc.name, ctx, from_version=1, to_version=2, at=at("2025-08-10"),
+                  detail={"reason": "scheduled"})
+    ledger.record(lg.REFERENCE_UPDATED, kc.name, ctx, from_version=1, to_version=2, at=at("2025-08-10"))
+    for day in range(1, 13):
+        ledger.record(lg.PARTITION_WRITTEN, kc.name, ctx, dataset="card_tokens_eu", partition=f"2025-07-{day:02}",
+                      to_version=1, at=at("2025-08-01"))
+    ledger.record(lg.PARTITION_FAILED, kc.name, RunContext(dag_id="reencrypt__card_tokens_eu", run_id=LONG_RUN_ID,
+                                                          task_id="reencrypt"), status="failed",
+                  dataset="card_tokens_eu", partition="2025-07-02", at=at("2025-08-11"),
+                  detail={"error": "partition 2025-07-02: cannot read part-00001.parquet"})
+    made = datetime(2025, 8, 10, tzinfo=UTC)
+    state = KeyState(key_ref=LONG_KEY_REF, exists=True, latest_version=2, min_decryption_version=1,
+                     min_encryption_version=1, versions={1: KeyVersion(1, made), 2: KeyVersion(2, made)})
+    built = build_report([KeyClassEvidence(kc, state, [])], ledger, AUGUST, now=datetime(2025, 9, 2, tzinfo=UTC))
+    pdf = tmp_path / "report.pdf"
+    pdf.write_bytes(built.files["report.pdf"])
+
+    text = subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True, text=True,
+                          check=True).stdout
+    assert LONG_KEY_REF in text and LONG_RUN_ID in text  # each on one line: not wrapped, not cut
+    raw = subprocess.run(["pdftotext", "-raw", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
+    # Column names may wrap after an underscore; in content order (-raw) their lines follow each other.
+    flat, dense = " ".join(text.split()), "".join(raw.split())
+    for name, title in [("findings", "Findings"), *SECTIONS]:
+        table = pd.read_csv(io.BytesIO(built.files[f"{name}.csv"]), dtype=str)
+        assert title in flat, title
+        if not len(table):
+            continue
+        assert all(h in dense for h in table.columns), (name, [h for h in table.columns if h not in dense])
+        # The first row's first cells, whole (timestamps are shown without the +00:00).
+        sample = [" ".join(v.removesuffix("+00:00").split()) for v in table.iloc[0].dropna()[:4]]
+        assert all(v in flat for v in sample), (name, sample)
+
+    pages = _words(pdf)
+    for number, words in enumerate(pages, 1):
+        for i, (x0, y0, x1, y1, word) in enumerate(words):
+            for a0, b0, a1, b1, other in words[i + 1:]:
+                overlap = min(x1, a1) - max(x0, a0) > 0.5 and min(y1, b1) - max(y0, b0) > 0.5
+                assert not overlap, f"page {number}: {word!r} overlaps {other!r}"
+
+    out = tmp_path / "pages"
+    out.mkdir()
+    subprocess.run(["pdftoppm", "-png", "-r", "50", str(pdf), str(out / "page")], check=True)
+    rendered = sorted(out.glob("page-*.png"))
+    assert len(rendered) == len(pages) >= 3
+    landscape_pages = 0
+    for path in rendered:
+        width, height = Image.open(path).size
+        landscape_pages += width > height
+        assert _right_margin_clear(path), f"{path.name}: text or lines in the right margin"
+    assert 0 < landscape_pages < len(rendered)  # wide tables landscape, the rest portrait
+
+    # Charts at the size matplotlib drew them (110 px per inch), so their 8-point labels print at 8 points.
+    listing = subprocess.run(["pdfimages", "-list", str(pdf)], capture_output=True, text=True, check=True).stdout
+    ppi = [float(line.split()[12]) for line in listing.splitlines()[2:] if line.split()[2] == "image"]
+    assert len(ppi) == 3 and all(109 <= p <= 111 for p in ppi), ppi
+
+    # The margin check sees a cell that runs off the page (reportlab draws it as such a cell would).
+    canvas = Canvas(str(tmp_path / "overflow.pdf"), pagesize=A4)
+    canvas.drawString(A4[0] - 120, 400, LONG_KEY_REF)
+    canvas.save()
+    subprocess.run(["pdftoppm", "-png", "-r", "50", str(tmp_path / "overflow.pdf"), str(out / "overflow")],
+                   check=True)
+    assert not _right_margin_clear(next(out.glob("overflow*.png")))

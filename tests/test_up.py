@@ -182,13 +182,20 @@ def test_make_up_is_a_small_real_deployment(up):
             continue
         assert not any(init["root_token"] in v for k, v in environ.items() if k.startswith("AIRFLOW_CONN_"))
     expected = {f"vault_keyrotation_{kc}_{role}": (kc, role) for kc in KEY_CLASSES for role in ROLES}
-    assert set(connections) == {*expected, "keyrotation_airflow_api"}, sorted(connections)
+    assert set(connections) == {*expected, "keyrotation_airflow_api", "keyrotation_anchor"}, sorted(connections)
     for conn_id, (kc, role) in expected.items():
         token = connections[conn_id]["password"]
         assert token != init["root_token"]
         me = hvac.Client(url=f"http://127.0.0.1:{up.ports['bao']}", token=token).auth.token.lookup_self()["data"]
         assert sorted(me["policies"]) == sorted([f"keyrotation-{kc}-{role}", "keyrotation-token-self"]), me
         assert me["period"] == 24 * 3600 and me["renewable"] and not me.get("identity_policies"), me
+    # The ledger's anchor: HMAC and verify with its own key, nothing else (tests/test_least_privilege.py).
+    anchor = hvac.Client(url=f"http://127.0.0.1:{up.ports['bao']}", token=connections["keyrotation_anchor"]["password"])
+    me = anchor.auth.token.lookup_self()["data"]
+    assert sorted(me["policies"]) == ["keyrotation-ledger-anchor-verifier", "keyrotation-ledger-anchor-writer",
+                                      "keyrotation-token-self"], me
+    assert me["period"] == 24 * 3600 and me["renewable"] and not me.get("identity_policies"), me
+    assert anchor.secrets.transit.read_key("keyrotation-ledger-anchor")["data"]["type"] == "aes256-gcm96"
     api = connections["keyrotation_airflow_api"]
     assert (api["conn_type"], api["host"], api["port"], api["login"]) == ("http", "127.0.0.1", up.ports["api"],
                                                                           "report")
@@ -231,6 +238,17 @@ def test_make_up_is_a_small_real_deployment(up):
         up.wait(lambda: _ti_state(admin, "retire__customer_pii", retire["dag_run_id"], "wait_grace_period")
                 == "deferred", "wait_grace_period deferred")
         assert _ti_state(admin, "retire__customer_pii", retire["dag_run_id"], "approve") is None
+        # The ledger's anchor (created active): a checkpoint, which the auditor's command, with the anchor
+        # token, accepts.
+        checkpoint = up.wait(lambda: [r for r in _runs(admin, "ledger_checkpoint") if r["state"] in TERMINAL],
+                             "the first ledger_checkpoint run")[0]
+        assert checkpoint["state"] == "success", checkpoint
+        audit = subprocess.run(
+            [sys.executable, "-m", "keyrotation.ledger", "verify", "--url", f"sqlite:///{up.home / 'ledger.db'}",
+             "--checkpoints", str(up.home / "ledger-checkpoints.jsonl")], cwd=ROOT / "include", capture_output=True,
+            text=True, env={**os.environ, "VAULT_ADDR": f"http://127.0.0.1:{up.ports['bao']}",
+                            "VAULT_TOKEN": connections["keyrotation_anchor"]["password"]})
+        assert audit.returncode == 0 and "matches the checkpoint of" in audit.stdout, audit.stdout + audit.stderr
         failed = admin.get("/api/v2/dags/~/dagRuns", params={"state": "failed"}).json()
         assert failed["total_entries"] == 0, failed
         bad_tis = admin.get("/api/v2/dags/~/dagRuns/~/taskInstances",

@@ -153,6 +153,8 @@ def check_anchor(ledger: Ledger, anchor: TransitAnchor, path: str | Path) -> Anc
     with ledger.engine.connect() as conn:
         anchored = conn.execute(sa.select(events.c.row_hash).where(events.c.id == checkpoint.last_id)).scalar()
         rows_then = conn.execute(sa.select(sa.func.count()).where(events.c.id <= checkpoint.last_id)).scalar()
+    if checkpoint.last_id == 0 and anchored is None:  # a checkpoint of the empty ledger anchors no row
+        anchored = ""
     if anchored is None and last_id < checkpoint.last_id:
         return AnchorCheck("cut", f"tail cut: {when} anchors row {checkpoint.last_id} ({checkpoint.rows} rows); "
                                   f"the ledger now ends at row {last_id} ({rows} rows)")

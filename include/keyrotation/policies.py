@@ -27,8 +27,21 @@ retire token can therefore lower them through the API; the retire task never doe
 ``VaultTransitBackend.retire_below`` refuses a minimum below the current one, and reads both back
 after the update.
 
+The ledger's anchor key (:mod:`keyrotation.anchoring`), which HMACs the checkpoints of the ledger's
+hash-chain head, has two policies of its own (:func:`anchor_policies`), and no key class role reaches it:
+
+* ``anchor-writer``: ``update`` on ``transit/hmac/<key>`` only (``input``, and ``algorithm`` =
+  ``sha2-256``). It cannot create the key: ``make up`` creates it with the root token; elsewhere an
+  administrator does (``bao write -f transit/keys/<key>``).
+* ``anchor-verifier``: read the key; ``update`` on ``transit/verify/<key>`` (``name``, ``input``,
+  ``hmac``, ``hash_algorithm`` = ``sha2-256``). An auditor's token needs this one only.
+
+Neither can encrypt, decrypt, rotate, change the config or export. The checkpoint task holds both (it
+verifies the latest checkpoint before it writes the next one).
+
 ``python -m keyrotation.policies KEY_CLASS`` prints them for a key class, to load with
-``bao policy write keyrotation-<key_class>-<role> -``.
+``bao policy write keyrotation-<key_class>-<role> -``; ``python -m keyrotation.policies --anchor [KEY]``
+prints the anchor key's.
 """
 
 from __future__ import annotations
@@ -82,6 +95,23 @@ def transit_policies(key_ref: str, mount_point: str = "transit") -> dict[str, st
     }
 
 
+#: ``allowed_parameters`` of the anchor key's two paths, exactly what :class:`~keyrotation.anchoring.TransitAnchor`
+#: sends (hvac's ``generate_hmac`` and ``verify_signed_data``).
+ANCHOR_PARAMETERS: dict[str, dict[str, list[str]]] = {
+    "hmac": {"input": [], "algorithm": ["sha2-256"]},
+    "verify": {"name": [], "input": [], "hmac": [], "hash_algorithm": ["sha2-256"]},
+}
+
+
+def anchor_policies(key: str, mount_point: str = "transit") -> dict[str, str]:
+    """HCL of ``anchor-writer`` and ``anchor-verifier`` for the ledger's anchor key ``key``."""
+    return {
+        "anchor-writer": _path(f"{mount_point}/hmac/{key}", ["update"], ANCHOR_PARAMETERS["hmac"]),
+        "anchor-verifier": _path(f"{mount_point}/keys/{key}", ["read"])
+        + _path(f"{mount_point}/verify/{key}", ["update"], ANCHOR_PARAMETERS["verify"]),
+    }
+
+
 def policies_for(kc: KeyClass) -> dict[str, str]:
     if kc.backend != "vault_transit":
         other = {"aws_kms": "keyrotation.aws_policies", "gcp_kms": "keyrotation.gcp_policies"}.get(kc.backend)
@@ -91,8 +121,15 @@ def policies_for(kc: KeyClass) -> dict[str, str]:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--anchor"] and len(argv) <= 2:
+        from keyrotation.anchoring import DEFAULT_ANCHOR_KEY
+
+        key = argv[1] if len(argv) == 2 else DEFAULT_ANCHOR_KEY
+        for name, hcl in anchor_policies(key).items():
+            print(f"# keyrotation-ledger-{name}: the ledger's anchor key {key!r}\n{hcl}")
+        return 0
     if len(argv) != 1:
-        print("usage: python -m keyrotation.policies KEY_CLASS", file=sys.stderr)
+        print("usage: python -m keyrotation.policies KEY_CLASS | --anchor [KEY]", file=sys.stderr)
         return 2
     try:
         kc = load_key_class(argv[0]).key_class

@@ -22,11 +22,11 @@ from keyrotation.stores.filesystems import Storage
 
 __all__ = ["CONTROLS", "DEFAULT_MIN_INTERVAL", "REPORT_SKIPPED", "AirflowHistory", "BuiltReport", "Evidence",
            "HistoryUnavailable", "KeyClassEvidence", "Period", "PreviousReport", "ReportResult", "build_report",
-           "previous_report", "skip_reason", "write_report"]
+           "changed_key_classes", "previous_report", "skip_reason", "write_report"]
 
 #: Ledger event of a report not written because the previous one is too recent (asset-triggered runs).
 REPORT_SKIPPED = "report_skipped"
-#: After an audit event, no new report if the previous one is younger than this.
+#: After an audit event, no new report on a key class if the previous report covering it is younger than this.
 DEFAULT_MIN_INTERVAL = timedelta(hours=1)
 
 
@@ -42,6 +42,10 @@ class PreviousReport:
     html_sha256: str
     pdf_sha256: str
     content_hash: str
+    key_classes: tuple[str, ...] | None = None  # None: a report that did not record them (taken as all)
+
+    def covers(self, key_class: str) -> bool:
+        return self.key_classes is None or key_class in self.key_classes
 
     def summary(self) -> dict:
         return {"ledger_id": self.ledger_id, "written_at": self.written_at.isoformat(timespec="seconds"),
@@ -49,31 +53,52 @@ class PreviousReport:
                 "html_sha256": self.html_sha256, "pdf_sha256": self.pdf_sha256, "content_hash": self.content_hash}
 
 
-def previous_report(ledger: Ledger) -> PreviousReport | None:
-    """The most recent ``report_written`` event of the ledger, with its artifacts' SHA-256."""
-    rows = ledger.rows(events_in=(lg.REPORT_WRITTEN,))
-    if not rows:
-        return None
-    row = rows[-1]
+def _previous(row: dict) -> PreviousReport:
     detail = json.loads(row["detail"] or "{}")
     artifacts = detail.get("artifacts") or {}
     when = row["recorded_at"]
     when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    covered = detail.get("key_classes")
     return PreviousReport(int(row["id"]), when, str(detail.get("period") or ""), str(detail.get("location") or ""),
                           str(detail.get("html") or ""), str(artifacts.get("report.html") or ""),
-                          str(artifacts.get("report.pdf") or ""), str(detail.get("content_hash") or ""))
+                          str(artifacts.get("report.pdf") or ""), str(detail.get("content_hash") or ""),
+                          None if covered is None else tuple(covered))
 
 
-def skip_reason(ledger: Ledger, now: datetime, min_interval: timedelta) -> str | None:
-    """Why an audit-triggered report should not be written now (the previous one is younger than
-    ``min_interval``), or None to write it."""
-    previous = previous_report(ledger)
+def previous_report(ledger: Ledger, key_class: str | None = None) -> PreviousReport | None:
+    """The most recent ``report_written`` event of the ledger (that covered ``key_class`` if given), with
+    its artifacts' SHA-256."""
+    for row in reversed(ledger.rows(events_in=(lg.REPORT_WRITTEN,))):
+        previous = _previous(row)
+        if key_class is None or previous.covers(key_class):
+            return previous
+    return None
+
+
+def changed_key_classes(ledger: Ledger, key_classes: list[str]) -> list[str]:
+    """The key classes among ``key_classes`` with ledger events since the last report that covered each
+    (any event if none did): what an audit event without a key class in its extra stands for."""
+    changed = []
+    for name in key_classes:
+        previous = previous_report(ledger, name)
+        rows = ledger.rows(key_class=name)
+        if any(r["event"] not in (lg.REPORT_WRITTEN, REPORT_SKIPPED)
+               and (previous is None or int(r["id"]) > previous.ledger_id) for r in rows):
+            changed.append(name)
+    return changed
+
+
+def skip_reason(ledger: Ledger, now: datetime, min_interval: timedelta, key_class: str | None = None) -> str | None:
+    """Why an audit-triggered report (on ``key_class`` if given) should not be written now: the previous
+    report (that covered it) is younger than ``min_interval``; None to write it."""
+    previous = previous_report(ledger, key_class)
     if previous is None or min_interval <= timedelta(0):
         return None
     age = now - previous.written_at
     if age >= min_interval:
         return None
-    return (f"previous report written {int(age.total_seconds() // 60)} min ago "
+    subject = f"key class {key_class}: previous report covering it" if key_class else "previous report"
+    return (f"{subject} written {int(age.total_seconds() // 60)} min ago "
             f"({previous.written_at.isoformat(timespec='seconds')}, {previous.html_path}), less than the minimum "
             f"interval of {int(min_interval.total_seconds() // 60)} min between reports after audit events")
 
@@ -135,5 +160,6 @@ def write_report(items: list[KeyClassEvidence], ledger: Ledger, location: str, p
         artifacts[name] = {"path": path, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     result = ReportResult(location, artifacts["report.html"]["path"], built.content_hash, artifacts, built.findings)
     ledger.record(lg.REPORT_WRITTEN, "*", ctx, detail={"period": str(period), **result.summary(),
+                                                       "key_classes": sorted(i.key_class.name for i in items),
                                                        "previous": built.previous})
     return result

@@ -11,11 +11,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 import pandas as pd  # noqa: E402
 
+CHART_DPI = 110  # the PDF draws charts at this many pixels per inch: their true size
+
 
 def _png(fig) -> bytes:  # noqa: ANN001
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=CHART_DPI)
     plt.close(fig)
     return buf.getvalue()
 

@@ -45,6 +45,26 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(current).__name__}: {lines[0]}" if lines else type(current).__name__
 
 
+def vault_client(conn_id: str, what: str) -> Any:
+    """An ``hvac.Client`` from the Vault/OpenBao connection ``conn_id`` (``vault`` type, any auth type the
+    hashicorp provider's ``VaultHook`` supports), logged in; its token masked in task logs.
+
+    :raises KmsUnreachable: naming ``what`` needed it, the connection, where it points and the cause.
+    """
+    import requests
+    from airflow.providers.hashicorp.hooks.vault import VaultHook
+
+    vault = VaultHook(vault_conn_id=conn_id, session=_vault_session())
+    try:  # logs in (AppRole, Kubernetes, ...) and looks the token up
+        client = vault.get_conn()
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+        raise KmsUnreachable(f"KMS unreachable: {what} through connection {conn_id!r} at "
+                             f"{vault.vault_client.url}: {_root_cause(exc)}") from None
+    if client.token:  # resolved by an auth method (AppRole, Kubernetes, ...): not masked as a password
+        mask_secret(client.token)
+    return client
+
+
 class KeyClassKmsHook(BaseHook):
     """
     Connects to the KMS of a key class and returns its :class:`~keyrotation.backends.base.KmsBackend`.
@@ -117,17 +137,7 @@ class KeyClassKmsHook(BaseHook):
                 where = exc.kwargs.get("endpoint_url") or f"region {aws.region_name}"
                 raise self._unreachable(str(where), exc) from None
         if self.key_class.backend == "vault_transit":
-            import requests
-            from airflow.providers.hashicorp.hooks.vault import VaultHook
-
-            vault = VaultHook(vault_conn_id=self.conn_id, session=_vault_session())
-            try:  # logs in (AppRole, Kubernetes, ...) and looks the token up
-                client = vault.get_conn()
-            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-                raise self._unreachable(vault.vault_client.url, exc) from None
-            if client.token:  # resolved by an auth method (AppRole, Kubernetes, ...): not masked as a password
-                mask_secret(client.token)
-            return client
+            return vault_client(self.conn_id, f"key class {self.key_class.name!r} ({self.key_class.backend})")
         raise ValueError(f"key class {self.key_class.name!r}: unsupported backend {self.key_class.backend!r}")
 
     def get_backend(self) -> KmsBackend:

@@ -18,6 +18,7 @@ from keyrotation.reports import (
     REPORT_SKIPPED,
     KeyClassEvidence,
     Period,
+    changed_key_classes,
     skip_reason,
     write_report,
 )
@@ -64,9 +65,12 @@ class ComplianceReportOperator(BaseOperator):
     :param period_end: Last day reported on, inclusive. (templated)
     :param api_conn_id: Connection to the Airflow API server for the run history; if it is not
         defined, the report says so and its LOG-1 finding is a WARN. (templated)
-    :param min_interval_minutes: A run triggered by an audit asset event is skipped (and the skip
-        recorded in the ledger with its reason) if the previous report was written less than this many
-        minutes ago; 0 turns the limit off. Scheduled, backfill and manual runs always write. (templated)
+    :param min_interval_minutes: A run triggered by audit asset events reports on the key classes those
+        events are about (their extra's ``key_class``; for an event without one, the key classes with
+        ledger events since the last report covering them), less each key class whose previous report
+        covering it was written less than this many minutes ago (the skip recorded in the ledger with its
+        reason); with none left the run is skipped. 0 turns the limit off. Scheduled, backfill and manual
+        runs always report on every key class. (templated)
     """
 
     template_fields: Sequence[str] = ("output_dir", "output_conn_id", "key_classes", "period_start", "period_end",
@@ -99,19 +103,49 @@ class ComplianceReportOperator(BaseOperator):
             raise ConfigError(f"parameter min_interval_minutes: {value!r} is negative")
         return timedelta(minutes=minutes)
 
+    def triggered_key_classes(self, context: Any, ledger: Ledger, candidates: list[str]) -> list[str]:
+        """The key classes among ``candidates`` that the triggering audit events are about."""
+        named, unnamed = set(), False
+        for events in (context.get("triggering_asset_events") or {}).values():
+            for event in events:
+                name = (getattr(event, "extra", None) or {}).get("key_class")
+                if name:
+                    named.add(str(name))
+                else:
+                    unnamed = True
+        if unnamed or not named:
+            named.update(changed_key_classes(ledger, [c for c in candidates if c not in named]))
+        return [c for c in candidates if c in named]
+
+    def rate_limited(self, context: Any, ledger: Ledger, ctx: Any, candidates: list[str]) -> list[str]:
+        """The key classes an audit-triggered run reports on; records a skip for each one left out."""
+        interval, now = self.min_interval(), datetime.now(UTC)
+        names = []
+        for name in self.triggered_key_classes(context, ledger, candidates):
+            reason = skip_reason(ledger, now, interval, name)
+            if reason:
+                ledger.record(REPORT_SKIPPED, name, ctx, status="skipped",
+                              detail={"reason": reason, "run_type": "asset_triggered"})
+                self.log.info("key class %s left out of the report: %s", name, reason)
+            else:
+                names.append(name)
+        return names
+
     def execute(self, context: Any) -> dict:
         ledger = Ledger()
         ctx = run_context(context) if context.get("ti") else None
+        names = list(self.key_classes or list_key_classes())
         if run_type(context) == "asset_triggered":
-            reason = skip_reason(ledger, datetime.now(UTC), self.min_interval())
-            if reason:
+            names = self.rate_limited(context, ledger, ctx, names)
+            if not names:
+                reason = "no key class named by the audit events is due a report (see report_skipped events)"
                 ledger.record(REPORT_SKIPPED, "*", ctx, status="skipped",
                               detail={"reason": reason, "run_type": "asset_triggered"})
                 self.log.info("report skipped: %s", reason)
                 raise AirflowSkipException(reason)
         period = report_period(self.period_start, self.period_end, context)
         items, problems = [], []
-        for name in self.key_classes or list_key_classes():
+        for name in names:
             try:
                 rt = key_class_runtime(name, "report")
                 deletions = getattr(rt.backend, "deletion_dates", lambda: {})()
