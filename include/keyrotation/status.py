@@ -1,11 +1,12 @@
-"""Where a key class stands against its policy, for the key inventory and the compliance report."""
+"""Where a key class stands against its policy, for the key inventory, the compliance report and the overdue notice."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
+from keyrotation.backends.base import KeyState
 from keyrotation.census import Census
-from keyrotation.config import KeyClass
+from keyrotation.config import KeyClass, human_duration
 
 
 def behind(kc: KeyClass, current_version: int | None, current_since: datetime | None, censuses: list[Census],
@@ -27,3 +28,21 @@ def behind(kc: KeyClass, current_version: int | None, current_since: datetime | 
 def _days(seconds: float) -> str:
     days = seconds / 86400
     return f"{days:.1f} days" if days < 10 else f"{days:.0f} days"
+
+
+def overdue_reasons(kc: KeyClass, state: KeyState, reference: dict | None, censuses: list[Census],
+                    now: datetime) -> list[str]:
+    """Why the key class is overdue: its current version (the ledger's reference) is older than the
+    cryptoperiod, and/or it is :func:`behind`; empty when it is neither (the ``overdue`` notice)."""
+    current = int(reference["to_version"]) if reference else None
+    reasons = []
+    created = state.created_at(current) if current else None
+    if created is not None:
+        age = now - (created if created.tzinfo else created.replace(tzinfo=UTC))
+        if age > kc.rotation.cryptoperiod:
+            reasons.append(f"past its cryptoperiod: v{current} is {age.total_seconds() / 86400:.1f} days old "
+                           f"(cryptoperiod: {human_duration(kc.rotation.cryptoperiod)})")
+    why = behind(kc, current, reference["recorded_at"] if reference else None, censuses, now)
+    if why:
+        reasons.append(why)
+    return reasons

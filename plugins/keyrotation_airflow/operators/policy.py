@@ -14,31 +14,11 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 
-from keyrotation.backends.base import KeyState
-from keyrotation.census import Census
-from keyrotation.config import KeyClass, Notifications, human_duration
-from keyrotation.status import behind
+from keyrotation.config import KeyClass, Notifications
+from keyrotation.status import overdue_reasons
 from keyrotation_airflow.notifications import OVERDUE, overdue_notice, send
 from keyrotation_airflow.operators.rotation import as_bool
 from keyrotation_airflow.runtime import denied_fails_fast, key_class_runtime
-
-
-def overdue_reasons(kc: KeyClass, state: KeyState, reference: dict | None, censuses: list[Census],
-                    now: datetime) -> list[str]:
-    """Why the key class is overdue: its current version (the ledger's reference) is older than the
-    cryptoperiod, and/or it is behind (:func:`keyrotation.status.behind`); empty when it is neither."""
-    current = int(reference["to_version"]) if reference else None
-    reasons = []
-    created = state.created_at(current) if current else None
-    if created is not None:
-        age = now - (created if created.tzinfo else created.replace(tzinfo=UTC))
-        if age > kc.rotation.cryptoperiod:
-            reasons.append(f"past its cryptoperiod: v{current} is {age.total_seconds() / 86400:.1f} days old "
-                           f"(cryptoperiod: {human_duration(kc.rotation.cryptoperiod)})")
-    why = behind(kc, current, reference["recorded_at"] if reference else None, censuses, now)
-    if why:
-        reasons.append(why)
-    return reasons
 
 
 class CheckPolicyOperator(BaseOperator):
