@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from hvac.exceptions import InvalidPath, VaultError
 
 from keyrotation.errors import KeyRotationError
-from keyrotation.ledger import Ledger, events
+from keyrotation.ledger import Ledger, events, home_dir
 
 #: Environment: the checkpoints file (JSON Lines); the Transit key and mount that HMAC the checkpoints.
 CHECKPOINTS_ENV = "KEYROTATION_LEDGER_CHECKPOINTS"
@@ -101,6 +101,12 @@ class Checkpoint:
     def message(self) -> bytes:
         fields = {k: v for k, v in asdict(self).items() if k != "hmac"}
         return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+
+def default_checkpoints_path() -> Path:
+    """Where the checkpoint task writes: ``$KEYROTATION_LEDGER_CHECKPOINTS``, else
+    ``$KEYROTATION_HOME/ledger-checkpoints.jsonl``."""
+    return checkpoints_path() or home_dir() / "ledger-checkpoints.jsonl"
 
 
 def checkpoints_path(path: str | Path | None = None) -> Path | None:

@@ -171,13 +171,19 @@ def _row_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
     return hashlib.sha256((prev_hash + canonical).encode()).hexdigest()
 
 
+def home_dir() -> Path:
+    """``$KEYROTATION_HOME`` (default ``./var``): where the ledger, the reports and the ledger's checkpoints are
+    kept unless configured otherwise."""
+    return Path(os.environ.get("KEYROTATION_HOME", "var")).resolve()
+
+
 def default_url(create: bool = True) -> str:
     """``$KEYROTATION_LEDGER_URL``, else a SQLite file under ``$KEYROTATION_HOME`` (default ``./var``), whose
     folder is made unless ``create`` is false."""
     url = os.environ.get("KEYROTATION_LEDGER_URL")
     if url:
         return url
-    home = Path(os.environ.get("KEYROTATION_HOME", "var")).resolve()
+    home = home_dir()
     if create:
         home.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{home / 'ledger.db'}"

@@ -14,10 +14,10 @@ from airflow.sdk.exceptions import AirflowException, AirflowNotFoundException, A
 from keyrotation.anchoring import (
     ANCHOR_KEY_ENV,
     ANCHOR_MOUNT_ENV,
-    CHECKPOINTS_ENV,
     DEFAULT_ANCHOR_KEY,
     TransitAnchor,
     check_anchor,
+    default_checkpoints_path,
     write_checkpoint,
 )
 from keyrotation.ledger import Ledger
@@ -26,14 +26,6 @@ from keyrotation_airflow.hooks.kms import vault_client
 ANCHOR_CONN_ID = "keyrotation_anchor"
 #: What the latest checkpoint may say for a new one to be written after it; any other finding fails the task.
 _WRITABLE = ("anchored", "missing")
-
-
-def default_checkpoints_path() -> Path:
-    """``$KEYROTATION_LEDGER_CHECKPOINTS``, else ``$KEYROTATION_HOME/ledger-checkpoints.jsonl``."""
-    value = os.environ.get(CHECKPOINTS_ENV)
-    if value:
-        return Path(value)
-    return Path(os.environ.get("KEYROTATION_HOME", "var")).resolve() / "ledger-checkpoints.jsonl"
 
 
 class LedgerCheckpointOperator(BaseOperator):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -12,7 +11,7 @@ from airflow.sdk.exceptions import AirflowNotFoundException, AirflowSkipExceptio
 
 from keyrotation.config import list_key_classes
 from keyrotation.errors import ConfigError, KeyRotationError
-from keyrotation.ledger import Ledger
+from keyrotation.ledger import Ledger, home_dir
 from keyrotation.reports import (
     DEFAULT_MIN_INTERVAL,
     REPORT_SKIPPED,
@@ -159,7 +158,7 @@ class ComplianceReportOperator(BaseOperator):
             self.log.warning("connection %s is not defined: the report will not include Airflow's run history",
                              self.api_conn_id)
             history = None
-        home = os.environ.get("KEYROTATION_HOME", "var")
+        home = home_dir()
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         out = self.output_dir or f"{home}/reports/{period.start.date().isoformat()}_{stamp}"
         result = write_report(items, ledger, out, period, history=history,
