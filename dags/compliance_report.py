@@ -41,6 +41,7 @@ with DAG(
     start_date=datetime(2024, 1, 1),
     catchup=False,
     max_active_runs=1,
+    is_paused_upon_creation=False,  # reports after audit events and monthly from the start, as an auditor expects
     tags=["keyrotation", "report"],
     doc_md=DOC,
     render_template_as_native_obj=True,

@@ -37,8 +37,9 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 ROOT = Path(__file__).resolve().parents[1]
 HOME = Path(os.environ.get("KEYROTATION_DEMO_HOME", ROOT / "var" / "demo")).resolve()
-PARTITIONS = 30
-ROWS = 2_000
+# Sizes of the demo's datasets; tests/test_demo_report.py runs the demo smaller.
+PARTITIONS = int(os.environ.get("KEYROTATION_DEMO_PARTITIONS") or 30)
+ROWS = int(os.environ.get("KEYROTATION_DEMO_ROWS") or 2_000)
 BACKEND = os.environ.get("BACKEND") or "vault"
 CONFIG_SOURCES = {"vault": ROOT / "include" / "config" / "key_classes",
                   "aws": ROOT / "include" / "config" / "examples" / "aws",
@@ -105,6 +106,13 @@ def main() -> int:
                        f"{endpoints['storage_endpoint']}")
     from keyrotation.devserver import OpenBaoDevServer
 
+    if os.environ.get("KEYROTATION_DEMO_VAULT_CONN"):
+        # A server that outlives the demo (Transit enabled), for a test to query afterwards: the Airflow
+        # connection to it, as JSON.
+        os.environ["AIRFLOW_CONN_VAULT_KEYROTATION"] = os.environ["KEYROTATION_DEMO_VAULT_CONN"]
+        print("OpenBao/Vault given by KEYROTATION_DEMO_VAULT_CONN")
+        migrate_db()
+        return run("the given OpenBao/Vault", stopping=False)
     with OpenBaoDevServer(log_path=str(HOME / "openbao.log")) as bao:
         os.environ["AIRFLOW_CONN_VAULT_KEYROTATION"] = bao.airflow_connection_uri()
         print(f"OpenBao dev server on {bao.url} (Transit enabled)")
@@ -210,7 +218,7 @@ def seed_objects(rt, dataset, version: int) -> None:  # noqa: ANN001
                               ServerSideEncryption="aws:kms", SSEKMSKeyId=key_id)
 
 
-def run(server: str) -> int:
+def run(server: str, stopping: bool = True) -> int:
     from airflow.dag_processing.dagbag import DagBag
 
     from keyrotation.config import list_key_classes, load_key_class
@@ -315,7 +323,7 @@ def run(server: str) -> int:
     print(f"   ledger: {ledger.url} ({chain.rows_checked} events, hash chain "
           f"{'intact' if chain.ok else f'BROKEN at row {chain.first_broken_id}'}; "
           f"check with: python -m keyrotation.ledger verify --url {ledger.url})")
-    print(f"\nDemo finished. {server[0].upper()}{server[1:]} is being stopped.")
+    print("\nDemo finished." + (f" {server[0].upper()}{server[1:]} is being stopped." if stopping else ""))
     return 0
 
 

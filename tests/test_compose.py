@@ -159,6 +159,11 @@ def test_every_airflow_component_is_wired_alike():
                           "mount_point": "airflow", "kv_engine_version": 2, "url": "http://openbao:8200",
                           "auth_type": "token", "token_path": "/run/keyrotation/openbao-airflow-token"}
         assert "openbao-airflow-token:/run/keyrotation:ro" in services[name]["volumes"]
+        # The ledger_checkpoint DAG's checkpoints: $KEYROTATION_HOME/ledger-checkpoints.jsonl on the
+        # keyrotation-data volume, outside the ledger database (postgres' volume); the anchor key's defaults.
+        assert env["KEYROTATION_HOME"] == "/opt/airflow/var", name
+        assert "keyrotation-data:/opt/airflow/var" in services[name]["volumes"], name
+        assert not {"KEYROTATION_LEDGER_CHECKPOINTS", "KEYROTATION_ANCHOR_KEY", "KEYROTATION_ANCHOR_MOUNT"} & set(env)
         assert not [k for k in env if k.startswith("AIRFLOW_CONN_")]  # connections: the secrets backend only
         assert "env_file" not in services[name]  # only what is named here reaches the containers
     # The backend's parameters are the provider's.
@@ -194,7 +199,7 @@ def test_no_secret_is_written_in_the_file_all_come_from_env_variables():
         assert not re.search(r"[0-9a-f]{32,}|[A-Za-z0-9+_-]{40,}={0,2}", value.replace("$$", "")), (path, value)
     text = COMPOSE.read_text()
     # moto's dummy credentials ("testing") are the only literal ones: moto accepts any.
-    assert re.findall(r"password=(\S+)", text) == ['"$$kms_token"', "testing", '"$$report_pw"']
+    assert re.findall(r"password=(\S+)", text) == ['"$$kms_token"', "testing", '"$$report_pw"', '"$$anchor_token"']
     # Every required variable is in .env.example, with no value (each is generated per install).
     required = set(re.findall(r"\$\{([A-Z_]+):\?", text))
     assert required == {"POSTGRES_PASSWORD", "AIRFLOW_FERNET_KEY", "AIRFLOW_JWT_SECRET", "AIRFLOW_API_SECRET_KEY",
@@ -312,6 +317,7 @@ def test_openbao_configuration_and_set_up_script_of_the_compose_file_run_nativel
     import hvac
     from airflow.providers.hashicorp.secrets.vault import VaultBackend
 
+    from keyrotation.anchoring import DEFAULT_ANCHOR_KEY
     from keyrotation.devserver import bao_binary
 
     doc = load_compose()
@@ -363,9 +369,15 @@ def test_openbao_configuration_and_set_up_script_of_the_compose_file_run_nativel
         token_file = tmp_path / "token" / "openbao-airflow-token"
         reader_token = token_file.read_text()
         assert token_file.stat().st_mode & 0o077 == 0 and (tmp_path / "init" / "init.json").stat().st_mode & 0o077 == 0
+        root_token = json.loads((tmp_path / "init" / "init.json").read_text())["root_token"]
+        anchor_conn = _check_anchor_connection(backend_connection("keyrotation_anchor"), url, port, root_token)
+        assert anchor_conn.password not in first
         again = run_init()
         assert "OpenBao initialised" not in again and "OpenBao ready" in again
+        assert "keyrotation_anchor" in again.splitlines()[-1]
         assert token_file.read_text() == reader_token  # a valid token is kept
+        assert backend_connection("keyrotation_anchor").password == anchor_conn.password  # kept
+        assert anchor_conn.password not in again
         report_conn = _check_report_connection(backend_connection("keyrotation_airflow_api"))
         assert report_conn.password not in first + again
         _check_airflow_init_reads_the_report_password(doc, backend_kwargs(), report_conn.password)
@@ -397,7 +409,7 @@ def test_openbao_configuration_and_set_up_script_of_the_compose_file_run_nativel
                 pass
             assert time.monotonic() < deadline, "OpenBao did not unseal itself after a restart"
             time.sleep(0.2)
-        run_init()
+        restarted = run_init()
         assert token_file.read_text() == reader_token
         assert backend_connection("keyrotation_airflow_api").password == report_conn.password  # kept
         conn = backend_connection()
@@ -405,9 +417,46 @@ def test_openbao_configuration_and_set_up_script_of_the_compose_file_run_nativel
         assert kms.secrets.transit.decrypt_data(name="compose-check", ciphertext=ciphertext)["data"]["plaintext"] \
             == "aGVsbG8="
         assert kms.secrets.transit.read_key(name="compose-check")["data"]["latest_version"] == 2
+        assert backend_connection("keyrotation_anchor").password == anchor_conn.password  # kept
+        assert anchor_conn.password not in restarted
+        anchor_key = hvac.Client(url=url, token=root_token).secrets.transit.read_key(name=DEFAULT_ANCHOR_KEY)
+        assert anchor_key["data"]["latest_version"] == 1  # not re-created
     finally:
         server.terminate()
         server.wait(30)
+
+
+def _check_anchor_connection(conn, url: str, port: int, root_token: str):  # noqa: ANN001, ANN202
+    """The ledger anchor's connection as ledger_checkpoint reads it: the anchor key (created by openbao-init,
+    with its type), through a token with the two anchor policies (as keyrotation.policies writes them) and
+    "default" only, which can HMAC and verify with that key and do nothing else."""
+    import hvac
+
+    from keyrotation.anchoring import DEFAULT_ANCHOR_KEY, TransitAnchor
+    from keyrotation.backends.vault_transit import KEY_TYPE
+    from keyrotation.policies import anchor_policies
+    from keyrotation_airflow.operators.ledger import ANCHOR_CONN_ID
+
+    assert ANCHOR_CONN_ID == "keyrotation_anchor"  # what LedgerCheckpointOperator reads
+    assert (conn.conn_type, conn.host, conn.port) == ("vault", "127.0.0.1", port)
+    assert conn.extra_dejson == {"auth_type": "token"}
+    root = hvac.Client(url=url, token=root_token)
+    expected = {f"keyrotation-ledger-{role}": hcl for role, hcl in anchor_policies(DEFAULT_ANCHOR_KEY).items()}
+    assert {name: root.sys.read_policy(name)["data"]["rules"] for name in expected} == expected
+    assert root.secrets.transit.read_key(name=DEFAULT_ANCHOR_KEY)["data"]["type"] == KEY_TYPE
+    client = hvac.Client(url=url, token=conn.password)
+    me = client.auth.token.lookup_self()["data"]
+    assert sorted(me["policies"]) == ["default", *sorted(expected)] and me["orphan"] is True
+    anchor = TransitAnchor(client)  # transit/hmac and transit/verify, sha2-256, as the DAG's task
+    mac = anchor.mac(b"compose-check")
+    assert anchor.verify(b"compose-check", mac) and not anchor.verify(b"compose-check!", mac)
+    for forbidden in (lambda: client.secrets.transit.encrypt_data(name="compose-check", plaintext="aGVsbG8="),
+                      lambda: client.secrets.transit.rotate_key(name=DEFAULT_ANCHOR_KEY),
+                      lambda: client.secrets.kv.v2.read_secret_version(path="connections/keyrotation_anchor",
+                                                                       mount_point="airflow")):
+        with pytest.raises(hvac.exceptions.Forbidden):
+            forbidden()
+    return conn
 
 
 def _check_report_connection(conn):  # noqa: ANN001, ANN202

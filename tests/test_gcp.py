@@ -128,19 +128,25 @@ def test_each_role_is_refused_what_it_must_not_do(make_gcp_key_class, gcp, monke
     rotate, reencrypt, retire, report = (gcp_runtime(config, gcp, role=r).backend
                                          for r in ("rotate", "reencrypt", "retire", "report"))
 
+    def refused(call, action: str, permission: str, resource: str | None = None) -> None:
+        """``call`` raises PermissionDenied, naming the request and the permission the role lacks, exactly."""
+        with pytest.raises(PermissionDenied) as refusal:
+            call()
+        assert str(refusal.value) == (
+            f"Cloud KMS key {owner.backend.key_ref!r}: {action} refused: Permission 'cloudkms.{permission}' denied "
+            f"on resource '{resource or owner.backend.key_ref}' (or it may not exist). (the role's IAM bindings do "
+            "not allow it)")
+
     for backend in (rotate, retire, report):
-        with pytest.raises(PermissionDenied, match="useToDecrypt"):
-            backend.unwrap(wrapped)
-    with pytest.raises(PermissionDenied, match="useToEncrypt"):
-        report.wrap(b"x")
+        refused(lambda backend=backend: backend.unwrap(wrapped), "decrypt (ciphertext version v1)",
+                "cryptoKeyVersions.useToDecrypt")
+    refused(lambda: report.wrap(b"x"), "encrypt with the primary", "cryptoKeyVersions.useToEncrypt")
     for backend in (reencrypt, retire, report):
-        with pytest.raises(PermissionDenied, match="cryptoKeyVersions.create"):
-            backend.rotate()
+        refused(backend.rotate, "add a version", "cryptoKeyVersions.create")
     for backend in (rotate, reencrypt, report):
-        with pytest.raises(PermissionDenied, match="cryptoKeyVersions.update"):
-            _disable(backend, 1)
-    with pytest.raises(PermissionDenied, match="cryptoKeys.update"):
-        _promote(reencrypt, 1)
+        refused(lambda backend=backend: _disable(backend, 1), "set v1 to state 2", "cryptoKeyVersions.update",
+                owner.backend.version_name(1))
+    refused(lambda: _promote(reencrypt, 1), "promote", "cryptoKeys.update")
 
     # What each role is for, it can do.
     assert reencrypt.unwrap(reencrypt.wrap(b"data key")) == b"data key"

@@ -414,6 +414,14 @@ def test_missing_expired_or_narrow_tokens(kms_server, ring):
         channel.close()
 
 
+def _denied(call, permission: str, resource: str) -> None:
+    """``call`` is refused with PERMISSION_DENIED, naming the permission and the resource, exactly."""
+    with pytest.raises(exceptions.PermissionDenied) as err:
+        call()
+    assert err.value.message == (f"Permission 'cloudkms.{permission}' denied on resource '{resource}' "
+                                 "(or it may not exist).")
+
+
 def test_least_privilege_roles(kms_server, kms, ring):
     key = create_key(kms, ring)
     other = create_key(kms, ring, "other")
@@ -425,32 +433,25 @@ def test_least_privilege_roles(kms_server, kms, ring):
     as_viewer = make_client(kms_server, viewer)
     assert as_viewer.get_crypto_key(name=key.name).primary.state == State.ENABLED
     assert len(list(as_viewer.list_crypto_key_versions(parent=key.name))) == 1
-    with pytest.raises(exceptions.PermissionDenied) as err:
-        as_viewer.encrypt(name=key.name, plaintext=b"x")
-    assert err.value.message == (f"Permission 'cloudkms.cryptoKeyVersions.useToEncrypt' denied on resource "
-                                 f"'{key.name}' (or it may not exist).")
-    with pytest.raises(exceptions.PermissionDenied, match="cloudkms.cryptoKeyVersions.create"):
-        as_viewer.create_crypto_key_version(parent=key.name, crypto_key_version={})
-    with pytest.raises(exceptions.PermissionDenied, match="cloudkms.cryptoKeys.getIamPolicy"):
-        as_viewer.get_iam_policy(request={"resource": key.name})
+    _denied(lambda: as_viewer.encrypt(name=key.name, plaintext=b"x"), "cryptoKeyVersions.useToEncrypt", key.name)
+    _denied(lambda: as_viewer.create_crypto_key_version(parent=key.name, crypto_key_version={}),
+            "cryptoKeyVersions.create", key.name)
+    _denied(lambda: as_viewer.get_iam_policy(request={"resource": key.name}), "cryptoKeys.getIamPolicy", key.name)
 
     as_user = make_client(kms_server, user)
     ciphertext = as_user.encrypt(name=key.name, plaintext=b"x").ciphertext
     assert as_user.decrypt(name=key.name, ciphertext=ciphertext).plaintext == b"x"
-    with pytest.raises(exceptions.PermissionDenied, match="cloudkms.cryptoKeys.get'"):
-        as_user.get_crypto_key(name=key.name)
-    with pytest.raises(exceptions.PermissionDenied):
-        as_user.encrypt(name=other.name, plaintext=b"x")  # the grant is on the key, not the ring
-    with pytest.raises(exceptions.PermissionDenied) as err:
-        as_user.encrypt(name=f"{ring}/cryptoKeys/missing", plaintext=b"x")  # no existence leak
-    assert err.value.message.endswith("(or it may not exist).")
+    _denied(lambda: as_user.get_crypto_key(name=key.name), "cryptoKeys.get", key.name)
+    # the grant is on the key, not the ring
+    _denied(lambda: as_user.encrypt(name=other.name, plaintext=b"x"), "cryptoKeyVersions.useToEncrypt", other.name)
+    missing = f"{ring}/cryptoKeys/missing"  # no existence leak: refused as the other key is
+    _denied(lambda: as_user.encrypt(name=missing, plaintext=b"x"), "cryptoKeyVersions.useToEncrypt", missing)
 
     as_encrypter = make_client(kms_server, encrypter)
     ciphertext = as_encrypter.encrypt(name=key.name, plaintext=b"y").ciphertext
-    with pytest.raises(exceptions.PermissionDenied) as err:
-        as_encrypter.decrypt(name=key.name, ciphertext=ciphertext)
-    assert err.value.message == (f"Permission 'cloudkms.cryptoKeyVersions.useToDecrypt' denied on resource "
-                                 f"'{key.name}' (or it may not exist).")
+    assert as_user.decrypt(name=key.name, ciphertext=ciphertext).plaintext == b"y"
+    _denied(lambda: as_encrypter.decrypt(name=key.name, ciphertext=ciphertext), "cryptoKeyVersions.useToDecrypt",
+            key.name)
 
 
 def test_custom_role_and_iam_policy_rpcs(kms_server, kms, ring):

@@ -203,3 +203,35 @@ def test_a_checkpoint_of_the_empty_ledger_verifies(tmp_path, openbao, monkeypatc
     assert lg.main(["checkpoint", "--url", ledger.url, "--checkpoints", str(path)]) == lg.INTACT
     code, out = _verify(capsys, ledger, path)
     assert code == lg.INTACT and "row 0 matches the checkpoint of" in out, out
+
+
+def test_verify_of_the_default_ledger_checks_the_checkpoint_dag_s_file_without_options(tmp_path, openbao,
+                                                                                        monkeypatch, capsys):
+    """Where the ``ledger_checkpoint`` DAG writes by default ($KEYROTATION_HOME/ledger-checkpoints.jsonl) is
+    where a plain ``verify`` of the default ledger looks; a ledger verified with no checkpoint says so."""
+    from keyrotation.anchoring import CHECKPOINTS_ENV, default_checkpoints_path
+
+    for name in (CHECKPOINTS_ENV, "KEYROTATION_LEDGER_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KEYROTATION_HOME", str(tmp_path))
+    monkeypatch.setenv("VAULT_ADDR", openbao.url)
+    monkeypatch.setenv("VAULT_TOKEN", openbao.token)
+    monkeypatch.setenv(ANCHOR_KEY_ENV, f"anchor-{secrets.token_hex(4)}")
+    ledger = Ledger()
+    assert ledger.url == f"sqlite:///{tmp_path / 'ledger.db'}"
+    for i in range(3):
+        ledger.record(lg.PARTITION_REWRAPPED, "pii", dataset="ds", partition=f"p{i}", from_version=1, to_version=2)
+    capsys.readouterr()
+    assert lg.main(["verify"]) == lg.INTACT
+    assert "head not checked against a checkpoint (no --checkpoints, $KEYROTATION_LEDGER_CHECKPOINTS unset): " \
+           "rows cut from the end would not be seen" in capsys.readouterr().out
+    assert lg.main(["checkpoint"]) == lg.INTACT
+    assert default_checkpoints_path() == tmp_path / "ledger-checkpoints.jsonl"
+    assert len(default_checkpoints_path().read_text().splitlines()) == 1
+    _sql(ledger, "DROP TRIGGER ledger_events_no_delete", "DELETE FROM ledger_events WHERE id > 2")
+    capsys.readouterr()
+    assert lg.main(["verify"]) == lg.TAIL_CUT
+    assert "tail cut: the checkpoint of" in capsys.readouterr().out
+    # Another ledger (--url) is not checked against the default ledger's checkpoints.
+    other = Ledger(f"sqlite:///{tmp_path / 'other.db'}")
+    assert lg.main(["verify", "--url", other.url]) == lg.INTACT

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import sqlite3
 import threading
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,6 +13,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pandas as pd
 import pytest
+from oracle import ledger_partition_counts
 
 from keyrotation.backends.base import KeyState, KeyVersion
 from keyrotation.ledger import Ledger, RunContext
@@ -22,7 +22,6 @@ from keyrotation.reports.charts import coverage_series
 
 AUGUST = Period(datetime(2025, 8, 1, tzinfo=UTC), datetime(2025, 9, 1, tzinfo=UTC))
 NOW = datetime(2025, 9, 2, tzinfo=UTC)
-PARTITION_EVENTS = ("partition_written", "partition_rewrapped", "partition_reencrypted", "partition_reconciled")
 
 
 def at(text: str) -> datetime:
@@ -37,26 +36,6 @@ def _state(kc) -> KeyState:
     made = NOW - timedelta(days=10)
     return KeyState(key_ref=kc.key_ref, exists=True, latest_version=2, min_decryption_version=1,
                     min_encryption_version=1, versions={1: KeyVersion(1, made), 2: KeyVersion(2, made)})
-
-
-def _ledger_counts(db: str, key_class: str, when: datetime) -> dict[int, int]:
-    """Partitions per version of ``key_class`` as of ``when``: each partition's last successful change."""
-    marks = ",".join("?" * len(PARTITION_EVENTS))
-    with sqlite3.connect(db) as conn:
-        rows = conn.execute(
-            f"SELECT dataset, partition, to_version, recorded_at FROM ledger_events WHERE key_class = ? AND "
-            f"status = 'ok' AND to_version IS NOT NULL AND event IN ({marks}) ORDER BY id",
-            (key_class, *PARTITION_EVENTS)).fetchall()
-    latest: dict[tuple[str, str], int] = {}
-    for dataset, partition, version, recorded in rows:
-        recorded_at = datetime.fromisoformat(recorded)
-        recorded_at = recorded_at if recorded_at.tzinfo else recorded_at.replace(tzinfo=UTC)
-        if recorded_at <= when:
-            latest[(dataset, partition)] = version
-    counts: dict[int, int] = {}
-    for version in latest.values():
-        counts[version] = counts.get(version, 0) + 1
-    return counts
 
 
 def test_coverage_over_time_carries_each_series_forward_between_changes(make_key_class, tmp_path):
@@ -91,7 +70,7 @@ def test_coverage_over_time_carries_each_series_forward_between_changes(make_key
     for when, row in zip(times, series.itertuples(index=False), strict=True):
         for name, value in zip(series.columns, row, strict=True):
             key_class, version = name.rsplit(" v", 1)
-            assert value == _ledger_counts(db, key_class, when).get(int(version), 0), (when, name)
+            assert value == ledger_partition_counts(db, key_class, when).get(int(version), 0), (when, name)
     # The defect the auditor saw: v1 of payment_tokens is 30 until it changes, 25 after.
     assert list(series["payment_tokens v1"]) == [30, 30, 25, 25]
     # The table itself: the state carried in at the period's start, and a series that empties reads 0.

@@ -6,8 +6,11 @@ approval asked yet and nothing failed; then `make down` (the same code path) lea
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -249,6 +252,16 @@ def test_make_up_is_a_small_real_deployment(up):
             text=True, env={**os.environ, "VAULT_ADDR": f"http://127.0.0.1:{up.ports['bao']}",
                             "VAULT_TOKEN": connections["keyrotation_anchor"]["password"]})
         assert audit.returncode == 0 and "matches the checkpoint of" in audit.stdout, audit.stdout + audit.stderr
+        # The report reads the run history out of the box (issue 17: LOG-1 was WARN under make up): the first
+        # report, started by the first sweep's audit event.
+        report = up.wait(lambda: [r for r in _runs(admin, "compliance_report") if r["state"] in TERMINAL],
+                         "the first compliance_report run")[0]
+        assert report["state"] == "success", report
+        written = sorted((up.home / "reports").glob("*/findings.csv"))
+        assert written, sorted((up.home / "reports").glob("*"))
+        [log1] = [row for row in csv.DictReader(io.StringIO(written[0].read_text())) if row["control"] == "LOG-1"]
+        assert log1["status"] == "PASS" and re.fullmatch(
+            r"ledger: \d+ events, hash chain intact; Airflow history: \d+ runs, \d+ UI actions", log1["detail"]), log1
         failed = admin.get("/api/v2/dags/~/dagRuns", params={"state": "failed"}).json()
         assert failed["total_entries"] == 0, failed
         bad_tis = admin.get("/api/v2/dags/~/dagRuns/~/taskInstances",

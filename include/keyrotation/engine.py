@@ -306,6 +306,7 @@ class ReencryptionEngine(PartitionEngine):
         self.ledger.record(lg.GENERATION_STAGED, self.key_class, self.ctx, dataset=self.dataset, partition=partition,
                            to_version=version, detail={"files": [name], "generation": generation,
                                                        "replaces": previous.files if previous else []})
+        self.checkpoint("staging_recorded")
         store.fs.move(key_material_path(staged), key_material_path(final))
         self.checkpoint("material_moved")
         store.fs.move(staged, final)
@@ -370,7 +371,7 @@ class ReencryptionEngine(PartitionEngine):
                 manifest.bytes = self.store.size(partition, manifest.files)
                 self.store.write_manifest(partition, manifest)
             for name in manifest.files:
-                self.pme.rotate(self.store.path(partition, name), self.store.fs, target_version)
+                self.pme.rotate(self.store.path(partition, name), self.store.fs, target_version, self.checkpoint)
                 self.checkpoint("rewrapped_file")
             after = self._census(partition)
             if after.versions != {target_version}:

@@ -463,9 +463,11 @@ SQLite file is opened read-only (also sqlite:///file:/path/ledger.db?mode=ro&uri
 
 def verify_command(url: str | None, checkpoints: str | None = None) -> int:
     """``python -m keyrotation.ledger verify``: print the findings, return the exit code."""
-    from keyrotation.anchoring import checkpoints_path
+    from keyrotation.anchoring import CHECKPOINTS_ENV, checkpoints_path, default_checkpoints_path
 
     anchor_file = checkpoints_path(checkpoints)
+    if anchor_file is None and url is None and default_checkpoints_path().exists():
+        anchor_file = default_checkpoints_path()  # the default ledger, and where the checkpoint DAG writes
     url = url or default_url(create=False)
     try:
         shown = _shown(sa.make_url(url), url)
@@ -497,6 +499,9 @@ def verify_command(url: str | None, checkpoints: str | None = None) -> int:
         code = _anchor_command(ledger, shown, anchor_file)
         if code != INTACT:
             return code
+    else:
+        print(f"ledger {shown}: head not checked against a checkpoint (no --checkpoints, "
+              f"${CHECKPOINTS_ENV} unset): rows cut from the end would not be seen")
     return UNGUARDED if findings else INTACT
 
 
@@ -514,11 +519,19 @@ def _anchor_command(ledger: Ledger, shown: str, path: Path) -> int:
 
 def checkpoint_command(url: str | None, checkpoints: str | None) -> int:
     """``python -m keyrotation.ledger checkpoint``: append a KMS-HMAC'd checkpoint of the chain's head."""
-    from keyrotation.anchoring import TransitAnchor, checkpoints_path, write_checkpoint
+    from keyrotation.anchoring import (
+        CHECKPOINTS_ENV,
+        TransitAnchor,
+        checkpoints_path,
+        default_checkpoints_path,
+        write_checkpoint,
+    )
 
     path = checkpoints_path(checkpoints)
+    if path is None and url is None:
+        path = default_checkpoints_path()  # beside the default ledger, as the checkpoint DAG writes
     if path is None:
-        print("no checkpoints file: give --checkpoints or set KEYROTATION_LEDGER_CHECKPOINTS")
+        print(f"no checkpoints file: give --checkpoints or set {CHECKPOINTS_ENV}")
         return NOT_CHECKED
     ledger = Ledger(url or default_url(create=False))
     if not ledger.verify().ok:  # never anchor a broken chain
@@ -546,12 +559,15 @@ def main(argv: list[str] | None = None) -> int:
                     "append-only triggers are in place.",
         epilog=VERIFY_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     verify.add_argument("--url", help="ledger database URL (default: $KEYROTATION_LEDGER_URL, else the SQLite file)")
-    verify.add_argument("--checkpoints", help="checkpoints file to check the chain's head against "
-                                              "(default: $KEYROTATION_LEDGER_CHECKPOINTS; unset: not checked)")
+    verify.add_argument("--checkpoints", help="checkpoints file to check the chain's head against (default: "
+                                              "$KEYROTATION_LEDGER_CHECKPOINTS; for the default ledger, "
+                                              "$KEYROTATION_HOME/ledger-checkpoints.jsonl if it exists; else "
+                                              "not checked)")
     checkpoint = commands.add_parser(
         "checkpoint", help="append a checkpoint of the chain's head, HMAC'd by the KMS, to a file outside the ledger")
     checkpoint.add_argument("--url", help="ledger database URL")
-    checkpoint.add_argument("--checkpoints", help="checkpoints file (default: $KEYROTATION_LEDGER_CHECKPOINTS)")
+    checkpoint.add_argument("--checkpoints", help="checkpoints file (default: $KEYROTATION_LEDGER_CHECKPOINTS; "
+                                                  "for the default ledger, $KEYROTATION_HOME/ledger-checkpoints.jsonl)")
     args = parser.parse_args(argv)
     if args.command == "checkpoint":
         return checkpoint_command(args.url, args.checkpoints)

@@ -13,7 +13,7 @@ import base64
 import hashlib
 import json
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -151,7 +151,8 @@ class ParquetEncryption:
         """The file for reading batch by batch; its footer is decrypted already."""
         return EncryptedParquetFile(path, filesystem, self._decryption_properties(path, filesystem))
 
-    def rotate(self, path: str, filesystem: pafs.FileSystem, version: int) -> None:
+    def rotate(self, path: str, filesystem: pafs.FileSystem, version: int,
+               checkpoint: Callable[[str], None] | None = None) -> None:
         """Re-wrap the file's key material under ``version``; the data file is not touched.
 
         The backend's :meth:`~keyrotation.backends.base.KmsBackend.rewrap` re-wraps the KEKs: in the
@@ -173,6 +174,8 @@ class ParquetEncryption:
         tmp = posixpath.join(directory, f"{TEMP_MATERIAL_PREFIX}{base}")
         with filesystem.open_output_stream(tmp) as stream:
             stream.write(json.dumps(out, separators=(",", ":")).encode())
+        if checkpoint is not None:  # the fault tests' kill point between the new material and its rename
+            checkpoint("material_staged")
         filesystem.move(tmp, material_path)
 
     def _material(self, material_path: str, filesystem: pafs.FileSystem) -> dict[str, dict]:

@@ -164,8 +164,9 @@ def rotations(items: list[KeyClassEvidence], ledger: Ledger, period: Period) -> 
                 "dag_id": row["dag_id"] or "", "run_id": row["run_id"] or "",
             })
             previous = when
-    return _frame(rows, "rot", ["key_class", "time", "event", "from_version", "to_version", "days_since_previous",
-                                "on_time", "in_period", "reason", "actor", "dag_id", "run_id"])
+    frame = _frame(rows, "rot", ["key_class", "time", "event", "from_version", "to_version", "days_since_previous",
+                                 "on_time", "in_period", "reason", "actor", "dag_id", "run_id"])
+    return frame.astype({"from_version": "Int64", "to_version": "Int64"})  # a key's creation has no "from"
 
 
 def coverage(items: list[KeyClassEvidence], ledger: Ledger) -> pd.DataFrame:
@@ -249,9 +250,10 @@ def retirements(items: list[KeyClassEvidence], ledger: Ledger, period: Period) -
                 "reasons": "; ".join(detail.get("reasons") or []), "actor": row["actor"] or "",
                 "dag_id": row["dag_id"] or "", "run_id": row["run_id"] or "",
             })
-    return _frame(rows, "ret", ["key_class", "time", "event", "status", "versions_below", "approved_by",
-                                "rotated_by", "approval_required", "separate_approver", "trim",
-                                "deletion_scheduled_for", "reasons", "actor", "dag_id", "run_id"])
+    frame = _frame(rows, "ret", ["key_class", "time", "event", "status", "versions_below", "approved_by",
+                                 "rotated_by", "approval_required", "separate_approver", "trim",
+                                 "deletion_scheduled_for", "reasons", "actor", "dag_id", "run_id"])
+    return frame.astype({"versions_below": "Int64"})
 
 
 def _partition(run: dict) -> str:
@@ -331,7 +333,16 @@ def failures(items: list[KeyClassEvidence], ledger: Ledger, period: Period, tis:
                                  "key_class", "detail"])
 
 
+# Event-log rows Airflow writes itself when a task instance changes state (owner: the DAG's owner), not
+# actions of a person.
+TASK_STATE_EVENTS = frozenset({"queued", "scheduled", "running", "success", "failed", "skipped", "up_for_retry",
+                               "up_for_reschedule", "upstream_failed", "deferred", "removed", "restarting"})
+
+
 def ui_actions(log: list[dict]) -> pd.DataFrame:
+    """What people did (trigger, clear, mark, pause, approve, ...): the event log without the task state
+    changes Airflow records on its own."""
+    log = [e for e in log if not (e.get("task_id") and e.get("event") in TASK_STATE_EVENTS)]
     rows = [{"when": _iso(e.get("when")), "event": e.get("event"), "user": e.get("owner") or "",
              "dag_id": e.get("dag_id") or "", "run_id": e.get("run_id") or "", "task": e.get("task_id") or "",
              "extra": str(e.get("extra") or "")[:200]} for e in log]

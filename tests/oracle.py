@@ -1,0 +1,192 @@
+"""An independent oracle: what the product wrote, read back with none of the product's code.
+
+Parquet partitions are read the way any PME reader would read them: the partition's manifest
+(``_PARTITION.json``, its documented layout), pyarrow's own ``CryptoFactory`` with external key
+material, and a ``KmsClient`` of its own that calls the Transit HTTP API with ``requests``. Which
+master key version protects a file is read from its key material (``vault:vN:`` of each wrapped KEK)
+and proven by the KMS, which decrypts a wrapped KEK only with the version that made it. The ledger
+and Airflow's metadata database are read with plain SQL. Nothing here imports ``keyrotation``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pyarrow.parquet.encryption as pe
+import requests
+
+MANIFEST = "_PARTITION.json"
+MATERIAL = "_KEY_MATERIAL_FOR_{}.json"
+TRANSIT_VERSION = re.compile(r"^vault:v(\d+):")
+PARTITION_EVENTS = ("partition_written", "partition_rewrapped", "partition_reencrypted", "partition_reconciled")
+
+
+class TransitKms(pe.KmsClient):
+    """Unwraps with Transit ``decrypt`` over HTTP: the wrapped key is a Transit ciphertext of the key's
+    base64 (the documented double-wrapping layout); the master key identifier is the Transit key's name."""
+
+    def __init__(self, addr: str, token: str, mount: str = "transit") -> None:
+        super().__init__()
+        self.addr, self.token, self.mount = addr.rstrip("/"), token, mount
+        self.calls = 0
+
+    def _post(self, path: str, body: dict) -> dict:
+        self.calls += 1
+        resp = requests.post(f"{self.addr}/v1/{self.mount}/{path}", json=body,
+                             headers={"X-Vault-Token": self.token}, timeout=30)
+        if resp.status_code != 200:
+            raise RuntimeError(f"Transit {path}: HTTP {resp.status_code}: {resp.text[:300]}")
+        return resp.json()["data"]
+
+    def wrap_key(self, key_bytes: bytes, master_key_identifier: str) -> str:
+        raise RuntimeError("the oracle only reads")
+
+    def unwrap_key(self, wrapped_key: str, master_key_identifier: str) -> bytes:
+        data = self._post(f"decrypt/{master_key_identifier}", {"ciphertext": wrapped_key})
+        return base64.b64decode(data["plaintext"])
+
+    def key(self, name: str) -> dict:
+        resp = requests.get(f"{self.addr}/v1/{self.mount}/keys/{name}", headers={"X-Vault-Token": self.token},
+                            timeout=30)
+        resp.raise_for_status()
+        return resp.json()["data"]
+
+
+@dataclass
+class PartitionFacts:
+    partition: str
+    files: list[str]
+    versions: frozenset[int]  # master key versions of every wrapped KEK of the live files
+    master_keys: frozenset[str]
+    rows: int
+    bytes: int  # the live data files' sizes on disk
+    table: pa.Table
+
+
+def _read_text(fs: pafs.FileSystem, path: str) -> str:
+    with fs.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def _material_versions(fs: pafs.FileSystem, path: str) -> tuple[set[int], set[str]]:
+    versions, keys = set(), set()
+    for text in json.loads(_read_text(fs, path)).values():
+        material = json.loads(text)
+        keys.add(material["masterKeyID"])
+        wrapped = material["wrappedKEK"] if material.get("doubleWrapping") else material["wrappedDEK"]
+        match = TRANSIT_VERSION.match(wrapped)
+        if not match:
+            raise AssertionError(f"{path}: wrapped key {wrapped[:12]}... is not a Transit ciphertext")
+        versions.add(int(match.group(1)))
+    return versions, keys
+
+
+def read_partition(directory: str | Path, kms: TransitKms, fs: pafs.FileSystem | None = None) -> PartitionFacts:
+    """The partition's live files (as its manifest names them), decrypted through the KMS; ``directory`` on
+    ``fs`` (a pyarrow filesystem: local by default, S3 or GCS as pyarrow reaches them)."""
+    fs = fs or pafs.LocalFileSystem()
+    directory = str(directory).rstrip("/")
+    manifest = json.loads(_read_text(fs, f"{directory}/{MANIFEST}"))
+    factory = pe.CryptoFactory(lambda _config: kms)
+    tables, versions, keys, size = [], set(), set(), 0
+    for name in manifest["files"]:
+        path = f"{directory}/{name}"
+        found, masters = _material_versions(fs, f"{directory}/{MATERIAL.format(name)}")
+        versions |= found
+        keys |= masters
+        props = factory.file_decryption_properties(pe.KmsConnectionConfig(), pe.DecryptionConfiguration(), path, fs)
+        # By path and filesystem: from an open file, pyarrow 26 deadlocks on a GcsFileSystem when the Python
+        # KmsClient is called for the footer key.
+        tables.append(pq.read_table(path, filesystem=fs, decryption_properties=props))
+        size += fs.get_file_info(path).size
+    table = pa.concat_tables(tables) if tables else pa.table({})
+    return PartitionFacts(directory.rsplit("/", 1)[-1].split("=", 1)[1], list(manifest["files"]),
+                          frozenset(versions), frozenset(keys), table.num_rows, size, table)
+
+
+def read_dataset(root: str | Path, kms: TransitKms, fs: pafs.FileSystem | None = None) -> dict[str, PartitionFacts]:
+    """Every ``<key>=<value>`` partition folder under ``root``."""
+    fs = fs or pafs.LocalFileSystem()
+    root = str(root).rstrip("/")
+    folders = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                     if "=" in i.path.rsplit("/", 1)[-1] and i.path.rsplit("/", 1)[0] == root
+                     and not i.path.rsplit("/", 1)[-1].startswith((".", "_")))
+    if not folders:  # object stores without folder markers: from the object names
+        folders = sorted({f"{root}/{i.path[len(root) + 1:].split('/', 1)[0]}"
+                          for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                          if "/" in i.path[len(root) + 1:]})
+    return {facts.partition: facts for facts in (read_partition(d, kms, fs) for d in folders)}
+
+
+def same_rows(got: pa.Table, source: pa.Table) -> bool:
+    """The same rows (as values, in any order) with the same columns."""
+    if sorted(got.column_names) != sorted(source.column_names) or got.num_rows != source.num_rows:
+        return False
+    order = sorted(source.column_names)
+
+    def canonical(table: pa.Table) -> list[tuple]:
+        cols = [table.column(c).to_pylist() for c in order]
+        return sorted(zip(*cols, strict=True), key=repr)
+
+    return canonical(got) == canonical(source)
+
+
+# -- the ledger and Airflow's metadata, by SQL ------------------------------------------------------
+
+def aware(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    when = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def sql_rows(db: str | Path, query: str, params: Iterable = ()) -> list[dict]:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute(query, tuple(params)).fetchall()]
+
+
+def ledger_events(db: str | Path, key_class: str | None = None, events: Iterable[str] | None = None) -> list[dict]:
+    where, params = [], []
+    if key_class is not None:
+        where.append("key_class = ?")
+        params.append(key_class)
+    if events is not None:
+        events = list(events)
+        where.append(f"event IN ({','.join('?' * len(events))})")
+        params.extend(events)
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    return sql_rows(db, f"SELECT * FROM ledger_events{clause} ORDER BY id", params)
+
+
+def ledger_partition_counts(db: str | Path, key_class: str, when: datetime) -> dict[int, int]:
+    """Partitions per version of ``key_class`` as of ``when``: each partition's last successful change."""
+    latest: dict[tuple[str, str], int] = {}
+    for row in ledger_events(db, key_class, PARTITION_EVENTS):
+        if row["status"] == "ok" and row["to_version"] is not None and aware(row["recorded_at"]) <= when:
+            latest[(row["dataset"], row["partition"])] = int(row["to_version"])
+    counts: dict[int, int] = {}
+    for version in latest.values():
+        counts[version] = counts.get(version, 0) + 1
+    return counts
+
+
+def ran_in(start: str | None, end: str | None, low: datetime, high: datetime, at: datetime) -> bool:
+    """Ran during [low, high) as seen at ``at``: started before ``high``, and not ended before ``low``
+    (a run that ended after ``at`` was still running then)."""
+    began, ended = aware(start), aware(end)
+    return began is not None and began < high and (ended is None or ended >= low or ended > at)
+
+
+def days(delta: timedelta) -> float:
+    return round(delta.total_seconds() / 86400, 1)

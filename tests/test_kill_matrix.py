@@ -1,0 +1,163 @@
+"""Issue 18, item 2: the kill matrix, exact. Every checkpoint of the commit protocol, listed from the code,
+is killed (SIGKILL, the process kills itself there) for ``rewrap`` and ``reencrypt``, with the dataset on local
+disk, in S3 (moto server) and in GCS (emulator). Each kill is proven to have landed mid-run: the checkpoints
+the process passed are exactly the first partition's and the second's up to the kill point, the first
+partition is changed in the ledger and the third is not. Then, with ``tests/oracle.py`` (no product code)
+comparing every partition with the source the test generated: right after the kill, after the re-run, and
+after the old version is retired.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+import pytest
+from oracle import TransitKms, ledger_events, read_dataset, same_rows
+
+from helpers import days
+from keyrotation.backends.vault_transit import VaultTransitBackend
+from keyrotation.ledger import Ledger, RunContext
+from keyrotation.rotation import update_reference
+from keyrotation.runtime import KeyClassRuntime
+from keyrotation.sample_data import customers
+from keyrotation.stores.filesystems import AwsCredentials, GcpCredentials, Storage
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("fault_worker.py")
+CODE = (ROOT / "include" / "keyrotation" / "engine.py", ROOT / "include" / "keyrotation" / "formats" / "parquet_pme.py")
+#: The checkpoints one partition passes, in order, per mode (checked against the code and a run below).
+MODES = {
+    "reencrypt": ["staged", "staging_recorded", "material_moved", "data_moved", "committed", "cleaned", "recorded"],
+    "rewrap": ["material_staged", "rewrapped_file", "recorded"],
+}
+MATRIX = [(mode, point) for mode, points in MODES.items() for point in points]
+STORES = ("local", "s3", "gcs")
+PARTS = days("2024-01-01", 3)
+ROWS = 150
+CHANGES = ("partition_rewrapped", "partition_reencrypted", "partition_reconciled")
+pytestmark = pytest.mark.faults
+
+
+@dataclass
+class Place:
+    """Where a dataset lives, as the product's runtime reaches it and as the oracle reads it."""
+
+    location: str
+    storage: Storage | None
+    spec: dict  # $FAULT_STORAGE of the worker
+    fs: pafs.FileSystem
+    root: str
+
+
+def _place(store: str, tmp_path: Path, request) -> Place:  # noqa: ANN001
+    if store == "local":
+        return Place(str(tmp_path / "data" / "customers"), None, {}, pafs.LocalFileSystem(),
+                     str(tmp_path / "data" / "customers"))
+    bucket = f"kill-{secrets.token_hex(4)}"
+    if store == "s3":
+        moto = request.getfixturevalue("moto")
+        moto.client("s3").create_bucket(Bucket=bucket)
+        aws = {"access_key": moto.access_key, "secret_key": moto.secret_key, "region_name": moto.region,
+               "endpoint_url": moto.url}
+        url = urlparse(moto.url)
+        fs = pafs.S3FileSystem(access_key=moto.access_key, secret_key=moto.secret_key, region=moto.region,
+                               endpoint_override=url.netloc, scheme=url.scheme)
+        return Place(f"s3://{bucket}/customers", Storage(AwsCredentials(**aws)), {"aws": aws}, fs,
+                     f"{bucket}/customers")
+    gcp = request.getfixturevalue("gcp")
+    gcp.gcs.create_bucket(bucket)
+    spec = {"project": gcp.project, "storage_endpoint": gcp.gcs.url}
+    url = urlparse(gcp.gcs.url)
+    fs = pafs.GcsFileSystem(anonymous=True, endpoint_override=url.netloc, scheme=url.scheme, project_id=gcp.project)
+    return Place(f"gs://{bucket}/customers", Storage(gcp=GcpCredentials(**spec)), {"gcp": spec}, fs,
+                 f"{bucket}/customers")
+
+
+def _oracle(place: Place, kms: TransitKms, source: dict, versions: set[int]) -> None:
+    """Every partition decrypts, through the KMS, to the rows generated for it, under ``versions`` only."""
+    facts = read_dataset(place.root, kms, place.fs)
+    assert sorted(facts) == sorted(source)
+    for partition, got in facts.items():
+        assert got.versions <= versions, (partition, got.versions)
+        assert same_rows(got.table, source[partition]), partition
+
+
+def _changed(ledger: Ledger) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for row in ledger_events(ledger.url.removeprefix("sqlite:///"), events=CHANGES):
+        counts[row["partition"]] = counts.get(row["partition"], 0) + 1
+    return counts
+
+
+def _worker(config, openbao, ledger_url: str, target: int, mode: str, kill_at: str, place: Place) -> str:  # noqa: ANN001
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "include"), str(ROOT / "tests")]),
+           "FAULT_STORAGE": json.dumps(place.spec)}
+    done = subprocess.run([sys.executable, str(WORKER), config.source, openbao.url, openbao.token, ledger_url,
+                           "customers", str(target), mode, kill_at, *PARTS], env=env, capture_output=True,
+                          text=True, timeout=180)
+    return done.returncode, done.stdout + done.stderr
+
+
+def _prepared(make_key_class, vault, mode: str, place: Place):  # noqa: ANN001, ANN202
+    config = make_key_class(mode=mode, location=place.location)
+    kc = config.key_class
+    rt = KeyClassRuntime(config, VaultTransitBackend(vault, kc.key_ref, kc.mount_point), Ledger(),
+                         **({"storage": lambda _ds: place.storage} if place.storage else {}))
+    first = rt.backend.create_key().latest_version
+    update_reference(rt.name, first, rt.ledger, RunContext(actor="test"))
+    source = {p: customers(p, ROWS) for p in PARTS}
+    engine = rt.engine("customers")
+    for p in PARTS:
+        engine.write_partition(p, source[p], first)
+    target = rt.backend.rotate()
+    update_reference(rt.name, target, rt.ledger, RunContext(actor="test"))
+    return config, rt, source, target
+
+
+def test_the_matrix_is_every_checkpoint_of_the_code_in_the_order_a_run_passes_them(make_key_class, vault, openbao,
+                                                                                  tmp_path, request):
+    in_code = {name for path in CODE for name in re.findall(r'checkpoint\("(\w+)"\)', path.read_text())}
+    assert {p for points in MODES.values() for p in points} == in_code
+    for mode in MODES:
+        place = _place("local", tmp_path / mode, request)
+        config, rt, source, target = _prepared(make_key_class, vault, mode, place)
+        code, out = _worker(config, openbao, rt.ledger.url, target, mode, "0", place)
+        assert code == 0 and out.splitlines()[-1] == "finished", out
+        assert [line.split()[1] for line in out.splitlines() if line.startswith("checkpoint ")] == \
+            MODES[mode] * len(PARTS)
+
+
+@pytest.mark.parametrize("store", STORES)
+@pytest.mark.parametrize(("mode", "point"), MATRIX, ids=[f"{m}-{p}" for m, p in MATRIX])
+def test_a_kill_at_each_checkpoint_loses_nothing_before_and_after_retirement(store, mode, point, make_key_class,
+                                                                              vault, openbao, tmp_path, request):
+    place = _place(store, tmp_path, request)
+    config, rt, source, target = _prepared(make_key_class, vault, mode, place)
+    kms = TransitKms(openbao.url, openbao.token)
+    code, out = _worker(config, openbao, rt.ledger.url, target, mode, f"{point}#2", place)
+    assert code == -signal.SIGKILL and f"killing at {point}#2" in out and "finished" not in out, out
+    # Landed mid-run: all of the first partition's checkpoints, the second's up to the kill point, and the ledger
+    # has the first partition changed and the third untouched.
+    passed = [line.split()[1] for line in out.splitlines() if line.startswith("checkpoint ")]
+    assert passed == MODES[mode] + MODES[mode][: MODES[mode].index(point) + 1]
+    changed = _changed(rt.ledger)
+    assert PARTS[0] in changed and PARTS[2] not in changed, changed
+    _oracle(place, kms, source, {target - 1, target})  # nothing lost before any repair
+
+    engine = rt.engine("customers")
+    results = engine.run(PARTS, lambda p: engine.process(p, target, mode))
+    assert [r.action for r in results if r.action == "failed"] == [], results
+    assert _changed(rt.ledger) == dict.fromkeys(PARTS, 1)  # each change recorded once: redone or reconciled
+    _oracle(place, kms, source, {target})
+    rt.backend.retire_below(target)
+    _oracle(place, kms, source, {target})  # nothing the kill left needs the retired version
