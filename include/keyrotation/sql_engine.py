@@ -242,8 +242,14 @@ class SqlTableEngine(PartitionEngine):
                                             f"({done} other rows re-encrypted): {shown}")
         after = self.partition_census(partition)
         if conflicts or min(after.versions) < target:
-            raise PartitionError(partition, f"{conflicts} rows kept changing under concurrent writes; left for the "
-                                            "next pass (every row still decrypts)")
+            why = []
+            if conflicts:
+                why.append(f"{conflicts} rows kept changing under concurrent writes")
+            if min(after.versions) < target:
+                why.append(f"rows under v{', v'.join(str(v) for v in sorted(after.versions) if v < target)} were "
+                           f"written after this pass read them (an application still encrypting with an older "
+                           f"version)")
+            raise PartitionError(partition, f"{'; '.join(why)}; left for the next pass (every row still decrypts)")
         result = PartitionResult(partition, "reencrypted", before.oldest, target, after.rows, None, None,
                                  time.monotonic() - start)
         self._record(lg.PARTITION_REENCRYPTED, result, detail={"mode": "reencrypt", "rows_rewritten": done,
