@@ -24,6 +24,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pyarrow.parquet.encryption as pe
 import requests
+import sqlalchemy as sa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 MANIFEST = "_PARTITION.json"
 MATERIAL = "_KEY_MATERIAL_FOR_{}.json"
@@ -190,3 +192,95 @@ def ran_in(start: str | None, end: str | None, low: datetime, high: datetime, at
 
 def days(delta: timedelta) -> float:
     return round(delta.total_seconds() / 86400, 1)
+
+
+# -- the plaintext keys of a file, recovered from its key material --------------------------------------------
+
+@dataclass
+class FileKeys:
+    """The plaintext keys of one PME file: its KEKs (by key encryption key id) and its DEKs (by key id:
+    ``footerKey``, ``columnKey0``...)."""
+
+    keks: dict[str, bytes]
+    deks: dict[str, bytes]
+
+
+def unwrap_local(wrapped: str, kek: bytes, kek_id: str) -> bytes:
+    """A key wrapped locally by parquet-cpp's KeyToolkit (``EncryptKeyLocally``): base64 of AES-GCM's
+    12-byte nonce, the ciphertext and the 16-byte tag, no length prefix; the additional authenticated data is
+    the KEK's identifier as bytes (the base64-decoded ``keyEncryptionKeyID``). AES-GCM authenticates only
+    with the right key and AAD, so a key returned here is the one the file was written with."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    blob = base64.b64decode(wrapped)
+    return AESGCM(kek).decrypt(blob[:12], blob[12:], base64.b64decode(kek_id))
+
+
+def file_keys(material: str | bytes | dict, unwrap) -> FileKeys:  # noqa: ANN001
+    """The KEKs and DEKs of a file from its key material (the ``_KEY_MATERIAL_FOR_*.json`` map of key id to
+    the JSON of each key's material), with ``unwrap(wrapped, master_key_id) -> bytes`` for what the KMS
+    wrapped (``TransitKms.unwrap_key``, or a backend's ``unwrap`` in a lambda). Double wrapping: the KMS
+    wrapped each KEK, the KEK wrapped the DEK locally; single wrapping: the KMS wrapped the DEK."""
+    entries = json.loads(material) if isinstance(material, str | bytes) else material
+    keks: dict[str, bytes] = {}
+    deks: dict[str, bytes] = {}
+    for key_id, text in entries.items():
+        m = json.loads(text) if isinstance(text, str) else text
+        assert m.get("keyMaterialType") == "PKMT1", f"{key_id}: unknown key material type {m.get('keyMaterialType')}"
+        if not m.get("doubleWrapping"):
+            deks[key_id] = unwrap(m["wrappedDEK"], m["masterKeyID"])
+            continue
+        kek_id = m["keyEncryptionKeyID"]
+        if kek_id not in keks:
+            keks[kek_id] = unwrap(m["wrappedKEK"], m["masterKeyID"])
+        deks[key_id] = unwrap_local(m["wrappedDEK"], keks[kek_id], kek_id)
+    return FileKeys(keks, deks)
+
+
+def partition_keys(directory: str | Path, unwrap, fs: pafs.FileSystem | None = None) -> dict[str, FileKeys]:  # noqa: ANN001
+    """The plaintext keys of every live file of a partition (as its manifest names them), by file name."""
+    fs = fs or pafs.LocalFileSystem()
+    directory = str(directory).rstrip("/")
+    manifest = json.loads(_read_text(fs, f"{directory}/{MANIFEST}"))
+    return {name: file_keys(_read_text(fs, f"{directory}/{MATERIAL.format(name)}"), unwrap)
+            for name in manifest["files"]}
+
+
+# -- SQL values: the envelope read from its documented layout --------------------------------------
+
+ENVELOPE_MAGIC = b"KRE"
+
+
+def open_envelope(value: bytes, keys: dict[bytes, bytes], table: str, column: str, pk: object) -> bytes:
+    """``KRE | version 1 | len(key class) | key class | data key id (16) | nonce (12) | AES-256-GCM``, with the
+    header, a zero byte and ``table\\0column\\0pk`` as associated data (README, "Encrypted columns")."""
+    value = bytes(value)
+    assert value[:3] == ENVELOPE_MAGIC and value[3] == 1, value[:8]
+    name_end = 5 + value[4]
+    key_id, nonce = value[name_end:name_end + 16], value[name_end + 16:name_end + 28]
+    header = value[:name_end + 28]
+    aad = header + b"\x00" + f"{table}\x00{column}\x00{pk}".encode()
+    return AESGCM(keys[key_id]).decrypt(nonce, value[len(header):], aad)
+
+
+def sql_plaintexts(url: str, table: str, columns: list[str], kms: TransitKms, key_name: str,
+                   pk: str = "id") -> dict[object, tuple]:
+    """Every row's values of ``columns`` (bytes), decrypted with the data keys of ``keyrotation_data_keys``, each
+    unwrapped by the KMS (a Transit ciphertext of the key's base64) when a value needs it."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            wrapped = {bytes(r.key_id): r.wrapped for r in conn.execute(
+                sa.text("SELECT key_id, wrapped FROM keyrotation_data_keys WHERE table_name = :t"), {"t": table})}
+            rows = conn.execute(sa.text(f"SELECT {pk}, {', '.join(columns)} FROM {table}")).fetchall()
+    finally:
+        engine.dispose()
+
+    class Keys(dict):
+        def __missing__(self, key_id: bytes) -> bytes:
+            self[key_id] = kms.unwrap_key(wrapped[key_id], key_name)
+            return self[key_id]
+
+    keys = Keys()
+    return {row[0]: tuple(None if v is None else open_envelope(v, keys, table, c, row[0])
+                          for c, v in zip(columns, row[1:], strict=True)) for row in rows}
