@@ -108,7 +108,7 @@ def _measure(spec: dict, config_dir: Path, bao, migrate_s: float) -> dict:  # no
     from airflow.dag_processing.dagbag import DagBag
 
     from keyrotation import ledger as lg
-    from keyrotation.backends.vault_transit import VaultTransitBackend
+    from keyrotation.backends.registry import open_backend
     from keyrotation.config import load_key_class
     from keyrotation.engine import ReencryptionEngine
     from keyrotation.ledger import Ledger, RunContext
@@ -125,7 +125,7 @@ def _measure(spec: dict, config_dir: Path, bao, migrate_s: float) -> dict:  # no
     parse_s = time.perf_counter() - started
 
     config = load_key_class(KEY_CLASS)
-    backend = VaultTransitBackend(bao.client(), config.key_class.key_ref, config.key_class.mount_point)
+    backend = open_backend(config.key_class, bao.client())
     ledger = Ledger()
     rt = KeyClassRuntime(config, backend, ledger)
     state = backend.key_state()

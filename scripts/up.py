@@ -585,7 +585,7 @@ class Seeding(threading.Thread):
 
 
 def seed_demo_data(bao) -> None:  # noqa: ANN001
-    from keyrotation.backends.vault_transit import VaultTransitBackend
+    from keyrotation.backends.registry import open_backend
     from keyrotation.config import list_key_classes, load_key_class
     from keyrotation.ledger import Ledger, RunContext
     from keyrotation.rotation import update_reference
@@ -599,7 +599,7 @@ def seed_demo_data(bao) -> None:  # noqa: ANN001
         kc = config.key_class
         if kc.backend != "vault_transit":
             continue
-        rt = KeyClassRuntime(config, VaultTransitBackend(bao.client(), kc.key_ref, kc.mount_point), ledger)
+        rt = KeyClassRuntime(config, open_backend(kc, bao.client()), ledger)
         for ds in config.datasets:
             if Path(ds.location).exists() or ds.name not in DATASET_WRITERS:
                 continue

@@ -18,7 +18,7 @@ import sys
 
 import hvac
 
-from keyrotation.backends.vault_transit import VaultTransitBackend
+from keyrotation.backends.registry import open_backend
 from keyrotation.config import load_key_class_file
 from keyrotation.ledger import Ledger, RunContext
 from keyrotation.runtime import KeyClassRuntime
@@ -37,7 +37,7 @@ def storage_from_env() -> Storage | None:
 def main(argv: list[str]) -> int:
     config_file, url, token, ledger_url, dataset, target, mode, kill_at, *partitions = argv
     config = load_key_class_file(config_file)
-    backend = VaultTransitBackend(hvac.Client(url=url, token=token), config.key_class.key_ref)
+    backend = open_backend(config.key_class, hvac.Client(url=url, token=token))
     storage = storage_from_env()
     rt = KeyClassRuntime(config, backend, Ledger(ledger_url), **({"storage": lambda _ds: storage} if storage else {}))
     kill_name, _, kill_nth = kill_at.partition("#")

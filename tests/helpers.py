@@ -7,7 +7,7 @@ from datetime import date, timedelta
 
 import pyarrow as pa
 
-from keyrotation.backends.vault_transit import VaultTransitBackend
+from keyrotation.backends.registry import open_backend
 from keyrotation.config import KeyClassConfig
 from keyrotation.ledger import Ledger
 from keyrotation.runtime import KeyClassRuntime
@@ -133,18 +133,14 @@ def days(start: str, count: int) -> list[str]:
 
 
 def runtime(config: KeyClassConfig, vault, ledger_url: str | None = None) -> KeyClassRuntime:
-    kc = config.key_class
-    return KeyClassRuntime(config, VaultTransitBackend(vault, kc.key_ref, kc.mount_point), Ledger(ledger_url))
+    return KeyClassRuntime(config, open_backend(config.key_class, vault), Ledger(ledger_url))
 
 
 def aws_runtime(config: KeyClassConfig, moto, ledger_url: str | None = None) -> KeyClassRuntime:
     """A runtime over the moto server: the AWS KMS backend and S3 storage, as the Airflow hooks build them."""
-    from keyrotation.backends.aws_kms import AwsKmsBackend
     from keyrotation.stores.filesystems import AwsCredentials, Storage
 
-    kc, options = config.key_class, config.key_class.aws_options
-    backend = AwsKmsBackend(moto.client("kms"), kc.key_ref, strategy=options.strategy, key_class=kc.name,
-                            deletion_window_days=options.deletion_window_days)
+    backend = open_backend(config.key_class, moto.client("kms"))
     storage = Storage(AwsCredentials(moto.access_key, moto.secret_key, region_name=moto.region,
                                      endpoint_url=moto.url))
     return KeyClassRuntime(config, backend, Ledger(ledger_url), storage=lambda _ds: storage)
@@ -205,3 +201,123 @@ def seed_and_rotate(rt: KeyClassRuntime, dataset: str, partitions: list[str], ro
     """Write ``partitions`` under the first key version, rotate; return their digests and the new version."""
     seed(rt, dataset, partitions, rows=rows)
     return partition_digests(rt, dataset, partitions), rt.backend.rotate()
+
+
+# -- canaries: every secret of a run, and every place an operator or auditor could look ---------------------
+
+def forms(secret: bytes) -> set[str]:
+    """The secret as text, hex and base64; base64 at each alignment, trimmed of its edge characters."""
+    import base64
+
+    out = {secret.hex()}
+    try:
+        out.add(secret.decode())
+    except UnicodeDecodeError:
+        pass
+    for pad in range(3):
+        encoded = base64.b64encode(b"\0" * pad + secret).decode()
+        core = encoded[(pad * 4 + 2) // 3 + 1 : -3]
+        if len(core) >= 12:
+            out.add(core)
+    return out
+
+
+def pem_needles(pem: str) -> set[str]:
+    """A PEM private key as a leak would show it: its DER in every form, and each line of its base64 body but the
+    first two and the last (the DER header is the same for every key of a size; the last line is short), which
+    match the key printed raw, with escaped newlines (inside JSON) or wrapped differently."""
+    import base64
+
+    lines = [line.strip() for line in pem.strip().splitlines() if line.strip() and "-----" not in line]
+    der = base64.b64decode("".join(lines))
+    return forms(der) | {line for line in lines[2:-1] if len(line) >= 32}
+
+
+class KeySpy:
+    """Every plaintext key of a run: what passes through ``backend_cls``'s wrap and unwrap (with double
+    wrapping, the KEKs), and the DEKs, taken at the Parquet encryption layer: each time the product makes a
+    file's encryption properties, the key material pyarrow just wrote is read back and its KEKs and DEKs
+    recovered (tests/oracle.py ``file_keys``, the KEK unwrapped by the same backend)."""
+
+    def __init__(self, monkeypatch, backend_cls) -> None:  # noqa: ANN001
+        from oracle import file_keys
+
+        from keyrotation.formats import parquet_pme
+
+        self.passed: list[bytes] = []  # through the backend
+        self.keks: list[bytes] = []  # recovered from key material as the files were written
+        self.deks: list[bytes] = []
+        self.files = 0
+        real_wrap, real_unwrap = backend_cls.wrap, backend_cls.unwrap
+        real_props = parquet_pme.ParquetEncryption._encryption_properties
+        spy = self
+
+        def wrap(self, plaintext, version=None):  # noqa: ANN001, ANN202
+            spy.passed.append(bytes(plaintext))
+            return real_wrap(self, plaintext, version)
+
+        def unwrap(self, wrapped):  # noqa: ANN001, ANN202
+            key = real_unwrap(self, wrapped)
+            spy.passed.append(bytes(key))
+            return key
+
+        def properties(self, schema, path, filesystem, version):  # noqa: ANN001, ANN202
+            props = real_props(self, schema, path, filesystem, version)
+            with filesystem.open_input_stream(parquet_pme.key_material_path(path)) as stream:
+                keys = file_keys(stream.read(), lambda wrapped, _master: real_unwrap(self.backend, wrapped))
+            spy.keks.extend(keys.keks.values())
+            spy.deks.extend(keys.deks.values())
+            spy.files += 1
+            return props
+
+        monkeypatch.setattr(backend_cls, "wrap", wrap)
+        monkeypatch.setattr(backend_cls, "unwrap", unwrap)
+        monkeypatch.setattr(parquet_pme.ParquetEncryption, "_encryption_properties", properties)
+
+    def needles(self) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for kind, keys in (("key through the backend", self.passed), ("KEK", self.keks), ("DEK", self.deks)):
+            for i, key in enumerate(dict.fromkeys(keys)):
+                out[f"{kind} #{i}"] = forms(key)
+        return out
+
+
+def sqlite_dump(db) -> str:  # noqa: ANN001
+    """Every row of every table of a SQLite database as text (a blob as latin-1 text and as hex), read-only."""
+    import sqlite3
+
+    parts = []
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            parts.append(f"== {table}")
+            for row in conn.execute(f'SELECT * FROM "{table}"'):
+                parts.append(" | ".join(v.decode("latin-1") + " " + v.hex() if isinstance(v, bytes) else str(v)
+                                        for v in row))
+    return "\n".join(parts)
+
+
+def file_text(path) -> str:  # noqa: ANN001
+    """What a reader of a file sees: its bytes (as latin-1 text), a SQLite database's rows, a Parquet file's table
+    as CSV, a PDF's text (pdftotext)."""
+    import shutil
+    import subprocess
+
+    raw = path.read_bytes()
+    text = raw.decode("latin-1")
+    if raw[:16] == b"SQLite format 3\x00":
+        text += sqlite_dump(path)
+    elif path.suffix == ".parquet":
+        import pandas as pd
+
+        text += pd.read_parquet(path).to_csv()
+    elif path.suffix == ".pdf":
+        assert shutil.which("pdftotext"), "pdftotext (Debian poppler-utils) is needed to read the PDF report"
+        text += subprocess.run(["pdftotext", str(path), "-"], capture_output=True, text=True, check=True).stdout
+    return text
+
+
+def find_leaks(needles: dict[str, set[str]], haystacks: dict[str, str]) -> list[tuple[str, str]]:
+    """(what, where) for every needle found in a haystack, in any of its forms."""
+    return [(what, where) for where, text in haystacks.items() for what, variants in needles.items()
+            if any(v in text for v in variants)]

@@ -153,7 +153,9 @@ def aware(text: str | None) -> datetime | None:
 
 
 def sql_rows(db: str | Path, query: str, params: Iterable = ()) -> list[dict]:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+    # Not read-only: after a process was killed mid-transaction, SQLite rolls its hot journal back on the next
+    # read, which a read-only connection refuses ("attempt to write a readonly database").
+    with sqlite3.connect(db) as conn:
         conn.row_factory = sqlite3.Row
         return [dict(r) for r in conn.execute(query, tuple(params)).fetchall()]
 

@@ -9,7 +9,8 @@ from botocore.config import Config
 from throttle_proxy import ThrottlingProxy
 
 from helpers import aws_runtime, days, partition_digests, seed
-from keyrotation.backends.aws_kms import AwsKmsBackend
+from keyrotation.backends.base import KmsBackend
+from keyrotation.backends.registry import open_backend
 from keyrotation.backends.retry import RetryPolicy
 from keyrotation.errors import BackendError
 
@@ -17,11 +18,10 @@ from keyrotation.errors import BackendError
 NO_BOTO_RETRIES = Config(retries={"mode": "standard", "max_attempts": 1})
 
 
-def throttled_backend(moto, proxy: ThrottlingProxy, rt, attempts: int = 8) -> AwsKmsBackend:
+def throttled_backend(moto, proxy: ThrottlingProxy, rt, attempts: int = 8) -> KmsBackend:
     kc = rt.config.key_class
     client = moto.client("kms", endpoint_url=proxy.url, config=NO_BOTO_RETRIES)
-    return AwsKmsBackend(client, kc.key_ref, strategy=kc.aws_options.strategy, key_class=kc.name,
-                         retry=RetryPolicy(attempts=attempts, initial=0.01, maximum=0.05, jitter=True))
+    return open_backend(kc, client, RetryPolicy(attempts=attempts, initial=0.01, maximum=0.05, jitter=True))
 
 
 def test_a_rewrap_sweep_completes_through_throttling(make_aws_key_class, moto):

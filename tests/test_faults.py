@@ -23,8 +23,8 @@ from oracle import TransitKms, ledger_events, read_dataset, same_rows
 
 from helpers import customers, days, runtime, seed_and_rotate
 from keyrotation import ledger as lg
+from keyrotation.backends.registry import open_backend
 from keyrotation.backends.retry import RetryPolicy
-from keyrotation.backends.vault_transit import VaultTransitBackend
 from keyrotation.devserver import OpenBaoFileServer, free_port
 from keyrotation.ledger import RunContext
 from keyrotation.rotation import update_reference
@@ -133,8 +133,7 @@ def restartable_kms(tmp_path):
 
 
 def kms_runtime(config, server, ledger, attempts):
-    backend = VaultTransitBackend(server.client(), config.key_class.key_ref,
-                                  retry=RetryPolicy(attempts=attempts, initial=0.2, maximum=2.0))
+    backend = open_backend(config.key_class, server.client(), RetryPolicy(attempts=attempts, initial=0.2, maximum=2.0))
     return KeyClassRuntime(config, backend, ledger)
 
 

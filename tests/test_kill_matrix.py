@@ -25,7 +25,7 @@ import pytest
 from oracle import TransitKms, ledger_events, read_dataset, same_rows
 
 from helpers import days
-from keyrotation.backends.vault_transit import VaultTransitBackend
+from keyrotation.backends.registry import open_backend
 from keyrotation.ledger import Ledger, RunContext
 from keyrotation.rotation import update_reference
 from keyrotation.runtime import KeyClassRuntime
@@ -111,7 +111,7 @@ def _worker(config, openbao, ledger_url: str, target: int, mode: str, kill_at: s
 def _prepared(make_key_class, vault, mode: str, place: Place):  # noqa: ANN001, ANN202
     config = make_key_class(mode=mode, location=place.location)
     kc = config.key_class
-    rt = KeyClassRuntime(config, VaultTransitBackend(vault, kc.key_ref, kc.mount_point), Ledger(),
+    rt = KeyClassRuntime(config, open_backend(kc, vault), Ledger(),
                          **({"storage": lambda _ds: place.storage} if place.storage else {}))
     first = rt.backend.create_key().latest_version
     update_reference(rt.name, first, rt.ledger, RunContext(actor="test"))

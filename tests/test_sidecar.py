@@ -455,3 +455,75 @@ def test_sidecar_keeps_credentials_out_of_argv(tmp_path, monkeypatch):
     monkeypatch.setenv("KEYROTATION_DB_URL", f"sqlite:///{tmp_path / 'd.db'}")
     with pytest.raises(SystemExit, match="VAULT_TOKEN .* is not set"):
         sidecar.main(["--key-class", "tok", "--config-dir", str(tmp_path), "--vault-url", "http://127.0.0.1:1"])
+
+
+@pytest.mark.parametrize("cloud", ["aws_kms", "gcp_kms"])
+def test_sidecar_serves_aws_kms_and_cloud_kms(cloud, request, tmp_path, pg):
+    """The sidecar opens its backend through the same registry as the DAGs: AWS KMS on the moto server (the AWS
+    credential chain from the environment) and Cloud KMS on the gRPC test server (a service account key file
+    of the key class's re-encrypt role in GOOGLE_APPLICATION_CREDENTIALS); a value encrypted through it decrypts
+    through it and through the library."""
+    from keyrotation.backends.registry import open_backend
+
+    engine, tables = pg
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "include"), "KEYROTATION_DB_URL": PG_URL,
+           "KEYROTATION_LEDGER_URL": f"sqlite:///{tmp_path / 'ledger.db'}"}
+    if cloud == "aws_kms":
+        moto = request.getfixturevalue("moto")
+        config = request.getfixturevalue("make_aws_key_class")(f"sc_aws_{secrets.token_hex(2)}")
+        backend = open_backend(config.key_class, moto.client("kms"))
+        env.update(AWS_ACCESS_KEY_ID=moto.access_key, AWS_SECRET_ACCESS_KEY=moto.secret_key,
+                   AWS_DEFAULT_REGION=moto.region)
+        extra = ["--aws-endpoint-url", moto.url]
+    else:
+        import json
+
+        from helpers import gcp_runtime
+
+        gcp = request.getfixturevalue("gcp")
+        config = request.getfixturevalue("make_gcp_key_class")(f"sc_gcp_{secrets.token_hex(2)}")
+        backend = gcp_runtime(config, gcp).backend
+        role = json.loads(os.environ[f"AIRFLOW_CONN_{config.key_class.conn_for('reencrypt').upper()}"])
+        keyfile = tmp_path / "reencrypt.json"
+        keyfile.write_text(role["extra"]["keyfile_dict"])
+        env["GOOGLE_APPLICATION_CREDENTIALS"] = str(keyfile)  # the gRPC roots of the test server are inherited
+        extra = ["--gcp-kms-endpoint", gcp.kms.endpoint]
+    kc = config.key_class
+    version = backend.create_key().latest_version
+    ledger = Ledger(env["KEYROTATION_LEDGER_URL"])
+    update_reference(kc.name, version, ledger, ACTOR)
+    table = f"sc_{secrets.token_hex(3)}"
+    tables.append(table)
+    port = free_port()
+    log = tmp_path / "sidecar.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "keyrotation.sidecar", "--key-class", kc.name, "--config-dir",
+                                 str(Path(config.source).parent), "--port", str(port), *extra], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            deadline = time.monotonic() + 30
+            while True:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                try:
+                    health = http.get("/healthz")
+                    if health.status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.1)
+            assert health.json()["current_version"] == version and health.json()["checks"]["kms"] == "ok"
+            ctx = {"table": table, "column": "email", "pk": 7, "partition": "2024-05-01"}
+            sealed = http.post("/v1/encrypt", json={"plaintext": b64(f"{CANARY}-{cloud}"), "context": ctx})
+            assert sealed.status_code == 200 and sealed.json()["key_version"] == version, sealed.text
+            opened = http.post("/v1/decrypt", json={"ciphertext": sealed.json()["ciphertext"],
+                                                    "context": {**ctx, "partition": None}})
+            assert opened.status_code == 200, opened.text
+            assert base64.b64decode(opened.json()["plaintext"]) == f"{CANARY}-{cloud}".encode()
+            library = KeyRotationClient(backend, ledger, kc.name, engine=engine)
+            assert library.decrypt(base64.b64decode(sealed.json()["ciphertext"]), ctx) == f"{CANARY}-{cloud}".encode()
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    assert CANARY not in log.read_text()

@@ -514,23 +514,10 @@ class KeyRotationClient:
         """A client for a key class config: ``kms_client`` is an ``hvac.Client`` (``vault_transit``), a
         boto3 KMS client (``aws_kms``) or a ``KeyManagementServiceClient`` (``gcp_kms``). ``dataset`` (or
         the only Parquet dataset) gives the encrypted columns of :meth:`write_parquet`."""
+        from keyrotation.backends.registry import open_backend
+
         kc = config.key_class
-        if kc.backend == "vault_transit":
-            from keyrotation.backends.vault_transit import VaultTransitBackend
-
-            backend: KmsBackend = VaultTransitBackend(kms_client, kc.key_ref, kc.mount_point, retry=retry)
-        elif kc.backend == "aws_kms":
-            from keyrotation.backends.aws_kms import AwsKmsBackend
-
-            options = kc.aws_options
-            backend = AwsKmsBackend(kms_client, kc.key_ref, strategy=options.strategy, key_class=kc.name,
-                                    retry=retry, max_requests_per_second=options.max_requests_per_second)
-        elif kc.backend == "gcp_kms":
-            from keyrotation.backends.gcp_kms import GcpKmsBackend
-
-            backend = GcpKmsBackend(kms_client, kc.key_ref, key_class=kc.name, retry=retry)
-        else:  # pragma: no cover - the config refuses other backends
-            raise InvalidInput(f"key class {kc.name!r}: backend {kc.backend!r} is not supported by the client")
+        backend = open_backend(kc, kms_client, retry)
         if "encrypted_columns" not in kwargs:
             parquet = [d for d in config.datasets if d.format == "parquet"]
             chosen = config.dataset(dataset) if dataset else (parquet[0] if len(parquet) == 1 else None)

@@ -57,7 +57,7 @@ from keyrotation.client import (
     RetiredVersionError,
     error_kind,
 )
-from keyrotation.errors import BackendError, KeyRotationError
+from keyrotation.errors import BackendError, ConfigError, KeyRotationError
 
 log = logging.getLogger("keyrotation.sidecar")
 
@@ -328,31 +328,15 @@ def _no_password(url: str | None, option: str, env: str) -> None:
 
 
 def _kms_client(config: Any, args: argparse.Namespace) -> Any:
-    kc = config.key_class
-    if kc.backend == "vault_transit":
-        import hvac
+    from keyrotation.backends.base import ClientOptions
+    from keyrotation.backends.registry import client_from_environment
 
-        url = args.vault_url or os.environ.get("VAULT_ADDR")
-        token = os.environ.get("VAULT_TOKEN")
-        if not token and os.environ.get("VAULT_TOKEN_FILE"):
-            try:
-                token = Path(os.environ["VAULT_TOKEN_FILE"]).read_text().strip()
-            except OSError as exc:
-                raise SystemExit(f"VAULT_TOKEN_FILE {os.environ['VAULT_TOKEN_FILE']}: cannot read it "
-                                 f"({exc.strerror})") from None
-        if not url:
-            raise SystemExit("--vault-url (or VAULT_ADDR) is required for a vault_transit key class")
-        if not token:
-            raise SystemExit("VAULT_TOKEN (or VAULT_TOKEN_FILE) is not set: the sidecar reads its Vault/OpenBao "
-                             "token from the environment")
-        verify: Any = os.environ.get("VAULT_CACERT") or True
-        return hvac.Client(url=url, token=token, verify=verify, timeout=args.kms_timeout)
-    import boto3  # aws_kms: credentials from the standard AWS chain (env, profile, instance role)
-    from botocore.config import Config
-
-    return boto3.client("kms", endpoint_url=args.aws_endpoint_url, region_name=args.aws_region or
-                        kc.aws_options.region_name, config=Config(connect_timeout=args.kms_timeout,
-                                                                  read_timeout=args.kms_timeout))
+    try:
+        return client_from_environment(config.key_class, ClientOptions(
+            vault_url=args.vault_url, aws_endpoint_url=args.aws_endpoint_url, aws_region=args.aws_region,
+            gcp_kms_endpoint=args.gcp_kms_endpoint, timeout=args.kms_timeout))
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def build_client(args: argparse.Namespace) -> KeyRotationClient:
@@ -405,6 +389,8 @@ def parser() -> argparse.ArgumentParser:
                    help="Vault/OpenBao address (default: $VAULT_ADDR); token: $VAULT_TOKEN")
     p.add_argument("--aws-endpoint-url", default=None, help="aws_kms: KMS endpoint (e.g. a local server)")
     p.add_argument("--aws-region", default=None, help="aws_kms: region (default: the key class's, or the AWS chain's)")
+    p.add_argument("--gcp-kms-endpoint", default=None,
+                   help="gcp_kms: Cloud KMS endpoint (host:port; default cloudkms.googleapis.com)")
     p.add_argument("--kms-timeout", type=float, default=5.0, help="seconds per KMS request (default 5)")
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1: loopback only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"listen port (default {DEFAULT_PORT})")

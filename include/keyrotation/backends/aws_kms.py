@@ -26,13 +26,16 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, EndpointConnectionError
 
-from keyrotation.backends.base import KeyState, KeyVersion, KmsBackend, versions_text
+from keyrotation.backends.base import ClientOptions, KeyState, KeyVersion, KmsBackend, versions_text
 from keyrotation.backends.retry import RetryPolicy, TransientFailure, call_with_retries
 from keyrotation.errors import BackendError, KeyNotFoundError, KmsUnreachable, PermissionDenied
+
+if TYPE_CHECKING:
+    from keyrotation.config import KeyClass
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -101,6 +104,23 @@ class AwsKmsBackend(KmsBackend):
         )
         #: KMS calls made, by API name (for progress logs, plans and benchmarks).
         self.calls: dict[str, int] = {}
+
+    @classmethod
+    def from_key_class(cls, kc: KeyClass, client: Any, retry: RetryPolicy | None = None) -> AwsKmsBackend:
+        options = kc.aws_options
+        return cls(client, kc.key_ref, strategy=options.strategy, key_class=kc.name,
+                   rotation_period_days=options.rotation_period_days, deletion_window_days=options.deletion_window_days,
+                   retry=retry, max_requests_per_second=options.max_requests_per_second)
+
+    @classmethod
+    def client_from_environment(cls, kc: KeyClass, options: ClientOptions) -> Any:
+        """A boto3 KMS client: credentials from the standard AWS chain (env, profile, instance role)."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("kms", endpoint_url=options.aws_endpoint_url,
+                            region_name=options.aws_region or kc.aws_options.region_name,
+                            config=Config(connect_timeout=options.timeout, read_timeout=options.timeout))
 
     # -- calls --------------------------------------------------------------------------------
     def _call(self, api: str, action: str, done: Callable[[], T | None] | None = None, **kwargs: Any) -> Any:

@@ -5,6 +5,11 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from keyrotation.backends.retry import RetryPolicy
+    from keyrotation.config import KeyClass
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,18 @@ def versions_text(versions: list[int]) -> str:
     return "versions " + ", ".join(f"v{v}" for v in versions)
 
 
+@dataclass(frozen=True)
+class ClientOptions:
+    """How a process outside Airflow (the sidecar) reaches its KMS; credentials come from the environment only
+    (``VAULT_TOKEN``/``VAULT_TOKEN_FILE``, the AWS chain, Google's application default credentials)."""
+
+    vault_url: str | None = None
+    aws_endpoint_url: str | None = None
+    aws_region: str | None = None
+    gcp_kms_endpoint: str | None = None
+    timeout: float = 5.0
+
+
 class KmsBackend(abc.ABC):
     """A master key in a KMS, with versions.
 
@@ -63,6 +80,20 @@ class KmsBackend(abc.ABC):
 
     kind: str
     key_ref: str
+
+    @classmethod
+    @abc.abstractmethod
+    def from_key_class(cls, kc: KeyClass, client: Any, retry: RetryPolicy | None = None) -> KmsBackend:
+        """This backend for the key class ``kc``, over ``client``, the KMS's own client; every setting it needs
+        comes from the key class (see :func:`keyrotation.backends.registry.open_backend`)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def client_from_environment(cls, kc: KeyClass, options: ClientOptions) -> Any:
+        """The KMS's client for a process outside Airflow, credentials from the environment.
+
+        :raises ConfigError: what is missing, in one line.
+        """
     #: True when :meth:`rewrap` runs in the KMS, so wrapped keys never appear in plaintext outside it.
     server_side_rewrap: bool = False
     #: False where the KMS keeps old versions usable for good (AWS KMS key material); then

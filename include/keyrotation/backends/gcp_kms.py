@@ -28,16 +28,19 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import google_crc32c
 from google.api_core import exceptions as gexc
 from google.cloud import kms_v1
 from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 
-from keyrotation.backends.base import KeyState, KeyVersion, KmsBackend, versions_text
+from keyrotation.backends.base import ClientOptions, KeyState, KeyVersion, KmsBackend, versions_text
 from keyrotation.backends.retry import RetryPolicy, TransientFailure, call_with_retries
-from keyrotation.errors import BackendError, KeyNotFoundError, KmsUnreachable, PermissionDenied
+from keyrotation.errors import BackendError, ConfigError, KeyNotFoundError, KmsUnreachable, PermissionDenied
+
+if TYPE_CHECKING:
+    from keyrotation.config import KeyClass
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -106,6 +109,29 @@ class GcpKmsBackend(KmsBackend):
         self.calls: dict[str, int] = {}
         self._calls_lock = threading.Lock()
         self._primary: int | None = None
+
+    @classmethod
+    def from_key_class(cls, kc: KeyClass, client: kms_v1.KeyManagementServiceClient,
+                       retry: RetryPolicy | None = None) -> GcpKmsBackend:
+        options, rotation = kc.gcp_options, kc.rotation
+        return cls(client, kc.key_ref, key_class=kc.name, protection_level=options.protection_level,
+                   rotation_period=rotation.due_after if options.sync_rotation_schedule else None,
+                   destroy_scheduled_duration=options.destroy_scheduled_duration, retry=retry)
+
+    @classmethod
+    def client_from_environment(cls, kc: KeyClass, options: ClientOptions) -> kms_v1.KeyManagementServiceClient:
+        """A Cloud KMS client with Google's application default credentials (``GOOGLE_APPLICATION_CREDENTIALS``,
+        the metadata server), at ``options.gcp_kms_endpoint`` if given."""
+        import google.auth
+        from google.auth.exceptions import DefaultCredentialsError
+
+        try:
+            credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloudkms"])
+        except DefaultCredentialsError as exc:
+            raise ConfigError(f"no Google credentials for the gcp_kms key class {kc.name!r}: set "
+                              f"GOOGLE_APPLICATION_CREDENTIALS to a service account key file ({exc})") from None
+        client_options = {"api_endpoint": options.gcp_kms_endpoint} if options.gcp_kms_endpoint else None
+        return kms_v1.KeyManagementServiceClient(credentials=credentials, client_options=client_options)
 
     def version_name(self, version: int) -> str:
         return version_resource_name(self.key_ref, version)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import os
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import hvac
 import requests
@@ -20,9 +22,12 @@ from hvac.exceptions import (
     VaultError,
 )
 
-from keyrotation.backends.base import KeyState, KeyVersion, KmsBackend, versions_text
+from keyrotation.backends.base import ClientOptions, KeyState, KeyVersion, KmsBackend, versions_text
 from keyrotation.backends.retry import RetryPolicy, TransientFailure, call_with_retries
-from keyrotation.errors import BackendError, KeyNotFoundError, KmsUnreachable, PermissionDenied
+from keyrotation.errors import BackendError, ConfigError, KeyNotFoundError, KmsUnreachable, PermissionDenied
+
+if TYPE_CHECKING:
+    from keyrotation.config import KeyClass
 
 T = TypeVar("T")
 # Worth retrying: the server is unreachable, sealed, electing a leader or overloaded.
@@ -55,6 +60,29 @@ class VaultTransitBackend(KmsBackend):
         self.mount_point = mount_point
         self.retry = retry or RetryPolicy()
         self._transit = client.secrets.transit
+
+    @classmethod
+    def from_key_class(cls, kc: KeyClass, client: hvac.Client, retry: RetryPolicy | None = None) -> VaultTransitBackend:
+        return cls(client, kc.key_ref, kc.mount_point, retry=retry)
+
+    @classmethod
+    def client_from_environment(cls, kc: KeyClass, options: ClientOptions) -> hvac.Client:
+        """``VAULT_ADDR`` (or ``options.vault_url``), ``VAULT_TOKEN`` or ``VAULT_TOKEN_FILE``, ``VAULT_CACERT``."""
+        url = options.vault_url or os.environ.get("VAULT_ADDR")
+        token = os.environ.get("VAULT_TOKEN")
+        if not token and os.environ.get("VAULT_TOKEN_FILE"):
+            try:
+                token = Path(os.environ["VAULT_TOKEN_FILE"]).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"VAULT_TOKEN_FILE {os.environ['VAULT_TOKEN_FILE']}: cannot read it "
+                                  f"({exc.strerror})") from None
+        if not url:
+            raise ConfigError("--vault-url (or VAULT_ADDR) is required for a vault_transit key class")
+        if not token:
+            raise ConfigError("VAULT_TOKEN (or VAULT_TOKEN_FILE) is not set: the sidecar reads its Vault/OpenBao "
+                              "token from the environment")
+        verify: Any = os.environ.get("VAULT_CACERT") or True
+        return hvac.Client(url=url, token=token, verify=verify, timeout=options.timeout)
 
     def _fail(self, action: str, exc: Exception) -> BackendError:
         # hvac errors carry the server's message, which never contains plaintext.

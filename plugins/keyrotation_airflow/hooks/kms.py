@@ -142,31 +142,9 @@ class KeyClassKmsHook(BaseHook):
 
     def get_backend(self) -> KmsBackend:
         if self._backend is None:
-            if self.key_class.backend == "vault_transit":
-                from keyrotation.backends.vault_transit import VaultTransitBackend
+            from keyrotation.backends.registry import open_backend
 
-                self._backend = VaultTransitBackend(self.get_conn(), self.key_class.key_ref,
-                                                    self.key_class.mount_point)
-            elif self.key_class.backend == "aws_kms":
-                from keyrotation.backends.aws_kms import AwsKmsBackend
-
-                options = self.key_class.aws_options
-                self._backend = AwsKmsBackend(
-                    self.get_conn(), self.key_class.key_ref, strategy=options.strategy, key_class=self.key_class.name,
-                    rotation_period_days=options.rotation_period_days,
-                    deletion_window_days=options.deletion_window_days,
-                    max_requests_per_second=options.max_requests_per_second)
-            elif self.key_class.backend == "gcp_kms":
-                from keyrotation.backends.gcp_kms import GcpKmsBackend
-
-                options, rotation = self.key_class.gcp_options, self.key_class.rotation
-                self._backend = GcpKmsBackend(
-                    self.get_conn(), self.key_class.key_ref, key_class=self.key_class.name,
-                    protection_level=options.protection_level,
-                    rotation_period=rotation.due_after if options.sync_rotation_schedule else None,
-                    destroy_scheduled_duration=options.destroy_scheduled_duration)
-            else:
-                raise ValueError(f"key class {self.key_class.name!r}: unsupported backend {self.key_class.backend!r}")
+            self._backend = open_backend(self.key_class, self.get_conn())
         return self._backend
 
     def cloud_kms_client_args(self) -> dict[str, Any]:
