@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+# Outcomes and recorded properties of every test; docs/reliability.md is written from them after a whole-suite run.
+pytest_plugins = ["reliability_report"]
+
 ROOT = Path(__file__).resolve().parents[1]
 _AIRFLOW_HOME = tempfile.mkdtemp(prefix="keyrotation-airflow-")
 # Tests write their key classes (and one DAG file each) into these session folders, so that
