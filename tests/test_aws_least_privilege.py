@@ -636,7 +636,7 @@ def expected_allowed(role: str, action: str, target: str) -> bool:
 
 
 @pytest.mark.parametrize("role", ROLES)
-def test_each_role_can_do_its_part_and_is_refused_the_rest(world, role):
+def test_each_role_can_do_its_part_and_is_refused_the_rest(world, role, record_property):
     clients = world.clients(role)
     allowed = denied = 0
     for action, target, call in CHECKS:
@@ -658,6 +658,7 @@ def test_each_role_can_do_its_part_and_is_refused_the_rest(world, role):
         assert refusal(refused.value) == expected, f"{what}: {refused.value}"
         denied += 1
     assert (allowed, denied) == (EXPECTED_ALLOWED[role], EXPECTED_DENIED[role])
+    record_property("denials", {"backend": "aws_kms", "role": role, "refused": denied, "allowed": allowed})
 
 
 def test_totals():

@@ -200,7 +200,7 @@ def _allowed(vault: hvac.Client, client: hvac.Client, key: str, ct: str, operati
 
 
 @pytest.mark.parametrize("role", ROLES)
-def test_each_role_can_do_its_part_and_is_refused_the_rest(make_key_class, vault, openbao, role):
+def test_each_role_can_do_its_part_and_is_refused_the_rest(make_key_class, vault, openbao, role, record_property):
     rt = runtime(make_key_class(name="lp"), vault)
     key = rt.config.key_class.key_ref
     client = role_clients(vault, openbao, rt.config.key_class)[role]
@@ -228,6 +228,7 @@ def test_each_role_can_do_its_part_and_is_refused_the_rest(make_key_class, vault
             _allowed(vault, client, key, ciphertext, operation)
             proven += 1
     assert proven == len(ALLOWED[role])
+    record_property("denials", {"backend": "vault_transit", "role": role, "refused": tried, "allowed": proven})
 
 
 def test_rotate_role_creates_the_key_and_adds_versions(make_key_class, vault, openbao):
