@@ -7,11 +7,10 @@ FROM apache/airflow:3.3.2-python3.11
 
 USER airflow
 COPY --chown=airflow:0 requirements.txt constraints.txt /opt/airflow/keyrotation-build/
-# Test-only tools stay out of the image; requirements.txt pins apache-airflow==3.3.2, the base image's version.
-RUN grep -v -E '^(pytest|pytest-timeout|hypothesis|ruff|check-jsonschema|aiosmtpd)==' /opt/airflow/keyrotation-build/requirements.txt \
-        > /opt/airflow/keyrotation-build/runtime-requirements.txt \
-    && pip install --no-cache-dir \
-        -r /opt/airflow/keyrotation-build/runtime-requirements.txt \
+# The product's requirements only (development tools are in requirements-dev.txt); requirements.txt pins
+# apache-airflow==3.3.2, the base image's version.
+RUN pip install --no-cache-dir \
+        -r /opt/airflow/keyrotation-build/requirements.txt \
         -c /opt/airflow/keyrotation-build/constraints.txt \
     && python -c "import airflow, celery, hvac, pyarrow; assert airflow.__version__ == '3.3.2', airflow.__version__"
 

@@ -74,7 +74,7 @@ def sweep(spec: dict) -> dict:
     config_dir = configure(work)
     set_chunk_size(config_dir, spec["chunk_sizes"][0], spec["mode"])
 
-    from keyrotation.devserver import OpenBaoDevServer
+    from keyrotation_dev.devserver import OpenBaoDevServer
 
     with OpenBaoDevServer(log_path=str(work / "openbao.log")) as bao:
         os.environ["AIRFLOW_CONN_VAULT_KEYROTATION"] = bao.airflow_connection_uri()
@@ -114,8 +114,8 @@ def _measure(spec: dict, config_dir: Path, bao, migrate_s: float) -> dict:  # no
     from keyrotation.ledger import Ledger, RunContext
     from keyrotation.rotation import update_reference
     from keyrotation.runtime import KeyClassRuntime
-    from keyrotation.sample_data import customers, daily_partitions
     from keyrotation_airflow.operators import reencrypt as reencrypt_ops
+    from keyrotation_dev.sample_data import customers, daily_partitions
 
     started = time.perf_counter()
     bag = DagBag(dag_folder=str(ROOT / "dags"))

@@ -18,7 +18,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_PATHS = [ROOT / "include", ROOT / "plugins", ROOT / "dags", ROOT]
-# The encrypted columns of the synthetic customers (keyrotation.sample_data.customers) in every dataset.
+# The encrypted columns of the synthetic customers (keyrotation_dev.sample_data.customers) in every dataset.
 ENCRYPTED_COLUMNS = ["email", "phone", "ssn"]
 
 

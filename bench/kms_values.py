@@ -23,7 +23,7 @@ BATCH = 250  # keyrotation.backends.vault_transit.REWRAP_BATCH
 
 def column_values(count: int, partition: str = "2024-01-01") -> list[bytes]:
     """``count`` values of the encrypted columns of partition ``partition``, row by row."""
-    from keyrotation.sample_data import customers
+    from keyrotation_dev.sample_data import customers
 
     table = customers(partition, math.ceil(count / len(ENCRYPTED_COLUMNS)))
     columns = [table.column(c).to_pylist() for c in ENCRYPTED_COLUMNS]

@@ -50,7 +50,7 @@ def measure(backend: Any, ledger: Any, counter: KmsCounter, dataset: dict, locat
     from keyrotation.engine import ReencryptionEngine
     from keyrotation.formats.digest import DigestBuilder
     from keyrotation.formats.parquet_pme import ROW_GROUP_ROWS, EncryptedParquetFile
-    from keyrotation.sample_data import daily_partitions
+    from keyrotation_dev.sample_data import daily_partitions
 
     partitions = daily_partitions(dataset["partitions"])
     target = backend.rotate()
@@ -101,7 +101,7 @@ def plain_parquet(rows: int, partition: str = "2024-01-01") -> dict:
     import pyarrow.parquet as pq
 
     from keyrotation.formats.digest import table_digest
-    from keyrotation.sample_data import customers
+    from keyrotation_dev.sample_data import customers
 
     table = customers(partition, rows)
     cpu0, start = cpu_seconds(), time.perf_counter()

@@ -54,7 +54,7 @@ def engine_for(backend: Any, ledger: Any, location: str, dataset: str) -> Any:
 def measure(backend: Any, ledger: Any, counter: KmsCounter, datasets: list[dict], data_dir: Path,
             repeats: int) -> None:
     """Re-wrap every dataset ``repeats`` times (a key rotation before each round); adds ``runs`` to each."""
-    from keyrotation.sample_data import daily_partitions
+    from keyrotation_dev.sample_data import daily_partitions
 
     for ds in datasets:
         ds["runs"] = []

@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(cfg: dict, size: str, work: Path, argv: list[str] | None) -> dict:
     from bench import cipher, kms_values, memory, reencrypt, rewrap, sql_table
     from keyrotation.backends.vault_transit import VaultTransitBackend
-    from keyrotation.devserver import OpenBaoDevServer
     from keyrotation.ledger import Ledger
+    from keyrotation_dev.devserver import OpenBaoDevServer
 
     started = time.perf_counter()
     command = " ".join(["python bench/run.py", *(argv if argv is not None else sys.argv[1:])])

@@ -212,12 +212,12 @@ def run(args: argparse.Namespace) -> dict:
     from keyrotation.backends.vault_transit import VaultTransitBackend
     from keyrotation.client import KeyRotationClient
     from keyrotation.config import load_key_class
-    from keyrotation.devserver import OpenBaoDevServer, free_port
     from keyrotation.ledger import Ledger, RunContext
     from keyrotation.retirement import plan_retirement, retire
     from keyrotation.rotation import update_reference
     from keyrotation.runtime import KeyClassRuntime
     from keyrotation.stores.data_keys import DATA_KEYS
+    from keyrotation_dev.devserver import OpenBaoDevServer, free_port
 
     started_at, load_start = now_utc(), load_average()
     wall0 = time.monotonic()

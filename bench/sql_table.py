@@ -162,7 +162,7 @@ def frame(partition: str, rows: int, first_id: int) -> Any:
     import numpy as np
     import pandas as pd
 
-    from keyrotation.sample_data import customers
+    from keyrotation_dev.sample_data import customers
 
     data = customers(partition, rows)
     return pd.DataFrame({"id": np.arange(first_id, first_id + rows, dtype=np.int64), "day": [partition] * rows,
@@ -406,7 +406,7 @@ def measure(backend: Any, ledger: Any, counter: KmsCounter, cfg: dict) -> dict:
     repeats (of the rewrap), cipher_values (values for the local cipher limit)."""
     import sqlalchemy as sa
 
-    from keyrotation.sample_data import daily_partitions
+    from keyrotation_dev.sample_data import daily_partitions
 
     partitions = daily_partitions(cfg["partitions"], start="2025-01-01")
     db = sa.create_engine(PG_URL, hide_parameters=True, connect_args={"application_name": APP_NAME})

@@ -52,8 +52,8 @@ def _engine(key_ref: str, location: str, dataset: str):  # noqa: ANN202 - a Reen
 
 def write(spec: dict) -> dict:
     """Write each dataset of ``spec["datasets"]``: ``partitions`` daily partitions of ``rows_per_partition``
-    synthetic customer rows (keyrotation.sample_data), under ``version`` of ``key_ref``."""
-    from keyrotation.sample_data import customers, daily_partitions
+    synthetic customer rows (keyrotation_dev.sample_data), under ``version`` of ``key_ref``."""
+    from keyrotation_dev.sample_data import customers, daily_partitions
 
     out = []
     for ds in spec["datasets"]:

@@ -91,7 +91,7 @@ def main() -> int:
         return 2
     prepare_environment()
     if BACKEND == "aws":
-        from keyrotation.devserver import MotoServer
+        from keyrotation_dev.devserver import MotoServer
 
         with MotoServer(log_path=str(HOME / "moto.log")) as moto:
             os.environ["AIRFLOW_CONN_AWS_KEYROTATION"] = moto.airflow_connection_uri()
@@ -104,7 +104,7 @@ def main() -> int:
             migrate_db()
             return run(f"the Cloud KMS test server on {endpoints['kms_endpoint']} and GCS on "
                        f"{endpoints['storage_endpoint']}")
-    from keyrotation.devserver import OpenBaoDevServer
+    from keyrotation_dev.devserver import OpenBaoDevServer
 
     if os.environ.get("KEYROTATION_DEMO_VAULT_CONN"):
         # A server that outlives the demo (Transit enabled), for a test to query afterwards: the Airflow
@@ -129,7 +129,7 @@ def gcp_test_servers() -> Iterator[dict]:
     sys.path.insert(0, str(ROOT / "tests"))
     from gcp_kms_server import ensure_tls_files, trust_in_process
 
-    from keyrotation.devserver import stop_process
+    from keyrotation_dev.devserver import stop_process
 
     tls_dir, out = HOME / "gcp-tls", HOME / "gcp-servers.json"
     ensure_tls_files(tls_dir)
@@ -163,7 +163,7 @@ def airflow_api_server() -> Iterator[None]:
 
     import requests
 
-    from keyrotation.devserver import free_port
+    from keyrotation_dev.devserver import free_port
 
     port = free_port()
     env = {**os.environ, "AIRFLOW__API__HOST": "127.0.0.1", "AIRFLOW__API__PORT": str(port),
@@ -199,8 +199,8 @@ def airflow_api_server() -> Iterator[None]:
 def seed_objects(rt, dataset, version: int) -> None:  # noqa: ANN001
     """Objects encrypted by the store under ``version``'s KMS key (SSE-KMS on S3, CMEK on GCS), as an
     application writing them would leave them."""
-    from keyrotation.sample_data import daily_partitions
     from keyrotation.stores.filesystems import split_location
+    from keyrotation_dev.sample_data import daily_partitions
 
     _, path = split_location(dataset.location)
     bucket, _, prefix = path.partition("/")
@@ -224,9 +224,9 @@ def run(server: str, stopping: bool = True) -> int:
     from keyrotation.config import list_key_classes, load_key_class
     from keyrotation.ledger import Ledger, RunContext
     from keyrotation.runtime import KeyClassRuntime
-    from keyrotation.sample_data import DATASET_WRITERS
     from keyrotation_airflow.hooks.kms import KeyClassKmsHook
     from keyrotation_airflow.runtime import dataset_storage
+    from keyrotation_dev.sample_data import DATASET_WRITERS
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # Airflow's logging setup resets filters
     bag = DagBag(dag_folder=str(ROOT / "dags"))

@@ -51,7 +51,7 @@ for _path in ("include", "plugins"):
 
 import psutil  # noqa: E402 - a dependency of Airflow itself
 
-from keyrotation.devserver import write_private  # noqa: E402
+from keyrotation_dev.devserver import write_private  # noqa: E402
 
 HOME = Path(os.environ.get("KEYROTATION_UP_HOME", ROOT / "var" / "up")).resolve()
 STATE_FILE = HOME / "up.json"
@@ -482,7 +482,7 @@ def up() -> int:
     check_ports_free(p)
     env = airflow_env(p)
     os.environ.update({k: env[k] for k in ("AIRFLOW_HOME", "KEYROTATION_HOME", "KEYROTATION_ROLE_CONNECTIONS")})
-    from keyrotation.devserver import OpenBaoFileServer
+    from keyrotation_dev.devserver import OpenBaoFileServer
 
     url = f"http://{LOOPBACK}:{p['api']}"
     began = time.monotonic()
@@ -590,7 +590,7 @@ def seed_demo_data(bao) -> None:  # noqa: ANN001
     from keyrotation.ledger import Ledger, RunContext
     from keyrotation.rotation import update_reference
     from keyrotation.runtime import KeyClassRuntime
-    from keyrotation.sample_data import DATASET_WRITERS
+    from keyrotation_dev.sample_data import DATASET_WRITERS
 
     ledger = Ledger()
     ctx = RunContext(actor="make up")

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 from live_airflow import AIRFLOW, ROOT, LiveAirflow
 
-from keyrotation.devserver import free_port
+from keyrotation_dev.devserver import free_port
 
 PG_ADMIN_URL = os.environ.get("KEYROTATION_TEST_PG_ADMIN", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("KEYROTATION_TEST_REDIS", "redis://127.0.0.1:6379")

@@ -58,7 +58,7 @@ from helpers import (  # noqa: E402
     KEY_CLASS_YAML,
     PG_URL,
 )
-from keyrotation.devserver import MotoServer, OpenBaoDevServer  # noqa: E402
+from keyrotation_dev.devserver import MotoServer, OpenBaoDevServer  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from gcp_storage_emulator import server as emulator
 from gcp_storage_emulator.exceptions import Conflict, NotFound
 from gcp_storage_emulator.handlers import objects
 
-from keyrotation.devserver import free_port
+from keyrotation_dev.devserver import free_port
 
 logging.getLogger("gcp_storage_emulator").setLevel(logging.WARNING)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from keyrotation.devserver import free_port
+from keyrotation_dev.devserver import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 AIRFLOW = str(Path(sys.executable).parent / "airflow")

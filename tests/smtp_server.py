@@ -21,7 +21,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from keyrotation.devserver import free_port
+from keyrotation_dev.devserver import free_port
 
 
 @dataclass(frozen=True)

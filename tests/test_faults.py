@@ -25,10 +25,10 @@ from helpers import customers, days, runtime, seed_and_rotate
 from keyrotation import ledger as lg
 from keyrotation.backends.registry import open_backend
 from keyrotation.backends.retry import RetryPolicy
-from keyrotation.devserver import OpenBaoFileServer, free_port
 from keyrotation.ledger import RunContext
 from keyrotation.rotation import update_reference
 from keyrotation.runtime import KeyClassRuntime
+from keyrotation_dev.devserver import OpenBaoFileServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("fault_worker.py")

@@ -29,8 +29,8 @@ from keyrotation.backends.registry import open_backend
 from keyrotation.ledger import Ledger, RunContext
 from keyrotation.rotation import update_reference
 from keyrotation.runtime import KeyClassRuntime
-from keyrotation.sample_data import customers
 from keyrotation.stores.filesystems import AwsCredentials, GcpCredentials, Storage
+from keyrotation_dev.sample_data import customers
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("fault_worker.py")

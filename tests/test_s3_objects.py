@@ -21,10 +21,10 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from keyrotation.devserver import MotoServer
 from keyrotation.errors import PartitionError, PermissionDenied
 from keyrotation.stores import s3_objects
 from keyrotation.stores.s3_objects import SseKmsObjectStore
+from keyrotation_dev.devserver import MotoServer
 
 MiB = 1024**2
 THREADS = 8

@@ -26,10 +26,10 @@ from helpers import CANARY, KEY_CLASS_YAML, PG_URL
 from keyrotation import ledger as lg
 from keyrotation.backends.vault_transit import VaultTransitBackend
 from keyrotation.client import KeyRotationClient
-from keyrotation.devserver import OpenBaoDevServer, free_port
 from keyrotation.ledger import Ledger, RunContext
 from keyrotation.rotation import update_reference
 from keyrotation.stores.data_keys import DataKeyStore
+from keyrotation_dev.devserver import OpenBaoDevServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ACTOR = RunContext(actor="test")

@@ -22,7 +22,7 @@ from keyrotation import ledger as lg
 from keyrotation.config import load_key_class_file
 from keyrotation.ledger import RunContext
 from keyrotation.rotation import update_reference
-from keyrotation.sample_data import DATASET_WRITERS
+from keyrotation_dev.sample_data import DATASET_WRITERS
 
 pytestmark = [pytest.mark.airflow, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,8 +26,8 @@ import hvac
 import psutil
 import pytest
 
-from keyrotation.devserver import free_port
 from keyrotation.policies import ROLES
+from keyrotation_dev.devserver import free_port
 
 pytestmark = [pytest.mark.airflow, pytest.mark.slow]
 

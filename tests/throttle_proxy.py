@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import requests
 
-from keyrotation.devserver import free_port
+from keyrotation_dev.devserver import free_port
 
 
 class ThrottlingProxy:
