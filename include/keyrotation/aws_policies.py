@@ -33,7 +33,8 @@ import re
 import sys
 from typing import Any
 
-ROLES = ("rotate", "reencrypt", "retire", "report")
+from keyrotation.config import ROLES
+
 TAG_KEY_CLASS = "keyrotation:key-class"
 #: The tags the AWS KMS backend puts on a key it creates.
 KEY_TAGS = (TAG_KEY_CLASS, "keyrotation:version")

@@ -27,7 +27,7 @@ import os
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -270,13 +270,18 @@ class GcpKeyOptions(_Strict):
 
 _GCP_KEY = re.compile(r"^projects/[^/]+/locations/[^/]+/keyRings/[^/]+/cryptoKeys/[^/]+$")
 
+#: The roles of a key class's tasks, one connection (and KMS identity) each; every policy generator
+#: (keyrotation.policies, .aws_policies, .gcp_policies) writes one policy per role.
+Role = Literal["rotate", "reencrypt", "retire", "report"]
+ROLES: tuple[str, ...] = get_args(Role)
+
 
 class KeyClass(_Strict):
     name: str = Field(pattern=_NAME)
     backend: Literal["vault_transit", "aws_kms", "gcp_kms"]
     key_ref: str = Field(min_length=1, description="Key name (Transit), ARN/alias (AWS) or resource name (GCP).")
     conn_id: str = Field(min_length=1, description="Airflow connection that reaches the KMS.")
-    connections: dict[Literal["rotate", "reencrypt", "retire", "report"], str] = Field(
+    connections: dict[Role, str] = Field(
         default_factory=dict,
         description="Per-role Airflow connections (least privilege); a role not listed uses the template in "
         "$KEYROTATION_ROLE_CONNECTIONS if set, else conn_id.",

@@ -42,10 +42,9 @@ import json
 import sys
 from typing import Any
 
-from keyrotation.config import KeyClassConfig, load_key_class
+from keyrotation.config import ROLES, KeyClassConfig, load_key_class
 from keyrotation.errors import ConfigError
 
-ROLES = ("rotate", "reencrypt", "retire", "report")
 _READ = ["cloudkms.cryptoKeys.get", "cloudkms.cryptoKeyVersions.get", "cloudkms.cryptoKeyVersions.list"]
 
 #: Cloud KMS permissions on the key class's CryptoKey, by role.

@@ -50,10 +50,10 @@ import json
 import sys
 
 from keyrotation.backends.vault_transit import KEY_TYPE
-from keyrotation.config import KeyClass, load_key_class
+from keyrotation.config import ROLES, KeyClass, load_key_class
 from keyrotation.errors import ConfigError
 
-ROLES = ("rotate", "reencrypt", "retire", "report")
+__all__ = ["ROLES", "anchor_policies", "policies_for", "transit_policies"]
 #: ``allowed_parameters`` per write path (relative to ``transit/keys/<key>``): name -> allowed values
 #: (``[]``: any value). An empty mapping: no parameter at all (``denied_parameters = {"*" = []}``).
 KEY_PARAMETERS: dict[str, dict[str, list[str]]] = {
