@@ -25,7 +25,8 @@ table ``keyrotation_data_keys``::
 * **Retired versions.** A value whose data key is wrapped under a version below the last
   ``versions_retired`` floor of the ledger is refused (:class:`RetiredVersionError`, naming the version
   and the row) before any KMS call; so is encrypting while the reference itself is below it.
-* **Data keys in memory.** Unwrapped data keys sit in a bounded LRU with a TTL (:class:`DataKeyCache`),
+* **Data keys in memory.** Unwrapped data keys sit in a bounded LRU with a TTL (the one
+  :class:`~keyrotation.formats.envelope.DataKeyCache` of the package),
   held as ``bytearray`` and overwritten with zeros when evicted, expired or cleared. This is best effort:
   the ``bytes`` the KMS client returns, and the copy the ``cryptography`` library keeps inside each
   AES-GCM object, cannot be zeroed from Python; they are dropped and left to the garbage collector. Keys
@@ -49,20 +50,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keyrotation import ledger as lg
 from keyrotation.backends.base import KeyState, KmsBackend
 from keyrotation.backends.retry import RetryPolicy
 from keyrotation.errors import BackendError, KeyRotationError, PermissionDenied
 from keyrotation.formats.envelope import (
-    NONCE_BYTES,
+    CachedKey,
+    DataKeyCache,
     EnvelopeError,
     Header,
-    associated_data,
     header_prefix,
+    open_sealed,
     parse_header,
+    seal,
 )
 from keyrotation.stores.data_keys import DATA_KEYS, DataKeyStore, data_keys
 
@@ -220,101 +221,6 @@ def error_kind(exc: BaseException) -> str:
     return "internal"
 
 
-# -- the cache of unwrapped data keys -------------------------------------------------------------
-
-class _CachedKey:
-    """An unwrapped data key: the key as a ``bytearray`` (zeroed on eviction), its AES-GCM object, the
-    KEK version its row was wrapped under when read, and when it expires."""
-
-    __slots__ = ("key", "aead", "version", "expires")
-
-    def __init__(self, key: bytearray, version: int, expires: float) -> None:
-        self.key = key
-        self.aead = AESGCM(key)  # cryptography copies the key inside; that copy cannot be zeroed
-        self.version = version
-        self.expires = expires
-
-    def zero(self) -> None:
-        self.key[:] = bytes(len(self.key))
-        self.aead = None
-
-    def __repr__(self) -> str:
-        return f"<data key under v{self.version}, hidden>"
-
-
-class DataKeyCache:
-    """A bounded LRU of unwrapped data keys with a time to live.
-
-    Keys are copied into ``bytearray`` and overwritten with zeros when they leave the cache (evicted for
-    room, expired, purged after a retirement, or cleared). The caller's ``bytes`` and the copy held by
-    ``cryptography``'s AES-GCM object cannot be zeroed from Python (see the module docstring).
-    """
-
-    def __init__(self, size: int = 1024, ttl_s: float = 300.0, clock: Callable[[], float] = time.monotonic,
-                 on_evict: Callable[[], None] | None = None) -> None:
-        if size < 1:
-            raise ValueError("cache size must be at least 1")
-        if ttl_s <= 0:
-            raise ValueError("cache TTL must be positive")
-        self.size = size
-        self.ttl_s = ttl_s
-        self._clock = clock
-        self._on_evict = on_evict
-        self._entries: OrderedDict[bytes, _CachedKey] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def _drop(self, key_id: bytes) -> None:
-        entry = self._entries.pop(key_id, None)
-        if entry is not None:
-            entry.zero()
-            if self._on_evict:
-                self._on_evict()
-
-    def get(self, key_id: bytes) -> _CachedKey | None:
-        with self._lock:
-            entry = self._entries.get(key_id)
-            if entry is None:
-                return None
-            if entry.expires <= self._clock():
-                self._drop(key_id)
-                return None
-            self._entries.move_to_end(key_id)
-            return entry
-
-    def put(self, key_id: bytes, key: bytes | bytearray, version: int) -> _CachedKey:
-        entry = _CachedKey(bytearray(key), version, self._clock() + self.ttl_s)
-        with self._lock:
-            if key_id in self._entries:
-                self._drop(key_id)
-            self._entries[key_id] = entry
-            while len(self._entries) > self.size:
-                self._drop(next(iter(self._entries)))
-        return entry
-
-    def evict(self, key_id: bytes) -> None:
-        with self._lock:
-            self._drop(key_id)
-
-    def evict_below(self, version: int) -> int:
-        """Drop every key read under a version below ``version`` (after a retirement); return how many."""
-        with self._lock:
-            stale = [k for k, e in self._entries.items() if e.version < version]
-            for key_id in stale:
-                self._drop(key_id)
-        return len(stale)
-
-    def clear(self) -> None:
-        with self._lock:
-            for key_id in list(self._entries):
-                self._drop(key_id)
-
-    def __repr__(self) -> str:  # never show keys
-        return f"DataKeyCache({len(self._entries)}/{self.size} keys, ttl {self.ttl_s:g}s)"
-
-
 class _IdCache:
     """(table, partition, version) -> data key id, bounded and TTL'd like the keys (ids are not secret)."""
 
@@ -443,16 +349,14 @@ class _LedgerView:
 
 class _ClientKeyStore(DataKeyStore):
     """:class:`DataKeyStore` (same table, same choice and creation of data keys) whose unwrapped keys live
-    in the client's zeroing cache, behind its single-flight loader, instead of the store's own cache."""
+    in the client's cache, behind its single-flight loader, instead of the store's own."""
 
     def __init__(self, client: KeyRotationClient, engine: sa.Engine) -> None:
-        from keyrotation.formats.envelope import KeyCache
-
-        super().__init__(engine, client._kms, client.key_class, cache=KeyCache(size=0))  # size 0: nothing kept
+        super().__init__(engine, client._kms, client.key_class, cache=DataKeyCache(size=0))  # 0: nothing kept
         self._client = client
 
-    def key(self, key_id: bytes, where: str) -> bytes:
-        return self._client._data_key(key_id, where).key  # type: ignore[return-value]
+    def key(self, key_id: bytes, where: str) -> CachedKey:
+        return self._client._data_key(key_id, where)
 
 
 def _local(path: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
@@ -611,10 +515,7 @@ class KeyRotationClient:
                     f"ledger's current version, which the ledger marks retired (versions below v{state.min_version})",
                     state.version, state.min_version)
             key_id, entry = self._data_key_for(ctx.table, ctx.partition or "", state.version)
-            nonce = os.urandom(NONCE_BYTES)
-            header = header_prefix(self.key_class) + key_id + nonce
-            return header + entry.aead.encrypt(nonce, data, associated_data(header, ctx.table, ctx.column, ctx.pk)), \
-                state.version
+            return seal(data, entry.aead, key_id, self.key_class, ctx.table, ctx.column, ctx.pk), state.version
         except Exception as exc:
             self.metrics_.add("errors", error_kind(exc))
             raise
@@ -640,15 +541,10 @@ class KeyRotationClient:
             raise
 
     @staticmethod
-    def _open(entry: _CachedKey, raw: bytes, header: Header, ctx: ValueContext, where: str) -> bytes:
-        try:
-            return entry.aead.decrypt(header.nonce, raw[header.length:],
-                                      associated_data(raw[:header.length], ctx.table, ctx.column, ctx.pk))
-        except InvalidTag:
-            raise EnvelopeError(f"{where}: does not decrypt: the value was altered, or copied from another row or "
-                                "column") from None
+    def _open(entry: CachedKey, raw: bytes, header: Header, ctx: ValueContext, where: str) -> bytes:
+        return open_sealed(raw, entry.aead, header, ctx.table, ctx.column, ctx.pk, where)
 
-    def _data_key_for(self, table: str, partition: str, version: int) -> tuple[bytes, _CachedKey]:
+    def _data_key_for(self, table: str, partition: str, version: int) -> tuple[bytes, CachedKey]:
         """The partition's data key created under ``version`` (made on first use), from the cache if there."""
         slot = (table, partition, version)
         found = self._cached_for(slot)
@@ -662,14 +558,15 @@ class KeyRotationClient:
             # decryptions of the same key); a new one is made with one wrap.
             key_id, key = self.store.current(table, partition, version)
             entry = self._cache.get(key_id)
-            if entry is None:
+            if entry is None:  # a key the store just made, held by nobody yet
                 self.metrics_.add("cache_misses")
-                entry = self._cache.put(key_id, key, version)
+                entry = self._cache.put(key_id, key.key, version)
+                key.zero()
             del key
             self._ids.put(slot, key_id)
             return key_id, entry
 
-    def _cached_for(self, slot: tuple) -> tuple[bytes, _CachedKey] | None:
+    def _cached_for(self, slot: tuple) -> tuple[bytes, CachedKey] | None:
         key_id = self._ids.get(slot)
         entry = self._cache.get(key_id) if key_id is not None else None
         if entry is None:
@@ -677,7 +574,7 @@ class KeyRotationClient:
         self.metrics_.add("cache_hits")
         return key_id, entry  # type: ignore[return-value]
 
-    def _data_key(self, key_id: bytes, where: str) -> _CachedKey:
+    def _data_key(self, key_id: bytes, where: str) -> CachedKey:
         """The data key ``key_id`` for decryption: from the cache, else its row and one KMS unwrap; refused
         when its row is wrapped under a version the ledger marks retired."""
         floor = self.state().min_version

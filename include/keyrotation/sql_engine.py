@@ -160,7 +160,7 @@ class SqlTableEngine(PartitionEngine):
         header = parse_header(raw, where)
         if header.key_class != self.key_class:
             raise EnvelopeError(f"{where}: value belongs to key class {header.key_class!r}, not {self.key_class!r}")
-        return open_sealed(raw, self.keys.key(header.key_id, where), header, self.table, column, pk, where)
+        return open_sealed(raw, self.keys.key(header.key_id, where).aead, header, self.table, column, pk, where)
 
     def write_partition(self, partition: str, frame: pd.DataFrame, version: int) -> PartitionResult:
         """Insert ``frame`` (plaintext in the encrypted columns) into the table, encrypted under ``version``:
@@ -169,8 +169,8 @@ class SqlTableEngine(PartitionEngine):
         key_id, key = self.keys.current(self.table, partition, version)
         out = frame.copy()
         for column in self.columns:
-            out[column] = [None if v is None else seal(str(v).encode(), key, key_id, self.key_class, self.table,
-                                                       column, pk)
+            out[column] = [None if v is None else seal(str(v).encode(), key.aead, key_id, self.key_class,
+                                                       self.table, column, pk)
                            for v, pk in zip(frame[column], frame[self.pk], strict=True)]
         columns = list(out.columns)
         sql = f"INSERT INTO {_ident(self.table)} ({', '.join(_ident(c) for c in columns)}) VALUES %s"
@@ -274,7 +274,7 @@ class SqlTableEngine(PartitionEngine):
                         news.append(raw)
                         continue
                     plaintext = self._decrypt(raw, column, pk)
-                    news.append(seal(plaintext, key, key_id, self.key_class, self.table, column, pk))
+                    news.append(seal(plaintext, key.aead, key_id, self.key_class, self.table, column, pk))
                     change = True
             except EnvelopeError as exc:
                 bad[pk] = str(exc)

@@ -9,16 +9,19 @@ The associated data binds the header to where the value lives (table, column, pr
 value copied to another row or column, or a header edited, fails to decrypt with an error naming
 the row. Data keys (AES-256) are wrapped by the key class's KMS key and live in a data-key table
 next to the data (:mod:`keyrotation.stores.data_keys`); a KEK rotation re-wraps those rows only.
-Plaintext data keys stay in memory, in a bounded cache, and never reach a log or an exception.
+Plaintext data keys stay in memory, in one bounded, expiring, zeroing cache (:class:`DataKeyCache`), and
+never reach a log or an exception.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -81,54 +84,115 @@ def associated_data(header: bytes, table: str, column: str, pk: object) -> bytes
     return header + b"\x00" + f"{table}\x00{column}\x00{pk}".encode()
 
 
-@lru_cache(maxsize=256)
-def _aead(key: bytes) -> AESGCM:
-    # Building the cipher costs more than sealing a short value; keys live in memory only, as in KeyCache.
-    return AESGCM(key)
-
-
-def seal(plaintext: bytes, key: bytes, key_id: bytes, key_class: str, table: str, column: str, pk: object) -> bytes:
+def seal(plaintext: bytes, aead: AESGCM, key_id: bytes, key_class: str, table: str, column: str,
+         pk: object) -> bytes:
+    """``plaintext`` sealed with the data key ``key_id`` (its AES-GCM object, from :class:`DataKeyCache`)."""
     nonce = os.urandom(NONCE_BYTES)
     header = header_prefix(key_class) + key_id + nonce
-    return header + _aead(key).encrypt(nonce, plaintext, associated_data(header, table, column, pk))
+    return header + aead.encrypt(nonce, plaintext, associated_data(header, table, column, pk))
 
 
-def open_sealed(value: bytes, key: bytes, header: Header, table: str, column: str, pk: object, where: str) -> bytes:
+def open_sealed(value: bytes, aead: AESGCM, header: Header, table: str, column: str, pk: object, where: str) -> bytes:
     raw = bytes(value)
     try:
-        return _aead(key).decrypt(header.nonce, raw[header.length:],
-                                   associated_data(raw[:header.length], table, column, pk))
+        return aead.decrypt(header.nonce, raw[header.length:], associated_data(raw[:header.length], table, column, pk))
     except InvalidTag:
         raise EnvelopeError(f"{where}: does not decrypt: the value was altered, or copied from another row or "
                             "column") from None
 
 
-class KeyCache:
-    """A bounded LRU of unwrapped data keys (plaintext in memory only)."""
+class CachedKey:
+    """An unwrapped data key: the key as a ``bytearray`` (zeroed on eviction), its AES-GCM object, the
+    KEK version its row was wrapped under when read, and when it expires."""
 
-    def __init__(self, size: int = 1024) -> None:
+    __slots__ = ("key", "aead", "version", "expires")
+
+    def __init__(self, key: bytearray, version: int, expires: float) -> None:
+        self.key = key
+        self.aead = AESGCM(key)  # cryptography copies the key inside; that copy cannot be zeroed
+        self.version = version
+        self.expires = expires
+
+    def zero(self) -> None:
+        self.key[:] = bytes(len(self.key))
+        self.aead = None
+
+    def __repr__(self) -> str:
+        return f"<data key under v{self.version}, hidden>"
+
+
+class DataKeyCache:
+    """The one cache of unwrapped data keys (the client, the SQL engine, ``FieldCipher``): a bounded LRU
+    with a time to live.
+
+    Keys are copied into ``bytearray`` and overwritten with zeros when they leave the cache (evicted for
+    room, expired, purged after a retirement, or cleared). The caller's ``bytes`` and the copy held by
+    ``cryptography``'s AES-GCM object cannot be zeroed from Python. ``size`` 0 keeps nothing: :meth:`put`
+    gives the entry back without holding it (a store whose keys another cache holds).
+    """
+
+    def __init__(self, size: int = 1024, ttl_s: float = 300.0, clock: Callable[[], float] = time.monotonic,
+                 on_evict: Callable[[], None] | None = None) -> None:
+        if size < 0:
+            raise ValueError("cache size must not be negative")
+        if ttl_s <= 0:
+            raise ValueError("cache TTL must be positive")
         self.size = size
-        self._keys: OrderedDict[bytes, bytes] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._on_evict = on_evict
+        self._entries: OrderedDict[bytes, CachedKey] = OrderedDict()
+        self._lock = threading.Lock()
 
-    def get(self, key_id: bytes) -> bytes | None:
-        key = self._keys.get(key_id)
-        if key is not None:
-            self._keys.move_to_end(key_id)
-            self.hits += 1
-        else:
-            self.misses += 1
-        return key
+    def __len__(self) -> int:
+        return len(self._entries)
 
-    def put(self, key_id: bytes, key: bytes) -> None:
-        self._keys[key_id] = key
-        self._keys.move_to_end(key_id)
-        while len(self._keys) > self.size:
-            self._keys.popitem(last=False)
+    def _drop(self, key_id: bytes) -> None:
+        entry = self._entries.pop(key_id, None)
+        if entry is not None:
+            entry.zero()
+            if self._on_evict:
+                self._on_evict()
+
+    def get(self, key_id: bytes) -> CachedKey | None:
+        with self._lock:
+            entry = self._entries.get(key_id)
+            if entry is None:
+                return None
+            if entry.expires <= self._clock():
+                self._drop(key_id)
+                return None
+            self._entries.move_to_end(key_id)
+            return entry
+
+    def put(self, key_id: bytes, key: bytes | bytearray, version: int) -> CachedKey:
+        entry = CachedKey(bytearray(key), version, self._clock() + self.ttl_s)
+        if not self.size:
+            return entry
+        with self._lock:
+            if key_id in self._entries:
+                self._drop(key_id)
+            self._entries[key_id] = entry
+            while len(self._entries) > self.size:
+                self._drop(next(iter(self._entries)))
+        return entry
+
+    def evict(self, key_id: bytes) -> None:
+        with self._lock:
+            self._drop(key_id)
+
+    def evict_below(self, version: int) -> int:
+        """Drop every key read under a version below ``version`` (after a retirement); return how many."""
+        with self._lock:
+            stale = [k for k, e in self._entries.items() if e.version < version]
+            for key_id in stale:
+                self._drop(key_id)
+        return len(stale)
 
     def clear(self) -> None:
-        self._keys.clear()
+        with self._lock:
+            for key_id in list(self._entries):
+                self._drop(key_id)
 
     def __repr__(self) -> str:  # never show keys
-        return f"KeyCache({len(self._keys)} keys)"
+        return f"DataKeyCache({len(self._entries)}/{self.size} keys, ttl {self.ttl_s:g}s)"

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 
 from keyrotation.backends.base import KmsBackend
-from keyrotation.formats.envelope import EnvelopeError, KeyCache, open_sealed, parse_header, seal
+from keyrotation.formats.envelope import CachedKey, DataKeyCache, EnvelopeError, open_sealed, parse_header, seal
 
 DATA_KEYS = "keyrotation_data_keys"
 metadata = sa.MetaData()
@@ -38,25 +38,26 @@ data_keys = sa.Table(
 class DataKeyStore:
     """Data keys of one key class in one database: create, unwrap (cached), re-wrap."""
 
-    def __init__(self, engine: sa.Engine, backend: KmsBackend, key_class: str, cache: KeyCache | None = None) -> None:
+    def __init__(self, engine: sa.Engine, backend: KmsBackend, key_class: str,
+                 cache: DataKeyCache | None = None) -> None:
         self.engine = engine
         self.backend = backend
         self.key_class = key_class
-        self.cache = cache or KeyCache()
+        self.cache = cache if cache is not None else DataKeyCache()
         metadata.create_all(engine, tables=[data_keys], checkfirst=True)
 
-    def create(self, table: str, partition: str, version: int) -> tuple[bytes, bytes]:
-        """A new data key for ``partition`` wrapped under KEK ``version``: (key id, plaintext key)."""
+    def create(self, table: str, partition: str, version: int) -> tuple[bytes, CachedKey]:
+        """A new data key for ``partition`` wrapped under KEK ``version``: (key id, the key as cached)."""
         key, key_id = os.urandom(32), uuid.uuid4().bytes
         wrapped = self.backend.wrap(key, version)
+        wrapped_under = self.backend.version_of(wrapped)
         with self.engine.begin() as conn:
             conn.execute(data_keys.insert().values(
                 key_id=key_id, key_class=self.key_class, table_name=table, partition=partition, wrapped=wrapped,
-                version=self.backend.version_of(wrapped), created_under=version, created_at=datetime.now(UTC)))
-        self.cache.put(key_id, key)
-        return key_id, key
+                version=wrapped_under, created_under=version, created_at=datetime.now(UTC)))
+        return key_id, self.cache.put(key_id, key, wrapped_under)
 
-    def current(self, table: str, partition: str, version: int) -> tuple[bytes, bytes]:
+    def current(self, table: str, partition: str, version: int) -> tuple[bytes, CachedKey]:
         """The partition's data key created under ``version`` (made if there is none yet)."""
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(data_keys.c.key_id).where(
@@ -67,19 +68,17 @@ class DataKeyStore:
             return self.create(table, partition, version)
         return row.key_id, self.key(row.key_id, f"data key of {table} partition {partition}")
 
-    def key(self, key_id: bytes, where: str) -> bytes:
+    def key(self, key_id: bytes, where: str) -> CachedKey:
         cached = self.cache.get(key_id)
         if cached is not None:
             return cached
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(data_keys.c.wrapped, data_keys.c.key_class)
+            row = conn.execute(sa.select(data_keys.c.wrapped, data_keys.c.version, data_keys.c.key_class)
                                .where(data_keys.c.key_id == key_id)).first()
         if row is None or row.key_class != self.key_class:
             raise EnvelopeError(f"{where}: data key {uuid.UUID(bytes=key_id)} is not in {DATA_KEYS} for key class "
                                 f"{self.key_class} (unknown key version)")
-        key = self.backend.unwrap(row.wrapped)
-        self.cache.put(key_id, key)
-        return key
+        return self.cache.put(key_id, self.backend.unwrap(row.wrapped), int(row.version))
 
     def keys_of(self, table: str, partition: str) -> list[sa.Row]:
         with self.engine.connect() as conn:
@@ -126,7 +125,7 @@ class FieldCipher:
     def encrypt(self, value: str | bytes, *, table: str, column: str, pk: object, partition: str) -> bytes:
         key_id, key = self.store.current(table, partition, self.version())
         data = value.encode() if isinstance(value, str) else value
-        return seal(data, key, key_id, self.store.key_class, table, column, pk)
+        return seal(data, key.aead, key_id, self.store.key_class, table, column, pk)
 
     def decrypt(self, value: bytes, *, table: str, column: str, pk: object) -> bytes:
         where = f"{table}.{column} row {pk}"
@@ -134,4 +133,4 @@ class FieldCipher:
         if header.key_class != self.store.key_class:
             raise EnvelopeError(f"{where}: value belongs to key class {header.key_class!r}, not "
                                 f"{self.store.key_class!r}")
-        return open_sealed(value, self.store.key(header.key_id, where), header, table, column, pk, where)
+        return open_sealed(value, self.store.key(header.key_id, where).aead, header, table, column, pk, where)
