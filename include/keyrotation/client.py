@@ -65,7 +65,7 @@ from keyrotation.formats.envelope import (
     parse_header,
     seal,
 )
-from keyrotation.stores.data_keys import DATA_KEYS, DataKeyStore, data_keys
+from keyrotation.stores.data_keys import DATA_KEYS, DataKeyStore
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -335,14 +335,7 @@ class _LedgerView:
         self.shown = self.engine.url.render_as_string(hide_password=True)
 
     def read(self, key_class: str) -> tuple[int | None, int]:
-        ev = lg.events
-        with self.engine.connect() as conn:
-            reference = conn.execute(sa.select(ev.c.to_version).where(
-                ev.c.key_class == key_class, ev.c.event == lg.REFERENCE_UPDATED).order_by(ev.c.id.desc()).limit(1)
-            ).scalar()
-            floor = conn.execute(sa.select(sa.func.max(ev.c.to_version)).where(
-                ev.c.key_class == key_class, ev.c.event == lg.VERSIONS_RETIRED, ev.c.status == "ok")).scalar()
-        return (int(reference) if reference is not None else None), int(floor or 0)
+        return lg.current_state(self.engine, key_class)
 
 
 # -- the client -----------------------------------------------------------------------------------
@@ -590,11 +583,7 @@ class KeyRotationClient:
             if entry is not None:  # read under a version now retired: its row may have been re-wrapped since
                 self._cache.evict(key_id)
             self.metrics_.add("cache_misses")
-            self.store  # noqa: B018 - creates the data-key table if missing
-            with self._engine.connect() as conn:  # type: ignore[union-attr]
-                row = conn.execute(sa.select(data_keys.c.wrapped, data_keys.c.version, data_keys.c.key_class,
-                                             data_keys.c.table_name, data_keys.c.partition)
-                                   .where(data_keys.c.key_id == key_id)).first()
+            row = self.store.row(key_id)
             if row is None or row.key_class != self.key_class:
                 raise EnvelopeError(f"{where}: data key {uuid.UUID(bytes=key_id)} is not in {DATA_KEYS} for key "
                                     f"class {self.key_class} (unknown key version)")
@@ -626,9 +615,7 @@ class KeyRotationClient:
         """What protects a value, without decrypting it: key class, data key id, the version its data key
         was created under and the version wrapping it now (a database read, no KMS call)."""
         header = parse_header(bytes(ciphertext), "value")
-        with self.store.engine.connect() as conn:
-            row = conn.execute(sa.select(data_keys.c.version, data_keys.c.created_under, data_keys.c.table_name,
-                                         data_keys.c.partition).where(data_keys.c.key_id == header.key_id)).first()
+        row = self.store.row(header.key_id)
         return {"key_class": header.key_class, "data_key_id": header.key_id_text,
                 "created_under": row.created_under if row else None, "version": row.version if row else None,
                 "table": row.table_name if row else None, "partition": row.partition if row else None}

@@ -219,6 +219,19 @@ def _reason(exc: sa.exc.DBAPIError) -> str:
     return lines[0] if lines else type(exc.orig).__name__
 
 
+def current_state(engine: sa.Engine, key_class: str) -> tuple[int | None, int]:
+    """The two facts an application needs: the version to encrypt under (the last ``reference_updated``) and
+    the retired floor (versions below the highest successful ``versions_retired`` no longer decrypt; 0: none).
+    SELECT only: what the client library and the sidecar read, with a reader's credentials."""
+    with engine.connect() as conn:
+        reference = conn.execute(sa.select(events.c.to_version).where(
+            events.c.key_class == key_class, events.c.event == REFERENCE_UPDATED).order_by(events.c.id.desc()).limit(1)
+        ).scalar()
+        floor = conn.execute(sa.select(sa.func.max(events.c.to_version)).where(
+            events.c.key_class == key_class, events.c.event == VERSIONS_RETIRED, events.c.status == "ok")).scalar()
+    return (int(reference) if reference is not None else None), int(floor or 0)
+
+
 class Ledger:
     """The ledger at ``url``. It is created (table, indexes, append-only triggers) if missing, unless
     ``read_only``: then nothing is created or written, not even the triggers; the table and its hash-chain
@@ -396,6 +409,10 @@ class Ledger:
     def current_version(self, key_class: str) -> int | None:
         row = self.current_reference(key_class)
         return int(row["to_version"]) if row else None
+
+    def current_state(self, key_class: str) -> tuple[int | None, int]:
+        """(reference version, retired floor): see :func:`current_state`."""
+        return current_state(self.engine, key_class)
 
     def partition_record(self, dataset: str, partition: str) -> dict | None:
         """The last successful change recorded for a partition (holds its digest)."""

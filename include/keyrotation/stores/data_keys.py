@@ -68,13 +68,18 @@ class DataKeyStore:
             return self.create(table, partition, version)
         return row.key_id, self.key(row.key_id, f"data key of {table} partition {partition}")
 
+    def row(self, key_id: bytes) -> sa.Row | None:
+        """The data key's row (wrapped key, version, created_under, key class, table, partition), or None."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(data_keys.c.wrapped, data_keys.c.version, data_keys.c.created_under,
+                                          data_keys.c.key_class, data_keys.c.table_name, data_keys.c.partition)
+                                .where(data_keys.c.key_id == key_id)).first()
+
     def key(self, key_id: bytes, where: str) -> CachedKey:
         cached = self.cache.get(key_id)
         if cached is not None:
             return cached
-        with self.engine.connect() as conn:
-            row = conn.execute(sa.select(data_keys.c.wrapped, data_keys.c.version, data_keys.c.key_class)
-                               .where(data_keys.c.key_id == key_id)).first()
+        row = self.row(key_id)
         if row is None or row.key_class != self.key_class:
             raise EnvelopeError(f"{where}: data key {uuid.UUID(bytes=key_id)} is not in {DATA_KEYS} for key class "
                                 f"{self.key_class} (unknown key version)")
