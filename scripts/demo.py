@@ -319,6 +319,8 @@ def run(server: str, stopping: bool = True) -> int:
     print(f"   tables: {folder}/*.csv and *.parquet ({len(list(folder.glob('*.csv')))} tables)")
     print(f"   findings: {counts['PASS']} PASS, {counts['WARN']} WARN, {counts['FAIL']} FAIL; content SHA-256 "
           f"{(folder / 'CONTENT_SHA256').read_text().strip()}")
+    print("   each number can be checked against its source (the KMS, the data, the ledger, Airflow's records): "
+          "README, 'Verifying independently'; tests/test_demo_report.py does it for this demo")
     chain = ledger.verify()
     print(f"   ledger: {ledger.url} ({chain.rows_checked} events, hash chain "
           f"{'intact' if chain.ok else f'BROKEN at row {chain.first_broken_id}'}; "
