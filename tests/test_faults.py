@@ -90,9 +90,9 @@ def rerun_and_check(rt, parts, target, mode, source):
     assert_all_under(rt, "customers", parts, target, source)
 
 
-def prepared(make_key_class, vault, mode, rows=200, count=4, location=None):
+def prepared(make_key_class, vault, mode, rows=200, count=4, location=None, ledger_url=None):
     config = make_key_class(mode=mode, location=location)
-    rt = runtime(config, vault)
+    rt = runtime(config, vault, ledger_url)
     parts = days("2024-01-01", count)
     _, target = seed_and_rotate(rt, "customers", parts, rows=rows)
     update_reference(rt.name, target, rt.ledger, RunContext())
@@ -109,7 +109,8 @@ def test_sigkill_at_seeded_times(case, make_key_class, vault, openbao, tmp_path)
     latest = 0.3 if mode == "reencrypt" else 0.04  # a run's length after its first checkpoint, measured here
     for attempt in range(5):
         config, rt, parts, source, target = prepared(make_key_class, vault, mode, rows=20_000, count=6,
-                                                      location=tmp_path / f"try{attempt}")
+                                                      location=tmp_path / f"try{attempt}",
+                                                      ledger_url=f"sqlite:///{tmp_path / f'ledger{attempt}.db'}")
         proc = start_worker(config, openbao, rt.ledger.url, target, mode, "0", parts)
         assert proc.stdout.readline().strip() == "started"
         first = proc.stdout.readline().strip()
