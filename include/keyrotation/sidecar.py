@@ -377,7 +377,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m keyrotation.sidecar",
         description="Encrypt/decrypt over HTTP for one key class. Credentials come from the environment only: "
-                    "VAULT_TOKEN or VAULT_TOKEN_FILE (or the AWS chain), KEYROTATION_LEDGER_URL, KEYROTATION_DB_URL "
+                    "VAULT_TOKEN or VAULT_TOKEN_FILE (or the AWS chain, or Google's application default credentials), "
+                    "KEYROTATION_LEDGER_URL, KEYROTATION_DB_URL "
                     "(or PGPASSWORD).")
     p.add_argument("--key-class", required=True, help="key class name (its YAML file in the config folder)")
     p.add_argument("--config-dir", default=None, help="key class folder (default: $KEYROTATION_CONFIG_DIR)")

@@ -80,6 +80,12 @@ class KmsBackend(abc.ABC):
 
     kind: str
     key_ref: str
+    #: True when :meth:`rewrap` runs in the KMS, so wrapped keys never appear in plaintext outside it.
+    server_side_rewrap: bool = False
+    #: False where the KMS keeps old versions usable for good (AWS KMS key material); then
+    #: :attr:`cannot_retire_reason` says why, and the retirement gate reports it instead of retiring.
+    can_retire: bool = True
+    cannot_retire_reason: str = ""
 
     @classmethod
     @abc.abstractmethod
@@ -94,12 +100,6 @@ class KmsBackend(abc.ABC):
 
         :raises ConfigError: what is missing, in one line.
         """
-    #: True when :meth:`rewrap` runs in the KMS, so wrapped keys never appear in plaintext outside it.
-    server_side_rewrap: bool = False
-    #: False where the KMS keeps old versions usable for good (AWS KMS key material); then
-    #: :attr:`cannot_retire_reason` says why, and the retirement gate reports it instead of retiring.
-    can_retire: bool = True
-    cannot_retire_reason: str = ""
 
     @abc.abstractmethod
     def key_state(self) -> KeyState: ...
