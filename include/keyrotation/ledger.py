@@ -410,10 +410,6 @@ class Ledger:
         row = self.current_reference(key_class)
         return int(row["to_version"]) if row else None
 
-    def current_state(self, key_class: str) -> tuple[int | None, int]:
-        """(reference version, retired floor): see :func:`current_state`."""
-        return current_state(self.engine, key_class)
-
     def partition_record(self, dataset: str, partition: str) -> dict | None:
         """The last successful change recorded for a partition (holds its digest)."""
         return self._last(
