@@ -551,7 +551,11 @@ class KeyRotationClient:
             # decryptions of the same key); a new one is made with one wrap.
             key_id, key = self.store.current(table, partition, version)
             entry = self._cache.get(key_id)
-            if entry is None:  # a key the store just made, held by nobody yet
+            if entry is None and key.aead is None:
+                # The cache's own entry, expired (and so zeroed) since the store handed it over: read it again,
+                # never cache the zeroed bytes.
+                entry = self._data_key(key_id, f"data key of {table} partition {partition}")
+            elif entry is None:  # a key the store just made, held by nobody yet
                 self.metrics_.add("cache_misses")
                 entry = self._cache.put(key_id, key.key, version)
                 key.zero()
