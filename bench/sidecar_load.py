@@ -217,7 +217,7 @@ def run(args: argparse.Namespace) -> dict:
     from keyrotation.rotation import update_reference
     from keyrotation.runtime import KeyClassRuntime
     from keyrotation.stores.data_keys import DATA_KEYS
-    from keyrotation_dev.devserver import OpenBaoDevServer, free_port
+    from keyrotation_dev.devserver import OpenBaoDevServer, free_port, stop_process
 
     started_at, load_start = now_utc(), load_average()
     wall0 = time.monotonic()
@@ -334,12 +334,7 @@ def run(args: argparse.Namespace) -> dict:
         ok = True
     finally:
         for proc in (loader, sidecar):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_process(proc)
         bao.stop()
         with pg.begin() as conn:
             conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))

@@ -130,6 +130,18 @@ def read_dataset(root: str | Path, kms: TransitKms, fs: pafs.FileSystem | None =
     return {facts.partition: facts for facts in (read_partition(d, kms, fs) for d in folders)}
 
 
+def assert_source(root: str | Path, kms: TransitKms, source: dict[str, pa.Table], versions: set[int],
+                  fs: pafs.FileSystem | None = None) -> dict[str, PartitionFacts]:
+    """Every partition under ``root`` decrypts, through the KMS, to the rows generated for it (``source``), with
+    its keys under ``versions`` only; the facts read."""
+    facts = read_dataset(root, kms, fs)
+    assert sorted(facts) == sorted(source)
+    for partition, got in facts.items():
+        assert got.versions <= versions, (partition, got.versions)
+        assert same_rows(got.table, source[partition]), partition
+    return facts
+
+
 def same_rows(got: pa.Table, source: pa.Table) -> bool:
     """The same rows (as values, in any order) with the same columns."""
     if sorted(got.column_names) != sorted(source.column_names) or got.num_rows != source.num_rows:
@@ -185,11 +197,12 @@ def ledger_partition_counts(db: str | Path, key_class: str, when: datetime) -> d
     return counts
 
 
-def ran_in(start: str | None, end: str | None, low: datetime, high: datetime, at: datetime) -> bool:
-    """Ran during [low, high) as seen at ``at``: started before ``high``, and not ended before ``low``
-    (a run that ended after ``at`` was still running then)."""
-    began, ended = aware(start), aware(end)
-    return began is not None and began < high and (ended is None or ended >= low or ended > at)
+def changes_per_partition(db: str | Path) -> dict[str, int]:
+    """How many times the ledger records each partition changed (re-wrapped, re-encrypted or reconciled)."""
+    counts: dict[str, int] = {}
+    for row in ledger_events(db, events=("partition_rewrapped", "partition_reencrypted", "partition_reconciled")):
+        counts[row["partition"]] = counts.get(row["partition"], 0) + 1
+    return counts
 
 
 def days(delta: timedelta) -> float:

@@ -18,10 +18,11 @@ import threading
 import time
 from pathlib import Path
 
+import oracle
 import pytest
-from oracle import TransitKms, ledger_events, read_dataset, same_rows
+from oracle import TransitKms, assert_source
 
-from helpers import customers, days, runtime, seed_and_rotate
+from helpers import customers, days, runtime, seed
 from keyrotation import ledger as lg
 from keyrotation.backends.registry import open_backend
 from keyrotation.backends.retry import RetryPolicy
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.faults
 
 
 def source_of(partitions: list[str], rows: int) -> dict:
-    """The rows ``seed_and_rotate`` generated for each partition: what the oracle compares with."""
+    """The rows ``seed`` generated for each partition: what the oracle compares with."""
     return {p: customers(p, rows) for p in partitions}
 
 
@@ -44,12 +45,8 @@ def assert_oracle(rt, dataset: str, source: dict, versions: set[int]) -> None:
     """Read by the oracle (its own KMS client, no product code): every partition is the source, under
     ``versions`` only."""
     backend = rt.backend
-    kms = TransitKms(backend.client.url, backend.client.token, backend.mount_point)
-    facts = read_dataset(rt.config.dataset(dataset).location, kms)
-    assert sorted(facts) == sorted(source)
-    for partition, got in facts.items():
-        assert got.versions <= versions, (partition, got.versions)
-        assert same_rows(got.table, source[partition]), partition
+    assert_source(rt.config.dataset(dataset).location,
+                  TransitKms(backend.client.url, backend.client.token, backend.mount_point), source, versions)
 
 
 def assert_all_under(rt, dataset, partitions, version, source):
@@ -62,11 +59,7 @@ def assert_all_under(rt, dataset, partitions, version, source):
 
 
 def changes_per_partition(rt) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for row in ledger_events(rt.ledger.url.removeprefix("sqlite:///"),
-                             events=(lg.PARTITION_REWRAPPED, lg.PARTITION_REENCRYPTED, lg.PARTITION_RECONCILED)):
-        counts[row["partition"]] = counts.get(row["partition"], 0) + 1
-    return counts
+    return oracle.changes_per_partition(rt.ledger.url.removeprefix("sqlite:///"))
 
 
 def start_worker(config, openbao, ledger_url, target, mode, kill_at, parts):
@@ -94,7 +87,8 @@ def prepared(make_key_class, vault, mode, rows=200, count=4, location=None, ledg
     config = make_key_class(mode=mode, location=location)
     rt = runtime(config, vault, ledger_url)
     parts = days("2024-01-01", count)
-    _, target = seed_and_rotate(rt, "customers", parts, rows=rows)
+    seed(rt, "customers", parts, rows=rows)
+    target = rt.backend.rotate()
     update_reference(rt.name, target, rt.ledger, RunContext())
     return config, rt, parts, source_of(parts, rows), target
 
@@ -142,7 +136,8 @@ def test_kms_stopped_mid_run_and_started_again(make_key_class, vault, restartabl
     config = make_key_class(mode="rewrap")
     rt = kms_runtime(config, restartable_kms, runtime(config, vault).ledger, attempts=30)
     parts = days("2024-02-01", 8)
-    _, target = seed_and_rotate(rt, "customers", parts)
+    seed(rt, "customers", parts)
+    target = rt.backend.rotate()
     expected = source_of(parts, 50)
     calls = []
 
@@ -164,7 +159,8 @@ def test_kms_staying_down_fails_cleanly_and_a_rerun_completes(make_key_class, va
     config = make_key_class(mode="rewrap")
     rt = kms_runtime(config, restartable_kms, runtime(config, vault).ledger, attempts=3)
     parts = days("2024-03-01", 3)
-    _, target = seed_and_rotate(rt, "customers", parts)
+    seed(rt, "customers", parts)
+    target = rt.backend.rotate()
     expected = source_of(parts, 50)
     restartable_kms.stop()
     engine = rt.engine("customers")
@@ -197,7 +193,8 @@ def small_disk(tmp_path):
 def test_disk_full_leaves_the_source_untouched(make_key_class, vault, small_disk):
     rt = runtime(make_key_class(mode="reencrypt", location=small_disk / "customers"), vault)
     parts = days("2024-04-01", 3)
-    _, target = seed_and_rotate(rt, "customers", parts, rows=5_000)
+    seed(rt, "customers", parts, rows=5_000)
+    target = rt.backend.rotate()
     expected = source_of(parts, 5_000)
     filler = small_disk / "filler"
     with open(filler, "wb", buffering=0) as f:  # fill the disk to the last byte

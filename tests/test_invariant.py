@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from oracle import TransitKms, ledger_events, read_dataset, same_rows
 
+import helpers
 from helpers import customers, days, partition_digests, runtime
 from keyrotation.errors import KeyRotationError, RetirementRefused
 from keyrotation.ledger import RunContext
@@ -304,12 +305,8 @@ def test_no_interleaving_leaves_an_undecryptable_partition(make_key_class, vault
             root = Path(tmp) / "customers"
             config = make_key_class(mode="rewrap", location=root)
             rt = runtime(config, vault, ledger_url=f"sqlite:///{tmp}/ledger.db")
-            state = rt.backend.create_key()
-            update_reference(rt.name, state.latest_version, rt.ledger, RunContext())
-            engine = rt.engine("customers")
+            helpers.seed(rt, "customers", PARTITIONS, rows=ROWS)
             source = {p: customers(p, ROWS) for p in PARTITIONS}
-            for p in PARTITIONS:
-                engine.write_partition(p, source[p], state.latest_version)
             model = Model(rt, TransitKms(openbao.url, openbao.token, config.key_class.mount_point), root,
                           f"{tmp}/ledger.db", source)
             model.check("setup")
@@ -344,12 +341,8 @@ def test_the_check_would_catch_a_retirement_that_bypasses_the_gate(make_key_clas
     root = tmp_path / "customers"
     config = make_key_class(mode="rewrap", location=root)
     rt = runtime(config, vault)
-    state = rt.backend.create_key()
-    update_reference(rt.name, state.latest_version, rt.ledger, RunContext())
-    engine = rt.engine("customers")
+    helpers.seed(rt, "customers", PARTITIONS, rows=ROWS)
     source = {p: customers(p, ROWS) for p in PARTITIONS}
-    for p in PARTITIONS:
-        engine.write_partition(p, source[p], state.latest_version)
     model = Model(rt, TransitKms(openbao.url, openbao.token, config.key_class.mount_point), root,
                   rt.ledger.url.removeprefix("sqlite:///"), source)
     model.check("setup")

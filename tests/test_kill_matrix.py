@@ -22,15 +22,14 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 import pytest
-from oracle import TransitKms, ledger_events, read_dataset, same_rows
+from oracle import TransitKms, assert_source, changes_per_partition
 
-from helpers import days
+from helpers import customers, days, seed
 from keyrotation.backends.registry import open_backend
 from keyrotation.ledger import Ledger, RunContext
 from keyrotation.rotation import update_reference
 from keyrotation.runtime import KeyClassRuntime
 from keyrotation.stores.filesystems import AwsCredentials, GcpCredentials, Storage
-from keyrotation_dev.sample_data import customers
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("fault_worker.py")
@@ -44,7 +43,6 @@ MATRIX = [(mode, point) for mode, points in MODES.items() for point in points]
 STORES = ("local", "s3", "gcs")
 PARTS = days("2024-01-01", 3)
 ROWS = 150
-CHANGES = ("partition_rewrapped", "partition_reencrypted", "partition_reconciled")
 pytestmark = pytest.mark.faults
 
 
@@ -84,22 +82,15 @@ def _place(store: str, tmp_path: Path, request) -> Place:  # noqa: ANN001
 
 
 def _oracle(place: Place, kms: TransitKms, source: dict, versions: set[int]) -> None:
-    """Every partition decrypts, through the KMS, to the rows generated for it, under ``versions`` only."""
-    facts = read_dataset(place.root, kms, place.fs)
-    assert sorted(facts) == sorted(source)
-    for partition, got in facts.items():
-        assert got.versions <= versions, (partition, got.versions)
-        assert same_rows(got.table, source[partition]), partition
+    assert_source(place.root, kms, source, versions, place.fs)
 
 
 def _changed(ledger: Ledger) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for row in ledger_events(ledger.url.removeprefix("sqlite:///"), events=CHANGES):
-        counts[row["partition"]] = counts.get(row["partition"], 0) + 1
-    return counts
+    return changes_per_partition(ledger.url.removeprefix("sqlite:///"))
 
 
-def _worker(config, openbao, ledger_url: str, target: int, mode: str, kill_at: str, place: Place) -> str:  # noqa: ANN001
+def _worker(config, openbao, ledger_url: str, target: int, mode: str, kill_at: str,  # noqa: ANN001
+            place: Place) -> tuple[int, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "include"), str(ROOT / "tests")]),
            "FAULT_STORAGE": json.dumps(place.spec)}
     done = subprocess.run([sys.executable, str(WORKER), config.source, openbao.url, openbao.token, ledger_url,
@@ -113,12 +104,8 @@ def _prepared(make_key_class, vault, mode: str, place: Place):  # noqa: ANN001, 
     kc = config.key_class
     rt = KeyClassRuntime(config, open_backend(kc, vault), Ledger(),
                          **({"storage": lambda _ds: place.storage} if place.storage else {}))
-    first = rt.backend.create_key().latest_version
-    update_reference(rt.name, first, rt.ledger, RunContext(actor="test"))
+    seed(rt, "customers", PARTS, rows=ROWS)
     source = {p: customers(p, ROWS) for p in PARTS}
-    engine = rt.engine("customers")
-    for p in PARTS:
-        engine.write_partition(p, source[p], first)
     target = rt.backend.rotate()
     update_reference(rt.name, target, rt.ledger, RunContext(actor="test"))
     return config, rt, source, target

@@ -29,7 +29,7 @@ from keyrotation.client import KeyRotationClient
 from keyrotation.ledger import Ledger, RunContext
 from keyrotation.rotation import update_reference
 from keyrotation.stores.data_keys import DataKeyStore
-from keyrotation_dev.devserver import OpenBaoDevServer, free_port
+from keyrotation_dev.devserver import OpenBaoDevServer, free_port, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 ACTOR = RunContext(actor="test")
@@ -524,6 +524,5 @@ def test_sidecar_serves_aws_kms_and_cloud_kms(cloud, request, tmp_path, pg):
             library = KeyRotationClient(backend, ledger, kc.name, engine=engine)
             assert library.decrypt(base64.b64decode(sealed.json()["ciphertext"]), ctx) == f"{CANARY}-{cloud}".encode()
     finally:
-        proc.terminate()
-        proc.wait(15)
+        stop_process(proc)
     assert CANARY not in log.read_text()
