@@ -43,18 +43,17 @@ import os
 import threading
 import time
 import uuid
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
 from keyrotation import ledger as lg
-from keyrotation.backends.base import KeyState, KmsBackend
+from keyrotation.backends.base import KmsBackend
 from keyrotation.backends.retry import RetryPolicy
-from keyrotation.errors import BackendError, KeyRotationError, PermissionDenied
+from keyrotation.errors import BackendError, KeyRotationError, KmsUnreachable, PermissionDenied
 from keyrotation.formats.envelope import (
     CachedKey,
     DataKeyCache,
@@ -65,7 +64,7 @@ from keyrotation.formats.envelope import (
     parse_header,
     seal,
 )
-from keyrotation.stores.data_keys import DATA_KEYS, DataKeyStore
+from keyrotation.stores.data_keys import DATA_KEYS, DataKeyStore, RetiredDataKey
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -221,58 +220,6 @@ def error_kind(exc: BaseException) -> str:
     return "internal"
 
 
-class _IdCache:
-    """(table, partition, version) -> data key id, bounded and TTL'd like the keys (ids are not secret)."""
-
-    def __init__(self, size: int, ttl_s: float, clock: Callable[[], float]) -> None:
-        self.size, self.ttl_s, self._clock = size, ttl_s, clock
-        self._ids: OrderedDict[tuple, tuple[bytes, float]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, slot: tuple) -> bytes | None:
-        with self._lock:
-            found = self._ids.get(slot)
-            if found is None or found[1] <= self._clock():
-                self._ids.pop(slot, None)
-                return None
-            self._ids.move_to_end(slot)
-            return found[0]
-
-    def put(self, slot: tuple, key_id: bytes) -> None:
-        with self._lock:
-            self._ids[slot] = (key_id, self._clock() + self.ttl_s)
-            self._ids.move_to_end(slot)
-            while len(self._ids) > self.size:
-                self._ids.popitem(last=False)
-
-    def evict_below(self, version: int) -> None:
-        with self._lock:
-            for slot in [s for s in self._ids if s[2] < version]:
-                del self._ids[slot]
-
-
-class _SingleFlight:
-    """One loader per key at a time: concurrent misses on the same data key make one KMS call, not N."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._locks: dict[Any, list] = {}
-
-    @contextmanager
-    def __call__(self, key: Any) -> Iterator[None]:
-        with self._lock:
-            slot = self._locks.setdefault(key, [threading.Lock(), 0])
-            slot[1] += 1
-        try:
-            with slot[0]:
-                yield
-        finally:
-            with self._lock:
-                slot[1] -= 1
-                if slot[1] == 0:
-                    del self._locks[key]
-
-
 # -- the KMS, counted -----------------------------------------------------------------------------
 
 class _CountingBackend:
@@ -295,7 +242,7 @@ class _CountingBackend:
             try:
                 return value(*args, **kwargs)
             except BackendError as exc:
-                if str(exc).startswith("KMS unreachable") and not isinstance(exc, KmsUnavailable):
+                if isinstance(exc, KmsUnreachable) and not isinstance(exc, KmsUnavailable):
                     raise KmsUnavailable(str(exc)) from None
                 raise
 
@@ -340,18 +287,6 @@ class _LedgerView:
 
 # -- the client -----------------------------------------------------------------------------------
 
-class _ClientKeyStore(DataKeyStore):
-    """:class:`DataKeyStore` (same table, same choice and creation of data keys) whose unwrapped keys live
-    in the client's cache, behind its single-flight loader, instead of the store's own."""
-
-    def __init__(self, client: KeyRotationClient, engine: sa.Engine) -> None:
-        super().__init__(engine, client._kms, client.key_class, cache=DataKeyCache(size=0))  # 0: nothing kept
-        self._client = client
-
-    def key(self, key_id: bytes, where: str) -> CachedKey:
-        return self._client._data_key(key_id, where)
-
-
 def _local(path: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
     import pyarrow.fs as pafs
 
@@ -395,12 +330,11 @@ class KeyRotationClient:
         self._clock = clock
         self._cache = DataKeyCache(cache_size, cache_ttl_s, clock,
                                    on_evict=lambda: self.metrics_.add("cache_evictions"))
-        self._ids = _IdCache(cache_size, cache_ttl_s, clock)
-        self._flight = _SingleFlight()
         self._engine = engine
         self._store: DataKeyStore | None = None
         self._state: LedgerState | None = None
         self._state_lock = threading.Lock()
+        self._store_lock = threading.Lock()
         self._poll_lock = threading.Lock()
         self.ledger_error: str | None = None
 
@@ -427,8 +361,12 @@ class KeyRotationClient:
         if self._engine is None:
             raise InvalidInput(f"key class {self.key_class!r}: this client has no database engine for "
                                f"{DATA_KEYS}; pass engine= to encrypt or decrypt values")
-        if self._store is None:
-            self._store = _ClientKeyStore(self, self._engine)
+        if self._store is not None:
+            return self._store
+        with self._store_lock:  # one store, so that its single-flight loader is shared by every thread
+            if self._store is None:
+                self._store = DataKeyStore(self._engine, self._kms, self.key_class, cache=self._cache,
+                                           count=self.metrics_.add)
         return self._store
 
     def refresh(self) -> LedgerState:
@@ -449,8 +387,7 @@ class KeyRotationClient:
             log.info("key class %s: ledger reference moved from v%s to v%s; encrypting under v%s from now on",
                      self.key_class, old.version, version, version)
         if floor > (old.min_version if old else 0):
-            dropped = self._cache.evict_below(floor)
-            self._ids.evict_below(floor)
+            dropped = self._store.forget_below(floor) if self._store else self._cache.evict_below(floor)
             if old is not None:
                 log.info("key class %s: the ledger retired versions below v%s; %d cached data keys read under "
                          "older versions dropped", self.key_class, floor, dropped)
@@ -507,7 +444,8 @@ class KeyRotationClient:
                     f"key class {self.key_class!r}: refusing to encrypt {ctx.where} under v{state.version}, the "
                     f"ledger's current version, which the ledger marks retired (versions below v{state.min_version})",
                     state.version, state.min_version)
-            key_id, entry = self._data_key_for(ctx.table, ctx.partition or "", state.version)
+            key_id, entry = self._retired_refused(lambda: self.store.current(
+                ctx.table, ctx.partition or "", state.version, state.min_version))
             return seal(data, entry.aead, key_id, self.key_class, ctx.table, ctx.column, ctx.pk), state.version
         except Exception as exc:
             self.metrics_.add("errors", error_kind(exc))
@@ -527,7 +465,7 @@ class KeyRotationClient:
             if header.key_class != self.key_class:
                 raise EnvelopeError(f"{where}: value belongs to key class {header.key_class!r}, not "
                                     f"{self.key_class!r}")
-            entry = self._data_key(header.key_id, where)
+            entry = self._retired_refused(lambda: self.store.key(header.key_id, where, self.state().min_version))
             return self._open(entry, raw, header, ctx, where)
         except Exception as exc:
             self.metrics_.add("errors", error_kind(exc))
@@ -537,76 +475,11 @@ class KeyRotationClient:
     def _open(entry: CachedKey, raw: bytes, header: Header, ctx: ValueContext, where: str) -> bytes:
         return open_sealed(raw, entry.aead, header, ctx.table, ctx.column, ctx.pk, where)
 
-    def _data_key_for(self, table: str, partition: str, version: int) -> tuple[bytes, CachedKey]:
-        """The partition's data key created under ``version`` (made on first use), from the cache if there."""
-        slot = (table, partition, version)
-        found = self._cached_for(slot)
-        if found is not None:
-            return found
-        with self._flight(slot):
-            found = self._cached_for(slot)  # another thread may have loaded it while this one waited
-            if found is not None:
-                return found
-            # An existing data key comes through _data_key (the cache, else one unwrap, single-flight with
-            # decryptions of the same key); a new one is made with one wrap.
-            key_id, key = self.store.current(table, partition, version)
-            entry = self._cache.get(key_id)
-            if entry is None and key.aead is None:
-                # The cache's own entry, expired (and so zeroed) since the store handed it over: read it again,
-                # never cache the zeroed bytes.
-                entry = self._data_key(key_id, f"data key of {table} partition {partition}")
-            elif entry is None:  # a key the store just made, held by nobody yet
-                self.metrics_.add("cache_misses")
-                entry = self._cache.put(key_id, key.key, version)
-                key.zero()
-            del key
-            self._ids.put(slot, key_id)
-            return key_id, entry
-
-    def _cached_for(self, slot: tuple) -> tuple[bytes, CachedKey] | None:
-        key_id = self._ids.get(slot)
-        entry = self._cache.get(key_id) if key_id is not None else None
-        if entry is None:
-            return None
-        self.metrics_.add("cache_hits")
-        return key_id, entry  # type: ignore[return-value]
-
-    def _data_key(self, key_id: bytes, where: str) -> CachedKey:
-        """The data key ``key_id`` for decryption: from the cache, else its row and one KMS unwrap; refused
-        when its row is wrapped under a version the ledger marks retired."""
-        floor = self.state().min_version
-        entry = self._cache.get(key_id)
-        if entry is not None and entry.version >= floor:
-            self.metrics_.add("cache_hits")
-            return entry
-        with self._flight(key_id):
-            entry = self._cache.get(key_id)
-            if entry is not None and entry.version >= floor:
-                self.metrics_.add("cache_hits")
-                return entry
-            if entry is not None:  # read under a version now retired: its row may have been re-wrapped since
-                self._cache.evict(key_id)
-            self.metrics_.add("cache_misses")
-            row = self.store.row(key_id)
-            if row is None or row.key_class != self.key_class:
-                raise EnvelopeError(f"{where}: data key {uuid.UUID(bytes=key_id)} is not in {DATA_KEYS} for key "
-                                    f"class {self.key_class} (unknown key version)")
-            if row.version < floor:
-                raise self._retired(where, key_id, row, floor, "the ledger marks it retired")
-            try:
-                key = self._kms.unwrap(row.wrapped)
-            except (KmsUnavailable, PermissionDenied):
-                raise
-            except BackendError:
-                # The KMS may have retired the version before the ledger said so (min_decryption_version).
-                kms_state: KeyState = self._kms.key_state()
-                if row.version < kms_state.min_decryption_version:
-                    raise self._retired(where, key_id, row, kms_state.min_decryption_version,
-                                        "the KMS has retired it (min_decryption_version)") from None
-                raise
-            entry = self._cache.put(key_id, key, int(row.version))
-            del key
-            return entry
+    def _retired_refused(self, lookup: Callable[[], Any]) -> Any:
+        try:
+            return lookup()
+        except RetiredDataKey as exc:
+            raise self._retired(exc.where, exc.key_id, exc.row, exc.floor, exc.why) from None
 
     def _retired(self, where: str, key_id: bytes, row: Any, floor: int, why: str) -> RetiredVersionError:
         return RetiredVersionError(

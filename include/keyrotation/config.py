@@ -27,7 +27,7 @@ import os
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -42,6 +42,9 @@ from pydantic import (
 )
 
 from keyrotation.errors import ConfigError
+
+if TYPE_CHECKING:
+    from keyrotation.backends.base import KmsBackend
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -268,7 +271,15 @@ class GcpKeyOptions(_Strict):
         return value
 
 
-_GCP_KEY = re.compile(r"^projects/[^/]+/locations/[^/]+/keyRings/[^/]+/cryptoKeys/[^/]+$")
+#: Key class sections that hold one backend's options -> that backend.
+_OPTION_SECTIONS = {"aws": "aws_kms", "gcp": "gcp_kms"}
+#: Server-side encrypted object formats -> their location's scheme, and what their census needs of the key
+#: class (the backend says which formats it can tell the versions of: ``KmsBackend.object_formats``).
+_OBJECT_FORMATS = {
+    "sse_kms_objects": ("s3://", "backend aws_kms with the alias strategy (the object's SSE-KMS key id tells "
+                                 "its version)"),
+    "gcs_cmek_objects": ("gs://", "backend gcp_kms (the object's kmsKeyName names its key version)"),
+}
 
 #: The roles of a key class's tasks, one connection (and KMS identity) each; every policy generator
 #: (keyrotation.policies, .aws_policies, .gcp_policies) writes one policy per role.
@@ -304,19 +315,20 @@ class KeyClass(_Strict):
 
     @model_validator(mode="after")
     def _backend_options(self) -> KeyClass:
-        if self.backend == "aws_kms":
-            options = self.aws or AwsKeyOptions()
-            if options.strategy == "alias" and not self.key_ref.startswith("alias/"):
-                raise ValueError("key_ref must be an alias (alias/<name>) for the aws_kms alias strategy")
-        elif self.aws is not None:
-            raise ValueError(f"the aws section applies to backend aws_kms, not {self.backend}")
-        if self.backend == "gcp_kms":
-            if not _GCP_KEY.match(self.key_ref):
-                raise ValueError("key_ref must be a CryptoKey resource name "
-                                 "(projects/P/locations/L/keyRings/R/cryptoKeys/K) for backend gcp_kms")
-        elif self.gcp is not None:
-            raise ValueError(f"the gcp section applies to backend gcp_kms, not {self.backend}")
+        backend = self.backend_class
+        for section, owner in _OPTION_SECTIONS.items():
+            if getattr(self, section) is not None and backend.options_section != section:
+                raise ValueError(f"the {section} section applies to backend {owner}, not {self.backend}")
+        problem = backend.key_class_problem(self)
+        if problem:
+            raise ValueError(problem)
         return self
+
+    @property
+    def backend_class(self) -> type[KmsBackend]:
+        from keyrotation.backends.registry import backend_class
+
+        return backend_class(self.backend)
 
     @property
     def gcp_options(self) -> GcpKeyOptions:
@@ -329,7 +341,7 @@ class KeyClass(_Strict):
     @property
     def retires_versions(self) -> bool:
         """False where the KMS keeps old versions for good (AWS on_demand): no retirement, no approval."""
-        return not (self.backend == "aws_kms" and self.aws_options.strategy == "on_demand")
+        return self.backend_class.retires_versions(self)
 
     def config_hash(self) -> str:
         """SHA-256 of the validated key class as canonical JSON: the same settings give the same hash."""
@@ -442,19 +454,12 @@ class KeyClassConfig(_Strict):
         if dupes:
             raise ValueError(f"dataset names must be unique, repeated: {', '.join(dupes)}")
         for d in self.datasets:
-            if d.format == "sse_kms_objects":
-                kc = self.key_class
-                if kc.backend != "aws_kms" or kc.aws_options.strategy != "alias":
-                    raise ValueError(f"dataset {d.name}: sse_kms_objects needs backend aws_kms with the alias "
-                                     "strategy (the object's SSE-KMS key id tells its version)")
-                if not d.location.startswith("s3://"):
-                    raise ValueError(f"dataset {d.name}: sse_kms_objects needs an s3:// location")
-            if d.format == "gcs_cmek_objects":
-                if self.key_class.backend != "gcp_kms":
-                    raise ValueError(f"dataset {d.name}: gcs_cmek_objects needs backend gcp_kms (the object's "
-                                     "kmsKeyName names its key version)")
-                if not d.location.startswith("gs://"):
-                    raise ValueError(f"dataset {d.name}: gcs_cmek_objects needs a gs:// location")
+            if d.format in _OBJECT_FORMATS:
+                scheme, needs = _OBJECT_FORMATS[d.format]
+                if d.format not in self.key_class.backend_class.object_formats(self.key_class):
+                    raise ValueError(f"dataset {d.name}: {d.format} needs {needs}")
+                if not d.location.startswith(scheme):
+                    raise ValueError(f"dataset {d.name}: {d.format} needs a {scheme} location")
             if d.format == "sql_table" and not (d.table and d.partition_column):
                 raise ValueError(f"dataset {d.name}: sql_table needs table and partition_column")
         return self

@@ -80,6 +80,7 @@ class RateLimiter:
 class AwsKmsBackend(KmsBackend):
     kind = "aws_kms"
     server_side_rewrap = True
+    options_section = "aws"
 
     def __init__(self, client: Any, key_ref: str, *, strategy: Strategy = "alias", key_class: str = "",
                  rotation_period_days: int | None = None, deletion_window_days: int = 30,
@@ -96,7 +97,7 @@ class AwsKmsBackend(KmsBackend):
         self.deletion_window_days = deletion_window_days
         self.retry = retry or RetryPolicy(jitter=True)
         self.limiter = RateLimiter(max_requests_per_second)
-        self.can_retire = strategy == "alias"
+        self.can_retire = strategy == "alias"  # as retires_versions says of a key class
         self.cannot_retire_reason = (
             "" if self.can_retire else
             f"AWS KMS keeps every key material of {key_ref} in perpetuity (on_demand strategy): old versions "
@@ -111,6 +112,21 @@ class AwsKmsBackend(KmsBackend):
         return cls(client, kc.key_ref, strategy=options.strategy, key_class=kc.name,
                    rotation_period_days=options.rotation_period_days, deletion_window_days=options.deletion_window_days,
                    retry=retry, max_requests_per_second=options.max_requests_per_second)
+
+    @classmethod
+    def key_class_problem(cls, kc: KeyClass) -> str | None:
+        if kc.aws_options.strategy == "alias" and not kc.key_ref.startswith("alias/"):
+            return "key_ref must be an alias (alias/<name>) for the aws_kms alias strategy"
+        return None
+
+    @classmethod
+    def retires_versions(cls, kc: KeyClass) -> bool:
+        return kc.aws_options.strategy == "alias"
+
+    @classmethod
+    def object_formats(cls, kc: KeyClass) -> frozenset[str]:
+        """SSE-KMS objects name their key, so an alias's versions (one key each) tell them apart."""
+        return frozenset({"sse_kms_objects"}) if kc.aws_options.strategy == "alias" else frozenset()
 
     @classmethod
     def client_from_environment(cls, kc: KeyClass, options: ClientOptions) -> Any:

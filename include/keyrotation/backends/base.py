@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from keyrotation.backends.retry import RetryPolicy
@@ -86,12 +86,31 @@ class KmsBackend(abc.ABC):
     #: :attr:`cannot_retire_reason` says why, and the retirement gate reports it instead of retiring.
     can_retire: bool = True
     cannot_retire_reason: str = ""
+    #: The section of a key class that holds this backend's options (``aws:``, ``gcp:``), if it has one.
+    options_section: ClassVar[str | None] = None
 
     @classmethod
     @abc.abstractmethod
     def from_key_class(cls, kc: KeyClass, client: Any, retry: RetryPolicy | None = None) -> KmsBackend:
         """This backend for the key class ``kc``, over ``client``, the KMS's own client; every setting it needs
         comes from the key class (see :func:`keyrotation.backends.registry.open_backend`)."""
+
+    @classmethod
+    def key_class_problem(cls, kc: KeyClass) -> str | None:
+        """What in key class ``kc`` this KMS cannot work with (its ``key_ref``'s form, its options), or None."""
+        return None
+
+    @classmethod
+    def retires_versions(cls, kc: KeyClass) -> bool:
+        """False where the KMS keeps key class ``kc``'s old versions usable for good: no retirement, no approval
+        (the instance says why in :attr:`cannot_retire_reason`)."""
+        return True
+
+    @classmethod
+    def object_formats(cls, kc: KeyClass) -> frozenset[str]:
+        """The server-side encrypted object formats whose objects name the version of key class ``kc`` that
+        protects them (so their census needs no data of ours)."""
+        return frozenset()
 
     @classmethod
     @abc.abstractmethod

@@ -89,6 +89,7 @@ def _aware(ts: Any) -> datetime | None:
 class GcpKmsBackend(KmsBackend):
     kind = "gcp_kms"
     server_side_rewrap = False
+    options_section = "gcp"
 
     def __init__(self, client: kms_v1.KeyManagementServiceClient, key_ref: str, *, key_class: str = "",
                  protection_level: ProtectionLevel = "SOFTWARE", rotation_period: timedelta | None = None,
@@ -117,6 +118,18 @@ class GcpKmsBackend(KmsBackend):
         return cls(client, kc.key_ref, key_class=kc.name, protection_level=options.protection_level,
                    rotation_period=rotation.due_after if options.sync_rotation_schedule else None,
                    destroy_scheduled_duration=options.destroy_scheduled_duration, retry=retry)
+
+    @classmethod
+    def key_class_problem(cls, kc: KeyClass) -> str | None:
+        if not KEY_NAME.match(kc.key_ref):
+            return ("key_ref must be a CryptoKey resource name "
+                    "(projects/P/locations/L/keyRings/R/cryptoKeys/K) for backend gcp_kms")
+        return None
+
+    @classmethod
+    def object_formats(cls, kc: KeyClass) -> frozenset[str]:
+        """A CMEK object's kmsKeyName names the CryptoKeyVersion that protects it."""
+        return frozenset({"gcs_cmek_objects"})
 
     @classmethod
     def client_from_environment(cls, kc: KeyClass, options: ClientOptions) -> kms_v1.KeyManagementServiceClient:

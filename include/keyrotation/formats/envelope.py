@@ -139,7 +139,7 @@ class DataKeyCache:
             raise ValueError("cache TTL must be positive")
         self.size = size
         self.ttl_s = ttl_s
-        self._clock = clock
+        self.clock = self._clock = clock
         self._on_evict = on_evict
         self._entries: OrderedDict[bytes, CachedKey] = OrderedDict()
         self._lock = threading.Lock()
