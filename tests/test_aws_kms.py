@@ -99,7 +99,7 @@ def test_parquet_files_wrapped_by_aws_kms_rewrap_server_side(moto, tmp_path):
     assert pme.wrapping_versions(path, fs) == {1}
     backend.rotate()
     before = dict(backend.calls)
-    pme.rotate(path, fs, 2)
+    pme.rewrap(path, fs, 2)
     assert backend.calls.get("re_encrypt", 0) - before.get("re_encrypt", 0) >= 1
     assert backend.calls.get("decrypt", 0) == before.get("decrypt", 0)  # nothing unwrapped here
     assert pme.wrapping_versions(path, fs) == {2}

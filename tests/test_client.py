@@ -142,7 +142,7 @@ def test_parquet_round_trip_in_the_dags_format(setup, tmp_path):
 
     v2 = s.rotate()
     client.refresh()
-    pme.rotate(theirs, fs, v2)  # the rewrap sweep: key material only
+    pme.rewrap(theirs, fs, v2)  # the rewrap sweep: key material only
     assert client.read_parquet(theirs).equals(table) and client.read_parquet(mine).equals(table)
     newer = str(tmp_path / "newer.parquet")
     assert client.write_parquet(table, newer) == v2 and pme.wrapping_versions(newer, fs) == {v2}

@@ -371,7 +371,7 @@ class ReencryptionEngine(PartitionEngine):
                 manifest.bytes = self.store.size(partition, manifest.files)
                 self.store.write_manifest(partition, manifest)
             for name in manifest.files:
-                self.pme.rotate(self.store.path(partition, name), self.store.fs, target_version, self.checkpoint)
+                self.pme.rewrap(self.store.path(partition, name), self.store.fs, target_version, self.checkpoint)
                 self.checkpoint("rewrapped_file")
             after = self._census(partition)
             if after.versions != {target_version}:

@@ -151,7 +151,7 @@ class ParquetEncryption:
         """The file for reading batch by batch; its footer is decrypted already."""
         return EncryptedParquetFile(path, filesystem, self._decryption_properties(path, filesystem))
 
-    def rotate(self, path: str, filesystem: pafs.FileSystem, version: int,
+    def rewrap(self, path: str, filesystem: pafs.FileSystem, version: int,
                checkpoint: Callable[[str], None] | None = None) -> None:
         """Re-wrap the file's key material under ``version``; the data file is not touched.
 
