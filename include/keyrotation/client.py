@@ -43,13 +43,14 @@ import os
 import threading
 import time
 import uuid
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
+from cachetools import TTLCache
 
 from keyrotation import ledger as lg
 from keyrotation.backends.base import KeyState, KmsBackend
@@ -225,30 +226,23 @@ class _IdCache:
     """(table, partition, version) -> data key id, bounded and TTL'd like the keys (ids are not secret)."""
 
     def __init__(self, size: int, ttl_s: float, clock: Callable[[], float]) -> None:
-        self.size, self.ttl_s, self._clock = size, ttl_s, clock
-        self._ids: OrderedDict[tuple, tuple[bytes, float]] = OrderedDict()
+        self.size = size
+        self._ids: TTLCache = TTLCache(size, ttl_s, clock)
         self._lock = threading.Lock()
 
     def get(self, slot: tuple) -> bytes | None:
         with self._lock:
-            found = self._ids.get(slot)
-            if found is None or found[1] <= self._clock():
-                self._ids.pop(slot, None)
-                return None
-            self._ids.move_to_end(slot)
-            return found[0]
+            return self._ids.get(slot)
 
     def put(self, slot: tuple, key_id: bytes) -> None:
-        with self._lock:
-            self._ids[slot] = (key_id, self._clock() + self.ttl_s)
-            self._ids.move_to_end(slot)
-            while len(self._ids) > self.size:
-                self._ids.popitem(last=False)
+        if self.size:  # TTLCache refuses any item when its size is 0
+            with self._lock:
+                self._ids[slot] = key_id
 
     def evict_below(self, version: int) -> None:
         with self._lock:
             for slot in [s for s in self._ids if s[2] < version]:
-                del self._ids[slot]
+                self._ids.pop(slot, None)
 
 
 class _SingleFlight:
