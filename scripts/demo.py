@@ -15,7 +15,7 @@ objects in S3) and payment_tokens (on_demand strategy, whose old material AWS ne
 (HSM: new versions are generated for a while, and the rotation waits in a deferred sensor). No
 Cloud KMS emulator exists: the Cloud KMS test server of ``tests/`` serves the real gRPC API over TLS,
 checks service-account tokens and IAM, and each role runs as its own service account with the
-bindings of ``keyrotation.gcp_policies``; GCS is gcp-storage-emulator.
+bindings of ``keyrotation.policies.gcp_kms``; GCS is gcp-storage-emulator.
 """
 
 from __future__ import annotations

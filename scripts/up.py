@@ -314,11 +314,12 @@ def role_tokens(bao) -> dict[str, dict]:  # noqa: ANN001
         stored = {}
     tokens: dict[str, dict] = {}
     for name in list_key_classes():
-        kc = load_key_class(name).key_class
+        config = load_key_class(name)
+        kc = config.key_class
         if kc.backend != "vault_transit":
             print(f"key class {name}: backend {kc.backend} is not OpenBao, no token for it", flush=True)
             continue
-        for role, hcl in policies_for(kc).items():
+        for role, hcl in policies_for(config).items():
             policy = policy_name(kc.name, role)
             root.sys.create_or_update_policy(name=policy, policy=hcl)
             conn_id = kc.conn_for(role)

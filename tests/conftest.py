@@ -152,7 +152,7 @@ def make_aws_key_class(tmp_path, monkeypatch, moto):
 @pytest.fixture
 def make_gcp_key_class(tmp_path, monkeypatch, gcp):
     """Write a gcp_kms key class file (unique CryptoKey and bucket per test) and its DAG file, with one
-    service account per role bound as keyrotation.gcp_policies says; return its config."""
+    service account per role bound as keyrotation.policies.gcp_kms says; return its config."""
     from keyrotation.config import load_key_class
 
     monkeypatch.setenv("KEYROTATION_LEDGER_URL", f"sqlite:///{tmp_path / 'ledger.db'}")

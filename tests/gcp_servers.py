@@ -3,7 +3,7 @@
 in one process so that GCS can ask Cloud KMS for a key's primary version.
 
 :class:`GcpTestServers` runs both in this process; :meth:`GcpTestServers.provision` gives a key
-class one service account per role with exactly the bindings of :mod:`keyrotation.gcp_policies`,
+class one service account per role with exactly the bindings of :mod:`keyrotation.policies.gcp_kms`,
 and returns the Airflow connections (``AIRFLOW_CONN_*`` values) that reach them.
 
 Run as a program (the demo does), it starts both, provisions every key class of ``--config-dir``,
@@ -29,7 +29,7 @@ from gcp_kms_server import CloudKmsTestServer  # noqa: E402
 from gcs_server import GcsTestServer  # noqa: E402
 
 from keyrotation.config import KeyClassConfig  # noqa: E402
-from keyrotation.gcp_policies import ROLES, custom_roles, gcp_bindings, project_of  # noqa: E402
+from keyrotation.policies.gcp_kms import ROLES, custom_roles, gcp_bindings, project_of  # noqa: E402
 
 PROJECT = "keyrotation-test"
 
@@ -102,7 +102,7 @@ class GcpTestServers:
                 self._defined.add(name)
 
     def provision(self, config: KeyClassConfig) -> dict[str, str]:
-        """A service account per role connection of the key class, bound as :mod:`keyrotation.gcp_policies`
+        """A service account per role connection of the key class, bound as :mod:`keyrotation.policies.gcp_kms`
         says; returns ``{conn_id: AIRFLOW_CONN value}`` for its per-role connections and its ``conn_id``
         (which gets the rotate account where it is not itself a role's connection)."""
         kc = config.key_class

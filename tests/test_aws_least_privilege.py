@@ -1,5 +1,5 @@
 """Least privilege on AWS, enforced by moto_server's IAM: each role's IAM user (with the document from
-``keyrotation.aws_policies`` attached) can do its part and is refused the rest.
+``keyrotation.policies.aws_kms`` attached) can do its part and is refused the rest.
 
 The server is this module's own ``moto_server`` started with ``INITIAL_NO_AUTH_ACTION_COUNT=3``: moto
 lets the first 3 requests through unauthenticated (they create an admin IAM user, give it ``*`` and an
@@ -80,11 +80,11 @@ import requests
 from botocore.exceptions import ClientError
 
 from helpers import customers
-from keyrotation.aws_policies import ROLES, aws_policy
 from keyrotation.backends.aws_kms import AwsKmsBackend
 from keyrotation.config import KeyClassConfig
 from keyrotation.errors import BackendError, PermissionDenied
 from keyrotation.ledger import Ledger, RunContext
+from keyrotation.policies.aws_kms import ROLES, aws_policy
 from keyrotation.retirement import retire
 from keyrotation.rotation import update_reference
 from keyrotation.runtime import KeyClassRuntime
@@ -1138,17 +1138,17 @@ def test_documents_in_docs_match_the_module_and_the_cli():
         written = json.loads((ROOT / "docs" / "aws-iam" / f"{role}.json").read_text())
         assert written == sample_policy(role), f"docs/aws-iam/{role}.json is stale: re-render it with the CLI"
     printed = subprocess.run(
-        [sys.executable, "-m", "keyrotation.aws_policies", "--role", "reencrypt", "--key-class", KEY_CLASS,
+        [sys.executable, "-m", "keyrotation.policies.aws_kms", "--role", "reencrypt", "--key-class", KEY_CLASS,
          "--key-ref", KEY_REF, "--region", REGION, "--account", ACCOUNT, "--bucket", f"{BUCKET}/{PREFIX}"],
         cwd=ROOT / "include", capture_output=True, text=True, check=True, timeout=60)
     assert json.loads(printed.stdout) == sample_policy("reencrypt")
     printed = subprocess.run(
-        [sys.executable, "-m", "keyrotation.aws_policies", "--role", "retire", "--key-class", KEY_CLASS,
+        [sys.executable, "-m", "keyrotation.policies.aws_kms", "--role", "retire", "--key-class", KEY_CLASS,
          "--key-ref", KEY_REF, "--region", REGION, "--account", ACCOUNT, "--bucket", f"{BUCKET}/{PREFIX}",
          "--deletion-window-days", str(DELETION_WINDOW_DAYS)],
         cwd=ROOT / "include", capture_output=True, text=True, check=True, timeout=60)
     assert json.loads(printed.stdout) == sample_policy("retire")
-    bad = subprocess.run([sys.executable, "-m", "keyrotation.aws_policies", "--role", "rotate", "--key-class", "k",
+    bad = subprocess.run([sys.executable, "-m", "keyrotation.policies.aws_kms", "--role", "rotate", "--key-class", "k",
                           "--key-ref", "alias/k", "--region", REGION, "--account", "42"],
                          cwd=ROOT / "include", capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "not an AWS account id" in bad.stderr

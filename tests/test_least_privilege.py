@@ -20,6 +20,7 @@ from hvac.exceptions import Forbidden, InvalidPath, InvalidRequest
 
 from helpers import AWS_KEY_CLASS_YAML, days, runtime, seed
 from keyrotation.backends.vault_transit import KEY_TYPE, VaultTransitBackend
+from keyrotation.config import load_key_class
 from keyrotation.errors import BackendError
 from keyrotation.policies import ROLES, anchor_policies, policies_for
 
@@ -30,17 +31,18 @@ CONNECTIONS_YAML = "conn_id: vault_keyrotation\n  connections: {" + ", ".join(
 SECRET = b"k" * 32
 
 
-def role_tokens(vault, kc) -> dict[str, str]:
+def role_tokens(vault, config) -> dict[str, str]:
+    kc = config.key_class
     tokens = {}
-    for role, hcl in policies_for(kc).items():
+    for role, hcl in policies_for(config).items():
         name = f"keyrotation-{kc.name}-{kc.key_ref}-{role}"
         vault.sys.create_or_update_policy(name=name, policy=hcl)
         tokens[role] = vault.auth.token.create(policies=[name], ttl="1h")["auth"]["client_token"]
     return tokens
 
 
-def role_clients(vault, openbao, kc) -> dict[str, hvac.Client]:
-    return {role: hvac.Client(url=openbao.url, token=token) for role, token in role_tokens(vault, kc).items()}
+def role_clients(vault, openbao, config) -> dict[str, hvac.Client]:
+    return {role: hvac.Client(url=openbao.url, token=token) for role, token in role_tokens(vault, config).items()}
 
 
 def key_config(vault: hvac.Client, key: str) -> dict[str, Any] | None:
@@ -203,7 +205,7 @@ def _allowed(vault: hvac.Client, client: hvac.Client, key: str, ct: str, operati
 def test_each_role_can_do_its_part_and_is_refused_the_rest(make_key_class, vault, openbao, role, record_property):
     rt = runtime(make_key_class(name="lp"), vault)
     key = rt.config.key_class.key_ref
-    client = role_clients(vault, openbao, rt.config.key_class)[role]
+    client = role_clients(vault, openbao, rt.config)[role]
     proven = 0
     if "create" in ALLOWED[role]:  # the role creates the key itself: the type it may ask for, nothing else
         assert key_config(vault, key) is None
@@ -232,9 +234,10 @@ def test_each_role_can_do_its_part_and_is_refused_the_rest(make_key_class, vault
 
 
 def test_rotate_role_creates_the_key_and_adds_versions(make_key_class, vault, openbao):
-    kc = make_key_class(name="lprot").key_class
+    config = make_key_class(name="lprot")
+    kc = config.key_class
     key = kc.key_ref
-    clients = role_clients(vault, openbao, kc)
+    clients = role_clients(vault, openbao, config)
     for what, (call, _) in WEAKENINGS.items():  # before the key exists: no weak key is created either
         if what.startswith("create"):
             refused(vault, key, lambda call=call: call(clients["rotate"], key, ""), f"rotate role: {what}")
@@ -260,13 +263,14 @@ def test_rotate_role_creates_the_key_and_adds_versions(make_key_class, vault, op
 
 
 def test_reencrypt_role_encrypts_decrypts_and_rewraps(make_key_class, vault, openbao):
-    kc = make_key_class(name="lpre").key_class
+    config = make_key_class(name="lpre")
+    kc = config.key_class
     root = VaultTransitBackend(vault, kc.key_ref)
     root.create_key()
     old = root.wrap(SECRET)
     root.rotate()
     before = key_config(vault, kc.key_ref)
-    reencrypt = VaultTransitBackend(role_clients(vault, openbao, kc)["reencrypt"], kc.key_ref)
+    reencrypt = VaultTransitBackend(role_clients(vault, openbao, config)["reencrypt"], kc.key_ref)
 
     new = reencrypt.wrap(b"fresh secret")
     assert reencrypt.version_of(new) == 2 and root.unwrap(new) == b"fresh secret"
@@ -280,14 +284,15 @@ def test_reencrypt_role_encrypts_decrypts_and_rewraps(make_key_class, vault, ope
 
 
 def test_retire_role_raises_the_minimums_and_trims(make_key_class, vault, openbao, monkeypatch):
-    kc = make_key_class(name="lpret").key_class
+    config = make_key_class(name="lpret")
+    kc = config.key_class
     key = kc.key_ref
     root = VaultTransitBackend(vault, key)
     root.create_key()
     old = root.wrap(SECRET)
     root.rotate()
     root.rotate()
-    clients = role_clients(vault, openbao, kc)
+    clients = role_clients(vault, openbao, config)
     retire = VaultTransitBackend(clients["retire"], key)
 
     state = retire.retire_below(2)
@@ -344,26 +349,27 @@ def test_retire_role_raises_the_minimums_and_trims(make_key_class, vault, openba
 
 
 def test_report_role_reads_the_key(make_key_class, vault, openbao):
-    kc = make_key_class(name="lprep").key_class
+    config = make_key_class(name="lprep")
+    kc = config.key_class
     root = VaultTransitBackend(vault, kc.key_ref)
     root.create_key()
     root.rotate()
-    report = VaultTransitBackend(role_clients(vault, openbao, kc)["report"], kc.key_ref)
+    report = VaultTransitBackend(role_clients(vault, openbao, config)["report"], kc.key_ref)
     assert report.key_state() == root.key_state()
     assert (report.key_state().latest_version, sorted(report.key_state().versions)) == (2, [1, 2])
 
 
-def _policies_cli(name: str, config_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+def _policies_cli(name: str, config_dir: Path | None = None, *options: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **({"KEYROTATION_CONFIG_DIR": str(config_dir)} if config_dir else {})}
-    return subprocess.run([sys.executable, "-m", "keyrotation.policies", name], cwd=ROOT / "include", env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "keyrotation.policies", name, *options], cwd=ROOT / "include",
+                          env=env, capture_output=True, text=True, timeout=60)
 
 
 def test_policies_cli(make_key_class, tmp_path):
-    kc = make_key_class(name="lpcli").key_class
+    config = make_key_class(name="lpcli")
     printed = _policies_cli("lpcli")
     assert printed.returncode == 0, printed.stderr
-    for role, hcl in policies_for(kc).items():
+    for role, hcl in policies_for(config).items():
         assert f"# keyrotation-lpcli-{role}: Airflow connection 'vault_keyrotation'\n{hcl}" in printed.stdout
 
     # A key class that does not exist, and one on another KMS: one line on stderr, exit code 2.
@@ -375,8 +381,14 @@ def test_policies_cli(make_key_class, tmp_path):
         chunk_size=16, dataset="lpcli_aws_data", location="s3://keyrotation-data/lpcli"))
     other = _policies_cli("lpcli_aws", tmp_path)
     assert (other.returncode, other.stdout) == (2, "")
-    assert other.stderr == ("error: key class 'lpcli_aws': backend 'aws_kms' has no Vault policy "
-                            "(use python -m keyrotation.aws_policies)\n")
+    assert other.stderr == "error: key class 'lpcli_aws' (aws_kms): the AWS account id is needed (--account)\n"
+    # With what the key class does not say, the same command prints the AWS documents of every role.
+    aws = _policies_cli("lpcli_aws", tmp_path, "--account", "123456789012", "--region", "eu-west-1")
+    assert aws.returncode == 0, aws.stderr
+    aws_config = load_key_class("lpcli_aws", tmp_path)
+    assert json.loads(aws.stdout) == policies_for(aws_config, account="123456789012", region="eu-west-1")
+    assert json.loads(aws.stdout)["reencrypt"]["Statement"][0]["Condition"] == {
+        "StringEquals": {"aws:ResourceTag/keyrotation:key-class": "lpcli_aws"}}
     anchor = _policies_cli("--anchor")
     assert anchor.returncode == 0, anchor.stderr
     for name, hcl in anchor_policies("keyrotation-ledger-anchor").items():
@@ -391,7 +403,7 @@ def test_the_dags_run_with_exactly_the_role_tokens(make_key_class, vault, openba
 
     rt = runtime(make_key_class(name="lpdag", dataset="lpdag_data",
                                 **{"conn_id: vault_keyrotation": CONNECTIONS_YAML}), vault)
-    tokens = role_tokens(vault, rt.config.key_class)
+    tokens = role_tokens(vault, rt.config)
     for role, conn in ROLE_CONNS.items():
         monkeypatch.setenv(f"AIRFLOW_CONN_{conn.upper()}", json.dumps(
             {"conn_type": "vault", "host": "127.0.0.1", "port": openbao.port, "password": tokens[role]}))
@@ -428,7 +440,7 @@ def test_connections_from_the_vault_secrets_backend(make_key_class, vault, openb
     """`airflow dags test` with no connection in the environment: all come from OpenBao's KV engine."""
     rt = runtime(make_key_class(name="lpsb", dataset="lpsb_data",
                                 **{"conn_id: vault_keyrotation": CONNECTIONS_YAML}), vault)
-    tokens = role_tokens(vault, rt.config.key_class)
+    tokens = role_tokens(vault, rt.config)
     for role, conn in ROLE_CONNS.items():
         vault.secrets.kv.v2.create_or_update_secret(
             path=f"keyrotation-test/connections/{conn}", mount_point="secret",

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import CANARY, KEY_CLASS_YAML, PG_URL
 from keyrotation import ledger as lg
@@ -37,6 +38,17 @@ ACTOR = RunContext(actor="test")
 
 def b64(data: bytes | str) -> str:
     return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
+
+
+def sample(name: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
+    """The key of one sample in :func:`exposition`."""
+    return name, frozenset(labels.items())
+
+
+def exposition(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a Prometheus text exposition, by name and labels."""
+    return {sample(s.name, **s.labels): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 class Sidecar:
@@ -116,19 +128,14 @@ class Sidecar:
     def decrypt(self, ciphertext: str, pk, http: httpx.Client | None = None) -> httpx.Response:
         return (http or self.http).post("/v1/decrypt", json={"ciphertext": ciphertext, "context": self.ctx(pk, None)})
 
-    def metric(self, name: str, labels: str = "") -> float:
-        text = self.http.get("/metrics").text
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name + (("{" + labels) if labels else "")) and not line.startswith("#"):
-                head, value = line.rsplit(" ", 1)
-                if head == name or head.startswith(name + "{"):
-                    total += float(value)
-        return total
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples ``name`` whose labels include ``labels``."""
+        return sum(value for (sample, sample_labels), value in exposition(self.http.get("/metrics").text).items()
+                   if sample == name and labels.items() <= dict(sample_labels).items())
 
     def kms_data_calls(self) -> float:
-        return (self.metric("keyrotation_client_kms_calls_total", 'operation="wrap"')
-                + self.metric("keyrotation_client_kms_calls_total", 'operation="unwrap"'))
+        return (self.metric("keyrotation_client_kms_calls_total", operation="wrap")
+                + self.metric("keyrotation_client_kms_calls_total", operation="unwrap"))
 
     def rotate(self) -> int:
         version = self.backend.rotate()
@@ -178,16 +185,18 @@ def test_sidecar_encrypts_decrypts_and_reports_health_and_metrics(make_sidecar):
                              "checks": {"kms": "ok", "ledger": "ok", "data_keys_db": "ok"}}
 
     text = s.http.get("/metrics").text
-    assert 'keyrotation_sidecar_requests_total{endpoint="/v1/decrypt",status="200"} 52' in text
-    assert 'keyrotation_sidecar_requests_total{endpoint="/v1/encrypt",status="200"} 1' in text
-    assert 'keyrotation_sidecar_request_duration_seconds_bucket{endpoint="/v1/decrypt",le="+Inf"} 52' in text
+    samples = exposition(text)
+    assert samples[sample("keyrotation_sidecar_requests_total", endpoint="/v1/decrypt", status="200")] == 52
+    assert samples[sample("keyrotation_sidecar_requests_total", endpoint="/v1/encrypt", status="200")] == 1
+    assert samples[sample("keyrotation_sidecar_request_duration_seconds_bucket", endpoint="/v1/decrypt",
+                          le="+Inf")] == 52
     assert "# TYPE keyrotation_sidecar_request_duration_seconds histogram" in text
     assert s.metric("keyrotation_client_cache_hits_total") >= 50
     # One data key for the partition, made by the sidecar (one wrap) and used by the library too.
     assert s.metric("keyrotation_client_cache_misses_total") == 1
-    assert s.metric("keyrotation_client_kms_calls_total", 'operation="wrap"') == 1
-    assert s.metric("keyrotation_client_kms_calls_total", 'operation="unwrap"') == 0
-    assert f'keyrotation_client_current_version{{key_class="{s.name}"}} 1' in text
+    assert s.metric("keyrotation_client_kms_calls_total", operation="wrap") == 1
+    assert s.metric("keyrotation_client_kms_calls_total", operation="unwrap") == 0
+    assert samples[sample("keyrotation_client_current_version", key_class=s.name)] == 1
     assert CANARY not in text
     s.assert_clean_log()
 
@@ -225,9 +234,10 @@ def test_sidecar_bad_input_is_a_json_error_that_echoes_nothing(make_sidecar):
     assert r.status_code == 400 and r.json()["error"] == "bad_input" and CANARY not in r.text
     assert s.http.get("/nowhere").status_code == 404
     text = s.http.get("/metrics").text
-    assert 'keyrotation_sidecar_requests_total{endpoint="/v1/encrypt",status="400"} 6' in text
-    assert 'keyrotation_sidecar_requests_total{endpoint="/other",status="404"}' not in text
-    assert 'keyrotation_sidecar_requests_total{endpoint="other",status="404"} 1' in text
+    samples = exposition(text)
+    assert samples[sample("keyrotation_sidecar_requests_total", endpoint="/v1/encrypt", status="400")] == 6
+    assert sample("keyrotation_sidecar_requests_total", endpoint="/other", status="404") not in samples
+    assert samples[sample("keyrotation_sidecar_requests_total", endpoint="other", status="404")] == 1
     assert CANARY not in text
     s.assert_clean_log()
 
@@ -250,7 +260,7 @@ def test_sidecar_refuses_a_retired_version_with_409(make_sidecar):
     assert s.decrypt(kept, 2).status_code == 200
     assert s.encrypt("new", 3).json()["key_version"] == v2
     assert s.http.get("/healthz").json()["min_decryption_version"] == v2
-    assert s.metric("keyrotation_client_errors_total", 'kind="retired_version"') == 1
+    assert s.metric("keyrotation_client_errors_total", kind="retired_version") == 1
     s.assert_clean_log()
 
 
@@ -268,7 +278,7 @@ def test_sidecar_answers_503_when_the_kms_is_down_and_serves_cached_keys(make_si
     health = s.http.get("/healthz")
     assert health.status_code == 503 and health.json()["status"] == "unavailable"
     assert health.json()["checks"]["kms"].startswith("KMS unreachable") and health.json()["checks"]["ledger"] == "ok"
-    assert s.metric("keyrotation_client_errors_total", 'kind="kms_unavailable"') == 1
+    assert s.metric("keyrotation_client_errors_total", kind="kms_unavailable") == 1
     s.assert_clean_log()
 
 

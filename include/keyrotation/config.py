@@ -282,7 +282,7 @@ _OBJECT_FORMATS = {
 }
 
 #: The roles of a key class's tasks, one connection (and KMS identity) each; every policy generator
-#: (keyrotation.policies, .aws_policies, .gcp_policies) writes one policy per role.
+#: (keyrotation.policies.vault_transit, .aws_kms, .gcp_kms) writes one policy per role.
 Role = Literal["rotate", "reencrypt", "retire", "report"]
 ROLES: tuple[str, ...] = get_args(Role)
 

@@ -33,11 +33,9 @@ import os
 import socket
 import ssl
 import sys
-import threading
 import time
 import traceback
-from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -46,6 +44,9 @@ import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
 
 from keyrotation.client import (
@@ -60,6 +61,9 @@ from keyrotation.client import (
 from keyrotation.errors import BackendError, ConfigError, KeyRotationError
 
 log = logging.getLogger("keyrotation.sidecar")
+# Counters and histograms would add a *_created series each; /metrics never had them (this process's
+# registries are the sidecar's alone: nothing else here uses prometheus_client).
+disable_created_metrics()
 
 DEFAULT_PORT = 8900
 MAX_VALUE_BYTES = 1 << 20  # a plaintext or ciphertext larger than 1 MiB is refused (413)
@@ -132,75 +136,66 @@ def _error(status: int, kind: str, message: str) -> JSONResponse:
 
 # -- metrics --------------------------------------------------------------------------------------
 
-class SidecarMetrics:
-    """Requests by endpoint and status, and a latency histogram per endpoint (Prometheus conventions)."""
+class _ClientCollector(Collector):
+    """The client's own counters and gauges (:meth:`KeyRotationClient.metrics`), read at each scrape."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: Counter[tuple[str, int]] = Counter()
-        self.buckets: dict[str, list[int]] = {}
-        self.sums: Counter[str] = Counter()
-        self.counts: Counter[str] = Counter()
+    def __init__(self, client: KeyRotationClient) -> None:
+        self.client = client
 
-    def observe(self, endpoint: str, status: int, seconds: float) -> None:
-        with self._lock:
-            self.requests[(endpoint, status)] += 1
-            counts = self.buckets.setdefault(endpoint, [0] * len(BUCKETS))
-            for i, bound in enumerate(BUCKETS):
-                if seconds <= bound:
-                    counts[i] += 1
-            self.sums[endpoint] += seconds
-            self.counts[endpoint] += 1
+    def collect(self) -> Iterator[Metric]:
+        m = self.client.metrics()
 
-    def render(self, client: KeyRotationClient) -> str:
-        m = client.metrics()
-        out: list[str] = []
+        def family(kind: type[CounterMetricFamily | GaugeMetricFamily], name: str, help_text: str,
+                   samples: list[tuple[dict[str, str], float]]) -> Metric:
+            metric = kind(name, help_text, labels=sorted({k for labels, _ in samples for k in labels}))
+            for labels, value in samples:
+                metric.add_metric([labels[k] for k in sorted(labels)], value)
+            return metric
 
-        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-            out.append(f"# HELP {name} {help_text}")
-            out.append(f"# TYPE {name} {kind}")
-            out.extend(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}"
-                       for labels, value in samples)
-
-        with self._lock:
-            requests = sorted(self.requests.items())
-            hist = {e: (list(b), self.sums[e], self.counts[e]) for e, b in sorted(self.buckets.items())}
-        metric("keyrotation_sidecar_requests_total", "counter", "HTTP requests by endpoint and status.",
-               [(f'{{endpoint="{e}",status="{s}"}}', n) for (e, s), n in requests])
-        out.append("# HELP keyrotation_sidecar_request_duration_seconds Request latency by endpoint.")
-        out.append("# TYPE keyrotation_sidecar_request_duration_seconds histogram")
-        for endpoint, (counts, total, count) in hist.items():
-            for bound, n in zip(BUCKETS, counts, strict=True):
-                out.append(f'keyrotation_sidecar_request_duration_seconds_bucket{{endpoint="{endpoint}",'
-                           f'le="{bound:g}"}} {n}')
-            out.append(f'keyrotation_sidecar_request_duration_seconds_bucket{{endpoint="{endpoint}",le="+Inf"}} '
-                       f"{count}")
-            out.append(f'keyrotation_sidecar_request_duration_seconds_sum{{endpoint="{endpoint}"}} {total:.6f}')
-            out.append(f'keyrotation_sidecar_request_duration_seconds_count{{endpoint="{endpoint}"}} {count}')
-        metric("keyrotation_client_requests_total", "counter", "Client operations by kind.",
-               [(f'{{operation="{k}"}}', v) for k, v in sorted(m["requests"].items())])
-        metric("keyrotation_client_cache_hits_total", "counter", "Data keys found in the cache.",
-               [("", m["cache_hits"])])
-        metric("keyrotation_client_cache_misses_total", "counter", "Data keys loaded from the database and KMS.",
-               [("", m["cache_misses"])])
-        metric("keyrotation_client_cache_evictions_total", "counter", "Data keys zeroed and dropped from the cache.",
-               [("", m["cache_evictions"])])
-        metric("keyrotation_client_cached_keys", "gauge", "Data keys in the cache now.", [("", m["cached_keys"])])
-        metric("keyrotation_client_kms_calls_total", "counter", "KMS calls by operation.",
-               [(f'{{operation="{k}"}}', v) for k, v in sorted(m["kms_calls"].items())]
-               or [('{operation="unwrap"}', 0)])
-        metric("keyrotation_client_errors_total", "counter", "Errors by kind.",
-               [(f'{{kind="{k}"}}', v) for k, v in sorted(m["errors"].items())])
-        metric("keyrotation_client_rotations_noticed_total", "counter", "Moves of the ledger's reference noticed.",
-               [("", m["rotations_noticed"])])
+        yield family(CounterMetricFamily, "keyrotation_client_requests_total", "Client operations by kind.",
+                     [({"operation": k}, v) for k, v in sorted(m["requests"].items())])
+        yield family(CounterMetricFamily, "keyrotation_client_cache_hits_total", "Data keys found in the cache.",
+                     [({}, m["cache_hits"])])
+        yield family(CounterMetricFamily, "keyrotation_client_cache_misses_total",
+                     "Data keys loaded from the database and KMS.", [({}, m["cache_misses"])])
+        yield family(CounterMetricFamily, "keyrotation_client_cache_evictions_total",
+                     "Data keys zeroed and dropped from the cache.", [({}, m["cache_evictions"])])
+        yield family(GaugeMetricFamily, "keyrotation_client_cached_keys", "Data keys in the cache now.",
+                     [({}, m["cached_keys"])])
+        yield family(CounterMetricFamily, "keyrotation_client_kms_calls_total", "KMS calls by operation.",
+                     [({"operation": k}, v) for k, v in sorted(m["kms_calls"].items())]
+                     or [({"operation": "unwrap"}, 0)])
+        yield family(CounterMetricFamily, "keyrotation_client_errors_total", "Errors by kind.",
+                     [({"kind": k}, v) for k, v in sorted(m["errors"].items())])
+        yield family(CounterMetricFamily, "keyrotation_client_rotations_noticed_total",
+                     "Moves of the ledger's reference noticed.", [({}, m["rotations_noticed"])])
         for name, key, help_text in (
                 ("keyrotation_client_current_version", "current_version",
                  "Key version new values are encrypted under."),
                 ("keyrotation_client_min_decryption_version", "min_decryption_version",
                  "Lowest key version not retired in the ledger.")):
             if m[key] is not None:
-                metric(name, "gauge", help_text, [(f'{{key_class="{client.key_class}"}}', m[key])])
-        return "\n".join(out) + "\n"
+                yield family(GaugeMetricFamily, name, help_text, [({"key_class": self.client.key_class}, m[key])])
+
+
+class SidecarMetrics:
+    """Requests by endpoint and status, a latency histogram per endpoint, and the client's metrics, in a
+    registry of this sidecar's own (not prometheus_client's global one)."""
+
+    def __init__(self, client: KeyRotationClient) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("keyrotation_sidecar_requests", "HTTP requests by endpoint and status.",
+                                ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("keyrotation_sidecar_request_duration_seconds", "Request latency by endpoint.",
+                                 ["endpoint"], buckets=BUCKETS, registry=self.registry)
+        self.registry.register(_ClientCollector(client))
+
+    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+    def render(self) -> str:
+        return generate_latest(self.registry).decode()
 
 
 # -- the app --------------------------------------------------------------------------------------
@@ -251,7 +246,7 @@ def create_app(client: KeyRotationClient, *, max_value_bytes: int = MAX_VALUE_BY
             on_close()
 
     app = FastAPI(title="keyrotation sidecar", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    metrics = SidecarMetrics()
+    metrics = SidecarMetrics(client)
     max_body = (max_value_bytes + 256) * 4 // 3 + 64 * 1024  # a base64 value and its context
     app.state.client = client
     app.state.metrics = metrics
@@ -314,7 +309,7 @@ def create_app(client: KeyRotationClient, *, max_value_bytes: int = MAX_VALUE_BY
 
     @app.get("/metrics")
     def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(client), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
 

@@ -1,4 +1,8 @@
-"""Retries with exponential backoff for calls to a KMS that may be briefly unreachable."""
+"""Retries with exponential backoff for calls to a KMS that may be briefly unreachable.
+
+Hand-written rather than tenacity or the SDKs' own retries: neither can ask ``done`` before a retry and
+return what a lost response's call already did instead of repeating it (tenacity's hooks return nothing).
+"""
 
 from __future__ import annotations
 

@@ -19,10 +19,10 @@ import os
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cachetools import Cache, TTLCache
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -121,9 +121,37 @@ class CachedKey:
         return f"<data key under v{self.version}, hidden>"
 
 
+class _ZeroingTTLCache(TTLCache):
+    """A ``cachetools.TTLCache`` that zeroes every :class:`CachedKey` leaving it: evicted for room
+    (``popitem``, which deletes), deleted, or expired (``expire`` removes without deleting)."""
+
+    def __init__(self, maxsize: int, ttl: float, timer: Callable[[], float],
+                 on_evict: Callable[[], None] | None) -> None:
+        super().__init__(maxsize, ttl, timer)
+        self._on_evict = on_evict
+
+    def _gone(self, entry: CachedKey) -> None:
+        entry.zero()
+        if self._on_evict:
+            self._on_evict()
+
+    def __delitem__(self, key: bytes) -> None:
+        entry = Cache.__getitem__(self, key)  # the entry itself, expired or not
+        try:
+            super().__delitem__(key)  # raises KeyError after deleting an expired entry
+        finally:
+            self._gone(entry)
+
+    def expire(self, time: float | None = None) -> list[tuple[bytes, CachedKey]]:
+        expired = super().expire(time)
+        for _, entry in expired:
+            self._gone(entry)
+        return expired
+
+
 class DataKeyCache:
     """The one cache of unwrapped data keys (the client, the SQL engine, ``FieldCipher``): a bounded LRU
-    with a time to live.
+    with a time to live (``cachetools.TTLCache``), behind a lock.
 
     Keys are copied into ``bytearray`` and overwritten with zeros when they leave the cache (evicted for
     room, expired, purged after a retirement, or cleared). The caller's ``bytes`` and the copy held by
@@ -140,59 +168,44 @@ class DataKeyCache:
         self.size = size
         self.ttl_s = ttl_s
         self.clock = self._clock = clock
-        self._on_evict = on_evict
-        self._entries: OrderedDict[bytes, CachedKey] = OrderedDict()
+        self._entries = _ZeroingTTLCache(size, ttl_s, clock, on_evict)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._entries)
-
-    def _drop(self, key_id: bytes) -> None:
-        entry = self._entries.pop(key_id, None)
-        if entry is not None:
-            entry.zero()
-            if self._on_evict:
-                self._on_evict()
+        with self._lock:
+            return len(self._entries)  # expires (and zeroes) what is due first
 
     def get(self, key_id: bytes) -> CachedKey | None:
         with self._lock:
-            entry = self._entries.get(key_id)
-            if entry is None:
-                return None
-            if entry.expires <= self._clock():
-                self._drop(key_id)
-                return None
-            self._entries.move_to_end(key_id)
-            return entry
+            self._entries.expire()
+            return self._entries.get(key_id)  # a hit becomes the most recently used
 
     def put(self, key_id: bytes, key: bytes | bytearray, version: int) -> CachedKey:
         entry = CachedKey(bytearray(key), version, self._clock() + self.ttl_s)
         if not self.size:
             return entry
         with self._lock:
-            if key_id in self._entries:
-                self._drop(key_id)
+            self._entries.pop(key_id, None)  # TTLCache would replace the old entry without zeroing it
             self._entries[key_id] = entry
-            while len(self._entries) > self.size:
-                self._drop(next(iter(self._entries)))
         return entry
 
     def evict(self, key_id: bytes) -> None:
         with self._lock:
-            self._drop(key_id)
+            self._entries.expire()
+            self._entries.pop(key_id, None)
 
     def evict_below(self, version: int) -> int:
         """Drop every key read under a version below ``version`` (after a retirement); return how many."""
         with self._lock:
+            self._entries.expire()
             stale = [k for k, e in self._entries.items() if e.version < version]
             for key_id in stale:
-                self._drop(key_id)
+                self._entries.pop(key_id, None)
         return len(stale)
 
     def clear(self) -> None:
         with self._lock:
-            for key_id in list(self._entries):
-                self._drop(key_id)
+            self._entries.clear()
 
     def __repr__(self) -> str:  # never show keys
-        return f"DataKeyCache({len(self._entries)}/{self.size} keys, ttl {self.ttl_s:g}s)"
+        return f"DataKeyCache({len(self)}/{self.size} keys, ttl {self.ttl_s:g}s)"

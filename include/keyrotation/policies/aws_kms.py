@@ -1,6 +1,6 @@
 """Least privilege on AWS: the IAM policy document each role needs for one key class.
 
-The same four roles as the Vault policies in :mod:`keyrotation.policies`, one IAM principal (and so
+The same four roles as the Vault policies in :mod:`keyrotation.policies.vault_transit`, one IAM principal (and so
 one Airflow ``aws`` connection) each:
 
 * ``rotate``: read the key class's KMS keys, create new ones (tagged with the key class), turn on and
@@ -21,8 +21,10 @@ not named are refused. Where a KMS condition key can limit a request's parameter
 (:data:`NEW_KEY_CONDITIONS`), and, given ``deletion_window_days``, ``ScheduleKeyDeletion`` with no
 shorter waiting period. What IAM cannot limit is listed in ``docs/aws-iam/README.md``.
 
-``python -m keyrotation.aws_policies --role R --key-class K --key-ref alias/x --region REGION
---account ID --bucket bucket/prefix [--deletion-window-days N]`` prints one document as JSON.
+``python -m keyrotation.policies KEY_CLASS --account ID [--region REGION]`` prints every role's document
+for a key class file (:func:`render`); ``python -m keyrotation.policies.aws_kms --role R --key-class K
+--key-ref alias/x --region REGION --account ID --bucket bucket/prefix [--deletion-window-days N]`` prints
+one document from arguments alone.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import re
 import sys
 from typing import Any
 
-from keyrotation.config import ROLES
+from keyrotation.config import ROLES, KeyClassConfig
+from keyrotation.policies.base import check_target
 
 TAG_KEY_CLASS = "keyrotation:key-class"
 #: The tags the AWS KMS backend puts on a key it creates.
@@ -195,8 +198,33 @@ def aws_policy(role: str, *, key_class: str, key_ref: str, region: str, account:
     return {"Version": "2012-10-17", "Statement": statements}
 
 
+def role_policy(config: KeyClassConfig, role: str, **target: str) -> dict[str, Any]:
+    """:func:`aws_policy` of ``role`` for the key class: its name, alias, S3 datasets and deletion window.
+
+    ``target``: ``account`` (required: the key class does not name it) and ``region`` (default: the key
+    class's ``aws.region_name``).
+    """
+    check_target(config, "aws_kms", target, accepted=("account", "region"))
+    kc = config.key_class
+    account = target.get("account")
+    region = target.get("region") or kc.aws_options.region_name
+    if not account:
+        raise ValueError(f"key class {kc.name!r} (aws_kms): the AWS account id is needed (--account)")
+    if not region:
+        raise ValueError(f"key class {kc.name!r} (aws_kms): no aws.region_name; the region is needed (--region)")
+    return aws_policy(role, key_class=kc.name, key_ref=kc.key_ref, region=region, account=account,
+                      buckets=[d.location for d in config.datasets if d.location.startswith("s3://")],
+                      deletion_window_days=kc.aws_options.deletion_window_days)
+
+
+def render(config: KeyClassConfig, **target: str) -> str:
+    """Every role's document as one JSON object, role -> document."""
+    return json.dumps({role: role_policy(config, role, **target) for role in ROLES}, indent=2) + "\n"
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keyrotation.aws_policies",
+    """One role's document from command-line arguments alone (no key class file)."""
+    parser = argparse.ArgumentParser(prog="python -m keyrotation.policies.aws_kms",
                                      description="Print the IAM policy document of one keyrotation role.")
     parser.add_argument("--role", required=True, choices=ROLES)
     parser.add_argument("--key-class", required=True, help="key class name (the keyrotation:key-class tag value)")

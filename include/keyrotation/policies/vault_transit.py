@@ -39,7 +39,7 @@ hash-chain head, has two policies of its own (:func:`anchor_policies`), and no k
 Neither can encrypt, decrypt, rotate, change the config or export. The checkpoint task holds both (it
 verifies the latest checkpoint before it writes the next one).
 
-``python -m keyrotation.policies KEY_CLASS`` prints them for a key class, to load with
+``python -m keyrotation.policies KEY_CLASS`` prints them for a key class (:func:`render`), to load with
 ``bao policy write keyrotation-<key_class>-<role> -``; ``python -m keyrotation.policies --anchor [KEY]``
 prints the anchor key's.
 """
@@ -47,13 +47,13 @@ prints the anchor key's.
 from __future__ import annotations
 
 import json
-import sys
 
 from keyrotation.backends.vault_transit import KEY_TYPE
-from keyrotation.config import ROLES, KeyClass, load_key_class
-from keyrotation.errors import ConfigError
+from keyrotation.config import KeyClassConfig
+from keyrotation.policies.base import check_target
 
-__all__ = ["ROLES", "anchor_policies", "policies_for", "transit_policies"]
+__all__ = ["anchor_policies", "render", "role_policy", "transit_policies"]
+
 #: ``allowed_parameters`` per write path (relative to ``transit/keys/<key>``): name -> allowed values
 #: (``[]``: any value). An empty mapping: no parameter at all (``denied_parameters = {"*" = []}``).
 KEY_PARAMETERS: dict[str, dict[str, list[str]]] = {
@@ -112,35 +112,16 @@ def anchor_policies(key: str, mount_point: str = "transit") -> dict[str, str]:
     }
 
 
-def policies_for(kc: KeyClass) -> dict[str, str]:
-    if kc.backend != "vault_transit":
-        other = {"aws_kms": "keyrotation.aws_policies", "gcp_kms": "keyrotation.gcp_policies"}.get(kc.backend)
-        hint = f" (use python -m {other})" if other else ""
-        raise ValueError(f"key class {kc.name!r}: backend {kc.backend!r} has no Vault policy{hint}")
-    return transit_policies(kc.key_ref, kc.mount_point)
+def role_policy(config: KeyClassConfig, role: str, **target: str) -> str:
+    """The HCL policy of ``role`` for the key class's Transit key."""
+    check_target(config, "vault_transit", target)
+    kc = config.key_class
+    return transit_policies(kc.key_ref, kc.mount_point)[role]
 
 
-def main(argv: list[str]) -> int:
-    if argv[:1] == ["--anchor"] and len(argv) <= 2:
-        from keyrotation.anchoring import DEFAULT_ANCHOR_KEY
-
-        key = argv[1] if len(argv) == 2 else DEFAULT_ANCHOR_KEY
-        for name, hcl in anchor_policies(key).items():
-            print(f"# keyrotation-ledger-{name}: the ledger's anchor key {key!r}\n{hcl}")
-        return 0
-    if len(argv) != 1:
-        print("usage: python -m keyrotation.policies KEY_CLASS | --anchor [KEY]", file=sys.stderr)
-        return 2
-    try:
-        kc = load_key_class(argv[0]).key_class
-        policies = policies_for(kc)
-    except (ConfigError, ValueError) as exc:
-        print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line, whatever the cause
-        return 2
-    for role, hcl in policies.items():
-        print(f"# keyrotation-{kc.name}-{role}: Airflow connection {kc.conn_for(role)!r}\n{hcl}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+def render(config: KeyClassConfig, **target: str) -> str:
+    """Each role's policy, headed by the name to load it under and the role's Airflow connection."""
+    check_target(config, "vault_transit", target)
+    kc = config.key_class
+    return "".join(f"# keyrotation-{kc.name}-{role}: Airflow connection {kc.conn_for(role)!r}\n{hcl}\n"
+                   for role, hcl in transit_policies(kc.key_ref, kc.mount_point).items())

@@ -1,7 +1,7 @@
 """Least privilege on Google Cloud: the IAM custom roles and bindings each role of a key class needs.
 
-The same four roles as the Vault policies (:mod:`keyrotation.policies`) and the AWS documents
-(:mod:`keyrotation.aws_policies`), one service account (and so one Airflow
+The same four roles as the Vault policies (:mod:`keyrotation.policies.vault_transit`) and the AWS
+documents (:mod:`keyrotation.policies.aws_kms`), one service account (and so one Airflow
 ``google_cloud_platform`` connection) each, every binding on the key class's CryptoKey:
 
 * ``rotate``: read the key and its versions, add versions, make one the primary
@@ -33,17 +33,16 @@ GCS permissions (datasets on ``gs://``) go on the bucket, limited to the dataset
 IAM condition; CMEK objects also need the bucket's GCS service agent to hold
 ``roles/cloudkms.cryptoKeyEncrypterDecrypter`` on the key, since GCS itself wraps and unwraps.
 
-``python -m keyrotation.gcp_policies KEY_CLASS`` prints the roles and bindings as JSON.
+``python -m keyrotation.policies KEY_CLASS`` prints the roles and bindings as JSON (:func:`render`).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
-from keyrotation.config import ROLES, KeyClassConfig, load_key_class
-from keyrotation.errors import ConfigError
+from keyrotation.config import ROLES, KeyClassConfig
+from keyrotation.policies.base import check_target
 
 _READ = ["cloudkms.cryptoKeys.get", "cloudkms.cryptoKeyVersions.get", "cloudkms.cryptoKeyVersions.list"]
 
@@ -128,25 +127,20 @@ def gcp_bindings(config: KeyClassConfig, members: dict[str, str]) -> dict[str, A
             "project_bindings": project_bindings, "bucket_bindings": bucket_bindings}
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m keyrotation.gcp_policies KEY_CLASS", file=sys.stderr)
-        return 2
-    try:
-        config = load_key_class(argv[0])
-    except ConfigError as exc:
-        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
-        return 2
-    if config.key_class.backend != "gcp_kms":
-        print(f"error: key class {argv[0]!r} is not on gcp_kms (backend {config.key_class.backend!r})",
-              file=sys.stderr)
-        return 2
-    project = project_of(config.key_class.key_ref)
-    members = {r: f"serviceAccount:keyrotation-{config.key_class.name.replace('_', '-')}-{r}@{project}."
-               "iam.gserviceaccount.com" for r in ROLES}
-    print(json.dumps(gcp_bindings(config, members), indent=2))
-    return 0
+def default_member(config: KeyClassConfig, role: str) -> str:
+    """The service account ``keyrotation-<key class>-<role>@<project>`` of ``role``."""
+    kc = config.key_class
+    return (f"serviceAccount:keyrotation-{kc.name.replace('_', '-')}-{role}@{project_of(kc.key_ref)}."
+            "iam.gserviceaccount.com")
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+def role_policy(config: KeyClassConfig, role: str, **target: str) -> dict[str, Any]:
+    """The custom roles and the bindings of ``role`` alone, for its :func:`default_member`."""
+    check_target(config, "gcp_kms", target)
+    return gcp_bindings(config, {role: default_member(config, role)})
+
+
+def render(config: KeyClassConfig, **target: str) -> str:
+    """The custom roles and every role's bindings, for the :func:`default_member` of each, as JSON."""
+    check_target(config, "gcp_kms", target)
+    return json.dumps(gcp_bindings(config, {r: default_member(config, r) for r in ROLES}), indent=2) + "\n"
