@@ -298,6 +298,13 @@ def anchor_token(root, stored: dict[str, dict]) -> dict:  # noqa: ANN001
     return entry
 
 
+def served_locally(kc) -> bool:  # noqa: ANN001
+    """Whether the local stack's KMS serves key class ``kc``: ``make up`` runs OpenBao, so Transit only."""
+    from keyrotation.backends.vault_transit import VaultTransitBackend
+
+    return issubclass(kc.backend_class, VaultTransitBackend)
+
+
 def role_tokens(bao) -> dict[str, dict]:  # noqa: ANN001
     """Write each key class's role policies and give each key class and role a periodic token with only that
     role's policy (and the right to look itself up and renew itself); likewise the ledger's anchor
@@ -316,7 +323,7 @@ def role_tokens(bao) -> dict[str, dict]:  # noqa: ANN001
     for name in list_key_classes():
         config = load_key_class(name)
         kc = config.key_class
-        if kc.backend != "vault_transit":
+        if not served_locally(kc):
             print(f"key class {name}: backend {kc.backend} is not OpenBao, no token for it", flush=True)
             continue
         for role, hcl in policies_for(config).items():
@@ -600,7 +607,7 @@ def seed_demo_data(bao) -> None:  # noqa: ANN001
     for name in list_key_classes():
         config = load_key_class(name)
         kc = config.key_class
-        if kc.backend != "vault_transit":
+        if not served_locally(kc):
             continue
         rt = KeyClassRuntime(config, open_backend(kc, bao.client()), ledger)
         for ds in config.datasets:
