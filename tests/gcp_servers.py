@@ -126,13 +126,14 @@ class GcpTestServers:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from keyrotation.backends.gcp_kms import GcpKmsBackend
     from keyrotation.config import list_key_classes, load_key_class
 
     servers = GcpTestServers(args.tls_dir, project=args.project).start()
     connections: dict[str, str] = {}
     for name in list_key_classes(args.config_dir):
         config = load_key_class(name, args.config_dir)
-        if config.key_class.backend == "gcp_kms":
+        if issubclass(config.key_class.backend_class, GcpKmsBackend):  # the key classes these servers serve
             connections.update(servers.provision(config))
     for bucket in args.bucket:
         servers.gcs.create_bucket(bucket)
