@@ -225,7 +225,7 @@ def run(server: str, stopping: bool = True) -> int:
     from keyrotation.ledger import Ledger, RunContext
     from keyrotation.runtime import KeyClassRuntime
     from keyrotation_airflow.hooks.kms import KeyClassKmsHook
-    from keyrotation_airflow.runtime import dataset_storage
+    from keyrotation_airflow.task_runtime import dataset_storage
     from keyrotation_dev.sample_data import DATASET_WRITERS
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # Airflow's logging setup resets filters

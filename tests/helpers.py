@@ -153,7 +153,7 @@ def gcp_runtime(config: KeyClassConfig, gcp, role: str | None = None, ledger_url
     import os
 
     from keyrotation_airflow.hooks.kms import KeyClassKmsHook
-    from keyrotation_airflow.runtime import dataset_storage
+    from keyrotation_airflow.task_runtime import dataset_storage
 
     kc = config.key_class
     if role is None:

@@ -60,7 +60,7 @@ def _status(age_s: float | None, due_s: float, period_s: float, behind_reason: s
 
 def _key_class_section(name: str, ledger: Ledger, now: datetime) -> str:
     from keyrotation_airflow.hooks.kms import KeyClassKmsHook
-    from keyrotation_airflow.runtime import dataset_storage
+    from keyrotation_airflow.task_runtime import dataset_storage
 
     try:
         config = load_key_class(name)

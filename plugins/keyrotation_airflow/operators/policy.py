@@ -18,7 +18,7 @@ from keyrotation.config import KeyClass, Notifications
 from keyrotation.status import overdue_reasons
 from keyrotation_airflow.notifications import OVERDUE, overdue_notice, send
 from keyrotation_airflow.operators.rotation import as_bool
-from keyrotation_airflow.runtime import denied_fails_fast, key_class_runtime
+from keyrotation_airflow.task_runtime import denied_fails_fast, key_class_runtime
 
 
 class CheckPolicyOperator(BaseOperator):

@@ -12,7 +12,7 @@ from keyrotation import ledger as lg
 from keyrotation.errors import PartitionError
 from keyrotation.planning import chunk, estimate, select_partitions
 from keyrotation_airflow.operators.rotation import as_bool
-from keyrotation_airflow.runtime import key_class_runtime, partitions_failed, run_context, run_type
+from keyrotation_airflow.task_runtime import key_class_runtime, partitions_failed, run_context, run_type
 
 INTERVAL_RUN_TYPES = ("scheduled", "backfill")
 

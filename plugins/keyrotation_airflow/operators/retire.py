@@ -17,7 +17,7 @@ from keyrotation.config import human_duration
 from keyrotation.errors import RetirementNotPossible, RetirementRefused
 from keyrotation.retirement import duty_reason, retire, rotated_by
 from keyrotation_airflow.operators.rotation import as_bool
-from keyrotation_airflow.runtime import denied_fails_fast, key_class_runtime, run_context
+from keyrotation_airflow.task_runtime import denied_fails_fast, key_class_runtime, run_context
 
 
 def approval_from_hitl(result: dict | None) -> dict | None:

@@ -18,7 +18,7 @@ from keyrotation.planning import estimate, select_partitions
 from keyrotation.reports import HistoryUnavailable
 from keyrotation.rotation import check_rotation, create_version, promote_version, record_skip, update_reference
 from keyrotation_airflow.hooks.airflow_api import AirflowApiHook
-from keyrotation_airflow.runtime import denied_fails_fast, key_class_runtime, run_context, run_type
+from keyrotation_airflow.task_runtime import denied_fails_fast, key_class_runtime, run_context, run_type
 
 
 def as_bool(value: Any) -> bool:

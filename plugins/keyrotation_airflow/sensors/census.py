@@ -9,7 +9,7 @@ from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowSkipException
 
 from keyrotation.retirement import data_reasons
-from keyrotation_airflow.runtime import denied_fails_fast, key_class_runtime
+from keyrotation_airflow.task_runtime import denied_fails_fast, key_class_runtime
 
 
 class CensusGateSensor(BaseSensorOperator):

@@ -9,7 +9,7 @@ from typing import Any
 from airflow.sdk import BaseSensorOperator, conf
 from airflow.sdk.exceptions import AirflowException, AirflowSensorTimeout
 
-from keyrotation_airflow.runtime import denied_fails_fast
+from keyrotation_airflow.task_runtime import denied_fails_fast
 from keyrotation_airflow.triggers.key_version import KeyVersionReadyTrigger, version_usable
 
 

@@ -11,7 +11,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 
 def version_usable(key_class: str, version: int) -> bool:
-    from keyrotation_airflow.runtime import key_class_runtime
+    from keyrotation_airflow.task_runtime import key_class_runtime
 
     return key_class_runtime(key_class, "rotate").backend.is_version_usable(version)
 
