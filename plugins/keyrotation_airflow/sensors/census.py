@@ -5,14 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from airflow.sdk import BaseSensorOperator, PokeReturnValue
+from airflow.sdk import PokeReturnValue
 from airflow.sdk.exceptions import AirflowSkipException
 
 from keyrotation.retirement import data_reasons
-from keyrotation_airflow.task_runtime import denied_fails_fast, key_class_runtime
+from keyrotation_airflow.operators.base import KeyClassSensor
+from keyrotation_airflow.task_runtime import denied_fails_fast
 
 
-class CensusGateSensor(BaseSensorOperator):
+class CensusGateSensor(KeyClassSensor):
     """
     Wait until no partition of any dataset of the key class is under a version due for retirement.
 
@@ -21,6 +22,7 @@ class CensusGateSensor(BaseSensorOperator):
     :param key_class: Key class name. (templated)
     """
 
+    role = "retire"
     template_fields: Sequence[str] = ("key_class",)
     ui_color = "#d7e8f4"
 
@@ -29,7 +31,7 @@ class CensusGateSensor(BaseSensorOperator):
         self.key_class = key_class
 
     def poke(self, context: Any) -> bool | PokeReturnValue:
-        rt = key_class_runtime(self.key_class, "retire")
+        rt = self.runtime
         with denied_fails_fast():
             plan = rt.retirement_plan()
         if plan is None:
