@@ -18,7 +18,7 @@ from keyrotation.errors import ConfigError, KeyRotationError, KmsUnreachable, Pe
 from keyrotation.ledger import Ledger, RunContext
 from keyrotation.runtime import KeyClassRuntime
 from keyrotation.stores.filesystems import Storage
-from keyrotation_airflow.hooks.kms import KeyClassKmsHook
+from keyrotation_airflow.hooks.kms import kms_hook
 from keyrotation_airflow.hooks.storage import DatasetStorageHook
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def key_class_runtime(key_class: str, role: str) -> KeyClassRuntime:
         _record_failure(lg.CONFIG_INVALID, key_class, str(exc))
         raise ConfigFailure(f"{exc}; not retried") from None
     with kms_unreachable_recorded(config.key_class.name):
-        backend = KeyClassKmsHook(config.key_class, role).get_backend()
+        backend = kms_hook(config.key_class, role).get_backend(config.key_class)
     return KeyClassRuntime(config, backend, Ledger(), storage=dataset_storage(config.key_class, role))
 
 

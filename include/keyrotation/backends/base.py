@@ -86,6 +86,12 @@ class KmsBackend(abc.ABC):
     #: :attr:`cannot_retire_reason` says why, and the retirement gate reports it instead of retiring.
     can_retire: bool = True
     cannot_retire_reason: str = ""
+    #: True where a new version may stay pending, not usable yet, for a while after :meth:`rotate` (Cloud KMS HSM
+    #: and external versions generate for minutes): worth waiting for asynchronously (in Airflow's triggerer).
+    versions_may_be_pending: bool = False
+    #: True where :meth:`promote` is a KMS call of its own: :meth:`rotate` adds a version that is not the
+    #: primary yet.
+    promotes_separately: bool = False
 
     @classmethod
     @abc.abstractmethod
