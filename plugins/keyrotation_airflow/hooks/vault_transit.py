@@ -50,6 +50,7 @@ class VaultTransitHook(VaultHook, KmsHookMixin):
                  **kwargs: Any) -> None:
         kwargs.setdefault("session", _vault_session())
         super().__init__(vault_conn_id=vault_conn_id, **kwargs)
+        self.vault_conn_id = vault_conn_id  # VaultHook keeps only the connection it read
         self.purpose = purpose
 
     @classmethod
