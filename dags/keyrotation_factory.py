@@ -22,6 +22,7 @@ from airflow.sdk import (
     Param,
 )
 
+from keyrotation.backends.registry import backend_class
 from keyrotation.config import KeyClass, KeyClassConfig, human_duration, load_key_class
 from keyrotation_airflow.notifications import approval_notifiers, failure_callbacks
 from keyrotation_airflow.operators.policy import policy_check
@@ -187,16 +188,17 @@ def build_rotation_dag(config: KeyClassConfig) -> DAG:
         rotate = RotateKeyOperator(task_id="rotate_key", key_class=kc.name, force="{{ params.force }}",
                                    reason="{{ params.reason }}", dry_run="{{ params.dry_run }}",
                                    follower_dag_ids=followers, **pool)
-        # Cloud KMS HSM and external versions take a while to generate: wait in the triggerer.
+        kms = backend_class(kc.backend)
+        # Where new versions may be pending a while (Cloud KMS HSM and external keys): wait in the triggerer.
         ready = KeyVersionReadySensor(task_id="wait_version_ready", key_class=kc.name,
                                       version="{{ ti.xcom_pull(task_ids='rotate_key') }}",
                                       poke_interval=10, timeout=3600, mode="reschedule",
-                                      deferrable=kc.backend == "gcp_kms", **pool)
-        # Ledger only, except on Cloud KMS, where it also promotes the new version to primary.
+                                      deferrable=kms.versions_may_be_pending, **pool)
+        # Ledger only, except where promoting the new version to primary is a KMS call of its own (Cloud KMS).
         reference = UpdateKeyReferenceOperator(task_id="update_reference", key_class=kc.name,
                                                version="{{ ti.xcom_pull(task_ids='rotate_key') }}",
                                                outlets=[key_class_asset(kc.name)],
-                                               **(pool if kc.backend == "gcp_kms" else {}))
+                                               **(pool if kms.promotes_separately else {}))
         rotate >> ready >> reference
         check = policy_check(kc, dry_run="{{ params.dry_run }}", **pool)  # where the key class notifies on overdue
         if check is not None:

@@ -224,8 +224,8 @@ def run(server: str, stopping: bool = True) -> int:
     from keyrotation.config import list_key_classes, load_key_class
     from keyrotation.ledger import Ledger, RunContext
     from keyrotation.runtime import KeyClassRuntime
-    from keyrotation_airflow.hooks.kms import KeyClassKmsHook
-    from keyrotation_airflow.runtime import dataset_storage
+    from keyrotation_airflow.hooks.kms import kms_hook
+    from keyrotation_airflow.task_runtime import dataset_storage
     from keyrotation_dev.sample_data import DATASET_WRITERS
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # Airflow's logging setup resets filters
@@ -239,8 +239,9 @@ def run(server: str, stopping: bool = True) -> int:
     for name in list_key_classes():
         config = load_key_class(name)
         # The demo writes the datasets as an application would: with the role that may encrypt.
-        runtimes[name] = KeyClassRuntime(config, KeyClassKmsHook(config.key_class, "reencrypt").get_backend(), ledger,
-                                         storage=dataset_storage(config.key_class, "reencrypt"))
+        kc = config.key_class
+        runtimes[name] = KeyClassRuntime(config, kms_hook(kc, "reencrypt").get_backend(kc), ledger,
+                                         storage=dataset_storage(kc, "reencrypt"))
 
     def dag_test(dag_id: str, conf: dict | None = None) -> None:
         started = time.monotonic()

@@ -152,14 +152,14 @@ def gcp_runtime(config: KeyClassConfig, gcp, role: str | None = None, ledger_url
     may do anything: for setting up and checking what the DAGs did)."""
     import os
 
-    from keyrotation_airflow.hooks.kms import KeyClassKmsHook
-    from keyrotation_airflow.runtime import dataset_storage
+    from keyrotation_airflow.hooks.kms import kms_hook
+    from keyrotation_airflow.task_runtime import dataset_storage
 
     kc = config.key_class
     if role is None:
         os.environ["AIRFLOW_CONN_GCP_OWNER"] = gcp.owner_connection()
         kc = kc.model_copy(update={"conn_id": "gcp_owner", "connections": {}})
-    backend = KeyClassKmsHook(kc, role or "rotate").get_backend()
+    backend = kms_hook(kc, role or "rotate").get_backend(kc)
     return KeyClassRuntime(config, backend, Ledger(ledger_url), storage=dataset_storage(kc, role or "reencrypt"))
 
 

@@ -60,8 +60,7 @@ def _listed(items: list[str], limit: int = 5) -> str:
 
 def data_reasons(min_version: int, censuses: list[Census], evidence: dict[str, dict[str, dict]]) -> list[str]:
     """Why the data does not yet prove that versions below ``min_version`` protect nothing; empty when it
-    does. ``evidence``: per dataset, :meth:`Ledger.partition_evidence`. The census gate and the
-    retirement gate both ask this."""
+    does. ``evidence``: per dataset, :meth:`Ledger.partition_evidence`. Asked through :func:`census_gate`."""
     reasons: list[str] = []
     for census in censuses:
         if census.errors:
@@ -84,6 +83,34 @@ def data_reasons(min_version: int, censuses: list[Census], evidence: dict[str, d
                            f"by a validation in the ledger (a sweep of the dataset validates them): "
                            + _listed([f"{p}: {g}" for p, g in gaps.items()]))
     return reasons
+
+
+@dataclass(frozen=True)
+class CensusGate:
+    """The census test of retiring ``plan.versions``: ``reasons`` why the censuses and the ledger do not yet
+    prove that those versions protect nothing (:func:`data_reasons`); empty when they do."""
+
+    plan: RetirementPlan
+    censuses: list[Census]
+    reasons: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return not self.reasons
+
+    def summary(self) -> dict:
+        """JSON-safe, for XCom and the approval page: the versions and, per dataset, its census and how many of
+        its partitions are still under the versions to retire."""
+        below = self.plan.new_min_version
+        return {"retire_below": below, "versions": self.plan.versions,
+                "datasets": [{**c.summary(), "under_retired_versions": len(c.under(below))} for c in self.censuses]}
+
+
+def census_gate(plan: RetirementPlan, censuses: list[Census], ledger: Ledger) -> CensusGate:
+    """The census test, written once: the census gate (before anyone is asked) and :func:`retire` both ask it,
+    with the ledger's evidence (:meth:`Ledger.partition_evidence`) of each census's dataset."""
+    evidence = {c.dataset: ledger.partition_evidence(c.dataset) for c in censuses}
+    return CensusGate(plan, censuses, data_reasons(plan.new_min_version, censuses, evidence))
 
 
 def rotated_by(ledger: Ledger, key_class: str, version: int | None) -> str | None:
@@ -109,12 +136,12 @@ def duty_reason(kc: KeyClass, approval: dict | None, rotator: str | None, refere
     return None
 
 
-def gate_reasons(kc: KeyClass, plan: RetirementPlan, censuses: list[Census], reference_time: datetime | None,
-                 approval: dict | None, now: datetime, evidence: dict[str, dict[str, dict]] | None = None,
-                 rotator: str | None = None) -> list[str]:
+def gate_reasons(kc: KeyClass, census: CensusGate, reference_time: datetime | None, approval: dict | None,
+                 now: datetime, rotator: str | None = None) -> list[str]:
     """Why retirement must not happen now; empty when every condition holds. ``rotator``: who triggered the
     rotation to the reference version (:func:`rotated_by`)."""
-    reasons = data_reasons(plan.new_min_version, censuses, evidence or {})
+    plan = census.plan
+    reasons = list(census.reasons)
     grace = kc.retire.grace_period
     if reference_time is None:
         reasons.append(f"no time recorded for reference v{plan.reference_version}; cannot check the grace period")
@@ -135,9 +162,8 @@ def retire(backend: KmsBackend, kc: KeyClass, plan: RetirementPlan, censuses: li
     now = now or datetime.now(UTC)
     reference = ledger.current_reference(kc.name)
     reference_time = reference["recorded_at"] if reference else None
-    evidence = {c.dataset: ledger.partition_evidence(c.dataset) for c in censuses}
     rotator = rotated_by(ledger, kc.name, plan.reference_version)
-    reasons = gate_reasons(kc, plan, censuses, reference_time, approval, now, evidence, rotator)
+    reasons = gate_reasons(kc, census_gate(plan, censuses, ledger), reference_time, approval, now, rotator)
     detail = {"plan": plan.to_dict(), "census": [c.summary() for c in censuses], "policy": kc.policy_facts(),
               "rotated_by": rotator}
     if not backend.can_retire:

@@ -59,13 +59,13 @@ def _status(age_s: float | None, due_s: float, period_s: float, behind_reason: s
 
 
 def _key_class_section(name: str, ledger: Ledger, now: datetime) -> str:
-    from keyrotation_airflow.hooks.kms import KeyClassKmsHook
-    from keyrotation_airflow.runtime import dataset_storage
+    from keyrotation_airflow.hooks.kms import kms_hook
+    from keyrotation_airflow.task_runtime import dataset_storage
 
     try:
         config = load_key_class(name)
         kc = config.key_class
-        rt = KeyClassRuntime(config, KeyClassKmsHook(kc, "report").get_backend(), ledger,
+        rt = KeyClassRuntime(config, kms_hook(kc, "report").get_backend(kc), ledger,
                              storage=dataset_storage(kc, "report"))
         state = rt.backend.key_state()
         censuses = rt.censuses()

@@ -88,6 +88,12 @@ class KmsBackend(abc.ABC):
     cannot_retire_reason: str = ""
     #: The section of a key class that holds this backend's options (``aws:``, ``gcp:``), if it has one.
     options_section: ClassVar[str | None] = None
+    #: True where a new version may stay pending, not usable yet, for a while after :meth:`rotate` (Cloud KMS HSM
+    #: and external versions generate for minutes): worth waiting for asynchronously (in Airflow's triggerer).
+    versions_may_be_pending: bool = False
+    #: True where :meth:`promote` is a KMS call of its own: :meth:`rotate` adds a version that is not the
+    #: primary yet.
+    promotes_separately: bool = False
 
     @classmethod
     @abc.abstractmethod

@@ -90,6 +90,8 @@ class GcpKmsBackend(KmsBackend):
     kind = "gcp_kms"
     server_side_rewrap = False
     options_section = "gcp"
+    versions_may_be_pending = True
+    promotes_separately = True
 
     def __init__(self, client: kms_v1.KeyManagementServiceClient, key_ref: str, *, key_class: str = "",
                  protection_level: ProtectionLevel = "SOFTWARE", rotation_period: timedelta | None = None,

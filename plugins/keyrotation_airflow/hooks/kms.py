@@ -1,31 +1,23 @@
-"""The hook that turns a key class's Airflow connection into a KMS backend."""
+"""The hooks that turn an Airflow connection into a KMS client, and a key class's backend over it.
+
+One hook per connection type, each the provider's own hook with the key rotation's additions (as the amazon
+provider's ``SqsHook`` is its ``AwsBaseHook`` for one client): ``VaultTransitHook`` (``vault``,
+:mod:`keyrotation_airflow.hooks.vault_transit`), ``AwsKmsHook`` (``aws``, :mod:`~keyrotation_airflow.hooks.aws_kms`)
+and ``GcpKmsHook`` (``google_cloud_platform``, :mod:`~keyrotation_airflow.hooks.gcp_kms`). :data:`KMS_HOOKS` maps a
+key class's ``backend:`` to its hook, and :func:`kms_hook` builds it on the key class's connection for a role.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import importlib
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
-from airflow.sdk import BaseHook
-from airflow.sdk.log import mask_secret
-
-from keyrotation.backends.base import KmsBackend
-from keyrotation.config import KeyClass
 from keyrotation.errors import KmsUnreachable
 
-
-def _vault_session() -> Any:
-    """The session the hashicorp provider would make, except that urllib3 does not retry a connection that
-    fails: the backend's RetryPolicy does, with backoff; and urllib3 logs each of its own retries with the
-    request's path, so a KMS down at set-up would fill the task log with provider internals."""
-    import requests
-    from requests.adapters import HTTPAdapter
-    from urllib3.util import Retry
-
-    adapter = HTTPAdapter(max_retries=Retry(total=3, connect=0, backoff_factor=0.1,
-                                            status_forcelist=[412, 500, 502, 503], raise_on_status=False))
-    session = requests.Session()
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
+if TYPE_CHECKING:
+    from keyrotation.backends.base import KmsBackend
+    from keyrotation.config import KeyClass
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -45,119 +37,74 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(current).__name__}: {lines[0]}" if lines else type(current).__name__
 
 
-def vault_client(conn_id: str, what: str) -> Any:
-    """An ``hvac.Client`` from the Vault/OpenBao connection ``conn_id`` (``vault`` type, any auth type the
-    hashicorp provider's ``VaultHook`` supports), logged in; its token masked in task logs.
-
-    :raises KmsUnreachable: naming ``what`` needed it, the connection, where it points and the cause.
+class KmsHookMixin:
     """
-    import requests
-    from airflow.providers.hashicorp.hooks.vault import VaultHook
-
-    vault = VaultHook(vault_conn_id=conn_id, session=_vault_session())
-    try:  # logs in (AppRole, Kubernetes, ...) and looks the token up
-        client = vault.get_conn()
-    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-        raise KmsUnreachable(f"KMS unreachable: {what} through connection {conn_id!r} at "
-                             f"{vault.vault_client.url}: {_root_cause(exc)}") from None
-    if client.token:  # resolved by an auth method (AppRole, Kubernetes, ...): not masked as a password
-        mask_secret(client.token)
-    return client
-
-
-class KeyClassKmsHook(BaseHook):
-    """
-    Connects to the KMS of a key class and returns its :class:`~keyrotation.backends.base.KmsBackend`.
-
-    The connection is the key class's connection for ``role`` (``connections.<role>``, else
-    ``conn_id``), so credentials come from Airflow connections or a secrets backend, never from
-    config files, and each role's credentials can do only its part:
-
-    * ``vault_transit``: a Vault connection (``vault`` type, any auth type the hashicorp provider's
-      ``VaultHook`` supports).
-    * ``aws_kms``: an ``aws`` connection, through the amazon provider's ``AwsBaseHook`` (keys,
-      profiles or role assumption; ``endpoint_url`` in its extra reaches a local AWS-API server).
-    * ``gcp_kms``: a ``google_cloud_platform`` connection, through the google provider's
-      ``CloudKMSHook`` (key file, key dict, ADC or impersonation); ``kms_endpoint`` in its extra
-      (``host:port``) reaches another Cloud KMS endpoint, e.g. a regional or private one.
-
-    :param key_class: The key class whose master key to reach.
-    :param role: ``rotate``, ``reencrypt``, ``retire`` or ``report``.
+    What the KMS hooks add to their provider's hook: the key class's backend over the hook's client, an async
+    readiness check for the trigger, and one error, :class:`~keyrotation.errors.KmsUnreachable`, naming what
+    needed the KMS (``purpose``), the connection, where it points and the cause, when the set-up cannot reach it.
     """
 
-    hook_name = "Key rotation KMS"
-
-    def __init__(self, key_class: KeyClass, role: str = "rotate", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.key_class = key_class
-        self.role = role
-        self.conn_id = key_class.conn_for(role)
-        self._backend: KmsBackend | None = None
-
-    def _unreachable(self, where: str, exc: BaseException) -> KmsUnreachable:
-        return KmsUnreachable(f"KMS unreachable: key class {self.key_class.name!r} ({self.key_class.backend}) "
-                              f"through connection {self.conn_id!r} at {where}: {_root_cause(exc)}")
-
-    def _cloud_kms_hook(self) -> Any:
-        from airflow.providers.google.cloud.hooks.kms import CloudKMSHook
-
-        return CloudKMSHook(gcp_conn_id=self.conn_id,
-                            impersonation_chain=self.key_class.gcp_options.impersonation_chain)
+    conn_name_attr: ClassVar[str]
+    #: What needs the connection, for the error when the KMS cannot be reached.
+    purpose: str = "the KMS"
+    _polled_backend: KmsBackend | None = None
 
     def get_conn(self) -> Any:
-        """The backend's client (``hvac.Client`` for Vault/OpenBao Transit, a boto3 KMS client for AWS, a
-        ``KeyManagementServiceClient`` for Cloud KMS).
+        """The KMS's own client (the provider hook's, with :class:`KmsUnreachable` for a KMS out of reach)."""
+        raise NotImplementedError
 
-        :raises KmsUnreachable: the set-up needed the KMS (or the cloud's credentials endpoint) and could not
-            reach it; the message names the key class, the connection and where it points, and the cause.
-        """
-        if self.key_class.backend == "gcp_kms":
-            from google.api_core import exceptions as gexc
-            from google.auth.exceptions import TransportError
-
-            hook = self._cloud_kms_hook()
-            endpoint = hook._get_field("kms_endpoint", None)
-            try:
-                if not endpoint:
-                    return hook.get_conn()
-                from google.cloud.kms_v1 import KeyManagementServiceClient
-
-                return KeyManagementServiceClient(**self._client_args(hook))
-            except (gexc.ServiceUnavailable, gexc.RetryError, TransportError) as exc:
-                raise self._unreachable(endpoint or "cloudkms.googleapis.com", exc) from None
-        if self.key_class.backend == "aws_kms":
-            from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
-            from botocore.exceptions import ConnectionError as BotoConnectionError
-
-            aws = AwsBaseHook(aws_conn_id=self.conn_id, client_type="kms",
-                              region_name=self.key_class.aws_options.region_name)
-            try:  # role assumption, if the connection asks for it, calls STS here
-                return aws.get_conn()
-            except BotoConnectionError as exc:  # EndpointConnectionError, ConnectTimeoutError, ...
-                where = exc.kwargs.get("endpoint_url") or f"region {aws.region_name}"
-                raise self._unreachable(str(where), exc) from None
-        if self.key_class.backend == "vault_transit":
-            return vault_client(self.conn_id, f"key class {self.key_class.name!r} ({self.key_class.backend})")
-        raise ValueError(f"key class {self.key_class.name!r}: unsupported backend {self.key_class.backend!r}")
-
-    def get_backend(self) -> KmsBackend:
-        if self._backend is None:
-            from keyrotation.backends.registry import open_backend
-
-            self._backend = open_backend(self.key_class, self.get_conn())
-        return self._backend
-
-    def cloud_kms_client_args(self) -> dict[str, Any]:
-        """Credentials and client options of the connection (gcp_kms), to build a Cloud KMS client with; an
-        async client must be built inside its event loop, from these."""
-        if self.key_class.backend != "gcp_kms":
-            raise ValueError(f"key class {self.key_class.name!r}: backend {self.key_class.backend} is not gcp_kms")
-        return self._client_args(self._cloud_kms_hook())
+    @classmethod
+    def for_key_class(cls, kc: KeyClass, role: str) -> Self:
+        """This hook on the key class's connection for ``role`` (``connections.<role>``, else ``conn_id``), with
+        the key class's options for the connection."""
+        raise NotImplementedError
 
     @staticmethod
-    def _client_args(hook: Any) -> dict[str, Any]:
-        """What ``CloudKMSHook.get_conn`` builds its client with, and the ``kms_endpoint`` of the extra."""
-        from airflow.providers.google.common.consts import CLIENT_INFO
+    def key_class_purpose(kc: KeyClass) -> str:
+        return f"key class {kc.name!r} ({kc.backend})"
 
-        return {"credentials": hook.get_credentials(), "client_info": CLIENT_INFO,
-                "client_options": hook.get_client_options(hook._get_field("kms_endpoint", None))}
+    def _unreachable(self, where: str, exc: BaseException) -> KmsUnreachable:
+        conn_id = getattr(self, self.conn_name_attr)
+        return KmsUnreachable(f"KMS unreachable: {self.purpose} through connection {conn_id!r} at {where}: "
+                              f"{_root_cause(exc)}")
+
+    def get_backend(self, kc: KeyClass) -> KmsBackend:
+        """The backend of key class ``kc`` over this hook's client.
+
+        :raises KmsUnreachable: the set-up needed the KMS (or the cloud's credentials endpoint) and could not
+            reach it.
+        """
+        from keyrotation.backends.registry import open_backend
+
+        return open_backend(kc, self.get_conn())
+
+    async def aversion_state(self, kc: KeyClass, version: int) -> tuple[bool, str]:
+        """Whether ``version`` of the key class's master key is usable yet, and its state in words, without
+        blocking the event loop: here the backend's own check
+        (:meth:`~keyrotation.backends.base.KmsBackend.is_version_usable`) in a thread, over the backend opened
+        on the first call and kept for the hook's life."""
+        if self._polled_backend is None:
+            self._polled_backend = await asyncio.to_thread(self.get_backend, kc)
+        ready = await asyncio.to_thread(self._polled_backend.is_version_usable, version)
+        return ready, "usable" if ready else "not usable"
+
+
+#: A key class's ``backend:`` -> the hook of its connection type, imported on first use (each pulls in its
+#: provider, and the google one takes a while).
+KMS_HOOKS: dict[str, str] = {
+    "vault_transit": "keyrotation_airflow.hooks.vault_transit:VaultTransitHook",
+    "aws_kms": "keyrotation_airflow.hooks.aws_kms:AwsKmsHook",
+    "gcp_kms": "keyrotation_airflow.hooks.gcp_kms:GcpKmsHook",
+}
+
+
+def kms_hook_class(backend: str) -> type[KmsHookMixin]:
+    module, _, attr = KMS_HOOKS[backend].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def kms_hook(kc: KeyClass, role: str) -> KmsHookMixin:
+    """The hook of key class ``kc``'s KMS, on its connection for ``role`` (rotate, reencrypt, retire, report), so
+    credentials come from Airflow connections or a secrets backend, never from config files, and each role's
+    credentials can do only its part."""
+    return kms_hook_class(kc.backend).for_key_class(kc, role)

@@ -1,4 +1,4 @@
-"""The hook that gives a dataset's storage (filesystem, S3 client) its credentials."""
+"""The hook that gives a dataset's storage (filesystem, S3 client, SQL database) its credentials."""
 
 from __future__ import annotations
 
@@ -15,45 +15,56 @@ _CLOUD_OF_SCHEME = {"s3": "aws_kms", "gs": "gcp_kms"}
 
 class DatasetStorageHook(BaseHook):
     """
-    Resolves the Airflow connection of a dataset's storage into :class:`~keyrotation.stores.filesystems.Storage`.
+    Resolves the Airflow connection of a dataset's location into :class:`~keyrotation.stores.filesystems.Storage`.
 
     ``s3://`` locations use an ``aws`` connection through the amazon provider's ``AwsBaseHook``, and
     ``gs://`` locations a ``google_cloud_platform`` connection through the google provider's
     ``GoogleBaseHook`` (``storage_endpoint`` in its extra reaches another GCS endpoint; a connection
-    with no key and a ``storage_endpoint`` is anonymous, for a local emulator): the dataset's
-    ``conn_id``, else the key class's connection for ``role`` when its backend is of the same cloud.
-    A ``sql_table`` dataset's ``conn_id`` (a postgres connection) gives the database URL. Local
-    paths need no connection.
+    with no key and a ``storage_endpoint`` is anonymous, for a local emulator). A ``sql_table`` dataset's
+    connection (a postgres connection) gives the database URL; without one, the location is the URL. Local
+    paths need no connection. :func:`dataset_storage_hook` picks a dataset's connection.
 
-    :param dataset: The dataset whose storage to reach.
-    :param key_class: Its key class.
-    :param role: ``rotate``, ``reencrypt``, ``retire`` or ``report``.
+    :param location: The dataset's location.
+    :param storage_conn_id: Its connection; None: none (local paths, public URIs, a SQL URL as the location).
+    :param region_name: The AWS region of an ``s3://`` location (default: the connection's).
+    :param sql_table: The location is a SQL table.
     """
 
+    conn_name_attr = "storage_conn_id"
     hook_name = "Key rotation dataset storage"
 
-    def __init__(self, dataset: Dataset, key_class: KeyClass, role: str = "reencrypt", **kwargs: Any) -> None:
+    def __init__(self, location: str, storage_conn_id: str | None = None, *, region_name: str | None = None,
+                 sql_table: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.dataset = dataset
-        self.key_class = key_class
-        self.role = role
-        scheme = split_location(dataset.location)[0] if dataset.format != "sql_table" else ""
-        default = key_class.conn_for(role) if _CLOUD_OF_SCHEME.get(scheme) == key_class.backend else None
-        self.conn_id = dataset.conn_id or default
+        self.location = location
+        self.storage_conn_id = storage_conn_id
+        self.region_name = region_name
+        self.sql_table = sql_table
 
     def get_conn(self) -> Storage:
-        if self.dataset.format == "sql_table":
-            if not self.dataset.conn_id:
-                return Storage()  # the location is the SQLAlchemy URL
-            uri = self.get_connection(self.dataset.conn_id).get_uri()
-            return Storage(sql_url=uri.replace("postgres://", "postgresql+psycopg2://", 1))
-        scheme = split_location(self.dataset.location)[0]
-        if scheme in _CLOUD_OF_SCHEME and not self.conn_id:
-            raise ValueError(f"dataset {self.dataset.name!r} is on {scheme}:// ({self.dataset.location}) but names "
-                             f"no conn_id, and its key class's backend is not {_CLOUD_OF_SCHEME[scheme]}: set "
-                             "datasets[].conn_id")
-        region = self.key_class.aws_options.region_name if self.key_class.aws else None
-        return storage_for(self.dataset.location, self.conn_id, region)
+        if not self.sql_table:
+            return storage_for(self.location, self.storage_conn_id, self.region_name)
+        if not self.storage_conn_id:
+            return Storage()  # the location is the SQLAlchemy URL
+        uri = self.get_connection(self.storage_conn_id).get_uri()
+        return Storage(sql_url=uri.replace("postgres://", "postgresql+psycopg2://", 1))
+
+
+def dataset_storage_hook(dataset: Dataset, kc: KeyClass, role: str = "reencrypt") -> DatasetStorageHook:
+    """The storage hook of ``dataset``: on its ``conn_id``, else on the key class's connection for ``role``
+    (rotate, reencrypt, retire, report) when its backend is of the location's cloud.
+
+    :raises ValueError: an ``s3://`` or ``gs://`` dataset with no connection to reach it.
+    """
+    if dataset.format == "sql_table":
+        return DatasetStorageHook(dataset.location, dataset.conn_id, sql_table=True)
+    scheme = split_location(dataset.location)[0]
+    conn_id = dataset.conn_id or (kc.conn_for(role) if _CLOUD_OF_SCHEME.get(scheme) == kc.backend else None)
+    if scheme in _CLOUD_OF_SCHEME and not conn_id:
+        raise ValueError(f"dataset {dataset.name!r} is on {scheme}:// ({dataset.location}) but names "
+                         f"no conn_id, and its key class's backend is not {_CLOUD_OF_SCHEME[scheme]}: set "
+                         "datasets[].conn_id")
+    return DatasetStorageHook(dataset.location, conn_id, region_name=kc.aws_options.region_name if kc.aws else None)
 
 
 def storage_for(location: str, conn_id: str | None, region_name: str | None = None) -> Storage:
@@ -75,13 +86,13 @@ def storage_for(location: str, conn_id: str | None, region_name: str | None = No
 
 def gcp_credentials(conn_id: str) -> GcpCredentials:
     """GCS credentials, project and endpoint of a ``google_cloud_platform`` connection."""
-    from airflow.providers.google.common.hooks.base_google import GoogleBaseHook
+    from airflow.providers.google.common.hooks.base_google import GoogleBaseHook, get_field
 
     hook = GoogleBaseHook(gcp_conn_id=conn_id)
-    endpoint = hook._get_field("storage_endpoint", None)
-    keyed = any(hook._get_field(f, None) for f in ("key_path", "keyfile_dict", "credential_config_file",
-                                                   "key_secret_name"))
+    endpoint, project = get_field(hook.extras, "storage_endpoint"), get_field(hook.extras, "project")
+    keyed = any(get_field(hook.extras, f) for f in ("key_path", "keyfile_dict", "credential_config_file",
+                                                    "key_secret_name"))
     if endpoint and not keyed:  # a local emulator: anonymous, as GCS emulators expect
-        return GcpCredentials(None, hook._get_field("project", None), endpoint)
-    credentials, project = hook.get_credentials_and_project_id()
-    return GcpCredentials(credentials, hook._get_field("project", None) or project, endpoint)
+        return GcpCredentials(None, project, endpoint)
+    credentials, default_project = hook.get_credentials_and_project_id()
+    return GcpCredentials(credentials, project or default_project, endpoint)

@@ -21,7 +21,7 @@ from keyrotation.anchoring import (
     write_checkpoint,
 )
 from keyrotation.ledger import Ledger
-from keyrotation_airflow.hooks.kms import vault_client
+from keyrotation_airflow.hooks.vault_transit import VaultTransitHook
 
 ANCHOR_CONN_ID = "keyrotation_anchor"
 #: What the latest checkpoint may say for a new one to be written after it; any other finding fails the task.
@@ -60,7 +60,7 @@ class LedgerCheckpointOperator(BaseOperator):
                                        "(make up provisions it); no checkpoint written") from None
         path = Path(self.checkpoints) if self.checkpoints else default_checkpoints_path()
         key = os.environ.get(ANCHOR_KEY_ENV) or DEFAULT_ANCHOR_KEY
-        client = vault_client(self.anchor_conn_id, f"the ledger's anchor key {key!r}")
+        client = VaultTransitHook(self.anchor_conn_id, purpose=f"the ledger's anchor key {key!r}").get_conn()
         anchor = TransitAnchor(client, key, os.environ.get(ANCHOR_MOUNT_ENV) or "transit")
         ledger = Ledger()
         result = ledger.verify()

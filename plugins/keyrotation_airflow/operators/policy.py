@@ -11,17 +11,17 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 
 from keyrotation.config import KeyClass, Notifications
 from keyrotation.status import overdue_reasons
 from keyrotation_airflow.notifications import OVERDUE, overdue_notice, send
+from keyrotation_airflow.operators.base import KeyClassOperator
 from keyrotation_airflow.operators.rotation import as_bool
-from keyrotation_airflow.runtime import denied_fails_fast, key_class_runtime
+from keyrotation_airflow.task_runtime import denied_fails_fast
 
 
-class CheckPolicyOperator(BaseOperator):
+class CheckPolicyOperator(KeyClassOperator):
     """
     Check the key class against its policy (age of the current version, data behind) with the ``report``
     role, and send an ``overdue`` notice when it is past either. Fails, and is retried, when no channel
@@ -32,6 +32,7 @@ class CheckPolicyOperator(BaseOperator):
     :param dry_run: Skip: a dry run sends nothing. (templated)
     """
 
+    role = "report"
     template_fields: Sequence[str] = ("key_class", "dry_run")
     ui_color = "#e8e0f4"
 
@@ -46,7 +47,7 @@ class CheckPolicyOperator(BaseOperator):
         if as_bool(self.dry_run):
             raise AirflowSkipException(f"key class {self.key_class}: dry run: no policy check, nothing sent")
         with denied_fails_fast():
-            rt = key_class_runtime(self.key_class, "report")
+            rt = self.runtime
             state, censuses = rt.backend.key_state(), rt.censuses()
         reasons = overdue_reasons(rt.config.key_class, state, rt.ledger.current_reference(rt.name), censuses,
                                   datetime.now(UTC))

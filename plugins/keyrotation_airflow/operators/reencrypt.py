@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowSkipException
 
 from keyrotation import ledger as lg
 from keyrotation.errors import PartitionError
 from keyrotation.planning import chunk, estimate, select_partitions
+from keyrotation_airflow.operators.base import KeyClassOperator
 from keyrotation_airflow.operators.rotation import as_bool
-from keyrotation_airflow.runtime import key_class_runtime, partitions_failed, run_context, run_type
+from keyrotation_airflow.task_runtime import partitions_failed, run_context, run_type
 
 INTERVAL_RUN_TYPES = ("scheduled", "backfill")
 
@@ -21,7 +21,7 @@ INTERVAL_RUN_TYPES = ("scheduled", "backfill")
 POLICY_MODE = "policy"
 
 
-class PlanReencryptionOperator(BaseOperator):
+class PlanReencryptionOperator(KeyClassOperator):
     """
     Take the census of a dataset and plan the partitions to bring under the key class's current version.
 
@@ -38,6 +38,7 @@ class PlanReencryptionOperator(BaseOperator):
     :param dry_run: Log the plan and change nothing. (templated)
     """
 
+    role = "reencrypt"
     template_fields: Sequence[str] = ("key_class", "dataset", "scope", "partition_from", "partition_to", "mode",
                                       "dry_run")
     ui_color = "#e3f4d7"
@@ -55,7 +56,7 @@ class PlanReencryptionOperator(BaseOperator):
         self.dry_run = dry_run
 
     def execute(self, context: Any) -> list[dict]:
-        rt = key_class_runtime(self.key_class, "reencrypt")
+        rt = self.runtime
         policy = rt.config.key_class.reencryption
         mode = policy.mode if self.mode in (None, "", POLICY_MODE) else self.mode
         target = rt.target_version()
@@ -104,7 +105,7 @@ class PlanReencryptionOperator(BaseOperator):
         return [{"partitions": c, "target_version": target, "mode": mode} for c in chunks]
 
 
-class ReencryptPartitionsOperator(BaseOperator):
+class ReencryptPartitionsOperator(KeyClassOperator):
     """
     Bring a chunk of partitions under ``target_version`` (idempotent, crash-safe per partition).
 
@@ -118,6 +119,7 @@ class ReencryptPartitionsOperator(BaseOperator):
     :param mode: ``rewrap`` or ``reencrypt``.
     """
 
+    role = "reencrypt"
     template_fields: Sequence[str] = ("key_class", "dataset")
     ui_color = "#e3f4d7"
 
@@ -131,7 +133,7 @@ class ReencryptPartitionsOperator(BaseOperator):
         self.mode = mode
 
     def execute(self, context: Any) -> list[dict]:
-        rt = key_class_runtime(self.key_class, "reencrypt")
+        rt = self.runtime
         engine = rt.engine(self.dataset, run_context(context))
         target = int(self.target_version)
         results = engine.run(list(self.partitions), lambda p: engine.process(p, target, self.mode))
@@ -142,7 +144,7 @@ class ReencryptPartitionsOperator(BaseOperator):
         return [r.to_dict() for r in results]
 
 
-class ValidatePartitionsOperator(BaseOperator):
+class ValidatePartitionsOperator(KeyClassOperator):
     """
     Decrypt each re-encrypted partition and check its digest against the ledger, and that its keys
     are all under the target version.
@@ -152,6 +154,7 @@ class ValidatePartitionsOperator(BaseOperator):
     :param results: The re-encryption task's results for one chunk.
     """
 
+    role = "reencrypt"
     template_fields: Sequence[str] = ("key_class", "dataset")
     ui_color = "#d7e8f4"
 
@@ -162,7 +165,7 @@ class ValidatePartitionsOperator(BaseOperator):
         self.results = results
 
     def execute(self, context: Any) -> list[dict]:
-        rt = key_class_runtime(self.key_class, "reencrypt")
+        rt = self.runtime
         engine = rt.engine(self.dataset, run_context(context))
         targets = {r["partition"]: r["to_version"] for r in self.results}
         validated = engine.run(list(targets), lambda p: engine.validate(p, min_version=targets[p]))
@@ -174,7 +177,7 @@ class ValidatePartitionsOperator(BaseOperator):
         return [r.to_dict() for r in validated]
 
 
-class CensusSummaryOperator(BaseOperator):
+class CensusSummaryOperator(KeyClassOperator):
     """
     Log the dataset's census after the run and emit the dataset's Asset event with it. Skipped in a dry
     run: a skipped task emits no asset event, so a dry run starts no retirement and no report.
@@ -184,6 +187,7 @@ class CensusSummaryOperator(BaseOperator):
     :param dry_run: The run is a dry run. (templated)
     """
 
+    role = "reencrypt"
     template_fields: Sequence[str] = ("key_class", "dataset", "dry_run")
 
     def __init__(self, *, key_class: str, dataset: str, dry_run: bool | str = False, **kwargs: Any) -> None:
@@ -195,7 +199,7 @@ class CensusSummaryOperator(BaseOperator):
     def execute(self, context: Any) -> dict:
         if as_bool(self.dry_run):
             raise AirflowSkipException(f"{self.dataset}: dry run: no census asset event, nothing started downstream")
-        rt = key_class_runtime(self.key_class, "reencrypt")
+        rt = self.runtime
         census = rt.census(self.dataset)
         target = rt.target_version()
         self.log.info("after: %s; %d partitions under versions older than v%s", census.format(),

@@ -23,7 +23,7 @@ from keyrotation.reports import (
 )
 from keyrotation_airflow.hooks.airflow_api import AirflowApiHook
 from keyrotation_airflow.hooks.storage import storage_for
-from keyrotation_airflow.runtime import key_class_runtime, run_context, run_type
+from keyrotation_airflow.task_runtime import key_class_runtime, run_context, run_type
 
 
 def report_period(start: str | None, end: str | None, context: Any) -> Period:

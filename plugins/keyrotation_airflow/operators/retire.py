@@ -9,15 +9,15 @@ from typing import Any
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.providers.standard.triggers.temporal import DateTimeTrigger
-from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from keyrotation import ledger as lg
 from keyrotation.config import human_duration
 from keyrotation.errors import RetirementNotPossible, RetirementRefused
 from keyrotation.retirement import duty_reason, retire, rotated_by
+from keyrotation_airflow.operators.base import KeyClassOperator, KeyClassRuntimeMixin
 from keyrotation_airflow.operators.rotation import as_bool
-from keyrotation_airflow.runtime import denied_fails_fast, key_class_runtime, run_context
+from keyrotation_airflow.task_runtime import denied_fails_fast, run_context
 
 
 def approval_from_hitl(result: dict | None) -> dict | None:
@@ -34,7 +34,7 @@ def approval_from_hitl(result: dict | None) -> dict | None:
     }
 
 
-class RetirementApprovalOperator(ApprovalOperator):
+class RetirementApprovalOperator(ApprovalOperator, KeyClassRuntimeMixin):
     """
     Ask a person to approve retiring a key class's old versions (Browse -> Required Actions), showing
     the census the gate saw; record the decision, the person and the time in the ledger. Reject skips
@@ -46,6 +46,7 @@ class RetirementApprovalOperator(ApprovalOperator):
     :param key_class: Key class name. (templated)
     """
 
+    role = "retire"
     template_fields: Sequence[str] = (*ApprovalOperator.template_fields, "key_class")
 
     def __init__(self, *, key_class: str, **kwargs: Any) -> None:
@@ -54,7 +55,7 @@ class RetirementApprovalOperator(ApprovalOperator):
 
     def execute(self, context: Any) -> Any:
         gate = context["ti"].xcom_pull(task_ids="census_gate") or {}
-        rt = key_class_runtime(self.key_class, "retire")
+        rt = self.runtime
         decision = self.standing_approval(rt.ledger, rt.name, gate)
         if decision is not None:
             recorded = decision["recorded_at"]
@@ -80,7 +81,7 @@ class RetirementApprovalOperator(ApprovalOperator):
         asked = {"retire_below": gate.get("retire_below"), "census": gate.get("datasets")}
         if "error" in event and event.get("error_type") != "timeout":
             return super().execute_complete(context, event)  # fails the task: not a decision
-        rt = key_class_runtime(self.key_class, "retire")
+        rt = self.runtime
         kc = rt.config.key_class
         reference = rt.ledger.current_version(rt.name)
         asked = {**asked, "policy": kc.policy_facts(), "rotated_by": rotated_by(rt.ledger, rt.name, reference)}
@@ -123,7 +124,7 @@ def previous_refusal(ledger: Any, key_class: str, retire_below: int, census: lis
     return decision if decision is not None and decision["status"] in ("rejected", "timed_out") else None
 
 
-class WaitGracePeriodOperator(BaseOperator):
+class WaitGracePeriodOperator(KeyClassOperator):
     """
     Wait for the grace period since the current version became the reference, deferred to the triggerer
     (no worker slot; the task shows as deferred until its end), before anyone is asked to approve. Skips when
@@ -135,6 +136,7 @@ class WaitGracePeriodOperator(BaseOperator):
     :param ask_again: Ask again after a rejection or a timeout of the same request. (templated)
     """
 
+    role = "retire"
     template_fields: Sequence[str] = ("key_class", "ask_again")
     ui_color = "#d7e8f4"
 
@@ -145,7 +147,7 @@ class WaitGracePeriodOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict:
         with denied_fails_fast():
-            rt = key_class_runtime(self.key_class, "retire")
+            rt = self.runtime
             plan = rt.retirement_plan()
         if plan is None:
             raise AirflowSkipException(f"key class {rt.name}: no version is due for retirement")
@@ -179,7 +181,7 @@ class WaitGracePeriodOperator(BaseOperator):
         return info or {}
 
 
-class RetireKeyVersionsOperator(BaseOperator):
+class RetireKeyVersionsOperator(KeyClassOperator):
     """
     Retire the key class's versions older than the newest ``versions_kept`` (raise
     ``min_decryption_version``, and trim if the policy says so), only if the retirement gate passes:
@@ -192,6 +194,7 @@ class RetireKeyVersionsOperator(BaseOperator):
     :param approval_task_id: Task whose XCom holds the human approval, if the policy requires one.
     """
 
+    role = "retire"
     template_fields: Sequence[str] = ("key_class",)
     ui_color = "#f4a1a1"
 
@@ -205,7 +208,7 @@ class RetireKeyVersionsOperator(BaseOperator):
             return self._retire(context)
 
     def _retire(self, context: Any) -> dict:
-        rt = key_class_runtime(self.key_class, "retire")
+        rt = self.runtime
         plan = rt.retirement_plan()
         if plan is None:
             raise AirflowSkipException(f"key class {rt.name}: no version is due for retirement")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import (
     AirflowException,
     AirflowFailException,
@@ -18,7 +17,8 @@ from keyrotation.planning import estimate, select_partitions
 from keyrotation.reports import HistoryUnavailable
 from keyrotation.rotation import check_rotation, create_version, promote_version, record_skip, update_reference
 from keyrotation_airflow.hooks.airflow_api import AirflowApiHook
-from keyrotation_airflow.runtime import denied_fails_fast, key_class_runtime, run_context, run_type
+from keyrotation_airflow.operators.base import KeyClassOperator
+from keyrotation_airflow.task_runtime import denied_fails_fast, run_context, run_type
 
 
 def as_bool(value: Any) -> bool:
@@ -37,7 +37,7 @@ def describe_events(context: Any) -> str:
     return f"messages {', '.join(i for i in ids if i)}" if ids else "asset event"
 
 
-class RotateKeyOperator(BaseOperator):
+class RotateKeyOperator(KeyClassOperator):
     """
     Check a key class's master key (state, age against the rotation policy) and create a new version
     when rotation is due. Skips, and records the skip in the ledger, when it is not due.
@@ -56,6 +56,7 @@ class RotateKeyOperator(BaseOperator):
         creating anything if one of them is paused: Airflow queues no asset event for a paused DAG.
     """
 
+    role = "rotate"
     template_fields: Sequence[str] = ("key_class", "force", "reason", "dry_run")
     ui_color = "#f4d7a1"
 
@@ -75,7 +76,7 @@ class RotateKeyOperator(BaseOperator):
     def _rotate(self, context: Any) -> int:
         if as_bool(self.dry_run):
             return self._dry_run(context, as_bool(self.force))
-        rt = key_class_runtime(self.key_class, "rotate")
+        rt = self.runtime
         ctx = run_context(context)
         kind = run_type(context)
         force, reason = as_bool(self.force), self.reason
@@ -123,7 +124,7 @@ class RotateKeyOperator(BaseOperator):
     def _dry_run(self, context: Any, force: bool) -> int:
         """What a rotation now would do, and the sweep after it: read through the report role (key metadata and
         the census), recorded as one ``dry_run`` row; then the task is skipped."""
-        rt = key_class_runtime(self.key_class, "report")
+        rt = self.report_runtime
         state = rt.backend.key_state()
         check = check_rotation(rt.config.key_class, state, rt.ledger.current_version(rt.name), force=force)
         following = state.latest_version + 1 if check.action in ("create", "rotate") else state.latest_version
@@ -149,7 +150,7 @@ class RotateKeyOperator(BaseOperator):
                                    "(XCom dry_run_summary)")
 
 
-class UpdateKeyReferenceOperator(BaseOperator):
+class UpdateKeyReferenceOperator(KeyClassOperator):
     """
     Make a version the KMS's primary where that is a step of its own (Cloud KMS, once the version
     is enabled), record it as the key class's current version in the ledger (the reference every
@@ -159,6 +160,7 @@ class UpdateKeyReferenceOperator(BaseOperator):
     :param version: The version to make current, usually pulled from the rotate task. (templated)
     """
 
+    role = "rotate"
     template_fields: Sequence[str] = ("key_class", "version")
     ui_color = "#f4d7a1"
 
@@ -168,7 +170,7 @@ class UpdateKeyReferenceOperator(BaseOperator):
         self.version = version
 
     def execute(self, context: Any) -> dict:
-        rt = key_class_runtime(self.key_class, "rotate")
+        rt = self.runtime
         version = int(self.version)
         with denied_fails_fast():
             if promote_version(rt.backend, rt.name, version, rt.ledger, run_context(context)):

@@ -5,14 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from airflow.sdk import BaseSensorOperator, PokeReturnValue
+from airflow.sdk import PokeReturnValue
 from airflow.sdk.exceptions import AirflowSkipException
 
-from keyrotation.retirement import data_reasons
-from keyrotation_airflow.runtime import denied_fails_fast, key_class_runtime
+from keyrotation.retirement import census_gate
+from keyrotation_airflow.operators.base import KeyClassSensor
+from keyrotation_airflow.task_runtime import denied_fails_fast
 
 
-class CensusGateSensor(BaseSensorOperator):
+class CensusGateSensor(KeyClassSensor):
     """
     Wait until no partition of any dataset of the key class is under a version due for retirement.
 
@@ -21,6 +22,7 @@ class CensusGateSensor(BaseSensorOperator):
     :param key_class: Key class name. (templated)
     """
 
+    role = "retire"
     template_fields: Sequence[str] = ("key_class",)
     ui_color = "#d7e8f4"
 
@@ -29,21 +31,17 @@ class CensusGateSensor(BaseSensorOperator):
         self.key_class = key_class
 
     def poke(self, context: Any) -> bool | PokeReturnValue:
-        rt = key_class_runtime(self.key_class, "retire")
+        rt = self.runtime
         with denied_fails_fast():
             plan = rt.retirement_plan()
         if plan is None:
             raise AirflowSkipException(f"key class {rt.name}: no version is due for retirement")
-        evidence = {"retire_below": plan.new_min_version, "versions": plan.versions, "datasets": []}
-        censuses = rt.censuses()
-        for census in censuses:
-            old = census.under(plan.new_min_version)
-            evidence["datasets"].append({**census.summary(), "under_retired_versions": len(old)})
-            self.log.info("%s; %d partitions under versions below v%s", census.format(), len(old),
-                          plan.new_min_version)
-        # The same test as the retirement gate's, on the same evidence.
-        reasons = data_reasons(plan.new_min_version, censuses, rt.evidence(censuses))
-        for reason in reasons:
+        gate = census_gate(plan, rt.censuses(), rt.ledger)  # the retirement gate's census test
+        summary = gate.summary()
+        for census, dataset in zip(gate.censuses, summary["datasets"], strict=True):
+            self.log.info("%s; %d partitions under versions below v%s", census.format(),
+                          dataset["under_retired_versions"], plan.new_min_version)
+        for reason in gate.reasons:
             self.log.info("not yet: %s", reason)
         # The census the gate passed on goes to XCom: the approval shows it.
-        return PokeReturnValue(is_done=not reasons, xcom_value=evidence)
+        return PokeReturnValue(is_done=gate.passed, xcom_value=summary)

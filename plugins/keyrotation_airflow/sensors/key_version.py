@@ -6,14 +6,15 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import BaseSensorOperator, conf
+from airflow.sdk import conf
 from airflow.sdk.exceptions import AirflowException, AirflowSensorTimeout
 
-from keyrotation_airflow.runtime import denied_fails_fast
-from keyrotation_airflow.triggers.key_version import KeyVersionReadyTrigger, version_usable
+from keyrotation_airflow.operators.base import KeyClassSensor
+from keyrotation_airflow.task_runtime import denied_fails_fast
+from keyrotation_airflow.triggers.key_version import KeyVersionReadyTrigger
 
 
-class KeyVersionReadySensor(BaseSensorOperator):
+class KeyVersionReadySensor(KeyClassSensor):
     """
     Wait until ``version`` of a key class's master key is usable: on Cloud KMS until the version is
     ``ENABLED`` (HSM and external keys pass through ``PENDING_GENERATION``), elsewhere until it
@@ -26,6 +27,7 @@ class KeyVersionReadySensor(BaseSensorOperator):
         (default: False, or ``[operators] default_deferrable``)
     """
 
+    role = "rotate"
     template_fields: Sequence[str] = ("key_class", "version")
     ui_color = "#d7e8f4"
 
@@ -61,6 +63,6 @@ class KeyVersionReadySensor(BaseSensorOperator):
 
     def poke(self, context: Any) -> bool:
         with denied_fails_fast():
-            ready = version_usable(self.key_class, int(self.version))
+            ready = self.runtime.backend.is_version_usable(int(self.version))
         self.log.info("key class %s: v%s %s", self.key_class, self.version, "usable" if ready else "not usable yet")
         return ready

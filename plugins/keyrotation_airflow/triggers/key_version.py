@@ -5,29 +5,23 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-
-def version_usable(key_class: str, version: int) -> bool:
-    from keyrotation_airflow.runtime import key_class_runtime
-
-    return key_class_runtime(key_class, "rotate").backend.is_version_usable(version)
+if TYPE_CHECKING:
+    from keyrotation.config import KeyClass
+    from keyrotation_airflow.hooks.kms import KmsHookMixin
 
 
-def _gcp_poll_target(key_class: str, version: int) -> tuple[dict[str, Any], str] | None:
-    """For a Cloud KMS key class: the client arguments of its rotate connection and the version's resource
-    name; None for other backends. Blocking (reads the connection): run it in a thread."""
+def _poll_target(key_class: str) -> tuple[KmsHookMixin, KeyClass]:
+    """The key class's KMS hook on its rotate connection, and the key class. Blocking (reads the config and the
+    connection): run it in a thread."""
     from keyrotation.config import load_key_class
-    from keyrotation_airflow.hooks.kms import KeyClassKmsHook
+    from keyrotation_airflow.hooks.kms import kms_hook
 
     kc = load_key_class(key_class).key_class
-    if kc.backend != "gcp_kms":
-        return None
-    from keyrotation.backends.gcp_kms import version_resource_name
-
-    return KeyClassKmsHook(kc, "rotate").cloud_kms_client_args(), version_resource_name(kc.key_ref, version)
+    return kms_hook(kc, "rotate"), kc
 
 
 class KeyVersionReadyTrigger(BaseTrigger):
@@ -55,31 +49,21 @@ class KeyVersionReadyTrigger(BaseTrigger):
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
-            "keyrotation_airflow.triggers.key_version.KeyVersionReadyTrigger",
+            f"{type(self).__module__}.{type(self).__qualname__}",
             {"key_class": self.key_class, "version": self.version, "poll_interval": self.poll_interval,
              "timeout": self.timeout},
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         deadline = time.monotonic() + self.timeout if self.timeout is not None else None
-        try:
-            target = await asyncio.to_thread(_gcp_poll_target, self.key_class, self.version)
-            if target is not None:
-                from google.cloud.kms_v1 import KeyManagementServiceAsyncClient
-
-                client = KeyManagementServiceAsyncClient(**target[0])  # bound to this event loop
+        try:  # once per run: every poll goes through this hook (and its async client, where it has one)
+            hook, kc = await asyncio.to_thread(_poll_target, self.key_class)
         except Exception as exc:  # noqa: BLE001 - reported to the task, which fails with it
             yield TriggerEvent({"status": "error", "version": self.version, "message": str(exc)})
             return
-        state = "not usable"
         while True:
             try:
-                if target is None:
-                    ready = await asyncio.to_thread(version_usable, self.key_class, self.version)
-                else:
-                    described = await client.get_crypto_key_version(name=target[1])
-                    state = described.state.name
-                    ready = state == "ENABLED"
+                ready, state = await hook.aversion_state(kc, self.version)
             except Exception as exc:  # noqa: BLE001 - reported to the task, which fails with it
                 message = getattr(exc, "message", None) or str(exc)
                 yield TriggerEvent({"status": "error", "version": self.version,

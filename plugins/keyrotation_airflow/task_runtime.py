@@ -18,8 +18,8 @@ from keyrotation.errors import ConfigError, KeyRotationError, KmsUnreachable, Pe
 from keyrotation.ledger import Ledger, RunContext
 from keyrotation.runtime import KeyClassRuntime
 from keyrotation.stores.filesystems import Storage
-from keyrotation_airflow.hooks.kms import KeyClassKmsHook
-from keyrotation_airflow.hooks.storage import DatasetStorageHook
+from keyrotation_airflow.hooks.kms import kms_hook
+from keyrotation_airflow.hooks.storage import dataset_storage_hook
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +48,16 @@ def key_class_runtime(key_class: str, role: str) -> KeyClassRuntime:
     """Load the key class config afresh (so a run sees the file as it is now) and connect its KMS
     with the connection of ``role`` (rotate, reencrypt, retire, report).
 
-    Every task reaches its KMS through here: a config error fails the task without retries
-    (:class:`ConfigFailure`), and a KMS that cannot be reached at set-up is recorded in the ledger."""
+    Every task reaches its KMS through here (an operator on one key class through its ``runtime``, see
+    :class:`~keyrotation_airflow.operators.base.KeyClassOperator`): a config error fails the task without
+    retries (:class:`ConfigFailure`), and a KMS that cannot be reached at set-up is recorded in the ledger."""
     try:
         config = load_key_class(key_class)
     except ConfigError as exc:
         _record_failure(lg.CONFIG_INVALID, key_class, str(exc))
         raise ConfigFailure(f"{exc}; not retried") from None
     with kms_unreachable_recorded(config.key_class.name):
-        backend = KeyClassKmsHook(config.key_class, role).get_backend()
+        backend = kms_hook(config.key_class, role).get_backend(config.key_class)
     return KeyClassRuntime(config, backend, Ledger(), storage=dataset_storage(config.key_class, role))
 
 
@@ -111,7 +112,7 @@ def dataset_storage(kc: KeyClass, role: str) -> Callable[[Dataset], Storage]:
 
     def storage(dataset: Dataset) -> Storage:
         if dataset.name not in cache:
-            cache[dataset.name] = DatasetStorageHook(dataset, kc, role).get_conn()
+            cache[dataset.name] = dataset_storage_hook(dataset, kc, role).get_conn()
         return cache[dataset.name]
 
     return storage
