@@ -102,8 +102,8 @@ class PartitionEngine(ABC):
             return self._process(partition, target_version, mode)
 
     def validate(self, partition: str, min_version: int | None = None) -> PartitionResult:
-        """Read the partition back, compare it with what was recorded and check no key is under a version
-        older than ``min_version``; a finding is recorded and raised (ValidationError)."""
+        """Read the partition back, check it against what the engine records of it and that nothing is under
+        a version older than ``min_version``; a finding is recorded and raised (ValidationError)."""
         with self.leases.hold(self.dataset, partition):
             return self._validate(partition, min_version)
 
