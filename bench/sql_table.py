@@ -152,10 +152,12 @@ def sql_engine(table: str, db: Any, backend: Any, ledger: Any, batch_size: int) 
     from keyrotation.config import Dataset
     from keyrotation.ledger import RunContext
     from keyrotation.sql_engine import SqlTableEngine
+    from keyrotation.stores.sql_table import SqlTableStore
 
     dataset = Dataset(name=table, location=PG_URL, format="sql_table", table=table, partition_column="day",
                       encrypted_columns=COLUMNS, batch_size=batch_size)
-    return SqlTableEngine(KEY_CLASS, dataset, db, backend, ledger, RunContext(actor="bench"))
+    return SqlTableEngine(KEY_CLASS, dataset.name, SqlTableStore(db, dataset), backend, ledger,
+                          RunContext(actor="bench"))
 
 
 def frame(partition: str, rows: int, first_id: int) -> Any:
@@ -199,12 +201,13 @@ class _Timed:
     def __enter__(self) -> Stopwatch:
         from keyrotation.sql_engine import SqlTableEngine
         from keyrotation.stores.data_keys import DataKeyStore
+        from keyrotation.stores.sql_table import SqlTableStore
 
         w = self.watch
         w.wrap(SqlTableEngine, "partition_census", "census")
         w.wrap(SqlTableEngine, "_transform", "transform")
-        w.wrap(SqlTableEngine, "_compare_and_set", "cas")
-        _wrap_generator(w, SqlTableEngine, "_batches", "read")
+        w.wrap(SqlTableStore, "compare_and_set", "cas")
+        _wrap_generator(w, SqlTableStore, "batches", "read")
         w.wrap(DataKeyStore, "rewrap", "data_keys_rewrap")
         w.wrap(self.backend, "wrap", "kms_wrap")
         w.wrap(self.backend, "unwrap", "kms_unwrap")
@@ -214,9 +217,12 @@ class _Timed:
     def __exit__(self, *exc: object) -> None:
         from keyrotation.sql_engine import SqlTableEngine
         from keyrotation.stores.data_keys import DataKeyStore
+        from keyrotation.stores.sql_table import SqlTableStore
 
-        for name in ("partition_census", "_transform", "_compare_and_set", "_batches"):
+        for name in ("partition_census", "_transform"):
             Stopwatch.unwrap(SqlTableEngine, name)
+        for name in ("compare_and_set", "batches"):
+            Stopwatch.unwrap(SqlTableStore, name)
         Stopwatch.unwrap(DataKeyStore, "rewrap")
         for name in ("wrap", "unwrap", "rewrap"):
             delattr(self.backend, name)  # the instance attribute the wrap set; the class's method shows again
@@ -310,7 +316,7 @@ def reference_round_trip(db: Any, backend: Any, ledger: Any, table: str, partiti
     rows = batches = 0
     cpu0, start = cpu_seconds(), time.perf_counter()
     for p in partitions:
-        it = engine._batches(p)
+        it = engine.store.batches(p)
         while True:
             with watch.time("read"):
                 batch = next(it, None)
@@ -320,7 +326,7 @@ def reference_round_trip(db: Any, backend: Any, ledger: Any, table: str, partiti
                 updates = [(pk, *(olds := [None if v is None else bytes(v) for v in values]), *olds)
                            for pk, *values in batch.itertuples(index=False, name=None)]
             with watch.time("cas"):
-                lost = engine._compare_and_set(updates)
+                lost = engine.store.compare_and_set(updates)
             if lost:
                 raise RuntimeError(f"{table}: the reference round trip lost {len(lost)} rows")
             rows, batches = rows + len(updates), batches + 1

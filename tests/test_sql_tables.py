@@ -187,7 +187,7 @@ def test_concurrent_writers_lose_no_update(make_key_class, vault, pg):
 
 
 def test_a_crash_mid_partition_then_a_rerun_loses_nothing(make_key_class, vault, pg, monkeypatch):
-    from keyrotation.sql_engine import SqlTableEngine
+    from keyrotation.stores.sql_table import SqlTableStore
 
     config = sql_key_class(make_key_class, pg, "sqlcrash", batch=100)
     rt = runtime(config, vault)
@@ -195,7 +195,7 @@ def test_a_crash_mid_partition_then_a_rerun_loses_nothing(make_key_class, vault,
     seed(rt, dataset, ["2024-03-01", "2024-03-02"], rows=1_000)
     before = plaintexts(rt, dataset)
     v2 = rt.backend.rotate()
-    real = SqlTableEngine._compare_and_set
+    real = SqlTableStore.compare_and_set
     calls = {"n": 0}
 
     def crash_after_three_batches(self, updates):
@@ -204,13 +204,13 @@ def test_a_crash_mid_partition_then_a_rerun_loses_nothing(make_key_class, vault,
             raise OSError("injected: connection lost mid-batch")
         return real(self, updates)
 
-    monkeypatch.setattr(SqlTableEngine, "_compare_and_set", crash_after_three_batches)
+    monkeypatch.setattr(SqlTableStore, "compare_and_set", crash_after_three_batches)
     engine = rt.engine(dataset)
     results = engine.run(["2024-03-01", "2024-03-02"], lambda p: engine.process(p, v2, "reencrypt"))
     assert [r.action for r in results] == ["failed", "reencrypted"]
     assert "injected" in results[0].error
     assert plaintexts(rt, dataset) == before  # half-done: both versions' rows decrypt
-    monkeypatch.setattr(SqlTableEngine, "_compare_and_set", real)
+    monkeypatch.setattr(SqlTableStore, "compare_and_set", real)
     again = engine.run(["2024-03-01", "2024-03-02"], lambda p: engine.process(p, v2, "reencrypt"))
     assert [r.action for r in again] == ["reencrypted", "up_to_date"]
     assert plaintexts(rt, dataset) == before

@@ -15,11 +15,15 @@ import hashlib
 import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from keyrotation.errors import BackendError, KeyRotationError, PartitionError
+from keyrotation.errors import BackendError, PartitionError
 from keyrotation.formats.parquet_footer import FooterError, is_encrypted
 from keyrotation.formats.parquet_pme import KEY_MATERIAL_PREFIX, ParquetEncryption, key_material_path
 from keyrotation.stores.partitions import MANIFEST, PartitionStore
+
+if TYPE_CHECKING:
+    from keyrotation.partition_engine import PartitionEngine
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,8 @@ class PartitionCensus:
     written_under: int | None
     rows: int | None = None
     bytes: int | None = None
-    files: int = 1
+    #: What the partition is made of, counted: data files (Parquet), objects (S3, GCS) or data keys (SQL).
+    units: int = 1
     generation: int | None = None
     #: The columns the manifest says the engine encrypted (None: not recorded, e.g. a foreign partition).
     encrypted_columns: frozenset[str] | None = None
@@ -226,7 +231,7 @@ def partition_census(store: PartitionStore, pme: ParquetEncryption, partition: s
     unmanaged = tuple(_unmanaged_file(store, pme, partition, n, listing, known_versions) for n in others)
     leftovers = tuple(sorted(n for n in listing if store.is_staging(n)))
     if manifest is None:
-        return PartitionCensus(partition, frozenset(versions), None, files=len(live), unmanaged=unmanaged,
+        return PartitionCensus(partition, frozenset(versions), None, units=len(live), unmanaged=unmanaged,
                                leftovers=leftovers, material_digest=material.hexdigest())
     columns = frozenset(manifest.encrypted_columns) if manifest.encrypted_columns is not None else None
     return PartitionCensus(partition, frozenset(versions), manifest.written_under_version, manifest.rows,
@@ -242,14 +247,15 @@ def known_versions(pme: ParquetEncryption) -> frozenset[int]:
     return frozenset(range(max(1, state.min_available_version), state.latest_version + 1))
 
 
-def take_census(dataset: str, store: PartitionStore, pme: ParquetEncryption,
-                partitions: list[str] | None = None) -> Census:
-    """Census of every partition (or of ``partitions``); a blocking partition is listed, not fatal."""
-    census = Census(dataset, kind="parquet_pme", required_columns=frozenset(pme.encrypted_columns))
-    known = known_versions(pme)
-    for partition in partitions if partitions is not None else store.list_partitions():
+def take_census(engine: PartitionEngine, partitions: list[str] | None = None) -> Census:
+    """Census of every partition of ``engine``'s dataset (or of ``partitions``); a blocking partition is
+    listed, not fatal."""
+    census = Census(engine.dataset, kind=engine.census_kind, required_columns=engine.required_columns())
+    for partition in partitions if partitions is not None else engine.list_partitions():
         try:
-            census.partitions[partition] = partition_census(store, pme, partition, known)
-        except (KeyRotationError, OSError) as exc:
+            census.partitions[partition] = engine.partition_census(partition)
+        except engine.census_errors as exc:
             census.errors[partition] = str(exc)
+    if partitions is None:
+        census.errors.update(engine.strays())
     return census

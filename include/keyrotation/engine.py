@@ -26,19 +26,16 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
-from datetime import timedelta
 
 import pyarrow as pa
 
 from keyrotation import ledger as lg
 from keyrotation.census import PartitionCensus, known_versions, partition_census
-from keyrotation.config import human_bytes, human_duration
 from keyrotation.errors import KeyRotationError, KmsUnreachable, PartitionError, PermissionDenied, ValidationError
 from keyrotation.formats.digest import DigestBuilder
 from keyrotation.formats.parquet_pme import ParquetEncryption, key_material_path
 from keyrotation.ledger import Ledger, RunContext
-from keyrotation.locks import PartitionLeases
+from keyrotation.partition_engine import PartitionEngine, PartitionResult
 from keyrotation.stores.partitions import GENERATION_NAME, MANIFEST, STAGING_PREFIX, Manifest, PartitionStore
 
 log = logging.getLogger(__name__)
@@ -53,81 +50,10 @@ def _no_checkpoint(_name: str) -> None:
     return None
 
 
-@dataclass
-class PartitionResult:
-    partition: str
-    action: str  # written | rewrapped | reencrypted | up_to_date | reconciled | validated | failed
-    from_version: int | None = None
-    to_version: int | None = None
-    rows: int | None = None
-    bytes: int | None = None
-    digest: str | None = None
-    duration_s: float = 0.0
-    error: str | None = None
-    #: A failure that may pass on its own (the KMS unreachable): worth a task retry; bad input is not.
-    retryable: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-class PartitionEngine:
-    """What every engine (Parquet, SSE-KMS objects, SQL tables) shares: its ledger records, the end of
-    a validation, and running an operation over partitions with progress. Subclasses set
-    ``key_class``, ``dataset``, ``ledger`` and ``ctx``."""
-
-    key_class: str
-    dataset: str
-    ledger: Ledger
-    ctx: RunContext
-
-    def _record(self, event: str, result: PartitionResult, status: str = "ok", detail: dict | None = None) -> None:
-        self.ledger.record(
-            event, self.key_class, self.ctx, status=status, detail=detail, dataset=self.dataset,
-            partition=result.partition, from_version=result.from_version, to_version=result.to_version,
-            rows=result.rows, bytes=result.bytes, digest=result.digest, duration_s=round(result.duration_s, 4),
-        )
-
-    def _finish_validation(self, result: PartitionResult, problem: str | None,
-                           detail: dict | None = None) -> PartitionResult:
-        """Record a validation: failed (and raise ValidationError) when there is a ``problem``."""
-        if problem:
-            result.action, result.error = "failed", problem
-            self._record(lg.VALIDATION_FAILED, result, status="failed", detail={**(detail or {}), "error": problem})
-            raise ValidationError(result.partition, problem)
-        self._record(lg.PARTITION_VALIDATED, result, detail=detail)
-        return result
-
-    def run(self, partitions: list[str], operation: Callable[[str], PartitionResult]) -> list[PartitionResult]:
-        """Apply ``operation`` to each partition with progress and ETA in the log; a failing partition is
-        recorded in the ledger and the rest go on."""
-        results: list[PartitionResult] = []
-        started = time.monotonic()
-        rows = size = 0
-        for i, partition in enumerate(partitions, 1):
-            try:
-                result = operation(partition)
-            except (KeyRotationError, OSError, ValueError) as exc:
-                message = str(exc) if isinstance(exc, PartitionError) else f"partition {partition}: {exc}"
-                result = PartitionResult(partition, "failed", error=message, retryable=isinstance(exc, KmsUnreachable))
-                if not isinstance(exc, ValidationError):
-                    self._record(lg.PARTITION_FAILED, result, status="failed", detail={"error": message})
-                log.error("%s (key class %s): %s", self.dataset, self.key_class, message)
-            results.append(result)
-            rows, size = rows + (result.rows or 0), size + (result.bytes or 0)
-            elapsed = time.monotonic() - started
-            eta = elapsed / i * (len(partitions) - i)
-            rate = f"{rows / elapsed:,.0f}" if elapsed > 0 else "-"
-            log.info("%s %d/%d partition %s: %s (v%s -> v%s) %.2fs; so far %s rows, %s, %s rows/s; "
-                     "elapsed %s, eta %s", self.dataset, i, len(partitions), partition, result.action,
-                     result.from_version, result.to_version, result.duration_s, f"{rows:,}", human_bytes(size),
-                     rate, human_duration(timedelta(seconds=round(elapsed))),
-                     human_duration(timedelta(seconds=round(eta))))
-        return results
-
-
 class ReencryptionEngine(PartitionEngine):
-    """Re-encrypts, writes and validates the partitions of one dataset of one key class."""
+    """Re-encrypts, writes and validates the partitions of one Parquet dataset of one key class."""
+
+    census_kind = "parquet_pme"
 
     def __init__(self, key_class: str, dataset: str, store: PartitionStore, pme: ParquetEncryption,
                  ledger: Ledger, ctx: RunContext | None = None, checkpoint: Checkpoint | None = None,
@@ -141,7 +67,6 @@ class ReencryptionEngine(PartitionEngine):
         # Tests pass a checkpoint that raises at a named step to simulate a crash there.
         self.checkpoint = checkpoint or _no_checkpoint
         self.batch_rows = batch_rows
-        self.leases = PartitionLeases(ledger)
         self._known: frozenset[int] | None = None
 
     # -- helpers ------------------------------------------------------------------------------
@@ -151,8 +76,17 @@ class ReencryptionEngine(PartitionEngine):
             self._known = known_versions(self.pme)
         return self._known
 
-    def _census(self, partition: str) -> PartitionCensus:
+    # -- census -------------------------------------------------------------------------------
+    def list_partitions(self) -> list[str]:
+        return self.store.list_partitions()
+
+    def partition_census(self, partition: str) -> PartitionCensus:
         return partition_census(self.store, self.pme, partition, self._known_versions())
+
+    def required_columns(self) -> frozenset[str]:
+        return frozenset(self.pme.encrypted_columns)
+
+    # -- reading ------------------------------------------------------------------------------
 
     def _encrypted_in(self, partition: str, files: list[str]) -> tuple[frozenset[int], frozenset[str]]:
         """The versions the KMS unwrapped ``files``' keys with, and the columns every one of their footers
@@ -336,22 +270,12 @@ class ReencryptionEngine(PartitionEngine):
         self._record(lg.PARTITION_WRITTEN, result, detail={"files": manifest.files, "written_under": version})
         return result
 
-    def process(self, partition: str, target_version: int, mode: str) -> PartitionResult:
-        """Bring ``partition`` under ``target_version``; a no-op when it already is.
-
-        Holds the partition's lease: a second run of the same partition waits, then finds it done.
-        """
-        if mode not in ("rewrap", "reencrypt"):
-            raise PartitionError(partition, f"unknown re-encryption mode {mode!r} (use rewrap or reencrypt)")
-        with self.leases.hold(self.dataset, partition):
-            return self._process(partition, target_version, mode)
-
     def _process(self, partition: str, target_version: int, mode: str) -> PartitionResult:
         start = time.monotonic()
         manifest = self._manifest(partition)
         self._clean(partition)
-        before = self._census(partition)  # raises on what it cannot establish: unknown versions, missing files
-        required = frozenset(self.pme.encrypted_columns)
+        before = self.partition_census(partition)  # raises on what it cannot establish: unknown versions, ...
+        required = self.required_columns()
         columns_known = before.encrypted_columns is not None and required <= before.encrypted_columns
         written_under_target = (manifest.written_under_version or 0) >= target_version
         needs = before.oldest < target_version or (
@@ -363,7 +287,9 @@ class ReencryptionEngine(PartitionEngine):
             # a rewrite of data that is already under the target.
             needs = not required <= self._encrypted_in(partition, manifest.files)[1]
         if not needs:
-            return self._reconcile(partition, manifest, before.oldest, start)
+            return self._reconcile(PartitionResult(partition, "up_to_date", before.oldest, before.oldest, manifest.rows,
+                                                   manifest.bytes, manifest.digest, time.monotonic() - start),
+                                   {"files": manifest.files})
 
         if mode == "rewrap":
             if manifest.digest is None:  # first sight of a foreign partition: take a baseline digest
@@ -373,7 +299,7 @@ class ReencryptionEngine(PartitionEngine):
             for name in manifest.files:
                 self.pme.rewrap(self.store.path(partition, name), self.store.fs, target_version, self.checkpoint)
                 self.checkpoint("rewrapped_file")
-            after = self._census(partition)
+            after = self.partition_census(partition)
             if after.versions != {target_version}:
                 raise PartitionError(partition, f"after rewrap the key material is under {sorted(after.versions)}, "
                                                 f"expected only v{target_version}")
@@ -385,7 +311,7 @@ class ReencryptionEngine(PartitionEngine):
                 raise PartitionError(partition, f"column(s) {', '.join(dropped)} are encrypted in its files but not "
                                                 "in the key class's encrypted_columns: re-encrypting would write them "
                                                 "in plaintext, refused (add them back to encrypted_columns)")
-            recorded = manifest.digest or (self.ledger.partition_record(self.dataset, partition) or {}).get("digest")
+            recorded = manifest.digest or self._recorded_digest(partition)
             manifest = self._commit_generation(partition, list(manifest.files), recorded, target_version)
             event, action = lg.PARTITION_REENCRYPTED, "reencrypted"
 
@@ -395,21 +321,6 @@ class ReencryptionEngine(PartitionEngine):
                                             "written_under": manifest.written_under_version})
         self.checkpoint("recorded")
         return result
-
-    def _reconcile(self, partition: str, manifest: Manifest, version: int, start: float) -> PartitionResult:
-        """Already under the target: record it in the ledger if a crash kept the last run from doing so."""
-        result = PartitionResult(partition, "up_to_date", version, version, manifest.rows, manifest.bytes,
-                                 manifest.digest, time.monotonic() - start)
-        last = self.ledger.partition_record(self.dataset, partition)
-        if last is None or last["to_version"] != version or last["digest"] != manifest.digest:
-            result.action = "reconciled"
-            self._record(lg.PARTITION_RECONCILED, result, detail={"files": manifest.files})
-        return result
-
-    def validate(self, partition: str, min_version: int | None = None) -> PartitionResult:
-        """Decrypt the partition and compare its digest with the one recorded in the ledger."""
-        with self.leases.hold(self.dataset, partition):
-            return self._validate(partition, min_version)
 
     def _validate(self, partition: str, min_version: int | None) -> PartitionResult:
         """Decrypt and digest the partition, and prove what protects it: the versions the KMS unwraps its
@@ -422,9 +333,9 @@ class ReencryptionEngine(PartitionEngine):
         result = PartitionResult(partition, "validated", duration_s=0.0)
         detail: dict = {"generation": manifest.generation, "files": manifest.files}
         try:
-            census = self._census(partition)
+            census = self.partition_census(partition)
             result.from_version, result.to_version = census.oldest, max(census.versions)
-            recorded = (self.ledger.partition_record(self.dataset, partition) or {}).get("digest") or manifest.digest
+            recorded = self._recorded_digest(partition) or manifest.digest
             result.digest, result.rows = self._digest(partition, manifest.files)
             result.bytes = manifest.bytes
             confirmed, encrypted = self._encrypted_in(partition, manifest.files)
@@ -432,21 +343,17 @@ class ReencryptionEngine(PartitionEngine):
             raise  # the KMS refused or was away: no finding about the data
         except (KeyRotationError, OSError) as exc:
             result.duration_s = time.monotonic() - start
-            return self._finish_validation(result, str(exc).removeprefix(f"partition {partition}: "), detail)
+            return self._finish_validation(result, detail, str(exc).removeprefix(f"partition {partition}: "))
         result.duration_s = time.monotonic() - start
         detail.update(kms_confirmed=sorted(confirmed), encrypted_columns=sorted(encrypted),
                       key_material=census.material_digest)
-        missing = sorted(frozenset(self.pme.encrypted_columns) - encrypted)
-        problem = None
-        if recorded != result.digest:
-            problem = f"decrypts to digest {result.digest}, recorded {recorded}"
-        elif confirmed != census.versions:
-            problem = (f"key material is labelled {sorted(census.versions)}, but the KMS unwrapped its keys with "
-                       f"{sorted(confirmed)}")
-        elif min_version is not None and census.oldest < min_version:
-            problem = f"still has keys under v{census.oldest}, expected v{min_version} or newer"
-        elif missing:
-            problem = (f"column(s) {', '.join(missing)} are not encrypted in its files, but encrypted_columns requires "
-                       "them: a run in reencrypt mode encrypts them")
-        return self._finish_validation(result, problem, detail)
+        missing = sorted(self.required_columns() - encrypted)
+        unconfirmed = None if confirmed == census.versions else (
+            f"key material is labelled {sorted(census.versions)}, but the KMS unwrapped its keys with "
+            f"{sorted(confirmed)}")
+        unencrypted = None if not missing else (
+            f"column(s) {', '.join(missing)} are not encrypted in its files, but encrypted_columns requires them: "
+            "a run in reencrypt mode encrypts them")
+        return self._finish_validation(result, detail, self._digest_finding("decrypts", result.digest, recorded),
+                                       unconfirmed, self._below(census, min_version), unencrypted)
 

@@ -23,11 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from keyrotation import ledger as lg
-from keyrotation.census import Census, PartitionCensus
-from keyrotation.engine import PartitionEngine, PartitionResult
-from keyrotation.errors import KeyRotationError, PartitionError, ValidationError
+from keyrotation.census import PartitionCensus
+from keyrotation.errors import PartitionError, ValidationError
 from keyrotation.ledger import Ledger, RunContext
-from keyrotation.locks import PartitionLeases
+from keyrotation.partition_engine import PartitionEngine, PartitionResult
 from keyrotation.stores.objects import EncryptedObjectStore, ObjectInfo
 
 log = logging.getLogger(__name__)
@@ -48,6 +47,8 @@ class ObjectKeyVersions(Protocol):
 class ObjectReencryptionEngine(PartitionEngine):
     """Census, re-encryption and validation of one ``sse_kms_objects`` or ``gcs_cmek_objects`` dataset."""
 
+    holders = "objects"
+
     def __init__(self, key_class: str, dataset: str, store: EncryptedObjectStore, backend: ObjectKeyVersions,
                  ledger: Ledger, ctx: RunContext | None = None) -> None:
         self.key_class = key_class
@@ -56,7 +57,6 @@ class ObjectReencryptionEngine(PartitionEngine):
         self.backend = backend
         self.ledger = ledger
         self.ctx = ctx or RunContext()
-        self.leases = PartitionLeases(ledger)
         self._versions: dict[str, int | None] = {}
 
     # -- census -------------------------------------------------------------------------------
@@ -75,26 +75,22 @@ class ObjectReencryptionEngine(PartitionEngine):
                                  f"version of key class {self.key_class} ({self.backend.key_ref})")
         return version
 
+    def list_partitions(self) -> list[str]:
+        return self.store.list_partitions()
+
     def partition_census(self, partition: str, objects: list[ObjectInfo] | None = None) -> PartitionCensus:
         objects = objects if objects is not None else self.store.objects(partition)
         versions = frozenset(self.version_of(o) for o in objects)
         return PartitionCensus(partition, versions, None, rows=None, bytes=sum(o.size for o in objects),
-                               files=len(objects))
+                               units=len(objects))
 
-    def census(self, partitions: list[str] | None = None) -> Census:
-        """Census of every partition; objects outside the partition folders make the census incomplete."""
-        census = Census(self.dataset)
-        for partition in partitions if partitions is not None else self.store.list_partitions():
-            try:
-                census.partitions[partition] = self.partition_census(partition)
-            except (KeyRotationError, OSError) as exc:
-                census.errors[partition] = str(exc)
-        if partitions is None:
-            strays = self.store.stray_keys()
-            if strays:
-                census.errors[STRAY] = (f"{len(strays)} objects outside the {self.store.partitioning}= folders, "
-                                        f"not re-encrypted by keyrotation: " + ", ".join(strays[:5]))
-        return census
+    def strays(self) -> dict[str, str]:
+        """Objects outside the partition folders: they make the census incomplete."""
+        strays = self.store.stray_keys()
+        if not strays:
+            return {}
+        return {STRAY: f"{len(strays)} objects outside the {self.store.partitioning}= folders, not re-encrypted by "
+                       "keyrotation: " + ", ".join(strays[:5])}
 
     # -- operations ---------------------------------------------------------------------------
     def _digest(self, objects: list[ObjectInfo], pool: ThreadPoolExecutor) -> str:
@@ -104,18 +100,11 @@ class ObjectReencryptionEngine(PartitionEngine):
         lines = "".join(f"{key}\t{digests[key]}\n" for key in sorted(digests))
         return hashlib.sha256(lines.encode()).hexdigest()
 
-    def process(self, partition: str, target_version: int, mode: str = "rewrap") -> PartitionResult:
+    def _process(self, partition: str, target_version: int, mode: str) -> PartitionResult:
         """Copy every object of ``partition`` not yet under ``target_version`` onto itself with its key.
 
-        ``mode`` is accepted for symmetry with Parquet datasets: for objects both modes are S3's copy,
-        which always re-encrypts the data with a new data key.
+        Both modes are the same for objects: S3's copy, which always re-encrypts the data with a new data key.
         """
-        if mode not in ("rewrap", "reencrypt"):
-            raise PartitionError(partition, f"unknown re-encryption mode {mode!r} (use rewrap or reencrypt)")
-        with self.leases.hold(self.dataset, partition):
-            return self._process(partition, target_version)
-
-    def _process(self, partition: str, target_version: int) -> PartitionResult:
         start = time.monotonic()
         objects = self.store.objects(partition)
         before = self.partition_census(partition, objects)
@@ -123,8 +112,10 @@ class ObjectReencryptionEngine(PartitionEngine):
         with ThreadPoolExecutor(COPY_THREADS) as pool:
             digest = self._digest(objects, pool)
             if not stale:
-                return self._reconcile(partition, before, digest, start)
-            recorded = (self.ledger.partition_record(self.dataset, partition) or {}).get("digest")
+                return self._reconcile(PartitionResult(partition, "up_to_date", before.oldest, before.oldest, None,
+                                                       before.bytes, digest, time.monotonic() - start,
+                                                       objects=before.units), {"objects": before.units})
+            recorded = self._recorded_digest(partition)
             if recorded and recorded != digest:
                 raise ValidationError(partition, f"objects do not match their recorded digest {recorded}; "
                                                  "partition left untouched")
@@ -138,37 +129,21 @@ class ObjectReencryptionEngine(PartitionEngine):
             if self._digest(after, pool) != digest:
                 raise ValidationError(partition, "objects read back after the copy do not match the digest taken "
                                                  "before it")
-        result = PartitionResult(partition, "reencrypted", before.oldest, target_version, len(after),
-                                 census.bytes, digest, time.monotonic() - start)
+        result = PartitionResult(partition, "reencrypted", before.oldest, target_version, None, census.bytes, digest,
+                                 time.monotonic() - start, objects=len(after))
         self._record(lg.PARTITION_REENCRYPTED, result, detail={"mode": self.store.copy_mode, "objects": len(stale)})
         return result
 
-    def _reconcile(self, partition: str, census: PartitionCensus, digest: str, start: float) -> PartitionResult:
-        version = census.oldest
-        result = PartitionResult(partition, "up_to_date", version, version, census.files, census.bytes, digest,
-                                 time.monotonic() - start)
-        last = self.ledger.partition_record(self.dataset, partition)
-        if last is None or last["to_version"] != version or last["digest"] != digest:
-            result.action = "reconciled"
-            self._record(lg.PARTITION_RECONCILED, result, detail={"objects": census.files})
-        return result
-
-    def validate(self, partition: str, min_version: int | None = None) -> PartitionResult:
+    def _validate(self, partition: str, min_version: int | None) -> PartitionResult:
         """Read every object of the partition and compare the digest with the one in the ledger."""
-        with self.leases.hold(self.dataset, partition):
-            start = time.monotonic()
-            objects = self.store.objects(partition)
-            census = self.partition_census(partition, objects)
-            with ThreadPoolExecutor(COPY_THREADS) as pool:
-                digest = self._digest(objects, pool)
-            recorded = (self.ledger.partition_record(self.dataset, partition) or {}).get("digest")
-            result = PartitionResult(partition, "validated", census.oldest, max(census.versions), len(objects),
-                                     census.bytes, digest, time.monotonic() - start)
-            problem = None
-            if recorded is None:
-                problem = "no digest on record: the partition was never re-encrypted by keyrotation"
-            elif recorded != digest:
-                problem = f"objects read to digest {digest}, recorded {recorded}"
-            elif min_version is not None and census.oldest < min_version:
-                problem = f"still has objects under v{census.oldest}, expected v{min_version} or newer"
-            return self._finish_validation(result, problem)
+        start = time.monotonic()
+        objects = self.store.objects(partition)
+        census = self.partition_census(partition, objects)
+        with ThreadPoolExecutor(COPY_THREADS) as pool:
+            digest = self._digest(objects, pool)
+        recorded = self._recorded_digest(partition)
+        result = PartitionResult(partition, "validated", census.oldest, max(census.versions), None, census.bytes,
+                                 digest, time.monotonic() - start, objects=len(objects))
+        never = "no digest on record: the partition was never re-encrypted by keyrotation" if recorded is None else None
+        return self._finish_validation(result, None, never, self._digest_finding("objects read", digest, recorded),
+                                       self._below(census, min_version))

@@ -105,7 +105,7 @@ def estimate(census: Census, partitions: list[str], mode: str, data_format: str 
              server_side_rewrap: bool = True) -> Estimate:
     """What a run over ``partitions`` will touch and cost in KMS requests (rows and bytes as last recorded)."""
     known = [census.partitions[p] for p in partitions if p in census.partitions]
-    files = sum(p.files for p in known)
+    files = sum(p.units for p in known)
     if data_format in OBJECT_FORMATS:
         per_file, basis = REQUESTS_PER_OBJECT, (f"{REQUESTS_PER_OBJECT} per object (made by "
                                                 f"{OBJECT_FORMATS[data_format]}), validation included")

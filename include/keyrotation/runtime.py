@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
@@ -17,18 +16,59 @@ from keyrotation.config import Dataset, KeyClassConfig
 from keyrotation.engine import Checkpoint, ReencryptionEngine
 from keyrotation.formats.parquet_pme import ParquetEncryption
 from keyrotation.ledger import Ledger, RunContext
+from keyrotation.partition_engine import PartitionEngine
 from keyrotation.proof import proof_gaps
 from keyrotation.retirement import RetirementPlan, plan_retirement
 from keyrotation.stores.filesystems import Storage
 from keyrotation.stores.partitions import PartitionStore
 
-if TYPE_CHECKING:
-    from keyrotation.object_engine import ObjectReencryptionEngine
-    from keyrotation.sql_engine import SqlTableEngine
-
 
 def _local_storage(_dataset: Dataset) -> Storage:
     return Storage()
+
+
+# The engines of the formats a dataset may have. The object and SQL engines import their clients
+# (boto3, google-cloud-storage, psycopg2) only when a dataset of theirs is used.
+def _parquet_engine(rt: KeyClassRuntime, ds: Dataset, ctx: RunContext | None,
+                    checkpoint: Checkpoint | None) -> PartitionEngine:
+    return ReencryptionEngine(rt.name, ds.name, rt.store(ds), rt.pme(ds), rt.ledger, ctx, checkpoint,
+                              batch_rows=rt.config.key_class.reencryption.batch_rows)
+
+
+def _sse_kms_objects_engine(rt: KeyClassRuntime, ds: Dataset, ctx: RunContext | None,
+                            _checkpoint: Checkpoint | None) -> PartitionEngine:
+    from keyrotation.object_engine import ObjectReencryptionEngine
+    from keyrotation.stores.s3_objects import SseKmsObjectStore
+
+    store = SseKmsObjectStore(rt.storage(ds).s3_client(ds.location), ds.location, ds.partitioning)
+    return ObjectReencryptionEngine(rt.name, ds.name, store, rt.backend, rt.ledger, ctx)
+
+
+def _gcs_cmek_objects_engine(rt: KeyClassRuntime, ds: Dataset, ctx: RunContext | None,
+                             _checkpoint: Checkpoint | None) -> PartitionEngine:
+    from keyrotation.object_engine import ObjectReencryptionEngine
+    from keyrotation.stores.gcs_objects import CmekObjectStore
+
+    store = CmekObjectStore(rt.storage(ds).gcs_client(ds.location), ds.location, ds.partitioning)
+    return ObjectReencryptionEngine(rt.name, ds.name, store, rt.backend, rt.ledger, ctx)
+
+
+def _sql_table_engine(rt: KeyClassRuntime, ds: Dataset, ctx: RunContext | None,
+                      _checkpoint: Checkpoint | None) -> PartitionEngine:
+    from keyrotation.sql_engine import SqlTableEngine
+    from keyrotation.stores.sql_table import SqlTableStore
+
+    return SqlTableEngine(rt.name, ds.name, SqlTableStore(rt.sql_engine(ds), ds), rt.backend, rt.ledger, ctx)
+
+
+EngineFactory = Callable[["KeyClassRuntime", Dataset, RunContext | None, Checkpoint | None], PartitionEngine]
+#: The engine of each dataset format (:attr:`Dataset.format`).
+ENGINES: dict[str, EngineFactory] = {
+    "parquet": _parquet_engine,
+    "sse_kms_objects": _sse_kms_objects_engine,
+    "gcs_cmek_objects": _gcs_cmek_objects_engine,
+    "sql_table": _sql_table_engine,
+}
 
 
 @dataclass
@@ -60,37 +100,17 @@ class KeyClassRuntime:
         return self._sql_engines[ds.name]
 
     def engine(self, dataset: str, ctx: RunContext | None = None, checkpoint: Checkpoint | None = None
-               ) -> ReencryptionEngine | ObjectReencryptionEngine | SqlTableEngine:
-        """The engine of ``dataset``'s format: Parquet partitions (PME), SSE-KMS objects in S3, CMEK objects in
-        GCS, or a SQL table."""
+               ) -> PartitionEngine:
+        """The engine of ``dataset``'s format (:data:`ENGINES`); ``checkpoint`` reaches the Parquet engine's
+        commit steps (the tests' crash points)."""
         ds = self.config.dataset(dataset)
-        if ds.format == "sql_table":
-            from keyrotation.sql_engine import SqlTableEngine
-
-            return SqlTableEngine(self.name, ds, self.sql_engine(ds), self.backend, self.ledger, ctx)
-        if ds.format == "sse_kms_objects":
-            from keyrotation.object_engine import ObjectReencryptionEngine
-            from keyrotation.stores.s3_objects import SseKmsObjectStore
-
-            store = SseKmsObjectStore(self.storage(ds).s3_client(ds.location), ds.location, ds.partitioning)
-            return ObjectReencryptionEngine(self.name, dataset, store, self.backend, self.ledger, ctx)
-        if ds.format == "gcs_cmek_objects":
-            from keyrotation.object_engine import ObjectReencryptionEngine
-            from keyrotation.stores.gcs_objects import CmekObjectStore
-
-            store = CmekObjectStore(self.storage(ds).gcs_client(ds.location), ds.location, ds.partitioning)
-            return ObjectReencryptionEngine(self.name, dataset, store, self.backend, self.ledger, ctx)
-        return ReencryptionEngine(self.name, dataset, self.store(dataset), self.pme(dataset), self.ledger, ctx,
-                                  checkpoint, batch_rows=self.config.key_class.reencryption.batch_rows)
+        return ENGINES[ds.format](self, ds, ctx, checkpoint)
 
     def partitions(self, dataset: str) -> list[str]:
-        engine = self.engine(dataset)
-        return engine.store.list_partitions()
+        return self.engine(dataset).list_partitions()
 
     def census(self, dataset: str, partitions: list[str] | None = None) -> Census:
-        if self.config.dataset(dataset).format in ("sse_kms_objects", "gcs_cmek_objects", "sql_table"):
-            return self.engine(dataset).census(partitions)
-        return take_census(dataset, self.store(dataset), self.pme(dataset), partitions)
+        return take_census(self.engine(dataset), partitions)
 
     def censuses(self) -> list[Census]:
         return [self.census(ds.name) for ds in self.config.datasets]

@@ -13,9 +13,9 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from keyrotation import ledger as lg
 from keyrotation.config import Dataset, KeyClass, load_key_class
-from keyrotation.engine import PartitionResult
 from keyrotation.errors import ConfigError, KeyRotationError, KmsUnreachable, PermissionDenied
 from keyrotation.ledger import Ledger, RunContext
+from keyrotation.partition_engine import PartitionResult
 from keyrotation.runtime import KeyClassRuntime
 from keyrotation.stores.filesystems import Storage
 from keyrotation_airflow.hooks.kms import kms_hook

@@ -175,7 +175,7 @@ def coverage(items: list[KeyClassEvidence], ledger: Ledger) -> pd.DataFrame:
         reference = ledger.current_version(ev.key_class.name)
         for census in ev.censuses:
             for version, cov in census.coverage().items():
-                files = sum(p.files for p in census.partitions.values() if p.oldest == version)
+                files = sum(p.units for p in census.partitions.values() if p.oldest == version)
                 rows.append({"key_class": ev.key_class.name, "dataset": census.dataset, "version": version,
                              "current": version == reference, **cov, "data_files": files})
             if census.errors:
