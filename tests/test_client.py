@@ -28,11 +28,11 @@ from keyrotation.client import (
     ValueContext,
 )
 from keyrotation.config import Dataset
-from keyrotation.formats.envelope import EnvelopeError, parse_header
+from keyrotation.formats.envelope import EnvelopeError, open_sealed, parse_header, seal
 from keyrotation.formats.parquet_pme import ParquetEncryption, key_material_path
 from keyrotation.ledger import Ledger, RunContext
 from keyrotation.rotation import update_reference
-from keyrotation.stores.data_keys import DataKeyStore, FieldCipher
+from keyrotation.stores.data_keys import DataKeyStore
 
 ROOT = Path(__file__).resolve().parents[1]
 ACTOR = RunContext(actor="test")
@@ -97,7 +97,7 @@ def test_values_round_trip_in_the_same_bytes_as_the_sql_table_dags(setup):
     assert [client.decrypt(v, s.ctx(pk, None)) for pk, v in rows] == [f"{CANARY}-{i}@example.test".encode()
                                                                       for i in range(10)]
     # ...and values the client writes are the DAG path's: same data key of the partition, readable by the
-    # engine (validation decrypts every value bound to its row) and by FieldCipher.
+    # engine (validation decrypts every value bound to its row) and by the data-key store with the envelope.
     mine = {pk: client.encrypt(f"{CANARY}-{pk}@example.test", s.ctx(pk, day)) for pk in range(10, 20)}
     assert {parse_header(v, "").key_id for v in mine.values()} == {parse_header(bytes(rows[0][1]), "").key_id}
     with s.engine.begin() as conn:
@@ -105,10 +105,13 @@ def test_values_round_trip_in_the_same_bytes_as_the_sql_table_dags(setup):
                      [{"id": pk, "day": day, "email": v} for pk, v in mine.items()])
     assert dag_engine.validate(day).rows == 20
     assert take_census(dag_engine).by_version() == {1: 1}
-    cipher = FieldCipher(DataKeyStore(s.engine, s.backend, s.name), lambda: 1)
-    assert cipher.decrypt(mine[12], table=s.table, column="email", pk=12) == f"{CANARY}-12@example.test".encode()
-    theirs = cipher.encrypt("from FieldCipher", table=s.table, column="email", pk=99, partition=day)
-    assert client.decrypt(theirs, ValueContext(s.table, "email", 99)) == b"from FieldCipher"
+    store = DataKeyStore(s.engine, s.backend, s.name)  # a second reader and writer: the store and the envelope
+    header = parse_header(mine[12], "")
+    assert open_sealed(mine[12], store.key(header.key_id, "").aead, header, s.table, "email", 12, "") == \
+        f"{CANARY}-12@example.test".encode()
+    key_id, key = store.current(s.table, day, 1)
+    theirs = seal(b"from the data-key store", key.aead, key_id, s.name, s.table, "email", 99)
+    assert client.decrypt(theirs, ValueContext(s.table, "email", 99)) == b"from the data-key store"
     assert client.decrypt(mine[11], s.ctx(__import__("numpy").int64(11))) == f"{CANARY}-11@example.test".encode()
     assert client.describe(mine[10]) | {"data_key_id": None} == {
         "key_class": s.name, "data_key_id": None, "created_under": 1, "version": 1, "table": s.table, "partition": day}

@@ -17,6 +17,7 @@ from oracle import TransitKms, sql_plaintexts
 
 from helpers import CANARY, PG_URL, runtime
 from keyrotation import ledger as lg
+from keyrotation.client import KeyRotationClient
 from keyrotation.errors import PartitionError
 from keyrotation.formats.envelope import key_id_offset
 from keyrotation.ledger import RunContext
@@ -129,7 +130,9 @@ def test_concurrent_writers_lose_no_update(make_key_class, vault, pg):
     v2 = rt.backend.rotate()
     engine = rt.engine(dataset)
     # An application that has not noticed the rotation yet keeps writing under v1 while the sweep runs.
-    app = engine.cipher(lambda: v1)
+    app = KeyRotationClient(rt.backend, rt.ledger, rt.name, engine=rt.sql_engine(config.datasets[0]),
+                            poll_interval_s=3600)  # the ledger's reference: still v1
+    assert app.current_version == v1
     expected: dict[int, str] = {}
     stop = threading.Event()
     writer_errors: list[BaseException] = []  # the application's single-row updates may only wait for a row lock
@@ -142,7 +145,7 @@ def test_concurrent_writers_lose_no_update(make_key_class, vault, pg):
             while not stop.is_set():
                 pk = rng.randrange(2_000)
                 value = f"{CANARY}-updated-{n}"
-                blob = app.encrypt(value, table=table, column="email", pk=pk, partition="2024-02-01")
+                blob = app.encrypt(value, {"table": table, "column": "email", "pk": pk, "partition": "2024-02-01"})
                 with db.begin() as conn:
                     conn.execute(sa.text(f"UPDATE {table} SET email = :v WHERE id = :pk"), {"v": blob, "pk": pk})
                 expected[pk] = value
@@ -255,7 +258,8 @@ def test_tampered_moved_and_unknown_values_are_named_and_left_alone(make_key_cla
             row = conn.execute(sa.text(f"SELECT email, ssn FROM {table} WHERE id = :pk"), {"pk": pk}).one()
             assert (bytes(row.email), bytes(row.ssn)) == (bytes(email_now), bytes(ssn_now))
     with pytest.raises(EnvelopeError, match=f"{table}.email row 5: does not decrypt"):
-        engine.cipher(lambda: v2).decrypt(tampered, table=table, column="email", pk=5)
+        KeyRotationClient(rt.backend, rt.ledger, rt.name, engine=engine_db).decrypt(
+            tampered, {"table": table, "column": "email", "pk": 5})
     assert CANARY not in " ".join(r.error or "" for r in results.values())
 
 

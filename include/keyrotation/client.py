@@ -15,8 +15,8 @@ table ``keyrotation_data_keys``::
 
 * **Same bytes as the DAGs.** Values are the field-level envelopes of :mod:`keyrotation.formats.envelope`
   (header, AES-256-GCM, the table, column and primary key as associated data) under the per-partition
-  data keys of :class:`~keyrotation.stores.data_keys.DataKeyStore`, exactly as the ``sql_table`` path and
-  ``FieldCipher`` write them; Parquet files are those of
+  data keys of :class:`~keyrotation.stores.data_keys.DataKeyStore`, exactly as the ``sql_table`` path
+  writes them; Parquet files are those of
   :class:`~keyrotation.formats.parquet_pme.ParquetEncryption` (PME, key material beside the file).
 * **Rotations without a restart.** The ledger's reference (``reference_updated``) is polled every
   ``poll_interval_s`` seconds (and at once by :meth:`KeyRotationClient.refresh`); new values are then
@@ -452,7 +452,7 @@ class KeyRotationClient:
             raise
 
     def decrypt(self, ciphertext: bytes | bytearray | memoryview, context: ValueContext | Mapping[str, Any]) -> bytes:
-        """Open a value sealed for the row and column of ``context`` (by this client, ``FieldCipher`` or the
+        """Open a value sealed for the row and column of ``context`` (by this client or the
         ``sql_table`` DAGs), under any version the ledger does not mark retired."""
         self.metrics_.add("requests", "decrypt")
         try:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -37,7 +36,7 @@ from keyrotation.errors import KeyRotationError, PartitionError
 from keyrotation.formats.envelope import EnvelopeError, open_sealed, parse_header, seal
 from keyrotation.ledger import Ledger, RunContext
 from keyrotation.partition_engine import PartitionEngine, PartitionResult
-from keyrotation.stores.data_keys import DATA_KEYS, DataKeyStore, FieldCipher
+from keyrotation.stores.data_keys import DATA_KEYS, DataKeyStore
 from keyrotation.stores.sql_table import SqlTableStore
 
 log = logging.getLogger(__name__)
@@ -60,10 +59,6 @@ class SqlTableEngine(PartitionEngine):
         self.ledger = ledger
         self.ctx = ctx or RunContext()
         self.keys = DataKeyStore(store.engine, backend, key_class)
-
-    def cipher(self, current_version: Callable[[], int]) -> FieldCipher:
-        """The application read/write path over the same data keys."""
-        return FieldCipher(self.keys, current_version)
 
     # -- census -------------------------------------------------------------------------------
     def list_partitions(self) -> list[str]:

@@ -150,7 +150,7 @@ class _ZeroingTTLCache(TTLCache):
 
 
 class DataKeyCache:
-    """The one cache of unwrapped data keys (the client, the SQL engine, ``FieldCipher``): a bounded LRU
+    """The one cache of unwrapped data keys (the client and the SQL engine, through the data-key store): a bounded LRU
     with a time to live (``cachetools.TTLCache``), behind a lock.
 
     Keys are copied into ``bytearray`` and overwritten with zeros when they leave the cache (evicted for

@@ -1,4 +1,4 @@
-"""The data-key table next to encrypted SQL data, and the field cipher applications use.
+"""The data-key table next to encrypted SQL data: one row per data key, and the one lookup of unwrapped keys.
 
 ``keyrotation_data_keys`` holds one row per data key: its id, the key class, table and partition it
 serves, the key wrapped by the key class's KMS key (``wrapped``, e.g. ``vault:v3:...``), the KEK
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ import sqlalchemy as sa
 
 from keyrotation.backends.base import KmsBackend
 from keyrotation.errors import BackendError, KeyRotationError, KmsUnreachable, PermissionDenied
-from keyrotation.formats.envelope import CachedKey, DataKeyCache, EnvelopeError, open_sealed, parse_header, seal
+from keyrotation.formats.envelope import CachedKey, DataKeyCache, EnvelopeError
 
 DATA_KEYS = "keyrotation_data_keys"
 metadata = sa.MetaData()
@@ -224,38 +223,3 @@ class DataKeyStore:
                     data_keys.c.key_id == row.key_id, data_keys.c.wrapped == row.wrapped,
                 ).values(wrapped=wrapped, version=self.backend.version_of(wrapped))).rowcount
         return changed
-
-
-class FieldCipher:
-    """What an application calls to read and write encrypted columns through a rotation: decrypt a
-    value under any live version, encrypt with the data key of the current version (noticed within
-    ``refresh_s`` seconds of a rotation, without a restart).
-
-    :param current_version: The KEK version new data is written under, e.g. the ledger's reference
-        (``Ledger.current_version``) or the KMS's latest; asked at most every ``refresh_s`` seconds.
-    """
-
-    def __init__(self, store: DataKeyStore, current_version: Callable[[], int], refresh_s: float = 30) -> None:
-        self.store = store
-        self._current_version = current_version
-        self.refresh_s = refresh_s
-        self._version: tuple[float, int] | None = None
-
-    def version(self) -> int:
-        now = time.monotonic()
-        if self._version is None or now - self._version[0] > self.refresh_s:
-            self._version = (now, self._current_version())
-        return self._version[1]
-
-    def encrypt(self, value: str | bytes, *, table: str, column: str, pk: object, partition: str) -> bytes:
-        key_id, key = self.store.current(table, partition, self.version())
-        data = value.encode() if isinstance(value, str) else value
-        return seal(data, key.aead, key_id, self.store.key_class, table, column, pk)
-
-    def decrypt(self, value: bytes, *, table: str, column: str, pk: object) -> bytes:
-        where = f"{table}.{column} row {pk}"
-        header = parse_header(bytes(value), where)
-        if header.key_class != self.store.key_class:
-            raise EnvelopeError(f"{where}: value belongs to key class {header.key_class!r}, not "
-                                f"{self.store.key_class!r}")
-        return open_sealed(value, self.store.key(header.key_id, where).aead, header, table, column, pk, where)
