@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> dict:
         days = [f"2024-07-{d:02d}" if d <= 31 else f"2024-08-{d - 31:02d}" for d in range(1, args.partitions + 1)]
         with pg.begin() as conn:
             conn.execute(sa.text(f"CREATE TABLE {table} (id bigint PRIMARY KEY, day date NOT NULL, email bytea)"))
-        library = KeyRotationClient(backend, ledger, KEY_CLASS, engine=pg)
+        library = KeyRotationClient(backend, ledger, KEY_CLASS, db=pg)
         stored, rows = [], []
         for p, day in enumerate(days):
             for i in range(args.rows):

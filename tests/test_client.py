@@ -47,14 +47,14 @@ class Setup:
         self.backend.create_key()
         self.ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
         update_reference(self.name, 1, self.ledger, ACTOR)
-        self.engine = engine
+        self.db = engine
         self.table = f"accounts_{secrets.token_hex(3)}"
         tables.append(self.table)
         self.tmp_path = tmp_path
 
     def client(self, **kwargs) -> KeyRotationClient:
         kwargs.setdefault("poll_interval_s", 0.3)
-        return KeyRotationClient(self.backend, self.ledger, self.name, engine=self.engine, **kwargs)
+        return KeyRotationClient(self.backend, self.ledger, self.name, db=self.db, **kwargs)
 
     def ctx(self, pk, partition: str | None = "2024-03-01", column: str = "email") -> dict:
         return {"table": self.table, "column": column, "pk": pk, "partition": partition}
@@ -82,16 +82,16 @@ def test_values_round_trip_in_the_same_bytes_as_the_sql_table_dags(setup):
     from keyrotation.stores.sql_table import SqlTableStore
 
     s = setup
-    with s.engine.begin() as conn:
+    with s.db.begin() as conn:
         conn.execute(sa.text(f"CREATE TABLE {s.table} (id bigint PRIMARY KEY, day date NOT NULL, email bytea)"))
     dataset = Dataset(name="accounts", location=PG_URL, format="sql_table", table=s.table, partition_column="day",
                       encrypted_columns=["email"])
-    dag_engine = SqlTableEngine(s.name, dataset.name, SqlTableStore(s.engine, dataset), s.backend, s.ledger)
+    dag_engine = SqlTableEngine(s.name, dataset.name, SqlTableStore(s.db, dataset), s.backend, s.ledger)
     day = "2024-03-01"
     dag_engine.write_partition(day, pd.DataFrame({"id": range(10), "day": [day] * 10,
                                                   "email": [f"{CANARY}-{i}@example.test" for i in range(10)]}), 1)
     client = s.client()
-    with s.engine.connect() as conn:
+    with s.db.connect() as conn:
         rows = conn.execute(sa.text(f"SELECT id, email FROM {s.table} ORDER BY id")).fetchall()
     # Values the DAG path wrote decrypt through the client...
     assert [client.decrypt(v, s.ctx(pk, None)) for pk, v in rows] == [f"{CANARY}-{i}@example.test".encode()
@@ -100,12 +100,12 @@ def test_values_round_trip_in_the_same_bytes_as_the_sql_table_dags(setup):
     # engine (validation decrypts every value bound to its row) and by the data-key store with the envelope.
     mine = {pk: client.encrypt(f"{CANARY}-{pk}@example.test", s.ctx(pk, day)) for pk in range(10, 20)}
     assert {parse_header(v, "").key_id for v in mine.values()} == {parse_header(bytes(rows[0][1]), "").key_id}
-    with s.engine.begin() as conn:
+    with s.db.begin() as conn:
         conn.execute(sa.text(f"INSERT INTO {s.table} (id, day, email) VALUES (:id, :day, :email)"),
                      [{"id": pk, "day": day, "email": v} for pk, v in mine.items()])
     assert dag_engine.validate(day).rows == 20
     assert take_census(dag_engine).by_version() == {1: 1}
-    store = DataKeyStore(s.engine, s.backend, s.name)  # a second reader and writer: the store and the envelope
+    store = DataKeyStore(s.db, s.backend, s.name)  # a second reader and writer: the store and the envelope
     header = parse_header(mine[12], "")
     assert open_sealed(mine[12], store.key(header.key_id, "").aead, header, s.table, "email", 12, "") == \
         f"{CANARY}-12@example.test".encode()
@@ -126,7 +126,7 @@ def test_values_round_trip_in_the_same_bytes_as_the_sql_table_dags(setup):
     with pytest.raises(EnvelopeError, match="row 10: does not decrypt"):
         client.decrypt(bytes(tampered), s.ctx(10))
     with pytest.raises(EnvelopeError, match="belongs to key class"):
-        KeyRotationClient(s.backend, s.ledger, "other_class", engine=s.engine).decrypt(mine[10], s.ctx(10))
+        KeyRotationClient(s.backend, s.ledger, "other_class", db=s.db).decrypt(mine[10], s.ctx(10))
     assert client.metrics()["errors"] == {"does_not_decrypt": 3}
 
 
@@ -182,7 +182,7 @@ def test_values_written_before_a_rotation_decrypt_after_it_and_new_ones_follow_t
 
     # Old values decrypt before and after the rewrap sweep re-wraps their data keys.
     assert all(client.decrypt(v, s.ctx(pk)) == f"{CANARY}-{pk}".encode() for pk, v in before.items())
-    store = DataKeyStore(s.engine, s.backend, s.name)
+    store = DataKeyStore(s.db, s.backend, s.name)
     assert store.rewrap(store.keys_of(s.table, "2024-03-01"), v2) == 2  # the v1 and v2 data keys
     fresh = s.client()
     assert all(fresh.decrypt(v, s.ctx(pk)) == f"{CANARY}-{pk}".encode() for pk, v in before.items())
@@ -206,7 +206,7 @@ def test_versions_retired_in_the_ledger_or_the_kms_are_refused_with_a_clear_erro
     old = client.encrypt(f"{CANARY}-old", s.ctx(7, "2024-03-01"))
     kept = client.encrypt(f"{CANARY}-kept", s.ctx(8, "2024-03-02"))
     v2 = s.rotate()
-    store = DataKeyStore(s.engine, s.backend, s.name)
+    store = DataKeyStore(s.db, s.backend, s.name)
     store.rewrap(store.keys_of(s.table, "2024-03-02"), v2)  # one partition swept, the other not
     s.retire_below(v2)
     client.refresh()
@@ -234,7 +234,7 @@ def test_versions_retired_in_the_ledger_or_the_kms_are_refused_with_a_clear_erro
     s.backend.retire_below(v2)
     behind = Ledger(f"sqlite:///{s.tmp_path / 'behind.db'}")  # a ledger that has not recorded the retirement
     update_reference(s.name, v2, behind, ACTOR)
-    lagging = KeyRotationClient(s.backend, behind, s.name, engine=s.engine)
+    lagging = KeyRotationClient(s.backend, behind, s.name, db=s.db)
     with pytest.raises(RetiredVersionError, match=r"row 7: refusing to decrypt: .* under v1 .* the KMS has "
                                                   r"retired it \(min_decryption_version\): versions below v2"):
         lagging.decrypt(old, s.ctx(7))
@@ -336,7 +336,7 @@ def test_bad_context_and_missing_reference_are_refused_clearly(setup, tmp_path):
         client.encrypt(12, s.ctx(1))
     with pytest.raises(EnvelopeError, match="not a keyrotation envelope"):
         client.decrypt(b"plain", s.ctx(1))
-    empty = KeyRotationClient(s.backend, Ledger(f"sqlite:///{tmp_path / 'empty.db'}"), "nobody", engine=s.engine)
+    empty = KeyRotationClient(s.backend, Ledger(f"sqlite:///{tmp_path / 'empty.db'}"), "nobody", db=s.db)
     with pytest.raises(NoCurrentVersion, match="holds no current version yet"):
         empty.encrypt("x", s.ctx(1))
 
@@ -346,7 +346,7 @@ def test_a_ledger_that_goes_away_keeps_the_last_version_and_health_says_so(setup
     client = s.client(poll_interval_s=0.1)
     assert client.health() == {"kms": "ok", "ledger": "ok", "data_keys_db": "ok"}
     client.encrypt("x", s.ctx(1))
-    s.ledger.engine.dispose()
+    s.ledger.db.dispose()
     (tmp_path / "ledger.db").rename(tmp_path / "ledger.moved")
     time.sleep(0.15)
     assert client.encrypt_versioned("y", s.ctx(2))[1] == 1  # the last answer stays in force
@@ -373,7 +373,7 @@ def test_from_key_class_on_aws_kms(moto, tmp_path, pg):
                     "  conn_id: unused\n  rotation: {cryptoperiod: 90d}\ndatasets: []\n")
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
     client = KeyRotationClient.from_key_class(load_key_class_file(path), kms_client=moto.client("kms"), ledger=ledger,
-                                              engine=engine)
+                                              db=engine)
     update_reference("awsapp", client._backend.create_key().latest_version, ledger, ACTOR)
     table = f"aws_{secrets.token_hex(3)}"
     tables.append(table)

@@ -246,7 +246,7 @@ def test_a_lease_left_by_a_killed_process_on_this_host_is_taken_over(make_key_cl
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     import socket
 
-    with rt.ledger.engine.begin() as conn:
+    with rt.ledger.db.begin() as conn:
         conn.execute(leases.insert().values(dataset="customers", partition=part, expires_at=datetime.now(UTC)
                                             + timedelta(hours=1), owner=f"{socket.gethostname()}:"
                                             f"{dead.stdout.strip()}:x"))

@@ -313,7 +313,7 @@ def test_client_library_follows_a_cloud_kms_rotation(make_gcp_key_class, gcp, pg
     engine, tables = pg
     ledger = Ledger(f"sqlite:///{tmp_path / 'app-ledger.db'}")
     app = gcp_runtime(config, gcp, role="reencrypt").backend
-    client = KeyRotationClient.from_key_class(config, kms_client=app.client, ledger=ledger, engine=engine)
+    client = KeyRotationClient.from_key_class(config, kms_client=app.client, ledger=ledger, db=engine)
     update_reference("gcp_app", 1, ledger, RunContext(actor="test"))
     table = f"gcp_{secrets.token_hex(3)}"
     tables.append(table)

@@ -74,9 +74,9 @@ def test_records_and_queries(ledger):
 
 def test_rows_cannot_be_updated_or_deleted(ledger):
     ledger.record(lg.VERSION_CREATED, "pii", to_version=2)
-    with pytest.raises(sa.exc.DBAPIError, match="append-only"), ledger.engine.begin() as conn:
+    with pytest.raises(sa.exc.DBAPIError, match="append-only"), ledger.db.begin() as conn:
         conn.execute(lg.events.update().values(to_version=3))
-    with pytest.raises(sa.exc.DBAPIError, match="append-only"), ledger.engine.begin() as conn:
+    with pytest.raises(sa.exc.DBAPIError, match="append-only"), ledger.db.begin() as conn:
         conn.execute(lg.events.delete())
     assert [r["to_version"] for r in ledger.rows()] == [2]
     Ledger(ledger.url)  # re-opening keeps the guard and the rows
@@ -94,8 +94,8 @@ def _record_some(ledger: Ledger, n: int = 5) -> list[int]:
 
 
 def _tamper(ledger: Ledger, kind: str, statement: sa.Executable) -> None:
-    with ledger.engine.begin() as conn:
-        conn.exec_driver_sql(DROP_GUARD[ledger.engine.dialect.name][kind])
+    with ledger.db.begin() as conn:
+        conn.exec_driver_sql(DROP_GUARD[ledger.db.dialect.name][kind])
         conn.execute(statement)
 
 
@@ -153,13 +153,13 @@ def test_concurrent_writers_keep_one_chain(backend, request, tmp_path):
         own = Ledger(url)  # its own engine, as a separate worker process would have
         for i in range(25):
             own.record(lg.PARTITION_WRITTEN, "pii", dataset="ds", partition=f"w{worker}-{i}", to_version=1)
-        own.engine.dispose()
+        own.db.dispose()
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         list(pool.map(write, range(4)))
     ledger = Ledger(url)
     assert ledger.verify() == lg.VerifyResult(ok=True, rows_checked=100)
-    ledger.engine.dispose()
+    ledger.db.dispose()
 
 
 # -- verify only reads ------------------------------------------------------------------------------
@@ -169,8 +169,8 @@ def _triggers(ledger: Ledger) -> list[str]:
     query = {
         "sqlite": "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'ledger_events'",
         "postgresql": "SELECT tgname FROM pg_trigger WHERE tgrelid = 'ledger_events'::regclass AND NOT tgisinternal",
-    }[ledger.engine.dialect.name]
-    with ledger.engine.connect() as conn:
+    }[ledger.db.dialect.name]
+    with ledger.db.connect() as conn:
         return sorted(conn.exec_driver_sql(query).scalars())
 
 
@@ -210,7 +210,7 @@ def test_verify_under_a_select_only_role_runs_no_ddl(postgres_url, pg_role):
     assert (intact.returncode, intact.stdout, intact.stderr) == (
         0, f"ledger {reader}: 6 rows, chain intact\nledger {reader}: {UNANCHORED}\n", "")
 
-    with ledger.engine.begin() as conn:
+    with ledger.db.begin() as conn:
         conn.exec_driver_sql("ALTER TABLE ledger_events DISABLE TRIGGER ledger_events_append_only")
     disabled = _cli(reader)
     assert (disabled.returncode, disabled.stdout.splitlines()) == (3, [
@@ -219,7 +219,7 @@ def test_verify_under_a_select_only_role_runs_no_ddl(postgres_url, pg_role):
         "not refused", f"ledger {reader}: {UNANCHORED}"])
 
     # Dropped with its function: neither the reader nor the database's owner running verify brings either back.
-    with ledger.engine.begin() as conn:
+    with ledger.db.begin() as conn:
         conn.exec_driver_sql("DROP FUNCTION ledger_events_append_only() CASCADE")
     for url in (reader, postgres_url):
         missing = _cli(url)
@@ -228,11 +228,11 @@ def test_verify_under_a_select_only_role_runs_no_ddl(postgres_url, pg_role):
             f"ledger {url}: append-only guard: trigger ledger_events_append_only is missing: UPDATE and DELETE are "
             "not refused", f"ledger {url}: {UNANCHORED}"], "")
     assert _triggers(ledger) == []
-    with ledger.engine.connect() as conn:
+    with ledger.db.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM pg_proc WHERE proname = 'ledger_events_append_only'"
                                     ).scalar() == 0
 
-    with ledger.engine.begin() as conn:  # nothing refuses an edit now
+    with ledger.db.begin() as conn:  # nothing refuses an edit now
         conn.execute(lg.events.update().where(lg.events.c.id == ids[1]).values(rows=999))
     broken = _cli(reader)
     assert (broken.returncode, broken.stdout.splitlines()) == (1, [
@@ -245,17 +245,17 @@ def test_verify_does_not_recreate_a_dropped_trigger(ledger):
     _record_some(ledger)
     guarded = _triggers(ledger)
     assert guarded in (["ledger_events_no_delete", "ledger_events_no_update"], ["ledger_events_append_only"])
-    with ledger.engine.begin() as conn:
-        conn.exec_driver_sql(DROP_GUARD[ledger.engine.dialect.name]["delete"])
+    with ledger.db.begin() as conn:
+        conn.exec_driver_sql(DROP_GUARD[ledger.db.dialect.name]["delete"])
     finding = {"sqlite": "trigger ledger_events_no_delete is missing: DELETE is not refused",
                "postgresql": "trigger ledger_events_append_only is missing: UPDATE and DELETE are not refused"}
     for _ in range(2):
         result = _cli(ledger.url)
         assert (result.returncode, result.stdout.splitlines()) == (3, [
             f"ledger {ledger.url}: 6 rows, chain intact",
-            f"ledger {ledger.url}: append-only guard: {finding[ledger.engine.dialect.name]}",
+            f"ledger {ledger.url}: append-only guard: {finding[ledger.db.dialect.name]}",
             f"ledger {ledger.url}: {UNANCHORED}"])
-    assert _triggers(ledger) == {"sqlite": ["ledger_events_no_update"], "postgresql": []}[ledger.engine.dialect.name]
+    assert _triggers(ledger) == {"sqlite": ["ledger_events_no_update"], "postgresql": []}[ledger.db.dialect.name]
     reader = Ledger(ledger.url, read_only=True)
     assert reader.verify() == lg.VerifyResult(ok=True, rows_checked=6)
     with pytest.raises(KeyRotationError, match=r"was opened read-only: nothing can be recorded"):
@@ -266,7 +266,7 @@ def test_verify_does_not_recreate_a_dropped_trigger(ledger):
 def test_verify_reads_a_read_only_sqlite_file(tmp_path):
     source = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
     ids = _record_some(source)
-    source.engine.dispose()
+    source.db.dispose()
     copies = tmp_path / "copies"
     copies.mkdir()
 
@@ -331,7 +331,7 @@ def test_verify_could_not_check_is_exit_2_with_one_line(case, request, tmp_path)
         expected = 'cannot connect: connection to server at "127.0.0.1", port 1 failed: Connection refused'
     else:
         admin = request.getfixturevalue("postgres_url")
-        Ledger(admin).engine.dispose()
+        Ledger(admin).db.dispose()
         url = request.getfixturevalue("pg_role")()  # CONNECT only
         expected = "cannot read ledger_events: permission denied for table ledger_events"
     before = sorted(tmp_path.iterdir())

@@ -44,7 +44,7 @@ def _checkpoint(path) -> dict:
 
 
 def _sql(ledger: Ledger, *statements: str) -> None:
-    with ledger.engine.begin() as conn:
+    with ledger.db.begin() as conn:
         for statement in statements:
             conn.exec_driver_sql(statement)
 
@@ -83,7 +83,7 @@ def test_a_recomputed_chain_is_exit_5(anchored, capsys):
          "UPDATE ledger_events SET digest = 'sha256:forged' WHERE id = 2")
     assert not ledger.verify().ok
     prev = lg.GENESIS_HASH
-    with ledger.engine.begin() as conn:  # recompute every hash from the edited row on, as an owner could
+    with ledger.db.begin() as conn:  # recompute every hash from the edited row on, as an owner could
         for row in conn.execute(sa.select(lg.events).order_by(lg.events.c.id)).mappings().all():
             row_hash = lg._row_hash(prev, row)
             conn.execute(lg.events.update().where(lg.events.c.id == row["id"]).values(prev_hash=prev,

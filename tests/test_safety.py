@@ -245,7 +245,7 @@ def test_a_crash_right_after_the_commit_is_finished_by_the_next_sweep(make_key_c
     assert events == [lg.PARTITION_WRITTEN, lg.PARTITION_RECONCILED, lg.PARTITION_VALIDATED]
     from keyrotation.locks import leases
 
-    with rt.ledger.engine.connect() as conn:
+    with rt.ledger.db.connect() as conn:
         assert conn.execute(leases.select()).fetchall() == []
     assert _state(dags["retire__crash"].test()) == "success"
     assert rt.backend.key_state().min_decryption_version == 2

@@ -172,7 +172,7 @@ def test_sidecar_encrypts_decrypts_and_reports_health_and_metrics(make_sidecar):
     r = s.decrypt(ciphertext, 42)
     assert r.status_code == 200 and base64.b64decode(r.json()["plaintext"]) == f"{CANARY}-a@example.test".encode()
     # The same bytes as the library (and so the DAGs) write and read.
-    library = KeyRotationClient(s.backend, s.ledger, s.name, engine=s.pg)
+    library = KeyRotationClient(s.backend, s.ledger, s.name, db=s.pg)
     assert library.decrypt(base64.b64decode(ciphertext), s.ctx(42)) == f"{CANARY}-a@example.test".encode()
     theirs = library.encrypt("from the library", s.ctx("k-7"))
     assert base64.b64decode(s.decrypt(b64(theirs), "k-7").json()["plaintext"]) == b"from the library"
@@ -377,7 +377,7 @@ def test_a_rotation_rewrap_and_retirement_during_traffic_lose_no_request(make_si
     """2,000 requests from 8 connections while the key rotates, the reference moves, the data keys are
     re-wrapped, and then v1 is retired: every request answered, every value decrypts, few KMS calls."""
     s = make_sidecar().start()
-    library = KeyRotationClient(s.backend, s.ledger, s.name, engine=s.pg)
+    library = KeyRotationClient(s.backend, s.ledger, s.name, db=s.pg)
     days = [f"2024-06-{d:02d}" for d in range(1, 9)]
     stored = [(pk, f"{CANARY}-{pk}", b64(library.encrypt(f"{CANARY}-{pk}", s.ctx(pk, days[pk % 8]))))
               for pk in range(200)]
@@ -531,7 +531,7 @@ def test_sidecar_serves_aws_kms_and_cloud_kms(cloud, request, tmp_path, pg):
                                                     "context": {**ctx, "partition": None}})
             assert opened.status_code == 200, opened.text
             assert base64.b64decode(opened.json()["plaintext"]) == f"{CANARY}-{cloud}".encode()
-            library = KeyRotationClient(backend, ledger, kc.name, engine=engine)
+            library = KeyRotationClient(backend, ledger, kc.name, db=engine)
             assert library.decrypt(base64.b64decode(sealed.json()["ciphertext"]), ctx) == f"{CANARY}-{cloud}".encode()
     finally:
         stop_process(proc)

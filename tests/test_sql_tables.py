@@ -130,7 +130,7 @@ def test_concurrent_writers_lose_no_update(make_key_class, vault, pg):
     v2 = rt.backend.rotate()
     engine = rt.engine(dataset)
     # An application that has not noticed the rotation yet keeps writing under v1 while the sweep runs.
-    app = KeyRotationClient(rt.backend, rt.ledger, rt.name, engine=rt.sql_engine(config.datasets[0]),
+    app = KeyRotationClient(rt.backend, rt.ledger, rt.name, db=rt.sql_db(config.datasets[0]),
                             poll_interval_s=3600)  # the ledger's reference: still v1
     assert app.current_version == v1
     expected: dict[int, str] = {}
@@ -258,7 +258,7 @@ def test_tampered_moved_and_unknown_values_are_named_and_left_alone(make_key_cla
             row = conn.execute(sa.text(f"SELECT email, ssn FROM {table} WHERE id = :pk"), {"pk": pk}).one()
             assert (bytes(row.email), bytes(row.ssn)) == (bytes(email_now), bytes(ssn_now))
     with pytest.raises(EnvelopeError, match=f"{table}.email row 5: does not decrypt"):
-        KeyRotationClient(rt.backend, rt.ledger, rt.name, engine=engine_db).decrypt(
+        KeyRotationClient(rt.backend, rt.ledger, rt.name, db=engine_db).decrypt(
             tampered, {"table": table, "column": "email", "pk": 5})
     assert CANARY not in " ".join(r.error or "" for r in results.values())
 

@@ -116,7 +116,7 @@ def checkpoints_path(path: str | Path | None = None) -> Path | None:
 
 
 def _head(ledger: Ledger) -> tuple[int, int, str]:
-    with ledger.engine.connect() as conn:
+    with ledger.db.connect() as conn:
         count, last = conn.execute(sa.select(sa.func.count(), sa.func.max(events.c.id))).one()
         row_hash = conn.execute(sa.select(events.c.row_hash).where(events.c.id == last)).scalar() if last else ""
     return int(last or 0), int(count), row_hash or ""
@@ -156,7 +156,7 @@ def check_anchor(ledger: Ledger, anchor: TransitAnchor, path: str | Path) -> Anc
                                      f"{checkpoint.created_at}) does not verify with {anchor.name}: replaced or forged")
     when = f"the checkpoint of {checkpoint.created_at}"
     last_id, rows, _ = _head(ledger)
-    with ledger.engine.connect() as conn:
+    with ledger.db.connect() as conn:
         anchored = conn.execute(sa.select(events.c.row_hash).where(events.c.id == checkpoint.last_id)).scalar()
         rows_then = conn.execute(sa.select(sa.func.count()).where(events.c.id <= checkpoint.last_id)).scalar()
     if checkpoint.last_id == 0 and anchored is None:  # a checkpoint of the empty ledger anchors no row

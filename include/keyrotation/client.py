@@ -6,7 +6,7 @@ retired versions) and, for single values, the SQLAlchemy engine of the database 
 table ``keyrotation_data_keys``::
 
     client = KeyRotationClient.from_key_class(load_key_class("customer_pii"), kms_client=hvac.Client(...),
-                                              ledger="postgresql://...", engine=sa.create_engine("postgresql://..."))
+                                              ledger="postgresql://...", db=sa.create_engine("postgresql://..."))
     blob = client.encrypt(b"a@example.com", {"table": "accounts", "column": "email", "pk": 42,
                                              "partition": "2026-11-28"})
     client.decrypt(blob, {"table": "accounts", "column": "email", "pk": 42})      # b"a@example.com"
@@ -273,16 +273,16 @@ class _LedgerView:
             kwargs: dict[str, Any] = {"hide_parameters": True, "pool_pre_ping": True}
             if source.startswith("sqlite"):
                 kwargs["connect_args"] = {"timeout": 30}
-            self.engine = sa.create_engine(source, **kwargs)
+            self.db = sa.create_engine(source, **kwargs)
             self.owned = True
         elif isinstance(source, sa.Engine):
-            self.engine = source
+            self.db = source
         else:  # a Ledger
-            self.engine = source.engine
-        self.shown = self.engine.url.render_as_string(hide_password=True)
+            self.db = source.db
+        self.shown = self.db.url.render_as_string(hide_password=True)
 
     def read(self, key_class: str) -> tuple[int | None, int]:
-        return lg.current_state(self.engine, key_class)
+        return lg.current_state(self.db, key_class)
 
 
 # -- the client -----------------------------------------------------------------------------------
@@ -305,7 +305,7 @@ class KeyRotationClient:
     :param ledger: a :class:`~keyrotation.ledger.Ledger`, a SQLAlchemy engine or a URL of the ledger's
         database; read only (SELECT on ``ledger_events``).
     :param key_class: the key class's name (it appears in every value's header and in the ledger).
-    :param engine: SQLAlchemy engine of the database with ``keyrotation_data_keys`` (values only).
+    :param db: the SQLAlchemy engine of the database with ``keyrotation_data_keys`` (values only).
     :param encrypted_columns: columns :meth:`write_parquet` encrypts when not given per call.
     :param poll_interval_s: how often the ledger's reference and retired versions are re-read (lazily, on
         the first request after the interval; :meth:`refresh` reads them at once).
@@ -314,7 +314,7 @@ class KeyRotationClient:
     """
 
     def __init__(self, backend: KmsBackend, ledger: Ledger | sa.Engine | str, key_class: str, *,
-                 engine: sa.Engine | None = None, encrypted_columns: Sequence[str] = (),
+                 db: sa.Engine | None = None, encrypted_columns: Sequence[str] = (),
                  poll_interval_s: float = 10.0, cache_size: int = 1024, cache_ttl_s: float = 300.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if poll_interval_s <= 0:
@@ -330,7 +330,7 @@ class KeyRotationClient:
         self._clock = clock
         self._cache = DataKeyCache(cache_size, cache_ttl_s, clock,
                                    on_evict=lambda: self.metrics_.add("cache_evictions"))
-        self._engine = engine
+        self._db = db
         self._store: DataKeyStore | None = None
         self._state: LedgerState | None = None
         self._state_lock = threading.Lock()
@@ -340,7 +340,7 @@ class KeyRotationClient:
 
     @classmethod
     def from_key_class(cls, config: KeyClassConfig, *, kms_client: Any, ledger: Ledger | sa.Engine | str,
-                       engine: sa.Engine | None = None, dataset: str | None = None,
+                       db: sa.Engine | None = None, dataset: str | None = None,
                        retry: RetryPolicy | None = APP_RETRY, **kwargs: Any) -> KeyRotationClient:
         """A client for a key class config: ``kms_client`` is an ``hvac.Client`` (``vault_transit``), a
         boto3 KMS client (``aws_kms``) or a ``KeyManagementServiceClient`` (``gcp_kms``). ``dataset`` (or
@@ -353,19 +353,19 @@ class KeyRotationClient:
             parquet = [d for d in config.datasets if d.format == "parquet"]
             chosen = config.dataset(dataset) if dataset else (parquet[0] if len(parquet) == 1 else None)
             kwargs["encrypted_columns"] = list(chosen.encrypted_columns) if chosen else []
-        return cls(backend, ledger, kc.name, engine=engine, **kwargs)
+        return cls(backend, ledger, kc.name, db=db, **kwargs)
 
     # -- state --------------------------------------------------------------------------------
     @property
     def store(self) -> DataKeyStore:
-        if self._engine is None:
+        if self._db is None:
             raise InvalidInput(f"key class {self.key_class!r}: this client has no database engine for "
-                               f"{DATA_KEYS}; pass engine= to encrypt or decrypt values")
+                               f"{DATA_KEYS}; pass db= to encrypt or decrypt values")
         if self._store is not None:
             return self._store
         with self._store_lock:  # one store, so that its single-flight loader is shared by every thread
             if self._store is None:
-                self._store = DataKeyStore(self._engine, self._kms, self.key_class, cache=self._cache,
+                self._store = DataKeyStore(self._db, self._kms, self.key_class, cache=self._cache,
                                            count=self.metrics_.add)
         return self._store
 
@@ -581,9 +581,9 @@ class KeyRotationClient:
             checks["ledger"] = "ok" if state.version is not None else "no current version recorded yet"
         except LedgerUnavailable as exc:
             checks["ledger"] = str(exc)
-        if self._engine is not None:
+        if self._db is not None:
             try:
-                with self._engine.connect() as conn:
+                with self._db.connect() as conn:
                     conn.execute(sa.text("SELECT 1"))
                 checks["data_keys_db"] = "ok"
             except sa.exc.SQLAlchemyError as exc:
@@ -594,7 +594,7 @@ class KeyRotationClient:
         """Zero and drop every cached key; dispose of the ledger engine this client created."""
         self._cache.clear()
         if self._ledger.owned:
-            self._ledger.engine.dispose()
+            self._ledger.db.dispose()
 
     def __enter__(self) -> KeyRotationClient:
         return self

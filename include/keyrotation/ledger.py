@@ -219,11 +219,11 @@ def _reason(exc: sa.exc.DBAPIError) -> str:
     return lines[0] if lines else type(exc.orig).__name__
 
 
-def current_state(engine: sa.Engine, key_class: str) -> tuple[int | None, int]:
+def current_state(db: sa.Engine, key_class: str) -> tuple[int | None, int]:
     """The two facts an application needs: the version to encrypt under (the last ``reference_updated``) and
     the retired floor (versions below the highest successful ``versions_retired`` no longer decrypt; 0: none).
     SELECT only: what the client library and the sidecar read, with a reader's credentials."""
-    with engine.connect() as conn:
+    with db.connect() as conn:
         reference = conn.execute(sa.select(events.c.to_version).where(
             events.c.key_class == key_class, events.c.event == REFERENCE_UPDATED).order_by(events.c.id.desc()).limit(1)
         ).scalar()
@@ -249,10 +249,10 @@ class Ledger:
             kwargs["connect_args"] = {"timeout": 60}
             if read_only:
                 target = _sqlite_read_only(target, self.shown)
-        self.engine = sa.create_engine(target, **kwargs)
+        self.db = sa.create_engine(target, **kwargs)
         if read_only:
-            if self.engine.dialect.name == "postgresql":  # the server refuses any write in these sessions
-                self.engine = self.engine.execution_options(postgresql_readonly=True)
+            if self.db.dialect.name == "postgresql":  # the server refuses any write in these sessions
+                self.db = self.db.execution_options(postgresql_readonly=True)
             self._check_readable()
             return
         # Under the write lock, so that workers opening a brand-new ledger together do not race.
@@ -260,16 +260,16 @@ class Ledger:
             metadata.create_all(conn)
             columns = {c["name"] for c in sa.inspect(conn).get_columns("ledger_events")}
             if "row_hash" not in columns:
-                shown = self.engine.url.render_as_string(hide_password=True)
+                shown = self.db.url.render_as_string(hide_password=True)
                 raise LedgerFormatError(f"ledger {shown} predates the hash chain (no row_hash column): keep it "
                                         "as evidence and point KEYROTATION_LEDGER_URL at a new ledger")
-            for statement in _APPEND_ONLY.get(self.engine.dialect.name, []):
+            for statement in _APPEND_ONLY.get(self.db.dialect.name, []):
                 conn.exec_driver_sql(statement)
 
     def _check_readable(self) -> None:
         """By inspection only: the table is there with every column of this format, and this role may read it."""
         try:
-            conn = self.engine.connect()
+            conn = self.db.connect()
         except sa.exc.DBAPIError as exc:
             raise LedgerUnreadable(f"ledger {self.shown}: cannot connect: {_reason(exc)}") from None
         try:
@@ -294,18 +294,18 @@ class Ledger:
         """A transaction holding the ledger's write lock: writers, from any process, chain one at a time."""
         if self.read_only:
             raise KeyRotationError(f"ledger {self.shown} was opened read-only: nothing can be recorded")
-        if self.engine.dialect.name == "sqlite":
+        if self.db.dialect.name == "sqlite":
             # BEGIN IMMEDIATE takes the write lock before the last row is read. Only for ledger writes:
             # every other transaction keeps pysqlite's lazy BEGIN, since a read-then-write transaction
             # (the partition leases) that began with a plain BEGIN fails at once with "database is locked"
             # instead of waiting. On an exception, closing the connection rolls back.
-            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            with self.db.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
                 yield conn
                 conn.exec_driver_sql("COMMIT")
             return
-        with self.engine.begin() as conn:
-            if self.engine.dialect.name == "postgresql":
+        with self.db.begin() as conn:
+            if self.db.dialect.name == "postgresql":
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_WRITE_LOCK)))
             yield conn
 
@@ -330,7 +330,7 @@ class Ledger:
     def verify(self) -> VerifyResult:
         """Walk the hash chain in id order; report the first row that was edited, or follows a deleted one."""
         prev_hash, checked = GENESIS_HASH, 0
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             result = conn.execution_options(yield_per=1000).execute(sa.select(events).order_by(events.c.id))
             for row in result.mappings():
                 checked += 1
@@ -344,8 +344,8 @@ class Ledger:
     def append_only_findings(self) -> list[str]:
         """What is wrong with the triggers that refuse UPDATE and DELETE (none: they are all in place), read
         from the catalog: never repaired here, since a guard someone removed is evidence in itself."""
-        dialect = self.engine.dialect.name
-        with self.engine.connect() as conn:
+        dialect = self.db.dialect.name
+        with self.db.connect() as conn:
             if dialect == "sqlite":
                 triggers = dict(conn.execute(sa.text(
                     "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = :table"),
@@ -390,11 +390,11 @@ class Ledger:
             query = query.where(events.c.event.in_(events_in))
         if since:
             query = query.where(events.c.recorded_at >= since)
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
 
     def _last(self, query: sa.Select) -> dict | None:
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             row = conn.execute(query.order_by(events.c.id.desc()).limit(1)).first()
         return dict(row._mapping) if row else None
 
@@ -427,7 +427,7 @@ class Ledger:
             events.c.dataset == dataset, events.c.partition == partition,
             events.c.event.in_(PARTITION_FILE_EVENTS))
         names: set[str] = set()
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             for (detail,) in conn.execute(query):
                 recorded = json.loads(detail) if detail else {}
                 names.update([*(recorded.get("files") or []), *(recorded.get("replaces") or [])])
@@ -437,7 +437,7 @@ class Ledger:
         """Per partition of ``dataset``: its last successful change (``change``) and its last validation,
         passed or failed (``validation``), as ledger rows; the rows' ids order them."""
         out: dict[str, dict[str, dict | None]] = {}
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             for name, kinds in (("change", PARTITION_CHANGES), ("validation", PARTITION_VALIDATIONS)):
                 last = sa.select(sa.func.max(events.c.id)).where(
                     events.c.dataset == dataset, events.c.event.in_(kinds),

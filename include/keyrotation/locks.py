@@ -59,14 +59,14 @@ def _aware(value: datetime) -> datetime:
 
 class PartitionLeases:
     def __init__(self, ledger: Ledger, ttl: timedelta = timedelta(minutes=30)) -> None:
-        self.engine = ledger.engine
+        self.db = ledger.db
         self.ttl = ttl
-        leases.create(self.engine, checkfirst=True)
+        leases.create(self.db, checkfirst=True)
 
     def _try_acquire(self, dataset: str, partition: str, owner: str) -> str | None:
         """Take the lease; return None on success, else the current holder."""
         now = datetime.now(UTC)
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             row = conn.execute(sa.select(leases).where(leases.c.dataset == dataset,
                                                        leases.c.partition == partition)).first()
             if row is not None:
@@ -93,6 +93,6 @@ class PartitionLeases:
         try:
             yield owner
         finally:
-            with self.engine.begin() as conn:
+            with self.db.begin() as conn:
                 conn.execute(leases.delete().where(leases.c.dataset == dataset, leases.c.partition == partition,
                                                    leases.c.owner == owner))

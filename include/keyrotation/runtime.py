@@ -58,7 +58,7 @@ def _sql_table_engine(rt: KeyClassRuntime, ds: Dataset, ctx: RunContext | None,
     from keyrotation.sql_engine import SqlTableEngine
     from keyrotation.stores.sql_table import SqlTableStore
 
-    return SqlTableEngine(rt.name, ds.name, SqlTableStore(rt.sql_engine(ds), ds), rt.backend, rt.ledger, ctx)
+    return SqlTableEngine(rt.name, ds.name, SqlTableStore(rt.sql_db(ds), ds), rt.backend, rt.ledger, ctx)
 
 
 EngineFactory = Callable[["KeyClassRuntime", Dataset, RunContext | None, Checkpoint | None], PartitionEngine]
@@ -78,7 +78,7 @@ class KeyClassRuntime:
     ledger: Ledger
     #: The storage (credentials) of a dataset; the default reaches local paths and public URIs only.
     storage: Callable[[Dataset], Storage] = field(default=_local_storage)
-    _sql_engines: dict[str, sa.Engine] = field(default_factory=dict, repr=False)
+    _sql_dbs: dict[str, sa.Engine] = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
@@ -92,12 +92,12 @@ class KeyClassRuntime:
         ds = dataset if isinstance(dataset, Dataset) else self.config.dataset(dataset)
         return ParquetEncryption(self.backend, ds.encrypted_columns)
 
-    def sql_engine(self, ds: Dataset) -> sa.Engine:
+    def sql_db(self, ds: Dataset) -> sa.Engine:
         """One SQLAlchemy engine per sql_table dataset, from the connection's URL or the location."""
-        if ds.name not in self._sql_engines:
+        if ds.name not in self._sql_dbs:
             url = self.storage(ds).sql_url or ds.location
-            self._sql_engines[ds.name] = sa.create_engine(url, pool_pre_ping=True)
-        return self._sql_engines[ds.name]
+            self._sql_dbs[ds.name] = sa.create_engine(url, pool_pre_ping=True)
+        return self._sql_dbs[ds.name]
 
     def engine(self, dataset: str, ctx: RunContext | None = None, checkpoint: Checkpoint | None = None
                ) -> PartitionEngine:

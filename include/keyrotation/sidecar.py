@@ -344,11 +344,11 @@ def build_client(args: argparse.Namespace) -> KeyRotationClient:
         raise SystemExit("--ledger-url (or KEYROTATION_LEDGER_URL) is required: the ledger holds the current version")
     if not db_url:
         raise SystemExit("--db-url (or KEYROTATION_DB_URL) is required: the database of keyrotation_data_keys")
-    engine = sa.create_engine(db_url, hide_parameters=True, pool_pre_ping=True, pool_size=args.db_pool,
-                              max_overflow=args.db_pool) if not db_url.startswith("sqlite") else \
+    db = sa.create_engine(db_url, hide_parameters=True, pool_pre_ping=True, pool_size=args.db_pool,
+                          max_overflow=args.db_pool) if not db_url.startswith("sqlite") else \
         sa.create_engine(db_url, hide_parameters=True)
     return KeyRotationClient.from_key_class(
-        config, kms_client=_kms_client(config, args), ledger=ledger_url, engine=engine,
+        config, kms_client=_kms_client(config, args), ledger=ledger_url, db=db,
         poll_interval_s=args.poll_interval, cache_size=args.cache_size, cache_ttl_s=args.cache_ttl)
 
 

@@ -58,7 +58,7 @@ class SqlTableEngine(PartitionEngine):
         self.backend = backend
         self.ledger = ledger
         self.ctx = ctx or RunContext()
-        self.keys = DataKeyStore(store.engine, backend, key_class)
+        self.keys = DataKeyStore(store.db, backend, key_class)
 
     # -- census -------------------------------------------------------------------------------
     def list_partitions(self) -> list[str]:

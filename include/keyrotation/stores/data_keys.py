@@ -81,9 +81,9 @@ class DataKeyStore:
     :param count: told ``cache_hits`` or ``cache_misses`` on each lookup (the client's metrics).
     """
 
-    def __init__(self, engine: sa.Engine, backend: KmsBackend, key_class: str,
+    def __init__(self, db: sa.Engine, backend: KmsBackend, key_class: str,
                  cache: DataKeyCache | None = None, count: Callable[[str], None] = _no_count) -> None:
-        self.engine = engine
+        self.db = db
         self.backend = backend
         self.key_class = key_class
         self.cache = cache if cache is not None else DataKeyCache()
@@ -94,14 +94,14 @@ class DataKeyStore:
                                                              timer=self.cache.clock)
         self._ids_lock = threading.Lock()
         self._flight = SingleFlight()
-        metadata.create_all(engine, tables=[data_keys], checkfirst=True)
+        metadata.create_all(db, tables=[data_keys], checkfirst=True)
 
     def create(self, table: str, partition: str, version: int) -> tuple[bytes, CachedKey]:
         """A new data key for ``partition`` wrapped under KEK ``version``: (key id, the key as cached)."""
         key, key_id = os.urandom(32), uuid.uuid4().bytes
         wrapped = self.backend.wrap(key, version)
         wrapped_under = self.backend.version_of(wrapped)
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             conn.execute(data_keys.insert().values(
                 key_id=key_id, key_class=self.key_class, table_name=table, partition=partition, wrapped=wrapped,
                 version=wrapped_under, created_under=version, created_at=datetime.now(UTC)))
@@ -119,7 +119,7 @@ class DataKeyStore:
             found = self._cached_for(slot, floor)  # another thread may have loaded it while this one waited
             if found is not None:
                 return found
-            with self.engine.connect() as conn:
+            with self.db.connect() as conn:
                 row = conn.execute(sa.select(data_keys.c.key_id).where(
                     data_keys.c.key_class == self.key_class, data_keys.c.table_name == table,
                     data_keys.c.partition == partition, data_keys.c.created_under == version,
@@ -154,7 +154,7 @@ class DataKeyStore:
 
     def row(self, key_id: bytes) -> sa.Row | None:
         """The data key's row (wrapped key, version, created_under, key class, table, partition), or None."""
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             return conn.execute(sa.select(data_keys.c.wrapped, data_keys.c.version, data_keys.c.created_under,
                                           data_keys.c.key_class, data_keys.c.table_name, data_keys.c.partition)
                                 .where(data_keys.c.key_id == key_id)).first()
@@ -205,7 +205,7 @@ class DataKeyStore:
         return entry
 
     def keys_of(self, table: str, partition: str) -> list[sa.Row]:
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             return list(conn.execute(sa.select(data_keys).where(
                 data_keys.c.key_class == self.key_class, data_keys.c.table_name == table,
                 data_keys.c.partition == partition).order_by(data_keys.c.created_at)))
@@ -217,7 +217,7 @@ class DataKeyStore:
             return 0
         new = self.backend.rewrap([r.wrapped for r in rows], version)
         changed = 0
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             for row, wrapped in zip(rows, new, strict=True):
                 changed += conn.execute(data_keys.update().where(
                     data_keys.c.key_id == row.key_id, data_keys.c.wrapped == row.wrapped,

@@ -27,10 +27,10 @@ def _ident(name: str) -> str:
 class SqlTableStore:
     """One ``sql_table`` dataset's table: its partitions, the data keys its values name, its rows."""
 
-    def __init__(self, engine: sa.Engine, dataset: Dataset) -> None:
-        if engine.dialect.name != "postgresql":
-            raise PartitionError("*", f"dataset {dataset.name}: sql_table needs PostgreSQL, not {engine.dialect.name}")
-        self.engine = engine
+    def __init__(self, db: sa.Engine, dataset: Dataset) -> None:
+        if db.dialect.name != "postgresql":
+            raise PartitionError("*", f"dataset {dataset.name}: sql_table needs PostgreSQL, not {db.dialect.name}")
+        self.db = db
         self.table = dataset.table or ""
         self.pk = dataset.primary_key
         self.partition_column = dataset.partition_column or ""
@@ -39,7 +39,7 @@ class SqlTableStore:
         self._check_table(dataset.name)
 
     def _check_table(self, dataset: str) -> None:
-        inspector = sa.inspect(self.engine)
+        inspector = sa.inspect(self.db)
         if not inspector.has_table(self.table):
             raise PartitionError("*", f"dataset {dataset}: table {self.table!r} does not exist")
         present = {c["name"] for c in inspector.get_columns(self.table)}
@@ -54,7 +54,7 @@ class SqlTableStore:
     def list_partitions(self) -> list[str]:
         sql = (f"SELECT DISTINCT CAST(CAST({_ident(self.partition_column)} AS date) AS text) FROM "
                f"{_ident(self.table)} ORDER BY 1")
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             return [r[0] for r in conn.execute(sa.text(sql))]
 
     def key_versions(self, partition: str, key_class: str) -> tuple[list[Any], int]:
@@ -69,7 +69,7 @@ class SqlTableStore:
                f"FROM ({values}) v LEFT JOIN {DATA_KEYS} dk ON dk.key_id = v.kid "
                f"AND dk.key_class = :key_class GROUP BY 1, 2")
         rows_sql = f"SELECT count(*) FROM {_ident(self.table)} WHERE {self._where_partition()}"
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             groups = list(conn.execute(sa.text(sql), {"partition": partition, "key_class": key_class}))
             rows = conn.execute(sa.text(rows_sql), {"partition": partition}).scalar()
         return groups, int(rows or 0)
@@ -83,7 +83,7 @@ class SqlTableStore:
             after = f" AND {_ident(self.pk)} > :last" if last is not None else ""
             sql = (f"SELECT {cols} FROM {_ident(self.table)} WHERE {self._where_partition()}{after} "
                    f"ORDER BY {_ident(self.pk)} LIMIT :limit")
-            with self.engine.connect() as conn:
+            with self.db.connect() as conn:
                 frame = pd.DataFrame(conn.execute(sa.text(sql), {"partition": partition, "last": last,
                                                                  "limit": self.batch_size}).fetchall(),
                                      columns=[self.pk, *self.columns])
@@ -96,7 +96,7 @@ class SqlTableStore:
     def insert(self, columns: list[str], rows: Iterable[tuple]) -> None:
         """Insert ``rows`` (values of ``columns``) in one transaction."""
         sql = f"INSERT INTO {_ident(self.table)} ({', '.join(_ident(c) for c in columns)}) VALUES %s"
-        raw = self.engine.raw_connection()
+        raw = self.db.raw_connection()
         try:
             with raw.cursor() as cur:
                 execute_values(cur, sql, rows, page_size=2000)
@@ -115,7 +115,7 @@ class SqlTableStore:
         sql = (f"UPDATE {_ident(self.table)} AS t SET {sets} FROM (VALUES %s) AS v(pk, {', '.join(olds + news)}) "
                f"WHERE t.{_ident(self.pk)} = v.pk AND {same} RETURNING t.{_ident(self.pk)}")
         template = "(" + ", ".join(["%s"] + ["%s::bytea"] * (2 * n)) + ")"
-        raw = self.engine.raw_connection()
+        raw = self.db.raw_connection()
         try:
             with raw.cursor() as cur:
                 applied = {r[0] for r in execute_values(cur, sql, updates, template=template, page_size=len(updates),
@@ -133,5 +133,5 @@ class SqlTableStore:
         cols = ", ".join(_ident(c) for c in [self.pk, *self.columns])
         sql = sa.text(f"SELECT {cols} FROM {_ident(self.table)} WHERE {_ident(self.pk)} IN :pks "
                       f"ORDER BY {_ident(self.pk)}").bindparams(sa.bindparam("pks", expanding=True))
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             return pd.DataFrame(conn.execute(sql, {"pks": list(pks)}).fetchall(), columns=[self.pk, *self.columns])
