@@ -110,8 +110,8 @@ def _measure(spec: dict, config_dir: Path, bao, migrate_s: float) -> dict:  # no
     from keyrotation import ledger as lg
     from keyrotation.backends.registry import open_backend
     from keyrotation.config import load_key_class
-    from keyrotation.engine import ReencryptionEngine
     from keyrotation.ledger import Ledger, RunContext
+    from keyrotation.parquet_engine import ParquetEngine
     from keyrotation.rotation import update_reference
     from keyrotation.runtime import KeyClassRuntime
     from keyrotation_airflow.operators import base as operators_base
@@ -141,8 +141,8 @@ def _measure(spec: dict, config_dir: Path, bao, migrate_s: float) -> dict:  # no
     watch = Stopwatch()
     kms = KmsCounter().install()
     # Engine calls, timed from inside the tasks (dag.test runs them in this process).
-    watch.wrap(ReencryptionEngine, "process", "engine.process")
-    watch.wrap(ReencryptionEngine, "validate", "engine.validate")
+    watch.wrap(ParquetEngine, "process", "engine.process")
+    watch.wrap(ParquetEngine, "validate", "engine.validate")
     watch.wrap(KeyClassRuntime, "census", "census")
     # The package's Airflow glue (config load + KMS connection through the Airflow connection) and
     # dag.test()'s own re-parse of the DAG folder on every call: both outside the engine.
@@ -206,7 +206,7 @@ def _measure(spec: dict, config_dir: Path, bao, migrate_s: float) -> dict:  # no
 
     # The same engine work without Airflow: census (plan), process, validate, census (summary).
     for name in ("process", "validate"):
-        Stopwatch.unwrap(ReencryptionEngine, name)
+        Stopwatch.unwrap(ParquetEngine, name)
     Stopwatch.unwrap(KeyClassRuntime, "census")
     version = backend.rotate()
     update_reference(rt.name, version, ledger, RunContext(actor="bench"))

@@ -47,9 +47,9 @@ def _wrap_batches(watch: Stopwatch, owner: Any, label: str) -> None:
 def measure(backend: Any, ledger: Any, counter: KmsCounter, dataset: dict, location: str) -> dict:
     import pyarrow.parquet as pq
 
-    from keyrotation.engine import ReencryptionEngine
     from keyrotation.formats.digest import DigestBuilder
     from keyrotation.formats.parquet_pme import ROW_GROUP_ROWS, EncryptedParquetFile
+    from keyrotation.parquet_engine import ParquetEngine
     from keyrotation_dev.sample_data import daily_partitions
 
     partitions = daily_partitions(dataset["partitions"])
@@ -61,10 +61,10 @@ def measure(backend: Any, ledger: Any, counter: KmsCounter, dataset: dict, locat
     watch.wrap(pq.ParquetWriter, "close", "pme.write")
     watch.wrap(DigestBuilder, "update", "digest")
     # _commit_generation = the copy pass + the read-back pass (_digest of the staged file) + moves, manifest.
-    passes.wrap(ReencryptionEngine, "_commit_generation", "commit")
-    passes.wrap(ReencryptionEngine, "_digest", "read_back")
+    passes.wrap(ParquetEngine, "_commit_generation", "commit")
+    passes.wrap(ParquetEngine, "_digest", "read_back")
     wrapped = [(EncryptedParquetFile, "iter_batches"), (pq.ParquetWriter, "write_batch"), (pq.ParquetWriter, "close"),
-               (DigestBuilder, "update"), (ReencryptionEngine, "_commit_generation"), (ReencryptionEngine, "_digest")]
+               (DigestBuilder, "update"), (ParquetEngine, "_commit_generation"), (ParquetEngine, "_digest")]
     counter.reset()
     try:
         cpu0, start = cpu_seconds(), time.perf_counter()

@@ -75,7 +75,7 @@ def markdown(res: dict) -> str:
     causes = [f"- {v['cause']}" for v in g.values() if v.get("met") is False and v.get("cause")]
     out += causes or ["- none"]
     out += ["", "## 1. KEK rotation (`rewrap`) through the engine, against a real OpenBao", "",
-            "`ReencryptionEngine.process(partition, v, \"rewrap\")` over every partition (`engine.run`), after a "
+            "`ParquetEngine.process(partition, v, \"rewrap\")` over every partition (`engine.run`), after a "
             "Transit key rotation; each partition is one Parquet PME file of synthetic customers "
             f"(encrypted columns {', '.join(alt['columns'])}). KMS requests = HTTP requests counted under hvac. "
             f"Wall time: median of {rw['repeats']} rotations (min–max).", "",
@@ -118,7 +118,7 @@ def markdown(res: dict) -> str:
 
     e = re_["engine"]
     out += ["## 2. Full re-encryption (`reencrypt`, new data keys)", "",
-            f"`ReencryptionEngine.process(partition, v, \"reencrypt\")` over dataset `{e['dataset']}` (the same data "
+            f"`ParquetEngine.process(partition, v, \"reencrypt\")` over dataset `{e['dataset']}` (the same data "
             "as above), streamed in two passes of "
             + (f"{fmt_int(e['batch_rows'])} rows" if e.get("batch_rows") else "`batch_rows` rows")
             + " at a time: the copy (decrypt + decode a batch, add it to the plaintext digest, encode + encrypt "

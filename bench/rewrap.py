@@ -1,4 +1,4 @@
-"""KEK rotation of Parquet PME datasets through the package's engine: ``ReencryptionEngine.process(p, v, "rewrap")``.
+"""KEK rotation of Parquet PME datasets through the package's engine: ``ParquetEngine.process(p, v, "rewrap")``.
 
 Datasets of R rows in P daily partitions (one data file each), written through the engine
 (``write_partition``) in a worker process, then rotated: the Transit key gets a new version and
@@ -42,12 +42,12 @@ def slope(xs: list[float], ys: list[float]) -> float | None:
 
 
 def engine_for(backend: Any, ledger: Any, location: str, dataset: str) -> Any:
-    from keyrotation.engine import ReencryptionEngine
     from keyrotation.formats.parquet_pme import ParquetEncryption
     from keyrotation.ledger import RunContext
+    from keyrotation.parquet_engine import ParquetEngine
     from keyrotation.stores.partitions import PartitionStore
 
-    return ReencryptionEngine("bench", dataset, PartitionStore(location), ParquetEncryption(backend, ENCRYPTED_COLUMNS),
+    return ParquetEngine("bench", dataset, PartitionStore(location), ParquetEncryption(backend, ENCRYPTED_COLUMNS),
                               ledger, RunContext(actor="bench"))
 
 

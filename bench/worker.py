@@ -33,20 +33,20 @@ def _vm_kb(name: str) -> int:
     return 0
 
 
-def _engine(key_ref: str, location: str, dataset: str):  # noqa: ANN202 - a ReencryptionEngine
+def _engine(key_ref: str, location: str, dataset: str):  # noqa: ANN202 - a ParquetEngine
     import hvac
 
     from keyrotation.backends.vault_transit import VaultTransitBackend
-    from keyrotation.engine import ReencryptionEngine
     from keyrotation.formats.parquet_pme import ParquetEncryption
     from keyrotation.ledger import Ledger, RunContext
+    from keyrotation.parquet_engine import ParquetEngine
     from keyrotation.stores.partitions import PartitionStore
 
     client = hvac.Client(url=os.environ["BENCH_BAO_URL"], token=os.environ["BENCH_BAO_TOKEN"])
     backend = VaultTransitBackend(client, key_ref)
     Path(location).mkdir(parents=True, exist_ok=True)
     store = PartitionStore(location)
-    return ReencryptionEngine("bench", dataset, store, ParquetEncryption(backend, ENCRYPTED_COLUMNS), Ledger(),
+    return ParquetEngine("bench", dataset, store, ParquetEncryption(backend, ENCRYPTED_COLUMNS), Ledger(),
                               RunContext(actor="bench"))
 
 

@@ -40,7 +40,7 @@ from keyrotation.rotation import update_reference
 PARTITIONS = days("2024-01-01", 3)
 ROWS = 20
 ENGINE_CODE = [Path(__file__).resolve().parents[1] / "include" / "keyrotation" / p
-               for p in ("engine.py", "formats/parquet_pme.py")]
+               for p in ("parquet_engine.py", "formats/parquet_pme.py")]
 #: The checkpoints one partition passes, in order, per mode (the same as tests/test_kill_matrix.py's MODES).
 MODES = {
     "reencrypt": ["staged", "staging_recorded", "material_moved", "data_moved", "committed", "cleaned", "recorded"],

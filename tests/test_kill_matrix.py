@@ -33,7 +33,8 @@ from keyrotation.stores.filesystems import AwsCredentials, GcpCredentials, Stora
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("fault_worker.py")
-CODE = (ROOT / "include" / "keyrotation" / "engine.py", ROOT / "include" / "keyrotation" / "formats" / "parquet_pme.py")
+CODE = (ROOT / "include" / "keyrotation" / "parquet_engine.py",
+        ROOT / "include" / "keyrotation" / "formats" / "parquet_pme.py")
 #: The checkpoints one partition passes, in order, per mode (checked against the code and a run below).
 MODES = {
     "reencrypt": ["staged", "staging_recorded", "material_moved", "data_moved", "committed", "cleaned", "recorded"],

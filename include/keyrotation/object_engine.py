@@ -44,7 +44,7 @@ class ObjectKeyVersions(Protocol):
     def key_id_of(self, version: int) -> str: ...
 
 
-class ObjectReencryptionEngine(PartitionEngine):
+class ObjectEngine(PartitionEngine):
     """Census, re-encryption and validation of one ``sse_kms_objects`` or ``gcs_cmek_objects`` dataset."""
 
     holders = "objects"

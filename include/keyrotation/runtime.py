@@ -13,9 +13,9 @@ import sqlalchemy as sa
 from keyrotation.backends.base import KmsBackend
 from keyrotation.census import Census, take_census
 from keyrotation.config import Dataset, KeyClassConfig
-from keyrotation.engine import Checkpoint, ReencryptionEngine
 from keyrotation.formats.parquet_pme import ParquetEncryption
 from keyrotation.ledger import Ledger, RunContext
+from keyrotation.parquet_engine import Checkpoint, ParquetEngine
 from keyrotation.partition_engine import PartitionEngine
 from keyrotation.proof import proof_gaps
 from keyrotation.retirement import RetirementPlan, plan_retirement
@@ -31,26 +31,26 @@ def _local_storage(_dataset: Dataset) -> Storage:
 # (boto3, google-cloud-storage, psycopg2) only when a dataset of theirs is used.
 def _parquet_engine(rt: KeyClassRuntime, ds: Dataset, ctx: RunContext | None,
                     checkpoint: Checkpoint | None) -> PartitionEngine:
-    return ReencryptionEngine(rt.name, ds.name, rt.store(ds), rt.pme(ds), rt.ledger, ctx, checkpoint,
+    return ParquetEngine(rt.name, ds.name, rt.store(ds), rt.pme(ds), rt.ledger, ctx, checkpoint,
                               batch_rows=rt.config.key_class.reencryption.batch_rows)
 
 
 def _sse_kms_objects_engine(rt: KeyClassRuntime, ds: Dataset, ctx: RunContext | None,
                             _checkpoint: Checkpoint | None) -> PartitionEngine:
-    from keyrotation.object_engine import ObjectReencryptionEngine
+    from keyrotation.object_engine import ObjectEngine
     from keyrotation.stores.s3_objects import SseKmsObjectStore
 
     store = SseKmsObjectStore(rt.storage(ds).s3_client(ds.location), ds.location, ds.partitioning)
-    return ObjectReencryptionEngine(rt.name, ds.name, store, rt.backend, rt.ledger, ctx)
+    return ObjectEngine(rt.name, ds.name, store, rt.backend, rt.ledger, ctx)
 
 
 def _gcs_cmek_objects_engine(rt: KeyClassRuntime, ds: Dataset, ctx: RunContext | None,
                              _checkpoint: Checkpoint | None) -> PartitionEngine:
-    from keyrotation.object_engine import ObjectReencryptionEngine
+    from keyrotation.object_engine import ObjectEngine
     from keyrotation.stores.gcs_objects import CmekObjectStore
 
     store = CmekObjectStore(rt.storage(ds).gcs_client(ds.location), ds.location, ds.partitioning)
-    return ObjectReencryptionEngine(rt.name, ds.name, store, rt.backend, rt.ledger, ctx)
+    return ObjectEngine(rt.name, ds.name, store, rt.backend, rt.ledger, ctx)
 
 
 def _sql_table_engine(rt: KeyClassRuntime, ds: Dataset, ctx: RunContext | None,

@@ -50,7 +50,7 @@ def _no_checkpoint(_name: str) -> None:
     return None
 
 
-class ReencryptionEngine(PartitionEngine):
+class ParquetEngine(PartitionEngine):
     """Re-encrypts, writes and validates the partitions of one Parquet dataset of one key class."""
 
     census_kind = "parquet_pme"
