@@ -20,9 +20,9 @@ import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
 
 from keyrotation import ledger as lg
+from keyrotation.backends.base import KmsBackend
 from keyrotation.census import PartitionCensus
 from keyrotation.errors import PartitionError, ValidationError
 from keyrotation.ledger import Ledger, RunContext
@@ -34,22 +34,12 @@ COPY_THREADS = 8
 STRAY = "(outside partitions)"
 
 
-class ObjectKeyVersions(Protocol):
-    """What the engine asks of the key class's backend (AWS KMS alias strategy, Cloud KMS)."""
-
-    key_ref: str
-
-    def version_of_key_id(self, key_id: str) -> int | None: ...
-
-    def key_id_of(self, version: int) -> str: ...
-
-
 class ObjectEngine(PartitionEngine):
     """Census, re-encryption and validation of one ``sse_kms_objects`` or ``gcs_cmek_objects`` dataset."""
 
     holders = "objects"
 
-    def __init__(self, key_class: str, dataset: str, store: EncryptedObjectStore, backend: ObjectKeyVersions,
+    def __init__(self, key_class: str, dataset: str, store: EncryptedObjectStore, backend: KmsBackend,
                  ledger: Ledger, ctx: RunContext | None = None) -> None:
         self.key_class = key_class
         self.dataset = dataset

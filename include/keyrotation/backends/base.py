@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from keyrotation.errors import BackendError
+
 if TYPE_CHECKING:
     from keyrotation.backends.retry import RetryPolicy
     from keyrotation.config import KeyClass
@@ -166,6 +168,19 @@ class KmsBackend(abc.ABC):
     @abc.abstractmethod
     def retirement_effect(self, versions: list[int], *, trim: bool = False) -> str:
         """What :meth:`retire_below` does to ``versions`` in this KMS, in words, for the person who approves it."""
+
+    def deletion_dates(self) -> dict[int, datetime]:
+        """Versions the KMS has scheduled for deletion (or destruction), with when; none where it deletes none."""
+        return {}
+
+    def version_of_key_id(self, key_id: str) -> int | None:
+        """The version that the key id on a cloud-encrypted object names (formats of :meth:`object_formats`);
+        None if it is not a version of this key."""
+        raise BackendError(f"{self.kind} key {self.key_ref!r}: no object format names its versions")
+
+    def key_id_of(self, version: int) -> str:
+        """The key id a cloud-encrypted object gets to be under ``version`` (formats of :meth:`object_formats`)."""
+        raise BackendError(f"{self.kind} key {self.key_ref!r}: no object format names its versions")
 
     def is_version_usable(self, version: int) -> bool:
         """Round-trip a random probe through ``version``: true when it encrypts and decrypts."""

@@ -147,7 +147,7 @@ class ComplianceReportOperator(BaseOperator):
         for name in names:
             try:
                 rt = key_class_runtime(name, "report")
-                deletions = getattr(rt.backend, "deletion_dates", lambda: {})()
+                deletions = rt.backend.deletion_dates()
                 items.append(KeyClassEvidence(rt.config.key_class, rt.backend.key_state(), rt.censuses(), deletions))
             except (KeyRotationError, OSError, ValueError) as exc:
                 problems.append(f"{name}: {exc}")
