@@ -263,6 +263,94 @@ def test_tampered_moved_and_unknown_values_are_named_and_left_alone(make_key_cla
     assert CANARY not in " ".join(r.error or "" for r in results.values())
 
 
+def _unknown_key(conn, table: str, key_class: str, pk: int) -> None:
+    """Give row ``pk``'s email a data key id that is in no data-key table."""
+    import uuid
+
+    value = bytearray(conn.execute(sa.text(f"SELECT email FROM {table} WHERE id = :pk"), {"pk": pk}).scalar())
+    offset = key_id_offset(key_class) - 1
+    value[offset:offset + 16] = uuid.uuid4().bytes
+    conn.execute(sa.text(f"UPDATE {table} SET email = :v WHERE id = :pk"), {"v": bytes(value), "pk": pk})
+
+
+def test_rewrap_reads_only_data_keys_and_the_gate_still_blocks_an_unknown_key(make_key_class, vault, pg):
+    """The rewrap reads the data-key table only (O(data keys)); the proof that no value is under a data key
+    outside it comes from the census (the key-id index: the planner answers it with one probe per data key)
+    and from validation (every value decrypted), so a value under an unknown key still refuses retirement."""
+    from keyrotation.errors import RetirementRefused
+
+    config = sql_key_class(make_key_class, pg, "sqlidx", batch=100)
+    rt = runtime(config, vault)
+    table, dataset = config.datasets[0].table, "sqlidx_rows"
+    parts = ["2024-06-01", "2024-06-02"]
+    seed(rt, dataset, parts, rows=150)
+    engine = rt.engine(dataset)
+    assert rt.census(dataset).by_version() == {1: 2}
+    assert engine.store.ensure_key_id_indexes(rt.name, create=False) is None  # the census made them
+    with pg[0].connect() as conn:
+        for column in ("email", "ssn"):
+            plan = "\n".join(r[0] for r in conn.execute(
+                sa.text("EXPLAIN " + engine.store.key_ids_sql(column, rt.name)), {"partition": parts[0]}))
+            assert engine.store.key_id_index(column, rt.name) in plan and "Seq Scan" not in plan, plan
+    with pg[0].begin() as conn:
+        _unknown_key(conn, table, rt.name, 170)
+
+    v2 = rt.backend.rotate()
+    update_reference(rt.name, v2, rt.ledger, RunContext(actor="test"))
+    before = fingerprint(pg, table)
+    results = engine.run(parts, lambda p: engine.process(p, v2, "rewrap"))
+    assert [r.action for r in results] == ["rewrapped", "rewrapped"]  # the data keys only: right either way
+    assert fingerprint(pg, table) == before
+    census = rt.census(dataset)
+    assert "1 values in" in census.errors[parts[1]] and "unknown key version" in census.errors[parts[1]]
+    assert census.by_version() == {v2: 1}
+    [failed] = engine.run([parts[1]], lambda p: engine.validate(p, v2))
+    assert failed.action == "failed" and "unknown key version" in failed.error
+    assert engine.validate(parts[0], v2).action == "validated"
+    with pytest.raises(RetirementRefused, match="unknown key version"):
+        retire(rt.backend, rt.config.key_class, rt.retirement_plan(), rt.censuses(), rt.ledger,
+               RunContext(actor="test"))
+    assert rt.backend.key_state().min_decryption_version == 1
+
+
+def test_validation_names_values_under_another_partitions_data_key(make_key_class, vault, pg):
+    from keyrotation.errors import ValidationError
+
+    config = sql_key_class(make_key_class, pg, "sqlforeign", batch=100)
+    rt = runtime(config, vault)
+    table, dataset = config.datasets[0].table, "sqlforeign_rows"
+    parts = ["2024-07-01", "2024-07-02"]
+    seed(rt, dataset, parts, rows=50)
+    engine = rt.engine(dataset)
+    app = KeyRotationClient(rt.backend, rt.ledger, rt.name, db=rt.sql_db(config.datasets[0]), poll_interval_s=3600)
+    blob = app.encrypt(f"{CANARY}-x", {"table": table, "column": "email", "pk": 7, "partition": parts[1]})
+    with pg[0].begin() as conn:
+        conn.execute(sa.text(f"UPDATE {table} SET email = :v WHERE id = 7"), {"v": blob})
+    assert engine.validate(parts[1]).action == "validated"
+    with pytest.raises(ValidationError, match=f"1 values are under data keys of another table or partition, not of "
+                                              f"{table} partition {parts[0]}: {table} partition {parts[1]}"):
+        engine.validate(parts[0])
+
+
+def test_without_a_key_id_index_the_census_scans_and_proves_the_same(make_key_class, vault, pg):
+    """A timestamptz partition column: its day is not immutable, so no key-id index can hold it; the census
+    reads every value instead, with the same findings."""
+    config = sql_key_class(make_key_class, pg, "sqlnoidx", batch=100)
+    rt = runtime(config, vault)
+    table, dataset = config.datasets[0].table, "sqlnoidx_rows"
+    with pg[0].begin() as conn:
+        conn.execute(sa.text(f"ALTER TABLE {table} ALTER COLUMN day TYPE timestamptz"))
+    seed(rt, dataset, ["2024-08-01", "2024-08-02"], rows=60)
+    engine = rt.engine(dataset)
+    assert rt.census(dataset).by_version() == {1: 2}
+    assert "cannot create the key-id index" in engine.store.ensure_key_id_indexes(rt.name)
+    assert sum(p.rows for p in rt.census(dataset).partitions.values()) == 120
+    with pg[0].begin() as conn:
+        _unknown_key(conn, table, rt.name, 61)
+    census = rt.census(dataset)
+    assert "1 values in" in census.errors["2024-08-02"] and "unknown key version" in census.errors["2024-08-02"]
+
+
 @pytest.mark.airflow
 def test_a_table_dataset_through_the_dags(make_key_class, vault, pg, airflow_db):
     from dag_runs import key_class_dags as _dags

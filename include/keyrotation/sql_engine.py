@@ -5,7 +5,8 @@ kept in ``keyrotation_data_keys`` (:mod:`keyrotation.stores.data_keys`). Partiti
 the dataset's partition column; the table is read and written through
 :class:`keyrotation.stores.sql_table.SqlTableStore`.
 
-* ``rewrap``: re-wrap the partition's data keys under the new KEK version. The table is not touched:
+* ``rewrap``: re-wrap the partition's data keys under the new KEK version. It reads the data-key table
+  only (the partition's data keys and their versions, before and after), and the table is not touched:
   O(data keys), not O(rows).
 * ``reencrypt``: a new data key under the new version; values rewritten batch by batch (keyset
   pagination over the primary key, pandas for the transform, one transaction per batch). Each row is
@@ -17,6 +18,18 @@ the dataset's partition column; the table is read and written through
 A value that does not decrypt (altered, copied from another row or column, under an unknown data key)
 is named with its row and left as it is; the other rows and partitions go on, and the partition is
 reported as failed.
+
+What proves that no value hides under a data key the engine does not know:
+
+* the census (:meth:`SqlTableEngine.partition_census`, which the planner and the retirement gate read)
+  takes the distinct data key ids of the partition's values from the key-id indexes
+  (:meth:`SqlTableStore.key_ids`: one index probe per data key, not a scan of the rows) and joins them
+  with the data-key table: a value under an id not in it for this key class makes the partition
+  blocking, so the gate refuses to retire. Without the index (not creatable here) the census scans every
+  value, as before: slower, the same proof;
+* validation decrypts every value anyway and checks each value's data key against the partition's own
+  (same key class, table and partition) and the census's versions; it records the versions the values
+  themselves name, which the gate requires after the partition's last change (:mod:`keyrotation.proof`).
 """
 
 from __future__ import annotations
@@ -59,6 +72,7 @@ class SqlTableEngine(PartitionEngine):
         self.ledger = ledger
         self.ctx = ctx or RunContext()
         self.keys = DataKeyStore(store.db, backend, key_class)
+        self._index_tried = False
 
     # -- census -------------------------------------------------------------------------------
     def list_partitions(self) -> list[str]:
@@ -66,21 +80,65 @@ class SqlTableEngine(PartitionEngine):
 
     def partition_census(self, partition: str, strict: bool = True) -> PartitionCensus:
         """Versions of the data keys the partition's values name; values under an unknown data key make
-        it an error (``strict``), or are left out for the engine to name row by row."""
+        it an error (``strict``), or are left out for the engine to name row by row.
+
+        The data key ids come from the key-id indexes (O(data keys)) where they are valid, else from a scan
+        of every value; either way every value is accounted for. The row count is a ``count(*)``."""
+        if self._index_problem() is not None:
+            return self._scanned_census(partition, strict)
+        rows = self.store.row_count(partition)
+        if not rows:
+            raise PartitionError(partition, f"table {self.store.table} has no rows in this partition")
+        named = self.store.key_ids(partition, self.key_class)
+        known = self.keys.rows_of(named)
+        unknown = named - known.keys()
+        if unknown and strict:
+            n = self.store.values_under(partition, self.key_class, unknown)
+            raise PartitionError(partition, self._unknown_message(n))
+        if not known:
+            raise PartitionError(partition, f"no encrypted values in {self.store.table}")
+        return PartitionCensus(partition, frozenset(int(r.version) for r in known.values()),
+                               min(int(r.created_under) for r in known.values()), rows=rows, bytes=None,
+                               units=len(known))
+
+    def _index_problem(self) -> str | None:
+        """Why the census cannot read data key ids from the key-id indexes (None: it can); they are created
+        once per engine if missing, and checked again at every census (an index dropped meanwhile)."""
+        problem = self.store.ensure_key_id_indexes(self.key_class, create=not self._index_tried)
+        self._index_tried = True
+        return problem
+
+    def _unknown_message(self, n: int) -> str:
+        return (f"{n} values in {self.store.table} are under data keys not in {DATA_KEYS} for key class "
+                f"{self.key_class} (unknown key version, or not encrypted by keyrotation)")
+
+    def _scanned_census(self, partition: str, strict: bool) -> PartitionCensus:
+        """The census from a scan of every value's data key id (no key-id index)."""
         groups, rows = self.store.key_versions(partition, self.key_class)
         if not rows:
             raise PartitionError(partition, f"table {self.store.table} has no rows in this partition")
         unknown = sum(g.n for g in groups if g.version is None)
         if unknown and strict:
-            raise PartitionError(partition, f"{unknown} values in {self.store.table} are under data keys not in "
-                                            f"{DATA_KEYS} for key class {self.key_class} (unknown key version, or "
-                                            "not encrypted by keyrotation)")
+            raise PartitionError(partition, self._unknown_message(unknown))
         known = [g for g in groups if g.version is not None]
         if not known:
             raise PartitionError(partition, f"no encrypted values in {self.store.table}")
         return PartitionCensus(partition, frozenset(int(g.version) for g in known),
                                min(int(g.created_under) for g in known), rows=rows, bytes=None,
                                units=sum(int(g.keys) for g in known))
+
+    def data_key_census(self, partition: str) -> tuple[PartitionCensus, list[sa.Row]]:
+        """The partition's own data keys (every one in the data-key table, used by a value or not) and the
+        census they make: what a rewrap reads, O(data keys). It says nothing of the values (rows None): which
+        keys they name is the census's and validation's to prove."""
+        keys = self.keys.keys_of(self.store.table, partition)
+        if not keys:
+            raise PartitionError(partition, f"no data keys in {DATA_KEYS} for table {self.store.table} and key class "
+                                            f"{self.key_class}: nothing to re-wrap (its values are under no data "
+                                            "key of this partition)")
+        return PartitionCensus(partition, frozenset(int(r.version) for r in keys),
+                               min(int(r.created_under) for r in keys), rows=None, bytes=None,
+                               units=len(keys)), keys
 
     # -- reading and writing ------------------------------------------------------------------
     def _decrypt(self, value: Any, column: str, pk: Any) -> bytes:
@@ -109,21 +167,24 @@ class SqlTableEngine(PartitionEngine):
     # -- operations ---------------------------------------------------------------------------
     def _process(self, partition: str, target_version: int, mode: str) -> PartitionResult:
         start = time.monotonic()
-        before = self.partition_census(partition, strict=mode == "rewrap")
         if mode == "rewrap":
-            return self._rewrap(partition, target_version, before, start)
-        return self._reencrypt(partition, target_version, before, start)
+            return self._rewrap(partition, target_version, start)
+        return self._reencrypt(partition, target_version, self.partition_census(partition, strict=False), start)
 
-    def _rewrap(self, partition: str, target: int, before: PartitionCensus, start: float) -> PartitionResult:
-        stale = [r for r in self.keys.keys_of(self.store.table, partition) if r.version < target]
+    def _rewrap(self, partition: str, target: int, start: float) -> PartitionResult:
+        """Re-wrap the partition's data keys older than ``target``: the data-key table only, before and after.
+        Whether a value hides under a key outside it is the census's and validation's to prove (the retirement
+        gate asks both), not this step's: re-wrapping the keys it has is right either way."""
+        before, keys = self.data_key_census(partition)
+        stale = [r for r in keys if r.version < target]
         if not stale:
             return self._up_to_date(before, start)
         changed = self.keys.rewrap(stale, target)
-        after = self.partition_census(partition)
+        after, _ = self.data_key_census(partition)
         if min(after.versions) < target:
             raise PartitionError(partition, f"after the rewrap data keys are under {sorted(after.versions)}, "
                                             f"expected v{target} or newer")
-        result = PartitionResult(partition, "rewrapped", before.oldest, target, before.rows, None, None,
+        result = PartitionResult(partition, "rewrapped", before.oldest, target, None, None, None,
                                  time.monotonic() - start)
         self._record(lg.PARTITION_REWRAPPED, result, detail={"mode": "rewrap", "data_keys": changed,
                                                              "table": self.store.table})
@@ -208,12 +269,17 @@ class SqlTableEngine(PartitionEngine):
                                {"table": self.store.table}, compare_digest=False)
 
     def _validate(self, partition: str, min_version: int | None) -> PartitionResult:
-        """Decrypt every value of the partition (each bound to its row and column) and check the versions.
+        """Decrypt every value of the partition (each bound to its row and column) and check its data key: one
+        of this partition's (key class, table, partition), under a version no older than the census says and
+        ``min_version``. The versions recorded are those the values themselves name: the per-value proof the
+        retirement gate requires after the partition's last change.
 
         The digest of the plaintext is recorded, not compared: applications keep writing to a live table.
         """
         start = time.monotonic()
         census = self.partition_census(partition)
+        own = {bytes(r.key_id): r for r in self.keys.keys_of(self.store.table, partition)}
+        named: dict[bytes, int] = {}  # data key id -> values naming it
         digest, rows, bad = hashlib.sha256(), 0, []
         for frame in self.store.batches(partition):
             for row in frame.itertuples(index=False, name=None):
@@ -226,7 +292,29 @@ class SqlTableEngine(PartitionEngine):
                         digest.update(self._decrypt(value, column, row[0]))
                     except EnvelopeError as exc:
                         bad.append(str(exc))
-        result = PartitionResult(partition, "validated", census.oldest, max(census.versions), rows, None,
+                        continue
+                    key_id = parse_header(bytes(value), "").key_id
+                    named[key_id] = named.get(key_id, 0) + 1
+        if named.keys() - own.keys():  # a data key made while this ran (an application writing)
+            own.update({bytes(r.key_id): r for r in self.keys.keys_of(self.store.table, partition)})
+        foreign = self._foreign(partition, {k: n for k, n in named.items() if k not in own})
+        versions = frozenset(int(own[k].version) for k in named if k in own) or census.versions
+        proven = PartitionCensus(partition, versions, census.written_under, rows=rows)
+        result = PartitionResult(partition, "validated", proven.oldest, max(proven.versions), rows, None,
                                  digest.hexdigest(), time.monotonic() - start)
         undecryptable = f"{len(bad)} values do not decrypt: " + "; ".join(bad[:BAD_ROWS_SHOWN]) if bad else None
-        return self._finish_validation(result, None, undecryptable, self._below(census, min_version))
+        older = None
+        if proven.oldest < census.oldest:
+            older = (f"values are under data keys wrapped by v{proven.oldest}, older than the census says "
+                     f"(v{census.oldest}): the census does not account for every value")
+        return self._finish_validation(result, None, undecryptable, foreign, older, self._below(proven, min_version))
+
+    def _foreign(self, partition: str, named: dict[bytes, int]) -> str | None:
+        """The finding for values that decrypt under data keys of another table or partition (of this key
+        class): a rewrap of this partition would not re-wrap them."""
+        if not named:
+            return None
+        rows = self.keys.rows_of(set(named))
+        where = sorted({f"{r.table_name} partition {r.partition}" for r in rows.values()})
+        return (f"{sum(named.values())} values are under data keys of another table or partition, not of "
+                f"{self.store.table} partition {partition}: " + "; ".join(where[:BAD_ROWS_SHOWN]))

@@ -204,6 +204,15 @@ class DataKeyStore:
         self._count("cache_hits")
         return entry
 
+    def rows_of(self, key_ids: set[bytes] | list[bytes]) -> dict[bytes, sa.Row]:
+        """The rows of those of ``key_ids`` that are data keys of this key class, by key id (one indexed
+        lookup of the primary key each)."""
+        if not key_ids:
+            return {}
+        with self.db.connect() as conn:
+            return {bytes(r.key_id): r for r in conn.execute(sa.select(data_keys).where(
+                data_keys.c.key_id.in_(list(key_ids)), data_keys.c.key_class == self.key_class))}
+
     def keys_of(self, table: str, partition: str) -> list[sa.Row]:
         with self.db.connect() as conn:
             return list(conn.execute(sa.select(data_keys).where(
