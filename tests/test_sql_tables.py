@@ -263,6 +263,16 @@ def test_tampered_moved_and_unknown_values_are_named_and_left_alone(make_key_cla
     assert CANARY not in " ".join(r.error or "" for r in results.values())
 
 
+def seeded(make_key_class, vault, pg, name: str, parts: list[str], rows: int):
+    """A key class ``name`` whose table holds ``rows`` rows in each of ``parts`` under v1: (runtime, table,
+    dataset, engine)."""
+    config = sql_key_class(make_key_class, pg, name, batch=100)
+    rt = runtime(config, vault)
+    dataset = f"{name}_rows"
+    seed(rt, dataset, parts, rows=rows)
+    return rt, config.datasets[0].table, dataset, rt.engine(dataset)
+
+
 def _unknown_key(conn, table: str, key_class: str, pk: int) -> None:
     """Give row ``pk``'s email a data key id that is in no data-key table."""
     import uuid
@@ -279,12 +289,8 @@ def test_rewrap_reads_only_data_keys_and_the_gate_still_blocks_an_unknown_key(ma
     and from validation (every value decrypted), so a value under an unknown key still refuses retirement."""
     from keyrotation.errors import RetirementRefused
 
-    config = sql_key_class(make_key_class, pg, "sqlidx", batch=100)
-    rt = runtime(config, vault)
-    table, dataset = config.datasets[0].table, "sqlidx_rows"
     parts = ["2024-06-01", "2024-06-02"]
-    seed(rt, dataset, parts, rows=150)
-    engine = rt.engine(dataset)
+    rt, table, dataset, engine = seeded(make_key_class, vault, pg, "sqlidx", parts, 150)
     assert rt.census(dataset).by_version() == {1: 2}
     assert engine.store.ensure_key_id_indexes(rt.name, create=False) is None  # the census made them
     with pg[0].connect() as conn:
@@ -316,13 +322,10 @@ def test_rewrap_reads_only_data_keys_and_the_gate_still_blocks_an_unknown_key(ma
 def test_validation_names_values_under_another_partitions_data_key(make_key_class, vault, pg):
     from keyrotation.errors import ValidationError
 
-    config = sql_key_class(make_key_class, pg, "sqlforeign", batch=100)
-    rt = runtime(config, vault)
-    table, dataset = config.datasets[0].table, "sqlforeign_rows"
     parts = ["2024-07-01", "2024-07-02"]
-    seed(rt, dataset, parts, rows=50)
-    engine = rt.engine(dataset)
-    app = KeyRotationClient(rt.backend, rt.ledger, rt.name, db=rt.sql_db(config.datasets[0]), poll_interval_s=3600)
+    rt, table, dataset, engine = seeded(make_key_class, vault, pg, "sqlforeign", parts, 50)
+    app = KeyRotationClient(rt.backend, rt.ledger, rt.name, db=rt.sql_db(rt.config.datasets[0]),
+                            poll_interval_s=3600)
     blob = app.encrypt(f"{CANARY}-x", {"table": table, "column": "email", "pk": 7, "partition": parts[1]})
     with pg[0].begin() as conn:
         conn.execute(sa.text(f"UPDATE {table} SET email = :v WHERE id = 7"), {"v": blob})
