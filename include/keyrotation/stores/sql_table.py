@@ -113,6 +113,8 @@ class SqlTableStore:
             if states.get(name):
                 continue
             try:
+                log.info("%s.%s: creating the key-id index %s (CREATE INDEX CONCURRENTLY: writes go on)",
+                         self.table, column, name)
                 if name in states:  # left invalid by an interrupted concurrent build: build it again
                     self._ddl(f"DROP INDEX CONCURRENTLY IF EXISTS {_ident(name)}")
                 self._ddl(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {_ident(name)} ON {_ident(self.table)} "
