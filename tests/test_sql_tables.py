@@ -374,3 +374,35 @@ def test_a_table_dataset_through_the_dags(make_key_class, vault, pg, airflow_db)
     assert rt.backend.key_state().min_decryption_version == 2
     assert plaintexts(rt, "sqldag_rows") == before
     assert len(rt.ledger.rows(events_in=(lg.PARTITION_VALIDATED,))) == 3
+
+
+def test_a_rewrap_after_a_retirement_leaves_the_retired_unused_data_keys_alone(make_key_class, vault, pg):
+    """A reencrypt leaves the partition's old data keys in the table (no value names them); once their version
+    is retired the KMS refuses to rewrap them. The next rotation's rewrap must not fail on them, nor remove them."""
+    config = sql_key_class(make_key_class, pg, "sqlorphan", columns="email", batch=50)
+    rt = runtime(config, vault)
+    dataset = "sqlorphan_rows"
+    parts = days(2)
+    seed(rt, dataset, parts, rows=20, columns=("email",))
+    engine = rt.engine(dataset)
+    v2 = rt.backend.rotate()
+    update_reference(rt.name, v2, rt.ledger, RunContext(actor="test"))
+    assert {r.action for r in engine.run(parts, lambda p: engine.process(p, v2, "reencrypt"))} == {"reencrypted"}
+    assert {engine.validate(p, min_version=v2).action for p in parts} == {"validated"}
+    state = retire(rt.backend, rt.config.key_class, rt.retirement_plan(), rt.censuses(), rt.ledger,
+                   RunContext(actor="test"))
+    assert state.min_decryption_version == v2
+    with pg[0].connect() as conn:
+        retired_keys = conn.execute(sa.text(f"SELECT count(*) FROM {DATA_KEYS} WHERE table_name = :t AND version < :v"),
+                                    {"t": config.datasets[0].table, "v": v2}).scalar()
+    assert retired_keys == 2  # one per partition, named by no value
+
+    v3 = rt.backend.rotate()
+    engine = rt.engine(dataset)
+    results = engine.run(parts, lambda p: engine.process(p, v3, "rewrap"))
+    assert [(r.action, r.error) for r in results] == [("rewrapped", None)] * 2
+    assert rt.census(dataset).by_version() == {v3: 2}
+    with pg[0].connect() as conn:
+        assert conn.execute(sa.text(f"SELECT count(*) FROM {DATA_KEYS} WHERE table_name = :t AND version < :v"),
+                            {"t": config.datasets[0].table, "v": v2}).scalar() == 2  # left in place
+    assert {engine.validate(p, min_version=v3).action for p in parts} == {"validated"}

@@ -73,6 +73,7 @@ class SqlTableEngine(PartitionEngine):
         self.ctx = ctx or RunContext()
         self.keys = DataKeyStore(store.db, backend, key_class)
         self._index_tried = False
+        self._kms_floor: int | None = None
 
     # -- census -------------------------------------------------------------------------------
     def list_partitions(self) -> list[str]:
@@ -127,18 +128,27 @@ class SqlTableEngine(PartitionEngine):
                                min(int(g.created_under) for g in known), rows=rows, bytes=None,
                                units=sum(int(g.keys) for g in known))
 
-    def data_key_census(self, partition: str) -> tuple[PartitionCensus, list[sa.Row]]:
+    def data_key_census(self, partition: str, floor: int = 0) -> tuple[PartitionCensus, list[sa.Row], list[sa.Row]]:
         """The partition's own data keys (every one in the data-key table, used by a value or not) and the
         census they make: what a rewrap reads, O(data keys). It says nothing of the values (rows None): which
-        keys they name is the census's and validation's to prove."""
+        keys they name is the census's and validation's to prove. Keys wrapped under a version below ``floor``
+        (retired: the KMS no longer unwraps them) are returned apart and left out of the census."""
         keys = self.keys.keys_of(self.store.table, partition)
-        if not keys:
+        live = [r for r in keys if r.version >= floor]
+        retired = [r for r in keys if r.version < floor]
+        if not live:
             raise PartitionError(partition, f"no data keys in {DATA_KEYS} for table {self.store.table} and key class "
-                                            f"{self.key_class}: nothing to re-wrap (its values are under no data "
-                                            "key of this partition)")
-        return PartitionCensus(partition, frozenset(int(r.version) for r in keys),
-                               min(int(r.created_under) for r in keys), rows=None, bytes=None,
-                               units=len(keys)), keys
+                                            f"{self.key_class} under a live version: nothing to re-wrap (its values "
+                                            "are under no data key of this partition)")
+        return PartitionCensus(partition, frozenset(int(r.version) for r in live),
+                               min(int(r.created_under) for r in live), rows=None, bytes=None,
+                               units=len(live)), live, retired
+
+    def _retired_floor(self) -> int:
+        """The KMS's lowest decryptable version, read once per engine (a task)."""
+        if self._kms_floor is None:
+            self._kms_floor = self.backend.key_state().min_decryption_version
+        return self._kms_floor
 
     # -- reading and writing ------------------------------------------------------------------
     def _decrypt(self, value: Any, column: str, pk: Any) -> bytes:
@@ -174,20 +184,36 @@ class SqlTableEngine(PartitionEngine):
     def _rewrap(self, partition: str, target: int, start: float) -> PartitionResult:
         """Re-wrap the partition's data keys older than ``target``: the data-key table only, before and after.
         Whether a value hides under a key outside it is the census's and validation's to prove (the retirement
-        gate asks both), not this step's: re-wrapping the keys it has is right either way."""
-        before, keys = self.data_key_census(partition)
+        gate asks both), not this step's: re-wrapping the keys it has is right either way.
+
+        Data keys under a retired version (a reencrypt replaced them, then the retirement raised the KMS's
+        floor) cannot be re-wrapped, and need not be when no value names them: they are left in place, said in
+        the log and the ledger. If a value does name one, the partition is refused: its data no longer decrypts.
+        """
+        floor = self._retired_floor()
+        before, keys, retired = self.data_key_census(partition, floor)
+        if retired:
+            named = self.store.values_under(partition, self.key_class, {bytes(r.key_id) for r in retired})
+            if named:
+                raise PartitionError(partition, f"{named} values are under data keys wrapped under retired "
+                                                f"versions (below v{floor}, which the KMS no longer unwraps); "
+                                                "nothing re-wrapped")
+            log.info("%s partition %s: %d data keys under retired versions (below v%s) are named by no value: "
+                     "left in place, not re-wrapped", self.dataset, partition, len(retired), floor)
         stale = [r for r in keys if r.version < target]
         if not stale:
             return self._up_to_date(before, start)
         changed = self.keys.rewrap(stale, target)
-        after, _ = self.data_key_census(partition)
+        after, _, _ = self.data_key_census(partition, floor)
         if min(after.versions) < target:
             raise PartitionError(partition, f"after the rewrap data keys are under {sorted(after.versions)}, "
                                             f"expected v{target} or newer")
         result = PartitionResult(partition, "rewrapped", before.oldest, target, None, None, None,
                                  time.monotonic() - start)
-        self._record(lg.PARTITION_REWRAPPED, result, detail={"mode": "rewrap", "data_keys": changed,
-                                                             "table": self.store.table})
+        detail = {"mode": "rewrap", "data_keys": changed, "table": self.store.table}
+        if retired:
+            detail["retired_data_keys_left"] = len(retired)
+        self._record(lg.PARTITION_REWRAPPED, result, detail=detail)
         return result
 
     def _reencrypt(self, partition: str, target: int, before: PartitionCensus, start: float) -> PartitionResult:
