@@ -99,14 +99,27 @@ def test_chunks_by_work_stay_within_their_target_and_keep_the_order():
     # reencrypt is sized by bytes: 168 MB a partition at 16.8 MB/s is about 10 s.
     big = sized({f"p{i:04d}": (1, 1_000_000, 168_000_000) for i in range(12)})
     chunks = chunk_by_work(sorted(big.partitions), big, "reencrypt", 60)
-    assert [len(ch) for ch in chunks] == [5, 5, 2]
+    assert [len(ch) for ch in chunks] == [4, 4, 4]  # as few chunks as fit the target (3), evened out
     assert all(sum(partition_work(big, ch, "reencrypt")) <= 60 for ch in chunks)
+    uneven = sized({f"p{i:04d}": (1, 0, (1 + i % 4) * REENCRYPT_BYTES_PER_S) for i in range(200)})
+    parts = sorted(uneven.partitions)
+    chunks = chunk_by_work(parts, uneven, "reencrypt", 45)
+    loads = [sum(partition_work(uneven, ch, "reencrypt")) for ch in chunks]
+    assert [p for ch in chunks for p in ch] == parts and max(loads) <= 45
+    assert len(chunks) <= -(-sum(loads) // 45) + 1 and min(loads) > 0.8 * max(loads)  # few, even
 
 
 def test_a_partition_larger_than_the_target_gets_a_chunk_of_its_own():
     c = sized({"a": (1, 10, 10), "b": (1, 10, 10), "huge": (1, 0, 10 * REENCRYPT_BYTES_PER_S),
                "c": (1, 10, 10), "d": (1, 10, 10)})
     assert chunk_by_work(["a", "b", "huge", "c", "d"], c, "reencrypt", 5) == [["a", "b"], ["huge"], ["c", "d"]]
+    # Next to a huge one, the others still stay within the target.
+    small = {f"s{i:02d}": (1, 0, REENCRYPT_BYTES_PER_S) for i in range(20)}
+    c = sized({"a": (1, 0, REENCRYPT_BYTES_PER_S), "b": (1, 0, 100 * REENCRYPT_BYTES_PER_S), **small})
+    parts = sorted(c.partitions)
+    chunks = chunk_by_work(parts, c, "reencrypt", 5)
+    assert ["b"] in chunks and [p for ch in chunks for p in ch] == parts
+    assert all(sum(partition_work(c, ch, "reencrypt")) <= 5 for ch in chunks if ch != ["b"])
 
 
 def test_chunks_by_work_respect_the_cap_on_mapped_tasks():
@@ -150,3 +163,22 @@ def test_chunks_by_work_are_deterministic_and_the_override_path_is_unchanged():
     assert chunk_by_work([], c, "rewrap", 60) == []
     with pytest.raises(ValueError):
         chunk_by_work(parts, c, "rewrap", 0)
+
+
+def test_chunks_by_work_hold_their_promises_on_random_sizes():
+    import random
+
+    rng = random.Random(7)
+    for _ in range(200):
+        n = rng.randint(1, 120)
+        c = sized({f"p{i:03d}": (rng.randint(1, 4), 0, int(rng.expovariate(1 / 20) * REENCRYPT_BYTES_PER_S))
+                   for i in range(n)})
+        parts = sorted(c.partitions)
+        target, cap = rng.choice([5, 30, 60, 300]), rng.choice([3, 10, MAX_MAPPED_TASKS])
+        chunks = chunk_by_work(parts, c, "reencrypt", target, max_chunks=cap)
+        loads = [sum(partition_work(c, ch, "reencrypt")) for ch in chunks]
+        assert [p for ch in chunks for p in ch] == parts and all(chunks) and len(chunks) <= cap
+        if cap == MAX_MAPPED_TASKS:  # not capped: the target holds but for partitions alone in their chunk
+            assert all(load <= target for ch, load in zip(chunks, loads, strict=True) if len(ch) > 1)
+            # As few chunks as the target allows: no two neighbours would fit in one.
+            assert all(a + b > target for a, b in zip(loads, loads[1:], strict=False))
