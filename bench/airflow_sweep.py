@@ -3,7 +3,8 @@
 ``python -m bench.airflow_sweep SPEC_JSON``, in a process of its own (Airflow reads its configuration
 at import). Set up as ``scripts/demo.py`` does: AIRFLOW_HOME and a SQLite metadata DB under the work
 folder, DAGs folder = the repo's ``dags/``, KEYROTATION_CONFIG_DIR with the shipped key classes (the
-dataset under the work folder, ``chunk_size`` set per run), an OpenBao dev server, and
+dataset under the work folder, ``chunk_size`` set per run, ``null``: the default configuration, chunks sized
+by estimated work), an OpenBao dev server, and
 ``AIRFLOW_CONN_VAULT_KEYROTATION``. The metadata DB is migrated in this process (what ``airflow db
 migrate`` runs).
 
@@ -60,12 +61,16 @@ def configure(work: Path) -> Path:
     return config_dir
 
 
-def set_chunk_size(config_dir: Path, chunk_size: int, mode: str) -> None:
+def set_chunk_size(config_dir: Path, chunk_size: int | None, mode: str) -> None:
+    """The shipped key class in ``mode``, with ``chunk_size`` partitions per mapped task; None: the default
+    configuration (chunks sized by estimated work, ``reencryption.chunk_target``)."""
     import yaml
 
     path = config_dir / f"{KEY_CLASS}.yaml"
     doc = yaml.safe_load((ROOT / "include" / "config" / "key_classes" / path.name).read_text())
-    doc["key_class"]["reencryption"] = {"mode": mode, "chunk_size": chunk_size}
+    shipped = {k: v for k, v in (doc["key_class"].get("reencryption") or {}).items() if k != "chunk_size"}
+    doc["key_class"]["reencryption"] = {**shipped, "mode": mode} | (
+        {"chunk_size": chunk_size} if chunk_size is not None else {})
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 

@@ -224,7 +224,7 @@ def build_reencrypt_dag(config: KeyClassConfig, dataset: str) -> DAG:
         **failure_callbacks(kc),  # the DAG's own: one notice per failed run, not one per failed chunk
         tags=["keyrotation", "reencrypt", kc.name],
         doc_md=REENCRYPT_DOC.format(dataset=ds.name, name=kc.name, location=ds.location,
-                                    mode=kc.reencryption.mode, chunk=kc.reencryption.chunk_size),
+                                    mode=kc.reencryption.mode, chunk=kc.reencryption.chunking()),
         render_template_as_native_obj=True,
         params={
             "scope": Param("auto", type="string", enum=["auto", "sweep", "range", "interval"], title="Scope",

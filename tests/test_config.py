@@ -55,7 +55,28 @@ def test_defaults_and_env_expansion(tmp_path, monkeypatch):
     assert load_key_class_file(write(tmp_path, GOOD)).dataset("customers").location == "/mnt/lake/customers"
 
 
+def test_chunks_are_sized_by_work_unless_a_chunk_size_is_set(tmp_path):
+    policy = load_key_class_file(write(tmp_path, GOOD)).key_class.reencryption
+    assert policy.chunk_size is None and policy.chunk_target == timedelta(seconds=60)
+    assert "about 1 minute of estimated work" in policy.chunking()
+    text = GOOD.replace("rotation: {cryptoperiod: 90d}",
+                        "rotation: {cryptoperiod: 90d}\n  reencryption: {chunk_size: 16, chunk_target: 5m}")
+    policy = load_key_class_file(write(tmp_path, text)).key_class.reencryption
+    assert policy.chunk_size == 16 and policy.chunk_target == timedelta(minutes=5)
+    assert policy.chunking() == "16 partitions (reencryption.chunk_size)"
+    for name in list_key_classes(SHIPPED):  # the shipped key classes take the default
+        assert load_key_class(name, SHIPPED).key_class.reencryption.chunk_size is None
+
+
 @pytest.mark.parametrize(("old", "new", "field"), [
+    ("rotation: {cryptoperiod: 90d}", "rotation: {cryptoperiod: 90d}\n  reencryption: {chunk_target: 5s}",
+     "key_class.reencryption.chunk_target"),
+    ("rotation: {cryptoperiod: 90d}", "rotation: {cryptoperiod: 90d}\n  reencryption: {chunk_target: 1h}",
+     "key_class.reencryption.chunk_target"),
+    ("rotation: {cryptoperiod: 90d}", "rotation: {cryptoperiod: 90d}\n  reencryption: {chunk_target: soon}",
+     "key_class.reencryption.chunk_target"),
+    ("rotation: {cryptoperiod: 90d}", "rotation: {cryptoperiod: 90d}\n  reencryption: {chunk_size: 0}",
+     "key_class.reencryption.chunk_size"),
     ("cryptoperiod: 90d", "cryptoperiod: ninety", "key_class.rotation.cryptoperiod"),
     ("backend: vault_transit", "backend: rot13", "key_class.backend"),
     ("rotation: {cryptoperiod: 90d}", "rotation: {cryptoperiod: 90d, rotate_after: 100d}", "key_class.rotation"),

@@ -51,6 +51,8 @@ def test_shipped_dags_load_without_import_errors(monkeypatch):
     # A manual rotation's reason is a required field of the form (its type is not nullable).
     reason = bag.dags["rotate__customer_pii"].params.get_param("reason").schema
     assert reason["type"] == "string" and bag.dags["rotate__customer_pii"].params["reason"] == ""
+    # The shipped key classes size chunks by work, and the sweep's docs say so.
+    assert "chunks of about 1 minute of estimated work each" in bag.dags["reencrypt__customers"].doc_md
 
 
 def test_bad_config_fails_only_its_dag_file_with_file_key_class_and_field(tmp_path, monkeypatch):
@@ -135,6 +137,7 @@ def test_end_to_end_rotate_reencrypt_validate_retire_report(make_key_class, vaul
     assert _state(sweep) == "success"
     states = _task_states(sweep)
     assert [states[f"reencrypt[{i}]"] for i in range(3)] == ["success"] * 3  # 10 partitions in chunks of 4
+    assert "chunks of 4 partitions (reencryption.chunk_size)" in dags["reencrypt__e2e_customers"].doc_md
     assert rt.census("e2e_customers").by_version() == {2: 10}
     assert len(rt.ledger.rows(events_in=(lg.PARTITION_VALIDATED,))) == 10
 
@@ -164,6 +167,26 @@ def test_end_to_end_rotate_reencrypt_validate_retire_report(make_key_class, vaul
     assert CANARY not in logs
     assert all(CANARY not in str(row) for row in rt.ledger.rows())
     assert CANARY not in page
+
+
+def test_a_sweep_without_chunk_size_is_chunked_by_estimated_work(make_key_class, vault, airflow_db, caplog, capfd):
+    # No chunk_size (the default): 12 small partitions are seconds of work, one mapped task for them all.
+    config = make_key_class(name="bywork", dataset="bywork_customers", **{"chunk_size: 16": "chunk_target: 30s"})
+    assert config.key_class.reencryption.chunk_size is None
+    rt = runtime(config, vault)
+    dags = _dags("bywork")
+    assert "chunks of about 30 seconds of estimated work each" in dags["reencrypt__bywork_customers"].doc_md
+    parts = days("2024-03-01", 12)
+    seed_and_rotate_through_dags(rt, dags, "bywork_customers", parts, "by work")
+    caplog.set_level(logging.INFO)
+    sweep = dags["reencrypt__bywork_customers"].test(run_conf={"scope": "sweep", "dry_run": False})
+    assert _state(sweep) == "success"
+    states = _task_states(sweep)
+    assert states["reencrypt[0]"] == "success" and "reencrypt[1]" not in states
+    assert rt.census("bywork_customers").by_version() == {2: 12}
+    out, err = capfd.readouterr()
+    assert "12 partitions to bring under v2 in 1 chunks of about 0.1 s of estimated work each (target 30 s)" \
+        in out + err + caplog.text
 
 
 def test_dry_run_and_range_plans(make_key_class, vault, airflow_db):

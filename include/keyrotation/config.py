@@ -96,6 +96,10 @@ def human_bytes(value: int) -> str:
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+#: ``reencryption.chunk_target``: its default and bounds.
+CHUNK_TARGET_DEFAULT = timedelta(seconds=60)
+CHUNK_TARGET_MIN = timedelta(seconds=10)
+CHUNK_TARGET_MAX = timedelta(minutes=30)
 
 
 class _Strict(BaseModel):
@@ -130,7 +134,14 @@ class ReencryptionPolicy(_Strict):
         description="rewrap: re-wrap the key material with the new KEK version, data files untouched; "
         "reencrypt: rewrite the data with fresh data keys.",
     )
-    chunk_size: int = Field(default=16, ge=1, le=10_000, description="Partitions per mapped task.")
+    chunk_size: int | None = Field(
+        default=None, ge=1, le=10_000, description="Partitions per mapped task, a fixed count (an override); "
+        "default: chunks sized by their estimated work (chunk_target).")
+    chunk_target: Duration = Field(
+        default=CHUNK_TARGET_DEFAULT, description="Without chunk_size: each mapped task gets about this much "
+        "estimated work, from the census (files, bytes, rows) and the mode, so that Airflow's cost per task stays "
+        f"a small share whatever the partitions' size ({human_duration(CHUNK_TARGET_MIN)} to "
+        f"{human_duration(CHUNK_TARGET_MAX)}; at most 1,024 mapped tasks, Airflow's max_map_length).")
     batch_rows: int = Field(
         default=65_536, ge=1_024, le=4_194_304, description="Rows of a Parquet partition decrypted, checked and "
         "re-encrypted at a time (reencrypt mode, validation): with the 65,536-row row groups keyrotation writes, "
@@ -142,6 +153,22 @@ class ReencryptionPolicy(_Strict):
     behind_after: Duration = Field(
         default=timedelta(days=7), description="Data still under an older version this long after the current "
         "version became the reference is reported as behind (key inventory, compliance report).")
+
+
+    def chunking(self) -> str:
+        """How a sweep is cut into mapped tasks, as the DAG docs say it."""
+        if self.chunk_size is not None:
+            return f"{self.chunk_size} partitions (reencryption.chunk_size)"
+        return (f"about {human_duration(self.chunk_target)} of estimated work each, sized from the census "
+                "(reencryption.chunk_target)")
+
+    @field_validator("chunk_target")
+    @classmethod
+    def _chunk_target_bounds(cls, value: timedelta) -> timedelta:
+        if not CHUNK_TARGET_MIN <= value <= CHUNK_TARGET_MAX:
+            raise ValueError(f"chunk_target must be from {human_duration(CHUNK_TARGET_MIN)} to "
+                             f"{human_duration(CHUNK_TARGET_MAX)}")
+        return value
 
 
 class RetirePolicy(_Strict):

@@ -9,7 +9,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from keyrotation import ledger as lg
 from keyrotation.errors import PartitionError
-from keyrotation.planning import chunk, estimate, select_partitions
+from keyrotation.planning import chunk, chunk_by_work, estimate, partition_work, select_partitions
 from keyrotation_airflow.operators.base import KeyClassOperator
 from keyrotation_airflow.operators.rotation import as_bool
 from keyrotation_airflow.task_runtime import partitions_failed, run_context, run_type
@@ -26,7 +26,9 @@ class PlanReencryptionOperator(KeyClassOperator):
     Take the census of a dataset and plan the partitions to bring under the key class's current version.
 
     Returns a list of ``{"partitions": [...], "target_version": N, "mode": ...}``, one per mapped
-    re-encryption task (chunked to stay under Airflow's ``max_map_length``).
+    re-encryption task: chunks of about ``reencryption.chunk_target`` of estimated work each (from the census
+    and the mode), or of ``reencryption.chunk_size`` partitions where the key class sets it; never more
+    than Airflow's ``max_map_length``.
 
     :param key_class: Key class name. (templated)
     :param dataset: Dataset name within the key class. (templated)
@@ -84,11 +86,20 @@ class PlanReencryptionOperator(KeyClassOperator):
             partition_from=self.partition_from, partition_to=self.partition_to, unfinished=unfinished,
             catch_up=catch_up,
         )
-        chunks = chunk(partitions, policy.chunk_size)
-        self.log.info("plan (%s): %d partitions to bring under v%s in %d chunks: %s", scope, len(partitions),
-                      target, len(chunks), ", ".join(partitions[:10]) + (" ..." if len(partitions) > 10 else ""))
-        cost = estimate(census, partitions, mode, rt.config.dataset(self.dataset).format,
-                        rt.backend.server_side_rewrap)
+        data_format = rt.config.dataset(self.dataset).format
+        if policy.chunk_size is not None:
+            chunks = chunk(partitions, policy.chunk_size)
+            sizing = f"chunks of {policy.chunk_size} (reencryption.chunk_size)"
+        else:
+            goal = policy.chunk_target.total_seconds()
+            chunks = chunk_by_work(partitions, census, mode, goal, data_format=data_format)
+            work = sum(partition_work(census, partitions, mode, data_format))
+            sizing = (f"chunks of about {work / max(len(chunks), 1):.1f} s of estimated work each "
+                      f"(target {goal:.0f} s)")
+        self.log.info("plan (%s): %d partitions to bring under v%s in %d %s: %s", scope, len(partitions),
+                      target, len(chunks), sizing,
+                      ", ".join(partitions[:10]) + (" ..." if len(partitions) > 10 else ""))
+        cost = estimate(census, partitions, mode, data_format, rt.backend.server_side_rewrap)
         self.log.info("plan totals: %d rows, %d bytes, %d files; about %d KMS requests (%s), at list prices "
                       "about $%.4f on AWS KMS or Cloud KMS (software keys), $0 on Vault/OpenBao", cost.rows,
                       cost.bytes, cost.files, cost.kms_requests, cost.basis, cost.cloud_cost_usd)
