@@ -103,8 +103,9 @@ OBJECT_BYTES_PER_S = 50_000_000
 #: SQL table, rewrap, per data key (the census counts data keys as units): section 3, KMS + data-key rows +
 #: ledger + leases 100.3 ms for 10 partitions of one data key each = 10 ms.
 SQL_REWRAP_KEY_S = 0.01
-#: SQL table, either mode, per row: the engine's census of the partition before and after (the data key id of
-#: every value, an index scan): section 3, 2.99 s for 1,000,000 rows = 3.0 µs per row.
+#: SQL table, reencrypt, per row: the engine's census of the partition before it (the data key id of every
+#: value, an index scan): section 3, 2.99 s for 1,000,000 rows = 3.0 µs per row. A rewrap reads the data-key
+#: table only (``SqlTableEngine.data_key_census``), so it costs per data key, whatever the rows.
 SQL_CENSUS_ROW_S = 3.0e-6
 #: SQL table, reencrypt, per row: section 3, 14,600 rows/s (300,000 rows in 20.55 s, census included).
 SQL_REENCRYPT_ROWS_PER_S = 14_600
@@ -127,7 +128,7 @@ def _work(p: PartitionCensus, mode: str, data_format: str) -> float | None:
     if data_format == "sql_table":
         if p.rows is None:
             return None
-        per_row = SQL_CENSUS_ROW_S + (1 / SQL_REENCRYPT_ROWS_PER_S if mode == "reencrypt" else 0.0)
+        per_row = SQL_CENSUS_ROW_S + 1 / SQL_REENCRYPT_ROWS_PER_S if mode == "reencrypt" else 0.0
         return PARTITION_S + p.units * SQL_REWRAP_KEY_S + p.rows * per_row
     if mode == "reencrypt":
         if p.bytes is not None:
