@@ -346,10 +346,15 @@ class AwsKmsBackend(KmsBackend):
                               CiphertextBlob=self._blob(item), DestinationKeyId=destination)
             return f"aws:v{number}:" + base64.b64encode(resp["CiphertextBlob"]).decode("ascii")
 
-        if len(wrapped) <= 1:
-            return [one(w) for w in wrapped]
-        with ThreadPoolExecutor(min(REWRAP_THREADS, len(wrapped))) as pool:
-            return list(pool.map(one, wrapped))
+        # ReEncrypt takes one ciphertext a call: each distinct one once, REWRAP_THREADS at a time, within the
+        # rate limiter every call goes through (max_requests_per_second).
+        unique = list(dict.fromkeys(wrapped))
+        if len(unique) <= 1:
+            done = {w: one(w) for w in unique}
+        else:
+            with ThreadPoolExecutor(min(REWRAP_THREADS, len(unique))) as pool:
+                done = dict(zip(unique, pool.map(one, unique), strict=True))
+        return [done[w] for w in wrapped]
 
     def version_of(self, wrapped: str) -> int:
         match = _CIPHERTEXT.match(wrapped or "")

@@ -84,6 +84,9 @@ class KmsBackend(abc.ABC):
     key_ref: str
     #: True when :meth:`rewrap` runs in the KMS, so wrapped keys never appear in plaintext outside it.
     server_side_rewrap: bool = False
+    #: The most wrapped secrets one :meth:`rewrap` request to the KMS carries (its batch call's limit);
+    #: 1 where the KMS re-wraps one secret a call. :meth:`rewrap` takes lists of any length and splits them.
+    max_batch: ClassVar[int] = 1
     #: False where the KMS keeps old versions usable for good (AWS KMS key material); then
     #: :attr:`cannot_retire_reason` says why, and the retirement gate reports it instead of retiring.
     can_retire: bool = True
@@ -155,7 +158,9 @@ class KmsBackend(abc.ABC):
 
     @abc.abstractmethod
     def rewrap(self, wrapped: list[str], version: int | None = None) -> list[str]:
-        """Re-encrypt wrapped secrets under ``version`` without exposing them (server-side where possible)."""
+        """Re-encrypt wrapped secrets under ``version`` without exposing them (server-side where possible), in
+        order; each distinct secret is re-wrapped once (a repeated one gets the same result), in requests of at
+        most :attr:`max_batch`."""
 
     @abc.abstractmethod
     def version_of(self, wrapped: str) -> int:
