@@ -24,13 +24,12 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, EndpointConnectionError
 
-from keyrotation.backends.base import ClientOptions, KeyState, KeyVersion, KmsBackend, versions_text
+from keyrotation.backends.base import ClientOptions, KeyState, KeyVersion, KmsBackend, each_distinct, versions_text
 from keyrotation.backends.retry import RetryPolicy, TransientFailure, call_with_retries
 from keyrotation.errors import BackendError, KeyNotFoundError, KmsUnreachable, PermissionDenied
 
@@ -348,13 +347,7 @@ class AwsKmsBackend(KmsBackend):
 
         # ReEncrypt takes one ciphertext a call: each distinct one once, REWRAP_THREADS at a time, within the
         # rate limiter every call goes through (max_requests_per_second).
-        unique = list(dict.fromkeys(wrapped))
-        if len(unique) <= 1:
-            done = {w: one(w) for w in unique}
-        else:
-            with ThreadPoolExecutor(min(REWRAP_THREADS, len(unique))) as pool:
-                done = dict(zip(unique, pool.map(one, unique), strict=True))
-        return [done[w] for w in wrapped]
+        return each_distinct(wrapped, one, REWRAP_THREADS)
 
     def version_of(self, wrapped: str) -> int:
         match = _CIPHERTEXT.match(wrapped or "")

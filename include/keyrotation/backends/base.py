@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -59,6 +61,18 @@ def versions_text(versions: list[int]) -> str:
     if versions == list(range(versions[0], versions[-1] + 1)):
         return f"versions v{versions[0]}..v{versions[-1]}"
     return "versions " + ", ".join(f"v{v}" for v in versions)
+
+
+def each_distinct(wrapped: list[str], one: Callable[[str], str], threads: int) -> list[str]:
+    """``one(w)`` for each ``w`` of ``wrapped``, called once per distinct ``w`` (``threads`` at a time): the
+    :meth:`KmsBackend.rewrap` of a KMS that re-wraps one secret a request."""
+    unique = list(dict.fromkeys(wrapped))
+    if len(unique) <= 1:
+        done = {w: one(w) for w in unique}
+    else:
+        with ThreadPoolExecutor(min(threads, len(unique))) as pool:
+            done = dict(zip(unique, pool.map(one, unique), strict=True))
+    return [done[w] for w in wrapped]
 
 
 @dataclass(frozen=True)
