@@ -88,8 +88,9 @@ class ParquetEngine(PartitionEngine):
     def list_partitions(self) -> list[str]:
         return self.store.list_partitions()
 
-    def partition_census(self, partition: str) -> PartitionCensus:
-        return partition_census(self.store, self.pme, partition, self._known_versions())
+    def partition_census(self, partition: str, materials: dict[str, KeyMaterial] | None = None) -> PartitionCensus:
+        """The partition's census (``materials``: see :func:`keyrotation.census.partition_census`)."""
+        return partition_census(self.store, self.pme, partition, self._known_versions(), materials)
 
     def required_columns(self) -> frozenset[str]:
         return frozenset(self.pme.encrypted_columns)
@@ -281,14 +282,16 @@ class ParquetEngine(PartitionEngine):
         self._record(lg.PARTITION_WRITTEN, result, detail={"files": manifest.files, "written_under": version})
         return result
 
-    def _begin(self, partition: str, target_version: int, mode: str
+    def _begin(self, partition: str, target_version: int, mode: str,
+               materials: dict[str, KeyMaterial] | None = None
                ) -> tuple[float, Manifest, PartitionCensus, PartitionResult | None]:
         """The first steps of :meth:`_process`: the manifest (adopted or rebuilt), the clean-up and the census
-        before; with the (reconciled) result when the partition needs nothing."""
+        before (``materials`` gets the key material it reads); with the (reconciled) result when the partition
+        needs nothing."""
         start = time.monotonic()
         manifest = self._manifest(partition)
         self._clean(partition)
-        before = self.partition_census(partition)  # raises on what it cannot establish: unknown versions, ...
+        before = self.partition_census(partition, materials)  # raises on what it cannot establish: unknown ...
         required = self.required_columns()
         columns_known = before.encrypted_columns is not None and required <= before.encrypted_columns
         written_under_target = (manifest.written_under_version or 0) >= target_version
@@ -307,11 +310,12 @@ class ParquetEngine(PartitionEngine):
         return start, manifest, before, None
 
     def _process(self, partition: str, target_version: int, mode: str) -> PartitionResult:
-        start, manifest, before, done = self._begin(partition, target_version, mode)
+        read: dict[str, KeyMaterial] = {}
+        start, manifest, before, done = self._begin(partition, target_version, mode, read)
         if done is not None:
             return done
         if mode == "rewrap":
-            materials = self._rewrap_materials(partition, manifest)
+            materials = self._rewrap_materials(partition, manifest, read)
             distinct = list(dict.fromkeys(w for m in materials.values() for w in m.wrapped))
             rewrapped = dict(zip(distinct, self.pme.backend.rewrap(distinct, target_version), strict=True))
             return self._write_rewrapped(partition, start, manifest, before, materials, rewrapped, target_version)
@@ -331,14 +335,16 @@ class ParquetEngine(PartitionEngine):
         return result
 
     # -- KEK rotation -------------------------------------------------------------------------
-    def _rewrap_materials(self, partition: str, manifest: Manifest) -> dict[str, KeyMaterial]:
-        """What a rewrap of the partition changes: the key material of each of its files, by file name (after
-        taking a baseline digest of a foreign partition, on first sight)."""
+    def _rewrap_materials(self, partition: str, manifest: Manifest, read: dict[str, KeyMaterial]
+                          ) -> dict[str, KeyMaterial]:
+        """What a rewrap of the partition changes: the key material of each of its files, by file name, as the
+        census before read it (``read``) (after taking a baseline digest of a foreign partition, on first
+        sight)."""
         if manifest.digest is None:
             manifest.digest, manifest.rows = self._digest(partition, manifest.files)
             manifest.bytes = self.store.size(partition, manifest.files)
             self.store.write_manifest(partition, manifest)
-        return {name: self.pme.key_material(self.store.path(partition, name), self.store.fs)
+        return {name: read.get(name) or self.pme.key_material(self.store.path(partition, name), self.store.fs)
                 for name in manifest.files}
 
     def _write_rewrapped(self, partition: str, start: float, manifest: Manifest, before: PartitionCensus,
@@ -422,11 +428,12 @@ class ParquetEngine(PartitionEngine):
         plans: dict[str, tuple[float, Manifest, PartitionCensus, dict[str, KeyMaterial]]] = {}
         for partition in partitions:
             try:
-                start, manifest, before, done = self._begin(partition, target_version, "rewrap")
+                read: dict[str, KeyMaterial] = {}
+                start, manifest, before, done = self._begin(partition, target_version, "rewrap", read)
                 if done is not None:
                     results[partition] = done
                 else:
-                    plans[partition] = (start, manifest, before, self._rewrap_materials(partition, manifest))
+                    plans[partition] = (start, manifest, before, self._rewrap_materials(partition, manifest, read))
             except ERRORS as exc:
                 results[partition] = self._failed(partition, exc)
         rewrapped, refused = self._rewrap_kms(plans, target_version)

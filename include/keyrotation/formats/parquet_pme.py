@@ -49,6 +49,8 @@ class KeyMaterial:
     path: str
     entries: dict[str, dict]
     field: dict[str, str]
+    #: The sha256 of the key material file as read.
+    digest: str = ""
 
     @property
     def wrapped(self) -> list[str]:
@@ -188,9 +190,9 @@ class ParquetEncryption:
     def key_material(self, path: str, filesystem: pafs.FileSystem) -> KeyMaterial:
         """The key material of data file ``path``, checked to belong to this key class's master key."""
         material_path = key_material_path(path)
-        entries = self._material(material_path, filesystem)
+        entries, digest = self._material_and_digest(material_path, filesystem)
         field = {name: "wrappedKEK" if m.get("doubleWrapping") else "wrappedDEK" for name, m in entries.items()}
-        return KeyMaterial(material_path, entries, field)
+        return KeyMaterial(material_path, entries, field, digest)
 
     def write_rewrapped(self, material: KeyMaterial, rewrapped: Mapping[str, str], filesystem: pafs.FileSystem,
                         checkpoint: Callable[[str], None] | None = None) -> None:
@@ -274,12 +276,12 @@ class ParquetEncryption:
     def key_material_facts(self, path: str, filesystem: pafs.FileSystem) -> tuple[set[int], str]:
         """The versions that wrap the file's keys, as its key material labels them, and the sha256 of the key
         material file (a validation records it, so a later change to the labels is seen without the KMS)."""
-        material_path = key_material_path(path)
-        entries, digest = self._material_and_digest(material_path, filesystem)
+        material = self.key_material(path, filesystem)
+        return self.labels(material), material.digest
+
+    def labels(self, material: KeyMaterial) -> set[int]:
+        """The versions ``material``'s wrapped keys name."""
         try:
-            return {
-                self.backend.version_of(m.get("wrappedKEK") if m.get("doubleWrapping") else m.get("wrappedDEK"))
-                for m in entries.values()
-            }, digest
+            return {self.backend.version_of(e.get(material.field[name])) for name, e in material.entries.items()}
         except (ValueError, AttributeError, TypeError) as exc:
-            raise BackendError(f"{material_path}: key material is not valid ({type(exc).__name__})") from None
+            raise BackendError(f"{material.path}: key material is not valid ({type(exc).__name__})") from None
