@@ -160,12 +160,13 @@ def test_a_kill_at_each_checkpoint_loses_nothing_before_and_after_retirement(sto
     _oracle(place, kms, source, {target})  # nothing the kill left needs the retired version
 
 
+@pytest.mark.parametrize("store", ("local", "s3"))
 @pytest.mark.parametrize("point", MODES["rewrap"])
-def test_a_kill_in_a_batched_rewrap_loses_nothing_before_and_after_retirement(point, make_key_class, vault, openbao,
-                                                                             tmp_path, request):
+def test_a_kill_in_a_batched_rewrap_loses_nothing_before_and_after_retirement(point, store, make_key_class, vault,
+                                                                             openbao, tmp_path, request):
     """The batched path (a chunk's KEKs re-wrapped in one KMS request, then each partition's key material written
-    as one by one): killed at the second pass of each checkpoint, on local disk."""
-    place = _place("local", tmp_path, request)
+    as one by one): killed at the second pass of each checkpoint, on local disk and in S3."""
+    place = _place(store, tmp_path, request)
     config, rt, source, target = _prepared(make_key_class, vault, "rewrap", place)
     kms = TransitKms(openbao.url, openbao.token)
     code, out = _worker(config, openbao, rt.ledger.url, target, "rewrap_many", f"{point}#2", place)
