@@ -55,6 +55,11 @@ def _no_checkpoint(_name: str) -> None:
     return None
 
 
+def _distinct_wrapped(materials: dict[str, KeyMaterial]) -> list[str]:
+    """The distinct wrapped keys of a partition's files' key material, in order: what the KMS re-wraps."""
+    return list(dict.fromkeys(w for m in materials.values() for w in m.wrapped))
+
+
 class ParquetEngine(PartitionEngine):
     """Re-encrypts, writes and validates the partitions of one Parquet dataset of one key class."""
 
@@ -316,7 +321,7 @@ class ParquetEngine(PartitionEngine):
             return done
         if mode == "rewrap":
             materials = self._rewrap_materials(partition, manifest, read)
-            distinct = list(dict.fromkeys(w for m in materials.values() for w in m.wrapped))
+            distinct = _distinct_wrapped(materials)
             rewrapped = dict(zip(distinct, self.pme.backend.rewrap(distinct, target_version), strict=True))
             return self._write_rewrapped(partition, start, manifest, before, materials, rewrapped, target_version)
         _, encrypted = self._encrypted_in(partition, manifest.files)
@@ -453,7 +458,7 @@ class ParquetEngine(PartitionEngine):
         whose keys the KMS did not re-wrap. A refused batch is retried partition by partition, so one bad
         partition fails alone; an unreachable or refusing KMS is every partition's error."""
         backend = self.pme.backend
-        wanted = {p: list(dict.fromkeys(w for m in plan[3].values() for w in m.wrapped)) for p, plan in plans.items()}
+        wanted = {p: _distinct_wrapped(plan[3]) for p, plan in plans.items()}
         distinct = list(dict.fromkeys(w for ws in wanted.values() for w in ws))
         if not distinct:
             return {}, {}
