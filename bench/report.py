@@ -52,6 +52,7 @@ def markdown(res: dict) -> str:
         + ", ".join(f"{v} at P={p}" for p, v in g["wall_flat_in_r"]["slopes"].items())
         + f" (0 = flat); {_x(g['wall_flat_in_r']['max_ratio'])} wall for "
         f"{_x(g['wall_flat_in_r']['rows_ratio'])} rows | {_yes(g['wall_flat_in_r']['met'])} |",
+        *_batched_headline(g),
         f"| vs (a) one KMS request per value (rewrap) | | {_x(head['vs_per_value_rewrap'])} faster "
         f"(extrapolated: {fmt_seconds(head['per_value_rewrap_s'])}, "
         f"{fmt_int(head['per_value_requests'])} requests) | |",
@@ -341,6 +342,17 @@ def _sql_missing(res: dict) -> str:
     sql = res.get("sql_table")
     return f"not measured in this run: {sql['skipped']}" if sql and sql.get("skipped") else \
         "not measured in this run (results from before the suite measured the SQL-table path)"
+
+
+def _batched_headline(g: dict) -> list[str]:
+    """The batched KEK rotation's row (runs from before it was measured have none)."""
+    b = g.get("kek_rotation_batched")
+    if b is None:
+        return []
+    return [f"| KEK rotation in batches of {fmt_int(b['partitions'])} partitions, one chunk (`process_many`) | "
+            f"≤ {fmt_int(b['allowed_requests'])} KMS requests, ≥ {b['goal_partitions_per_s']} partitions/s | "
+            f"{fmt_int(b['kms_requests'])} KMS requests, {fmt_int(round(b['partitions_per_s']))} partitions/s | "
+            f"{_yes(b['met'])} |"]
 
 
 def _sql_headline(res: dict) -> list[str]:

@@ -85,3 +85,71 @@ def measure(backend: Any, ledger: Any, counter: KmsCounter, datasets: list[dict]
         ds["kms_requests_per_partition"] = round(kms["total"] / ds["partitions"], 3)
         ds["seconds_per_partition"] = round(ds["wall_s"] / ds["partitions"], 5)
         ds["rows_per_s"] = round(ds["rows"] / ds["wall_s"], 1)
+
+
+def measure_batched(backend: Any, ledger: Any, counter: KmsCounter, location: str, partitions: int,
+                    rows_per_partition: int) -> dict:
+    """The batched KEK rotation a mapped task runs on its chunk (``ParquetEngine.process_many`` in mode rewrap):
+    ``partitions`` partitions of ``rows_per_partition`` rows written through the engine (one data file, so one
+    KEK, each), the key rotated, then all of them re-wrapped as one chunk; the KMS requests counted as
+    :func:`measure` counts them."""
+    from keyrotation_dev.sample_data import customers, daily_partitions
+
+    name = f"batched_p{partitions}"
+    days = daily_partitions(partitions)
+    engine = engine_for(backend, ledger, location, name)
+    version = backend.key_state().latest_version
+    start = time.perf_counter()
+    for partition in days:
+        engine.write_partition(partition, customers(partition, rows_per_partition), version)
+    write_s = time.perf_counter() - start
+    target = backend.rotate()
+    engine = engine_for(backend, ledger, location, name)
+    counter.reset()
+    start, cpu0 = time.perf_counter(), cpu_seconds()
+    results = engine.process_many(days, target, "rewrap")
+    wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu0
+    kms = counter.snapshot()
+    actions = {r.action for r in results}
+    if actions != {"rewrapped"} or len(results) != partitions:
+        errors = [r.error for r in results if r.error][:3]
+        raise RuntimeError(f"{name}: batched rewrap ended {actions}: {errors}")
+    return {"partitions": partitions, "rows_per_partition": rows_per_partition, "to_version": target,
+            "write_s": round(write_s, 3), "wall_s": round(wall, 4), "cpu_s": round(cpu, 4),
+            "kms_requests": kms["total"], "kms_rewrap_requests": kms["by_operation"].get("rewrap", 0),
+            "kms_seconds": kms["seconds"], "partitions_per_s": round(partitions / wall, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.rewrap --partitions N``: :func:`measure_batched` alone, on a fresh OpenBao; prints it."""
+    import argparse
+    import json
+    import tempfile
+
+    from bench.common import setup_path
+
+    setup_path()
+    from keyrotation.backends.vault_transit import VaultTransitBackend
+    from keyrotation.ledger import Ledger
+    from keyrotation_dev.devserver import OpenBaoDevServer
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--partitions", type=int, default=10_000)
+    parser.add_argument("--rows", type=int, default=10, help="rows per partition")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-rewrap-") as work, \
+            OpenBaoDevServer(log_path=str(Path(work) / "openbao.log")) as bao:
+        counter = KmsCounter().install()
+        backend = VaultTransitBackend(bao.client(), KEY)
+        backend.create_key()
+        ledger = Ledger(f"sqlite:///{Path(work) / 'ledger.db'}")
+        out = measure_batched(backend, ledger, counter, str(Path(work) / "data"), args.partitions, args.rows)
+        counter.uninstall()
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -2,6 +2,9 @@
 
 Usage: python fault_worker.py CONFIG_FILE VAULT_URL TOKEN LEDGER_URL DATASET TARGET MODE KILL_AT PARTITION...
 
+MODE ``rewrap`` or ``reencrypt`` (one partition after another), or ``rewrap_many`` (the partitions together, as a
+mapped task's chunk: ``process_many``).
+
 KILL_AT ``NAME#N``: the process kills itself with SIGKILL at the N-th time the engine reaches its checkpoint
 NAME (``tests/test_kill_matrix.py`` lists them from the code); ``0``: no self-kill (the test kills it from
 outside). Each checkpoint passed is printed (``checkpoint NAME``), so a test knows where a kill landed.
@@ -52,7 +55,10 @@ def main(argv: list[str]) -> int:
 
     engine = rt.engine(dataset, RunContext(task_id="fault_worker"), checkpoint=checkpoint)
     print("started", flush=True)
-    engine.run(partitions, lambda p: engine.process(p, int(target), mode))
+    if mode == "rewrap_many":  # the batched KEK rotation of a mapped task's chunk
+        engine.process_many(partitions, int(target), "rewrap")
+    else:
+        engine.run(partitions, lambda p: engine.process(p, int(target), mode))
     print("finished", flush=True)
     return 0
 

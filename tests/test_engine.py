@@ -277,3 +277,114 @@ def test_reencrypt_streams_the_partition_batch_by_batch(make_key_class, vault):
     assert [opened.metadata.row_group(i).num_rows for i in range(opened.metadata.num_row_groups)] == \
         [1_000] * 4 + [500]
     assert engine.validate("2024-09-01", min_version=v2).digest == table_digest(table)
+
+
+def _rewrap_scenario(rt, batched: bool):  # noqa: ANN001, ANN202
+    """Five partitions: the first already under the target, the third's wrapped KEK one the KMS refuses."""
+    import json
+
+    parts = days("2024-11-01", 5)
+    expected, v2 = seed_and_rotate(rt, "customers", parts)
+    engine = rt.engine("customers")
+    engine.process(parts[0], v2, "rewrap")
+    material = Path(key_material_path(str(Path(rt.config.dataset("customers").location) / f"dt={parts[2]}"
+                                          / "part-00001.parquet")))
+    entries = {k: json.loads(v) for k, v in json.loads(material.read_text()).items()}
+    material.write_text(json.dumps({k: json.dumps({**e, "wrappedKEK": "vault:v1:bm90IGEga2V5"})
+                                    for k, e in entries.items()}))
+    calls: list[int] = []
+    real = rt.backend.rewrap
+    rt.backend.rewrap = lambda wrapped, version=None: calls.append(len(wrapped)) or real(wrapped, version)
+    seen = len(rt.ledger.rows())
+    engine = rt.engine("customers")
+    results = engine.process_many(parts, v2, "rewrap") if batched else \
+        engine.run(parts, lambda p: engine.process(p, v2, "rewrap"))
+    return parts, expected, v2, results, rt.ledger.rows()[seen:], calls
+
+
+def test_rewrap_many_gives_what_process_gives_with_one_kms_request_and_a_bad_partition_alone(make_key_class,
+                                                                                            vault, tmp_path):
+    one_by_one = _rewrap_scenario(runtime(make_key_class(mode="rewrap", name="single", location=str(tmp_path / "a")),
+                                          vault, f"sqlite:///{tmp_path / 'single.db'}"), batched=False)
+    rt = runtime(make_key_class(mode="rewrap", name="batched", location=str(tmp_path / "b")), vault,
+                 f"sqlite:///{tmp_path / 'batched.db'}")
+    parts, expected, v2, results, rows, calls = _rewrap_scenario(rt, batched=True)
+    assert [r.action for r in results] == ["up_to_date", "rewrapped", "failed", "rewrapped", "rewrapped"]
+    assert parts[2] in results[2].error and results[2].retryable is False
+
+    def same(r):  # noqa: ANN001, ANN202
+        return r.partition, r.action, r.from_version, r.to_version, r.rows, r.bytes, r.digest, r.error is None
+
+    assert [same(r) for r in results] == [same(r) for r in one_by_one[3]]
+    columns = ("event", "status", "dataset", "partition", "from_version", "to_version", "rows", "bytes", "digest",
+               "task_id", "actor")
+    assert [tuple(r[c] for c in columns) for r in rows] == [tuple(r[c] for c in columns) for r in one_by_one[4]]
+    assert [r["detail"] for r in rows if r["status"] == "ok"] == \
+        [r["detail"] for r in one_by_one[4] if r["status"] == "ok"]
+    assert [r["event"] for r in rows] == [lg.PARTITION_REWRAPPED, lg.PARTITION_FAILED, lg.PARTITION_REWRAPPED,
+                                          lg.PARTITION_REWRAPPED]
+    assert rt.ledger.verify().ok
+    # One request for the four partitions' KEKs together; refused (the bad one), then each partition's alone.
+    assert calls == [4, 1, 1, 1, 1] and one_by_one[5] == [1, 1, 1, 1]
+    assert rt.census("customers").by_version() == {v2: 4, v2 - 1: 1}
+    rt.backend.retire_below(v2)
+    good = [p for p in parts if p != parts[2]]
+    assert partition_digests(rt, "customers", good) == {p: expected[p] for p in good}
+
+
+def test_rewrap_many_takes_the_free_leases_together_and_waits_for_a_held_one(make_key_class, vault):
+    import threading
+    import time
+
+    from keyrotation.locks import PartitionLeases
+
+    rt = runtime(make_key_class(mode="rewrap"), vault)
+    parts = days("2024-12-01", 6)
+    expected, v2 = seed_and_rotate(rt, "customers", parts)
+    calls: list[int] = []
+    real = rt.backend.rewrap
+    rt.backend.rewrap = lambda wrapped, version=None: calls.append(len(wrapped)) or real(wrapped, version)
+    taken, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with PartitionLeases(rt.ledger).hold("customers", parts[1]):
+            taken.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    taken.wait(10)
+    threading.Timer(0.5, release.set).start()
+    started = time.monotonic()
+    results = rt.engine("customers").process_many(parts, v2, "rewrap")
+    thread.join()
+    assert time.monotonic() - started >= 0.4  # it waited for the held lease
+    assert [r.action for r in results] == ["rewrapped"] * 6
+    assert calls == [5, 1]
+    assert {r["partition"] for r in rt.ledger.rows(events_in=(lg.PARTITION_REWRAPPED,))} == set(parts)
+    with rt.ledger.db.connect() as conn:
+        from keyrotation.locks import leases
+
+        assert conn.execute(leases.select()).all() == []
+    rt.backend.retire_below(v2)
+    assert partition_digests(rt, "customers", parts) == expected
+
+
+def test_rewrap_many_with_the_kms_away_fails_each_partition_retryable_after_one_request(make_key_class, vault):
+    from keyrotation.errors import KmsUnreachable
+
+    rt = runtime(make_key_class(mode="rewrap"), vault)
+    parts = days("2024-12-10", 3)
+    expected, v2 = seed_and_rotate(rt, "customers", parts)
+    calls: list[int] = []
+
+    def away(wrapped, version=None):  # noqa: ANN001, ANN202
+        calls.append(len(wrapped))
+        raise KmsUnreachable("KMS unreachable or over quota: test")
+
+    rt.backend.rewrap = away
+    results = rt.engine("customers").process_many(parts, v2, "rewrap")
+    assert [(r.action, r.retryable) for r in results] == [("failed", True)] * 3 and calls == [3]
+    assert [r["partition"] for r in rt.ledger.rows(events_in=(lg.PARTITION_FAILED,))] == parts
+    assert rt.census("customers").by_version() == {v2 - 1: 3}
+    assert partition_digests(rt, "customers", parts) == expected

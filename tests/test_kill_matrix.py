@@ -43,6 +43,9 @@ MODES = {
 MATRIX = [(mode, point) for mode, points in MODES.items() for point in points]
 STORES = ("local", "s3", "gcs")
 PARTS = days("2024-01-01", 3)
+#: The batched KEK rotation (``process_many``) of the three partitions: each one's key material written in turn
+#: (after one KMS request for all their KEKs), then their ledger rows together.
+BATCHED = ["material_staged", "rewrapped_file"] * len(PARTS) + ["recorded"] * len(PARTS)
 ROWS = 150
 pytestmark = pytest.mark.faults
 
@@ -123,6 +126,12 @@ def test_the_matrix_is_every_checkpoint_of_the_code_in_the_order_a_run_passes_th
         assert code == 0 and out.splitlines()[-1] == "finished", out
         assert [line.split()[1] for line in out.splitlines() if line.startswith("checkpoint ")] == \
             MODES[mode] * len(PARTS)
+    place = _place("local", tmp_path / "rewrap_many", request)
+    config, rt, source, target = _prepared(make_key_class, vault, "rewrap", place)
+    code, out = _worker(config, openbao, rt.ledger.url, target, "rewrap_many", "0", place)
+    assert code == 0 and out.splitlines()[-1] == "finished", out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("checkpoint ")] == BATCHED
+    assert set(BATCHED) == set(MODES["rewrap"])
 
 
 @pytest.mark.parametrize("store", STORES)
@@ -144,6 +153,33 @@ def test_a_kill_at_each_checkpoint_loses_nothing_before_and_after_retirement(sto
 
     engine = rt.engine("customers")
     results = engine.run(PARTS, lambda p: engine.process(p, target, mode))
+    assert [r.action for r in results if r.action == "failed"] == [], results
+    assert _changed(rt.ledger) == dict.fromkeys(PARTS, 1)  # each change recorded once: redone or reconciled
+    _oracle(place, kms, source, {target})
+    rt.backend.retire_below(target)
+    _oracle(place, kms, source, {target})  # nothing the kill left needs the retired version
+
+
+@pytest.mark.parametrize("store", ("local", "s3"))
+@pytest.mark.parametrize("point", MODES["rewrap"])
+def test_a_kill_in_a_batched_rewrap_loses_nothing_before_and_after_retirement(point, store, make_key_class, vault,
+                                                                             openbao, tmp_path, request):
+    """The batched path (a chunk's KEKs re-wrapped in one KMS request, then each partition's key material written
+    as one by one): killed at the second pass of each checkpoint, on local disk and in S3."""
+    place = _place(store, tmp_path, request)
+    config, rt, source, target = _prepared(make_key_class, vault, "rewrap", place)
+    kms = TransitKms(openbao.url, openbao.token)
+    code, out = _worker(config, openbao, rt.ledger.url, target, "rewrap_many", f"{point}#2", place)
+    assert code == -signal.SIGKILL and f"killing at {point}#2" in out and "finished" not in out, out
+    passed = [line.split()[1] for line in out.splitlines() if line.startswith("checkpoint ")]
+    kill = [i for i, name in enumerate(BATCHED) if name == point][1]
+    assert passed == BATCHED[: kill + 1]
+    # The chunk's rows are written together after its key material: none before, all at the second "recorded".
+    assert _changed(rt.ledger) == ({} if point != "recorded" else dict.fromkeys(PARTS, 1))
+    _oracle(place, kms, source, {target - 1, target})  # nothing lost before any repair
+
+    engine = rt.engine("customers")
+    results = engine.process_many(PARTS, target, "rewrap")
     assert [r.action for r in results if r.action == "failed"] == [], results
     assert _changed(rt.ledger) == dict.fromkeys(PARTS, 1)  # each change recorded once: redone or reconciled
     _oracle(place, kms, source, {target})

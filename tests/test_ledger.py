@@ -115,6 +115,29 @@ def test_chain_verifies(ledger):
     assert Ledger(ledger.url).verify().ok  # a fresh engine reads back the same values
 
 
+def test_record_many_chains_like_one_record_after_another(ledger):
+    ctx = RunContext(task_id="t", actor="test")
+    ledger.record(lg.PARTITION_WRITTEN, "kc", ctx, dataset="d", partition="p0", to_version=1)
+    rows = [Ledger.row(lg.PARTITION_REWRAPPED, "kc", ctx, dataset="d", partition=f"p{i}", from_version=1,
+                       to_version=2, rows=10 * i, digest=f"{i:064x}", duration_s=0.5, detail={"mode": "rewrap"})
+            for i in range(3)]
+    rows.append(Ledger.row(lg.PARTITION_FAILED, "kc", ctx, status="failed", dataset="d", partition="p3",
+                           detail={"error": "x"}))
+    ledger.record_many(rows)
+    ledger.record_many([])
+    ledger.record(lg.PARTITION_VALIDATED, "kc", ctx, dataset="d", partition="p0")
+    stored = ledger.rows()
+    assert [(r["event"], r["partition"], r["status"]) for r in stored] == [
+        (lg.PARTITION_WRITTEN, "p0", "ok"), *((lg.PARTITION_REWRAPPED, f"p{i}", "ok") for i in range(3)),
+        (lg.PARTITION_FAILED, "p3", "failed"), (lg.PARTITION_VALIDATED, "p0", "ok")]
+    assert stored[2]["rows"] == 10 and stored[2]["detail"] == '{"mode": "rewrap"}'
+    assert all(b["prev_hash"] == a["row_hash"] for a, b in zip(stored, stored[1:], strict=False))
+    assert ledger.verify() == lg.VerifyResult(ok=True, rows_checked=6)
+    assert Ledger(ledger.url).verify().ok
+    with pytest.raises(TypeError, match="no column"):
+        Ledger.row(lg.PARTITION_FAILED, "kc", ctx, partitoin="p3")
+
+
 def test_verify_finds_an_edited_row(ledger):
     ids = _record_some(ledger)
     _tamper(ledger, "update", lg.events.update().where(lg.events.c.id == ids[2]).values(to_version=1))

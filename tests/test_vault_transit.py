@@ -43,6 +43,28 @@ def test_wrap_unwrap_versions_and_rewrap_in_batches(backend):
     assert backend.unwrap(rewrapped[-1]) == backend.unwrap(items[-1])
 
 
+def test_rewrap_sends_each_distinct_ciphertext_once_in_batches_of_max_batch(backend, monkeypatch):
+    assert VaultTransitBackend.max_batch == REWRAP_BATCH == 250  # OpenBao's default JSON limits refuse 500
+    backend.create_key()
+    distinct = [backend.wrap(secrets.token_bytes(16)) for _ in range(5)]
+    backend.rotate()
+    sent: list[int] = []
+    real = backend._transit.rewrap_data
+
+    def counting(*args, **kwargs):
+        sent.append(len(kwargs["batch_input"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backend._transit, "rewrap_data", counting)
+    monkeypatch.setattr(backend, "max_batch", 2)
+    items = distinct * 3 + distinct[:1]
+    rewrapped = backend.rewrap(items, 2)
+    assert sent == [2, 2, 1]  # 5 distinct ciphertexts, 2 a request
+    assert len(rewrapped) == len(items) and rewrapped[:5] * 3 + rewrapped[:1] == rewrapped
+    assert [backend.unwrap(c) for c in rewrapped] == [backend.unwrap(c) for c in items]
+    assert {backend.version_of(c) for c in rewrapped} == {2}
+
+
 def test_retire_below_refuses_old_versions_and_trims(backend):
     backend.create_key()
     old = backend.wrap(b"k" * 32)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from keyrotation.errors import BackendError, PartitionError
 from keyrotation.formats.parquet_footer import FooterError, is_encrypted
-from keyrotation.formats.parquet_pme import KEY_MATERIAL_PREFIX, ParquetEncryption, key_material_path
+from keyrotation.formats.parquet_pme import KEY_MATERIAL_PREFIX, KeyMaterial, ParquetEncryption, key_material_path
 from keyrotation.stores.partitions import MANIFEST, PartitionStore
 
 if TYPE_CHECKING:
@@ -189,10 +189,12 @@ def _unmanaged_file(store: PartitionStore, pme: ParquetEncryption, partition: st
 
 
 def partition_census(store: PartitionStore, pme: ParquetEncryption, partition: str,
-                     known_versions: frozenset[int] | None = None) -> PartitionCensus:
+                     known_versions: frozenset[int] | None = None,
+                     materials: dict[str, KeyMaterial] | None = None) -> PartitionCensus:
     """The census of one partition; raises PartitionError when its protection cannot be established.
 
-    ``known_versions``: the versions the KMS has; a label outside them is blocking.
+    ``known_versions``: the versions the KMS has; a label outside them is blocking. ``materials``, if given,
+    gets the key material read of each live file, by name (a rewrap that follows need not read it again).
     """
     manifest = store.read_manifest(partition)
     listing = set(store.listing(partition))
@@ -213,11 +215,13 @@ def partition_census(store: PartitionStore, pme: ParquetEncryption, partition: s
             raise PartitionError(partition, f"{name} is not encrypted (plain Parquet), but the dataset requires "
                                             "encryption")
         try:
-            labels, digest = pme.key_material_facts(path, store.fs)
+            read = pme.key_material(path, store.fs)
         except FileNotFoundError:
             raise PartitionError(partition, f"{name} is encrypted but its key material is missing") from None
-        versions |= labels
-        material.update(f"{name}:{digest};".encode())
+        versions |= pme.labels(read)
+        material.update(f"{name}:{read.digest};".encode())
+        if materials is not None:
+            materials[name] = read
     unknown = sorted(versions - known_versions) if known_versions is not None else []
     if unknown:
         have = ", ".join(f"v{v}" for v in sorted(known_versions or ())) or "none"

@@ -309,10 +309,13 @@ class Ledger:
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_WRITE_LOCK)))
             yield conn
 
-    def record(self, event: str, key_class: str, ctx: RunContext | None = None, *, status: str = "ok",
-               detail: dict | None = None, at: datetime | None = None, **fields: Any) -> None:
-        """Append one event. ``at`` (default: now) is for importing history recorded elsewhere; the hash
-        chain covers it like every other field."""
+    @staticmethod
+    def row(event: str, key_class: str, ctx: RunContext | None = None, *, status: str = "ok",
+            detail: dict | None = None, at: datetime | None = None, **fields: Any) -> dict[str, Any]:
+        """The row :meth:`record` would append (for :meth:`record_many`); ``recorded_at`` is taken now."""
+        unknown = sorted(set(fields) - set(_HASHED))
+        if unknown:
+            raise TypeError(f"ledger rows have no column(s) {', '.join(unknown)}")
         row = _normalised({
             "recorded_at": at or datetime.now(UTC),
             "event": event,
@@ -322,10 +325,28 @@ class Ledger:
             **asdict(ctx or RunContext()),
             **fields,
         })
+        return {name: row.get(name) for name in _HASHED}
+
+    def record(self, event: str, key_class: str, ctx: RunContext | None = None, *, status: str = "ok",
+               detail: dict | None = None, at: datetime | None = None, **fields: Any) -> None:
+        """Append one event. ``at`` (default: now) is for importing history recorded elsewhere; the hash
+        chain covers it like every other field."""
+        self.record_many([self.row(event, key_class, ctx, status=status, detail=detail, at=at, **fields)])
+
+    def record_many(self, rows: list[dict[str, Any]]) -> None:
+        """Append ``rows`` (made by :meth:`row`), in order, in one transaction: each chained to the one before
+        exactly as one :meth:`record` after another would chain them."""
+        if not rows:
+            return
         with self._writing() as conn:
             last = conn.execute(sa.select(events.c.row_hash).order_by(events.c.id.desc()).limit(1)).scalar()
             prev_hash = last or GENESIS_HASH
-            conn.execute(events.insert().values({**row, "prev_hash": prev_hash, "row_hash": _row_hash(prev_hash, row)}))
+            chained = []
+            for row in rows:
+                row_hash = _row_hash(prev_hash, row)
+                chained.append({**row, "prev_hash": prev_hash, "row_hash": row_hash})
+                prev_hash = row_hash
+            conn.execute(events.insert(), chained)
 
     def verify(self) -> VerifyResult:
         """Walk the hash chain in id order; report the first row that was edited, or follows a deleted one."""
@@ -423,14 +444,20 @@ class Ledger:
 
     def partition_files(self, dataset: str, partition: str) -> set[str]:
         """Every data file name the ledger records the engine writing, adopting or replacing in a partition."""
-        query = sa.select(events.c.detail).where(
-            events.c.dataset == dataset, events.c.partition == partition,
-            events.c.event.in_(PARTITION_FILE_EVENTS))
-        names: set[str] = set()
+        return self.partition_files_many(dataset, [partition])[partition]
+
+    def partition_files_many(self, dataset: str, partitions: list[str]) -> dict[str, set[str]]:
+        """:meth:`partition_files` of each of ``partitions``, in a few queries."""
+        names: dict[str, set[str]] = {p: set() for p in partitions}
+        wanted = list(names)
         with self.db.connect() as conn:
-            for (detail,) in conn.execute(query):
-                recorded = json.loads(detail) if detail else {}
-                names.update([*(recorded.get("files") or []), *(recorded.get("replaces") or [])])
+            for start in range(0, len(wanted), 500):  # within SQLite's and PostgreSQL's parameter limits
+                query = sa.select(events.c.partition, events.c.detail).where(
+                    events.c.dataset == dataset, events.c.partition.in_(wanted[start : start + 500]),
+                    events.c.event.in_(PARTITION_FILE_EVENTS))
+                for partition, detail in conn.execute(query):
+                    recorded = json.loads(detail) if detail else {}
+                    names[partition].update([*(recorded.get("files") or []), *(recorded.get("replaces") or [])])
         return names
 
     def partition_evidence(self, dataset: str) -> dict[str, dict[str, dict | None]]:

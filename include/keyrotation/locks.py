@@ -96,3 +96,40 @@ class PartitionLeases:
             with self.db.begin() as conn:
                 conn.execute(leases.delete().where(leases.c.dataset == dataset, leases.c.partition == partition,
                                                    leases.c.owner == owner))
+
+    @contextmanager
+    def hold_many(self, dataset: str, partitions: list[str]) -> Iterator[list[str]]:
+        """Take the leases of ``partitions`` in one transaction and hold them for the ``with`` block; yields
+        the partitions taken, in order: one another run holds is left out (not waited for) for the caller to
+        take with :meth:`hold`. Released in one transaction."""
+        owner = _owner()
+        now = datetime.now(UTC)
+        wanted = list(dict.fromkeys(partitions))
+        taken: list[str] = []
+        if wanted:
+            with self.db.begin() as conn:
+                held = {}
+                for start in range(0, len(wanted), 500):  # within SQLite's and PostgreSQL's parameter limits
+                    part = wanted[start : start + 500]
+                    held.update({row.partition: row for row in conn.execute(sa.select(leases).where(
+                        leases.c.dataset == dataset, leases.c.partition.in_(part)))})
+                stale = []
+                for partition in wanted:
+                    row = held.get(partition)
+                    if row is not None and _aware(row.expires_at) > now and not _holder_is_gone(row.owner):
+                        continue
+                    if row is not None:
+                        stale.append(row)
+                    taken.append(partition)
+                for row in stale:
+                    conn.execute(leases.delete().where(leases.c.dataset == dataset, leases.c.partition == row.partition,
+                                                       leases.c.owner == row.owner))
+                if taken:
+                    conn.execute(leases.insert(), [{"dataset": dataset, "partition": p, "owner": owner,
+                                                    "expires_at": now + self.ttl} for p in taken])
+        try:
+            yield taken
+        finally:
+            if taken:
+                with self.db.begin() as conn:
+                    conn.execute(leases.delete().where(leases.c.dataset == dataset, leases.c.owner == owner))

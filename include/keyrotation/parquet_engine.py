@@ -2,7 +2,9 @@
 
 Two modes:
 
-* ``rewrap``: re-wrap each file's key material under the target version. Data files are untouched.
+* ``rewrap``: re-wrap each file's key material under the target version. Data files are untouched. A chunk
+  of partitions (:meth:`ParquetEngine.rewrap_many`) has its distinct wrapped KEKs re-wrapped together, in the
+  KMS's batch call where it has one, before each partition's key material is written as one alone would be.
 * ``reencrypt``: decrypt, check the plaintext digest, write a new generation of files with fresh
   data keys under the target version, read it back and check the digest again, then commit by
   rewriting the partition manifest. The data streams through in batches of ``batch_rows`` (the
@@ -33,9 +35,9 @@ from keyrotation import ledger as lg
 from keyrotation.census import PartitionCensus, known_versions, partition_census
 from keyrotation.errors import KeyRotationError, KmsUnreachable, PartitionError, PermissionDenied, ValidationError
 from keyrotation.formats.digest import DigestBuilder
-from keyrotation.formats.parquet_pme import ParquetEncryption, key_material_path
+from keyrotation.formats.parquet_pme import KeyMaterial, ParquetEncryption, key_material_path
 from keyrotation.ledger import Ledger, RunContext
-from keyrotation.partition_engine import PartitionEngine, PartitionResult
+from keyrotation.partition_engine import ERRORS, PartitionEngine, PartitionResult
 from keyrotation.stores.partitions import GENERATION_NAME, MANIFEST, STAGING_PREFIX, Manifest, PartitionStore
 
 log = logging.getLogger(__name__)
@@ -44,10 +46,18 @@ Checkpoint = Callable[[str], None]
 #: Rows decrypted, hashed and re-encrypted at a time: with the row groups of the files written
 #: (``ROW_GROUP_ROWS``), what bounds a re-encryption's memory, whatever the partition's size.
 DEFAULT_BATCH_ROWS = 65_536
+#: Partitions a batched KEK rotation (:meth:`ParquetEngine.rewrap_many`) takes together: their leases, their
+#: KMS requests (a few of the KMS's batches) and their ledger rows; what a kill there leaves to reconcile.
+REWRAP_GROUP = 1_000
 
 
 def _no_checkpoint(_name: str) -> None:
     return None
+
+
+def _distinct_wrapped(materials: dict[str, KeyMaterial]) -> list[str]:
+    """The distinct wrapped keys of a partition's files' key material, in order: what the KMS re-wraps."""
+    return list(dict.fromkeys(w for m in materials.values() for w in m.wrapped))
 
 
 class ParquetEngine(PartitionEngine):
@@ -68,6 +78,9 @@ class ParquetEngine(PartitionEngine):
         self.checkpoint = checkpoint or _no_checkpoint
         self.batch_rows = batch_rows
         self._known: frozenset[int] | None = None
+        #: The file names the ledger records, by partition, read for a group of partitions at once (while
+        #: :meth:`rewrap_many` holds their leases); what :meth:`_clean` asks the ledger otherwise.
+        self._ledger_files: dict[str, set[str]] | None = None
 
     # -- helpers ------------------------------------------------------------------------------
     def _known_versions(self) -> frozenset[int]:
@@ -80,8 +93,9 @@ class ParquetEngine(PartitionEngine):
     def list_partitions(self) -> list[str]:
         return self.store.list_partitions()
 
-    def partition_census(self, partition: str) -> PartitionCensus:
-        return partition_census(self.store, self.pme, partition, self._known_versions())
+    def partition_census(self, partition: str, materials: dict[str, KeyMaterial] | None = None) -> PartitionCensus:
+        """The partition's census (``materials``: see :func:`keyrotation.census.partition_census`)."""
+        return partition_census(self.store, self.pme, partition, self._known_versions(), materials)
 
     def required_columns(self) -> frozenset[str]:
         return frozenset(self.pme.encrypted_columns)
@@ -188,7 +202,10 @@ class ParquetEngine(PartitionEngine):
     def _clean(self, partition: str) -> list[str]:
         """Remove what an interrupted run of the engine left (staging names, earlier generations the ledger
         records); log and record each removal. Unmanaged files stay where they are."""
-        removed = self.store.clean(partition, self.ledger.partition_files(self.dataset, partition))
+        known = self._ledger_files.get(partition) if self._ledger_files is not None else None
+        if known is None:
+            known = self.ledger.partition_files(self.dataset, partition)
+        removed = self.store.clean(partition, known)
         if removed:
             log.info("%s partition %s: removed what an earlier run left: %s", self.dataset, partition,
                      ", ".join(removed))
@@ -270,11 +287,16 @@ class ParquetEngine(PartitionEngine):
         self._record(lg.PARTITION_WRITTEN, result, detail={"files": manifest.files, "written_under": version})
         return result
 
-    def _process(self, partition: str, target_version: int, mode: str) -> PartitionResult:
+    def _begin(self, partition: str, target_version: int, mode: str,
+               materials: dict[str, KeyMaterial] | None = None
+               ) -> tuple[float, Manifest, PartitionCensus, PartitionResult | None]:
+        """The first steps of :meth:`_process`: the manifest (adopted or rebuilt), the clean-up and the census
+        before (``materials`` gets the key material it reads); with the (reconciled) result when the partition
+        needs nothing."""
         start = time.monotonic()
         manifest = self._manifest(partition)
         self._clean(partition)
-        before = self.partition_census(partition)  # raises on what it cannot establish: unknown versions, ...
+        before = self.partition_census(partition, materials)  # raises on what it cannot establish: unknown ...
         required = self.required_columns()
         columns_known = before.encrypted_columns is not None and required <= before.encrypted_columns
         written_under_target = (manifest.written_under_version or 0) >= target_version
@@ -287,40 +309,179 @@ class ParquetEngine(PartitionEngine):
             # a rewrite of data that is already under the target.
             needs = not required <= self._encrypted_in(partition, manifest.files)[1]
         if not needs:
-            return self._reconcile(PartitionResult(partition, "up_to_date", before.oldest, before.oldest, manifest.rows,
-                                                   manifest.bytes, manifest.digest, time.monotonic() - start),
-                                   {"files": manifest.files})
+            return start, manifest, before, self._reconcile(
+                PartitionResult(partition, "up_to_date", before.oldest, before.oldest, manifest.rows, manifest.bytes,
+                                manifest.digest, time.monotonic() - start), {"files": manifest.files})
+        return start, manifest, before, None
 
+    def _process(self, partition: str, target_version: int, mode: str) -> PartitionResult:
+        read: dict[str, KeyMaterial] = {}
+        start, manifest, before, done = self._begin(partition, target_version, mode, read)
+        if done is not None:
+            return done
         if mode == "rewrap":
-            if manifest.digest is None:  # first sight of a foreign partition: take a baseline digest
-                manifest.digest, manifest.rows = self._digest(partition, manifest.files)
-                manifest.bytes = self.store.size(partition, manifest.files)
-                self.store.write_manifest(partition, manifest)
-            for name in manifest.files:
-                self.pme.rewrap(self.store.path(partition, name), self.store.fs, target_version, self.checkpoint)
-                self.checkpoint("rewrapped_file")
-            after = self.partition_census(partition)
-            if after.versions != {target_version}:
-                raise PartitionError(partition, f"after rewrap the key material is under {sorted(after.versions)}, "
-                                                f"expected only v{target_version}")
-            event, action = lg.PARTITION_REWRAPPED, "rewrapped"
-        else:
-            _, encrypted = self._encrypted_in(partition, manifest.files)
-            dropped = sorted(encrypted - required)
-            if dropped:
-                raise PartitionError(partition, f"column(s) {', '.join(dropped)} are encrypted in its files but not "
-                                                "in the key class's encrypted_columns: re-encrypting would write them "
-                                                "in plaintext, refused (add them back to encrypted_columns)")
-            recorded = manifest.digest or self._recorded_digest(partition)
-            manifest = self._commit_generation(partition, list(manifest.files), recorded, target_version)
-            event, action = lg.PARTITION_REENCRYPTED, "reencrypted"
-
-        result = PartitionResult(partition, action, before.oldest, target_version, manifest.rows, manifest.bytes,
-                                 manifest.digest, time.monotonic() - start)
-        self._record(event, result, detail={"mode": mode, "files": manifest.files,
-                                            "written_under": manifest.written_under_version})
+            materials = self._rewrap_materials(partition, manifest, read)
+            distinct = _distinct_wrapped(materials)
+            rewrapped = dict(zip(distinct, self.pme.backend.rewrap(distinct, target_version), strict=True))
+            return self._write_rewrapped(partition, start, manifest, before, materials, rewrapped, target_version)
+        _, encrypted = self._encrypted_in(partition, manifest.files)
+        dropped = sorted(encrypted - self.required_columns())
+        if dropped:
+            raise PartitionError(partition, f"column(s) {', '.join(dropped)} are encrypted in its files but not "
+                                            "in the key class's encrypted_columns: re-encrypting would write them "
+                                            "in plaintext, refused (add them back to encrypted_columns)")
+        recorded = manifest.digest or self._recorded_digest(partition)
+        manifest = self._commit_generation(partition, list(manifest.files), recorded, target_version)
+        result = PartitionResult(partition, "reencrypted", before.oldest, target_version, manifest.rows,
+                                 manifest.bytes, manifest.digest, time.monotonic() - start)
+        self._record(lg.PARTITION_REENCRYPTED, result, detail={"mode": mode, "files": manifest.files,
+                                                               "written_under": manifest.written_under_version})
         self.checkpoint("recorded")
         return result
+
+    # -- KEK rotation -------------------------------------------------------------------------
+    def _rewrap_materials(self, partition: str, manifest: Manifest, read: dict[str, KeyMaterial]
+                          ) -> dict[str, KeyMaterial]:
+        """What a rewrap of the partition changes: the key material of each of its files, by file name, as the
+        census before read it (``read``) (after taking a baseline digest of a foreign partition, on first
+        sight)."""
+        if manifest.digest is None:
+            manifest.digest, manifest.rows = self._digest(partition, manifest.files)
+            manifest.bytes = self.store.size(partition, manifest.files)
+            self.store.write_manifest(partition, manifest)
+        return {name: read.get(name) or self.pme.key_material(self.store.path(partition, name), self.store.fs)
+                for name in manifest.files}
+
+    def _write_rewrapped(self, partition: str, start: float, manifest: Manifest, before: PartitionCensus,
+                         materials: dict[str, KeyMaterial], rewrapped: dict[str, str], target_version: int,
+                         recorded: bool = True) -> PartitionResult:
+        """Write each file's key material re-wrapped (``rewrapped``: old wrapped key -> new), read the labels
+        back, and record the partition rewrapped (``recorded``: and pass the checkpoint that follows)."""
+        for material in materials.values():
+            self.pme.write_rewrapped(material, rewrapped, self.store.fs, self.checkpoint)
+            self.checkpoint("rewrapped_file")
+        after: set[int] = set()
+        for name in materials:  # read back what was written: its labels, without listing the partition again
+            after |= self.pme.wrapping_versions(self.store.path(partition, name), self.store.fs)
+        if after != {target_version}:
+            raise PartitionError(partition, f"after rewrap the key material is under {sorted(after)}, "
+                                            f"expected only v{target_version}")
+        result = PartitionResult(partition, "rewrapped", before.oldest, target_version, manifest.rows, manifest.bytes,
+                                 manifest.digest, time.monotonic() - start)
+        self._record(lg.PARTITION_REWRAPPED, result, detail={"mode": "rewrap", "files": manifest.files,
+                                                             "written_under": manifest.written_under_version})
+        if recorded:
+            self.checkpoint("recorded")
+        return result
+
+    def process_many(self, partitions: list[str], target_version: int, mode: str) -> list[PartitionResult]:
+        if mode == "rewrap":
+            return self.rewrap_many(partitions, target_version)
+        return super().process_many(partitions, target_version, mode)
+
+    def rewrap_many(self, partitions: list[str], target_version: int) -> list[PartitionResult]:
+        """Bring ``partitions`` under ``target_version`` by rewrap, as :meth:`process` does one by one (the same
+        results and ledger rows), with far fewer KMS requests and transactions.
+
+        In groups of :data:`REWRAP_GROUP` partitions: the group's leases are taken in one transaction; each
+        partition's key material is read; the group's distinct wrapped KEKs are re-wrapped together, in the
+        KMS's batch call where it has one (:attr:`~keyrotation.backends.base.KmsBackend.max_batch`); then each
+        partition's new key material is written as :meth:`process` writes it (each file's under a temporary name,
+        renamed over the old: a kill before leaves the old, both decrypt, and the new wrapped KEKs are simply not
+        used), and the group's ledger rows are written in one transaction. A failing partition is recorded
+        and the others go on; when the KMS refuses a batch, each partition is retried alone, so only the
+        partitions whose keys it refuses fail. A partition another run holds is processed after the group,
+        waiting for its lease as :meth:`process` does.
+        """
+        partitions = list(dict.fromkeys(partitions))
+        results: list[PartitionResult] = []
+        progress = self._progress(len(partitions))
+        for begin in range(0, len(partitions), REWRAP_GROUP):
+            group = partitions[begin : begin + REWRAP_GROUP]
+            with self.leases.hold_many(self.dataset, group) as taken:
+                done = self._rewrap_group(taken, target_version)
+            for partition in group:
+                result = done.get(partition)
+                if result is None:  # another run held its lease: wait for it, then most likely find it done
+                    try:
+                        result = self.process(partition, target_version, "rewrap")
+                    except ERRORS as exc:
+                        result = self._failed(partition, exc)
+                results.append(result)
+                progress(result)
+        return results
+
+    def _rewrap_group(self, partitions: list[str], target_version: int) -> dict[str, PartitionResult]:
+        results: dict[str, PartitionResult] = {}
+        rewrapped_ok: list[str] = []
+        # Read before any change here: files a partition's adoption records now are its live files, which
+        # the clean-up keeps whatever the ledger says.
+        self._ledger_files = self.ledger.partition_files_many(self.dataset, partitions)
+        try:
+            with self._records_together():
+                self._rewrap_prepared(partitions, target_version, results, rewrapped_ok)
+        finally:
+            self._ledger_files = None
+        for _ in rewrapped_ok:  # the group's rows are in the ledger now
+            self.checkpoint("recorded")
+        return results
+
+    def _rewrap_prepared(self, partitions: list[str], target_version: int, results: dict[str, PartitionResult],
+                         rewrapped_ok: list[str]) -> None:
+        """Each partition's census and key material; the KMS requests for them all; each one's new key material
+        written: into ``results`` (and the rewrapped ones, in order, into ``rewrapped_ok``)."""
+        plans: dict[str, tuple[float, Manifest, PartitionCensus, dict[str, KeyMaterial]]] = {}
+        for partition in partitions:
+            try:
+                read: dict[str, KeyMaterial] = {}
+                start, manifest, before, done = self._begin(partition, target_version, "rewrap", read)
+                if done is not None:
+                    results[partition] = done
+                else:
+                    plans[partition] = (start, manifest, before, self._rewrap_materials(partition, manifest, read))
+            except ERRORS as exc:
+                results[partition] = self._failed(partition, exc)
+        rewrapped, refused = self._rewrap_kms(plans, target_version)
+        for partition, (start, manifest, before, materials) in plans.items():
+            try:
+                if partition in refused:
+                    raise refused[partition]
+                results[partition] = self._write_rewrapped(partition, start, manifest, before, materials,
+                                                           rewrapped, target_version, recorded=False)
+                rewrapped_ok.append(partition)
+            except ERRORS as exc:
+                results[partition] = self._failed(partition, exc)
+
+    def _rewrap_kms(self, plans: dict[str, tuple[float, Manifest, PartitionCensus, dict[str, KeyMaterial]]],
+                    target_version: int) -> tuple[dict[str, str], dict[str, Exception]]:
+        """Re-wrap the distinct wrapped keys of ``plans`` together: old -> new, and the error of each partition
+        whose keys the KMS did not re-wrap. A refused batch is retried partition by partition, so one bad
+        partition fails alone; an unreachable or refusing KMS is every partition's error."""
+        backend = self.pme.backend
+        wanted = {p: _distinct_wrapped(plan[3]) for p, plan in plans.items()}
+        distinct = list(dict.fromkeys(w for ws in wanted.values() for w in ws))
+        if not distinct:
+            return {}, {}
+        try:
+            return dict(zip(distinct, backend.rewrap(distinct, target_version), strict=True)), {}
+        except (KmsUnreachable, PermissionDenied) as exc:
+            return {}, dict.fromkeys(plans, exc)
+        except ERRORS as exc:
+            if len(plans) == 1:
+                return {}, dict.fromkeys(plans, exc)
+            log.warning("%s: the KMS refused a batch rewrap of %d keys (%s); each partition's keys again alone",
+                        self.dataset, len(distinct), exc)
+        rewrapped: dict[str, str] = {}
+        refused: dict[str, Exception] = {}
+        for partition, keys in wanted.items():
+            try:
+                rewrapped.update(zip(keys, backend.rewrap(keys, target_version), strict=True))
+            except (KmsUnreachable, PermissionDenied) as exc:  # no use asking again for the others
+                refused.update({p: exc for p in wanted if p not in refused and not set(wanted[p]) <= set(rewrapped)})
+                break
+            except ERRORS as exc:
+                refused[partition] = exc
+        return rewrapped, refused
 
     def _validate(self, partition: str, min_version: int | None) -> PartitionResult:
         """Decrypt and digest the partition, and prove what protects it: the versions the KMS unwraps its

@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from functools import cached_property
@@ -22,6 +23,8 @@ from keyrotation.locks import PartitionLeases
 
 log = logging.getLogger(__name__)
 MODES = ("rewrap", "reencrypt")
+#: What fails one partition (recorded, the others go on); anything else stops the run.
+ERRORS = (KeyRotationError, OSError, ValueError)
 
 
 @dataclass
@@ -70,6 +73,9 @@ class PartitionEngine(ABC):
     census_kind: str = ""
     #: What holds a version, as validation findings name it.
     holders: str = "keys"
+    #: Ledger rows of :meth:`_record` held back to be written together, in one transaction (see
+    #: :meth:`_records_together`); None: each is written at once.
+    _pending: list[dict] | None = None
 
     @cached_property
     def leases(self) -> PartitionLeases:
@@ -107,6 +113,12 @@ class PartitionEngine(ABC):
         with self.leases.hold(self.dataset, partition):
             return self._validate(partition, min_version)
 
+    def process_many(self, partitions: list[str], target_version: int, mode: str) -> list[PartitionResult]:
+        """:meth:`process` each of ``partitions`` (a mapped task's chunk), as :meth:`run` does: a failing
+        partition is recorded and the rest go on. Engines that can do a chunk's work together (fewer KMS
+        requests, fewer transactions) do so, with the same results and ledger rows."""
+        return self.run(partitions, lambda p: self.process(p, target_version, mode))
+
     @abstractmethod
     def _process(self, partition: str, target_version: int, mode: str) -> PartitionResult: ...
 
@@ -115,12 +127,30 @@ class PartitionEngine(ABC):
 
     # -- common steps -------------------------------------------------------------------------
     def _record(self, event: str, result: PartitionResult, status: str = "ok", detail: dict | None = None) -> None:
-        self.ledger.record(
+        row = Ledger.row(
             event, self.key_class, self.ctx, status=status, detail=detail, dataset=self.dataset,
             partition=result.partition, from_version=result.from_version, to_version=result.to_version,
             rows=result.recorded_rows, bytes=result.bytes, digest=result.digest,
             duration_s=round(result.duration_s, 4),
         )
+        if self._pending is not None:
+            self._pending.append(row)
+        else:
+            self.ledger.record_many([row])
+
+    @contextmanager
+    def _records_together(self) -> Iterator[None]:
+        """Within the block, :meth:`_record` rows are held back and written at its end (however it ends) in one
+        transaction, in the order they were made, the hash chain as if written one by one."""
+        if self._pending is not None:  # nested: the outer block writes them
+            yield
+            return
+        self._pending = []
+        try:
+            yield
+        finally:
+            rows, self._pending = self._pending, None
+            self.ledger.record_many(rows)
 
     def _recorded_digest(self, partition: str) -> str | None:
         """The digest of the partition's last ledger record."""
@@ -159,29 +189,45 @@ class PartitionEngine(ABC):
         self._record(lg.PARTITION_VALIDATED, result, detail=detail)
         return result
 
+    def _failed(self, partition: str, exc: Exception) -> PartitionResult:
+        """The result of a partition whose operation raised ``exc``; recorded (a failed validation is already)."""
+        message = str(exc) if isinstance(exc, PartitionError) else f"partition {partition}: {exc}"
+        result = PartitionResult(partition, "failed", error=message, retryable=isinstance(exc, KmsUnreachable))
+        if not isinstance(exc, ValidationError):
+            self._record(lg.PARTITION_FAILED, result, status="failed", detail={"error": message})
+        log.error("%s (key class %s): %s", self.dataset, self.key_class, message)
+        return result
+
+    def _progress(self, total: int) -> Callable[[PartitionResult], None]:
+        """What logs each partition's result as it comes, with the totals so far, the rate and an ETA."""
+        started = time.monotonic()
+        done = rows = size = 0
+
+        def log_result(result: PartitionResult) -> None:
+            nonlocal done, rows, size
+            done += 1
+            rows, size = rows + (result.recorded_rows or 0), size + (result.bytes or 0)
+            elapsed = time.monotonic() - started
+            eta = elapsed / done * (total - done)
+            rate = f"{rows / elapsed:,.0f}" if elapsed > 0 else "-"
+            log.info("%s %d/%d partition %s: %s (v%s -> v%s) %.2fs; so far %s rows, %s, %s rows/s; "
+                     "elapsed %s, eta %s", self.dataset, done, total, result.partition, result.action,
+                     result.from_version, result.to_version, result.duration_s, f"{rows:,}", human_bytes(size),
+                     rate, human_duration(timedelta(seconds=round(elapsed))),
+                     human_duration(timedelta(seconds=round(eta))))
+
+        return log_result
+
     def run(self, partitions: list[str], operation: Callable[[str], PartitionResult]) -> list[PartitionResult]:
         """Apply ``operation`` to each partition with progress and ETA in the log; a failing partition is
         recorded in the ledger and the rest go on."""
         results: list[PartitionResult] = []
-        started = time.monotonic()
-        rows = size = 0
-        for i, partition in enumerate(partitions, 1):
+        progress = self._progress(len(partitions))
+        for partition in partitions:
             try:
                 result = operation(partition)
-            except (KeyRotationError, OSError, ValueError) as exc:
-                message = str(exc) if isinstance(exc, PartitionError) else f"partition {partition}: {exc}"
-                result = PartitionResult(partition, "failed", error=message, retryable=isinstance(exc, KmsUnreachable))
-                if not isinstance(exc, ValidationError):
-                    self._record(lg.PARTITION_FAILED, result, status="failed", detail={"error": message})
-                log.error("%s (key class %s): %s", self.dataset, self.key_class, message)
+            except ERRORS as exc:
+                result = self._failed(partition, exc)
             results.append(result)
-            rows, size = rows + (result.recorded_rows or 0), size + (result.bytes or 0)
-            elapsed = time.monotonic() - started
-            eta = elapsed / i * (len(partitions) - i)
-            rate = f"{rows / elapsed:,.0f}" if elapsed > 0 else "-"
-            log.info("%s %d/%d partition %s: %s (v%s -> v%s) %.2fs; so far %s rows, %s, %s rows/s; "
-                     "elapsed %s, eta %s", self.dataset, i, len(partitions), partition, result.action,
-                     result.from_version, result.to_version, result.duration_s, f"{rows:,}", human_bytes(size),
-                     rate, human_duration(timedelta(seconds=round(elapsed))),
-                     human_duration(timedelta(seconds=round(eta))))
+            progress(result)
         return results

@@ -24,13 +24,12 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, EndpointConnectionError
 
-from keyrotation.backends.base import ClientOptions, KeyState, KeyVersion, KmsBackend, versions_text
+from keyrotation.backends.base import ClientOptions, KeyState, KeyVersion, KmsBackend, each_distinct, versions_text
 from keyrotation.backends.retry import RetryPolicy, TransientFailure, call_with_retries
 from keyrotation.errors import BackendError, KeyNotFoundError, KmsUnreachable, PermissionDenied
 
@@ -346,10 +345,9 @@ class AwsKmsBackend(KmsBackend):
                               CiphertextBlob=self._blob(item), DestinationKeyId=destination)
             return f"aws:v{number}:" + base64.b64encode(resp["CiphertextBlob"]).decode("ascii")
 
-        if len(wrapped) <= 1:
-            return [one(w) for w in wrapped]
-        with ThreadPoolExecutor(min(REWRAP_THREADS, len(wrapped))) as pool:
-            return list(pool.map(one, wrapped))
+        # ReEncrypt takes one ciphertext a call: each distinct one once, REWRAP_THREADS at a time, within the
+        # rate limiter every call goes through (max_requests_per_second).
+        return each_distinct(wrapped, one, REWRAP_THREADS)
 
     def version_of(self, wrapped: str) -> int:
         match = _CIPHERTEXT.match(wrapped or "")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -61,6 +63,18 @@ def versions_text(versions: list[int]) -> str:
     return "versions " + ", ".join(f"v{v}" for v in versions)
 
 
+def each_distinct(wrapped: list[str], one: Callable[[str], str], threads: int) -> list[str]:
+    """``one(w)`` for each ``w`` of ``wrapped``, called once per distinct ``w`` (``threads`` at a time): the
+    :meth:`KmsBackend.rewrap` of a KMS that re-wraps one secret a request."""
+    unique = list(dict.fromkeys(wrapped))
+    if len(unique) <= 1:
+        done = {w: one(w) for w in unique}
+    else:
+        with ThreadPoolExecutor(min(threads, len(unique))) as pool:
+            done = dict(zip(unique, pool.map(one, unique), strict=True))
+    return [done[w] for w in wrapped]
+
+
 @dataclass(frozen=True)
 class ClientOptions:
     """How a process outside Airflow (the sidecar) reaches its KMS; credentials come from the environment only
@@ -84,6 +98,9 @@ class KmsBackend(abc.ABC):
     key_ref: str
     #: True when :meth:`rewrap` runs in the KMS, so wrapped keys never appear in plaintext outside it.
     server_side_rewrap: bool = False
+    #: The most wrapped secrets one :meth:`rewrap` request to the KMS carries (its batch call's limit);
+    #: 1 where the KMS re-wraps one secret a call. :meth:`rewrap` takes lists of any length and splits them.
+    max_batch: ClassVar[int] = 1
     #: False where the KMS keeps old versions usable for good (AWS KMS key material); then
     #: :attr:`cannot_retire_reason` says why, and the retirement gate reports it instead of retiring.
     can_retire: bool = True
@@ -155,7 +172,9 @@ class KmsBackend(abc.ABC):
 
     @abc.abstractmethod
     def rewrap(self, wrapped: list[str], version: int | None = None) -> list[str]:
-        """Re-encrypt wrapped secrets under ``version`` without exposing them (server-side where possible)."""
+        """Re-encrypt wrapped secrets under ``version`` without exposing them (server-side where possible), in
+        order; each distinct secret is re-wrapped once (a repeated one gets the same result), in requests of at
+        most :attr:`max_batch`."""
 
     @abc.abstractmethod
     def version_of(self, wrapped: str) -> int:

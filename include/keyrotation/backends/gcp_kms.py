@@ -26,7 +26,6 @@ import logging
 import re
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -35,7 +34,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import kms_v1
 from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 
-from keyrotation.backends.base import ClientOptions, KeyState, KeyVersion, KmsBackend, versions_text
+from keyrotation.backends.base import ClientOptions, KeyState, KeyVersion, KmsBackend, each_distinct, versions_text
 from keyrotation.backends.retry import RetryPolicy, TransientFailure, call_with_retries
 from keyrotation.errors import BackendError, ConfigError, KeyNotFoundError, KmsUnreachable, PermissionDenied
 
@@ -357,13 +356,7 @@ class GcpKmsBackend(KmsBackend):
             return self.wrap(self.unwrap(item), target)
 
         # A file's key material repeats its wrapped KEK (one per data key): each distinct one costs two calls.
-        unique = list(dict.fromkeys(wrapped))
-        if len(unique) <= 1:
-            done = {w: one(w) for w in unique}
-        else:
-            with ThreadPoolExecutor(min(REWRAP_THREADS, len(unique))) as pool:
-                done = dict(zip(unique, pool.map(one, unique), strict=True))
-        return [done[w] for w in wrapped]
+        return each_distinct(wrapped, one, REWRAP_THREADS)
 
     def version_of(self, wrapped: str) -> int:
         return int(self._prefix(wrapped).group(1))

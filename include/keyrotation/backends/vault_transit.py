@@ -52,6 +52,8 @@ def _created(value: object) -> datetime | None:
 class VaultTransitBackend(KmsBackend):
     kind = "vault_transit"
     server_side_rewrap = True
+    #: OpenBao's default JSON limits refuse a rewrap ``batch_input`` of 500 ciphertexts; 250 pass.
+    max_batch = REWRAP_BATCH
 
     def __init__(self, client: hvac.Client, key_ref: str, mount_point: str = "transit",
                  retry: RetryPolicy | None = None) -> None:
@@ -162,18 +164,24 @@ class VaultTransitBackend(KmsBackend):
         return base64.b64decode(resp["data"]["plaintext"])
 
     def rewrap(self, wrapped: list[str], version: int | None = None) -> list[str]:
-        out: list[str] = []
-        for start in range(0, len(wrapped), REWRAP_BATCH):
-            batch = [{"ciphertext": c} for c in wrapped[start : start + REWRAP_BATCH]]
+        unique = list(dict.fromkeys(wrapped))
+        done: dict[str, str] = {}
+        for start in range(0, len(unique), self.max_batch):
+            chunk = unique[start : start + self.max_batch]
+            batch = [{"ciphertext": c} for c in chunk]
             resp = self._call("rewrap", lambda batch=batch: self._transit.rewrap_data(
                 self.key_ref, ciphertext="", batch_input=batch, key_version=version, mount_point=self.mount_point))
-            for i, item in enumerate(resp["data"]["batch_results"]):
+            results = resp["data"]["batch_results"]
+            if len(results) != len(chunk):
+                raise BackendError(f"Transit key {self.key_ref!r}: rewrap of {len(chunk)} items answered "
+                                   f"{len(results)}")
+            for i, (item, old) in enumerate(zip(results, chunk, strict=True)):
                 if item.get("error"):
                     raise BackendError(
                         f"Transit key {self.key_ref!r}: rewrap of item {start + i} failed: {item['error']}"
                     )
-                out.append(item["ciphertext"])
-        return out
+                done[old] = item["ciphertext"]
+        return [done[w] for w in wrapped]
 
     def is_version_usable(self, version: int) -> bool:
         """Transit versions are usable as soon as they exist; reading the key needs no encrypt permission."""

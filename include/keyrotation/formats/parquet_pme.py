@@ -13,7 +13,7 @@ import base64
 import hashlib
 import json
 import posixpath
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -39,6 +39,23 @@ TEMP_MATERIAL_PREFIX = "_TMP"
 def key_material_path(data_path: str) -> str:
     directory, name = posixpath.split(data_path)
     return posixpath.join(directory, f"{KEY_MATERIAL_PREFIX}{name}.json")
+
+
+@dataclass(frozen=True)
+class KeyMaterial:
+    """The key material of one data file as read: its path, its entries by key id, and the field of each
+    entry that holds the wrapped key the KMS re-wraps (``wrappedKEK`` with double wrapping)."""
+
+    path: str
+    entries: dict[str, dict]
+    field: dict[str, str]
+    #: The sha256 of the key material file as read.
+    digest: str = ""
+
+    @property
+    def wrapped(self) -> list[str]:
+        """The distinct wrapped keys the KMS re-wraps, in order (with double wrapping, usually one: the KEK)."""
+        return list(dict.fromkeys(e[self.field[name]] for name, e in self.entries.items()))
 
 
 @dataclass(frozen=True)
@@ -161,22 +178,38 @@ class ParquetEncryption:
         this process's memory (Cloud KMS). pyarrow's own ``CryptoFactory.rotate_master_keys`` is not
         used: it hangs on a ``GcsFileSystem`` (pyarrow 26), and it would unwrap KEKs locally even
         where the KMS need not. The new material is written under a temporary name and renamed over
-        the old, so a crash leaves one or the other, both decryptable.
+        the old, so a crash leaves one or the other, both decryptable. Many files at once: read each
+        one's :meth:`key_material`, re-wrap their distinct :attr:`KeyMaterial.wrapped` together, and
+        :meth:`write_rewrapped` each.
         """
+        material = self.key_material(path, filesystem)
+        distinct = material.wrapped
+        self.write_rewrapped(material, dict(zip(distinct, self.backend.rewrap(distinct, version), strict=True)),
+                             filesystem, checkpoint)
+
+    def key_material(self, path: str, filesystem: pafs.FileSystem) -> KeyMaterial:
+        """The key material of data file ``path``, checked to belong to this key class's master key."""
         material_path = key_material_path(path)
-        entries = self._material(material_path, filesystem)
+        entries, digest = self._material_and_digest(material_path, filesystem)
         field = {name: "wrappedKEK" if m.get("doubleWrapping") else "wrappedDEK" for name, m in entries.items()}
-        rewrapped = self.backend.rewrap([entries[name][field[name]] for name in entries], version)
+        return KeyMaterial(material_path, entries, field, digest)
+
+    def write_rewrapped(self, material: KeyMaterial, rewrapped: Mapping[str, str], filesystem: pafs.FileSystem,
+                        checkpoint: Callable[[str], None] | None = None) -> None:
+        """Write ``material`` with each wrapped key replaced by its ``rewrapped`` form (old -> new, as
+        :meth:`~keyrotation.backends.base.KmsBackend.rewrap` made them): under a temporary name, renamed over
+        the old key material."""
         out = {}
-        for (name, material), wrapped in zip(entries.items(), rewrapped, strict=True):
-            out[name] = json.dumps({**material, field[name]: wrapped}, separators=(",", ":"))
-        directory, base = posixpath.split(material_path)
+        for name, entry in material.entries.items():
+            out[name] = json.dumps({**entry, material.field[name]: rewrapped[entry[material.field[name]]]},
+                                   separators=(",", ":"))
+        directory, base = posixpath.split(material.path)
         tmp = posixpath.join(directory, f"{TEMP_MATERIAL_PREFIX}{base}")
         with filesystem.open_output_stream(tmp) as stream:
             stream.write(json.dumps(out, separators=(",", ":")).encode())
         if checkpoint is not None:  # the fault tests' kill point between the new material and its rename
             checkpoint("material_staged")
-        filesystem.move(tmp, material_path)
+        filesystem.move(tmp, material.path)
 
     def _material(self, material_path: str, filesystem: pafs.FileSystem) -> dict[str, dict]:
         """The key material entries of a sidecar, checked to belong to this key class's master key."""
@@ -243,12 +276,12 @@ class ParquetEncryption:
     def key_material_facts(self, path: str, filesystem: pafs.FileSystem) -> tuple[set[int], str]:
         """The versions that wrap the file's keys, as its key material labels them, and the sha256 of the key
         material file (a validation records it, so a later change to the labels is seen without the KMS)."""
-        material_path = key_material_path(path)
-        entries, digest = self._material_and_digest(material_path, filesystem)
+        material = self.key_material(path, filesystem)
+        return self.labels(material), material.digest
+
+    def labels(self, material: KeyMaterial) -> set[int]:
+        """The versions ``material``'s wrapped keys name."""
         try:
-            return {
-                self.backend.version_of(m.get("wrappedKEK") if m.get("doubleWrapping") else m.get("wrappedDEK"))
-                for m in entries.values()
-            }, digest
+            return {self.backend.version_of(e.get(material.field[name])) for name, e in material.entries.items()}
         except (ValueError, AttributeError, TypeError) as exc:
-            raise BackendError(f"{material_path}: key material is not valid ({type(exc).__name__})") from None
+            raise BackendError(f"{material.path}: key material is not valid ({type(exc).__name__})") from None

@@ -147,7 +147,7 @@ class ReencryptPartitionsOperator(KeyClassOperator):
         rt = self.runtime
         engine = rt.engine(self.dataset, run_context(context))
         target = int(self.target_version)
-        results = engine.run(list(self.partitions), lambda p: engine.process(p, target, self.mode))
+        results = engine.process_many(list(self.partitions), target, self.mode)
         failed = [r for r in results if r.action == "failed"]
         if failed:
             raise partitions_failed(failed, f"{self.dataset}: {len(failed)} of {len(results)} partitions failed: "
