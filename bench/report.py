@@ -9,6 +9,10 @@ from bench.common import fmt_int, fmt_seconds
 MIB = 1024 * 1024
 
 
+
+def _chunking(chunk_size: int | None) -> str:
+    return "default chunks (sized by work)" if chunk_size is None else f"chunk {chunk_size}"
+
 def _yes(value: bool | None) -> str:
     return "n/a" if value is None else ("**met**" if value else "**not met**")
 
@@ -65,7 +69,7 @@ def markdown(res: dict) -> str:
         f"| memory, partition {mem['largest']['partition_over_budget']}× a {mem['budget_mib']} MiB budget | "
         f"working set ≤ budget | {mem['largest']['working_set_mib']} MiB "
         f"({_x(mem['largest']['working_set_over_budget'])} the budget){_memory_flat(mem)} | {_yes(mem['met'])} |",
-        f"| Airflow overhead, {af['partitions']} partitions, chunk {g['airflow_overhead']['chunk_size']} | ≤ 20% "
+        f"| Airflow overhead, {af['partitions']} partitions, {_chunking(g['airflow_overhead']['chunk_size'])} | ≤ 20% "
         f"of wall time | {_pct(g['airflow_overhead']['share'])} (engine timed inside the tasks); "
         f"{_pct(g['airflow_overhead']['share_ledger'])} by the ledger's durations | "
         f"{_yes(g['airflow_overhead']['met'])} |",
@@ -187,8 +191,8 @@ def markdown(res: dict) -> str:
             "overhead share (inside) | by ledger durations | by CPU time | overhead per task | KMS requests |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in af["runs"]:
-        default = " (default)" if r["chunk_size"] == 16 else ""
-        out.append(f"| {r['chunk_size']}{default} | {r.get('load_1min', 'n/a')} | {r['mapped_chunks']} | "
+        label = "sized by work (default)" if r["chunk_size"] is None else str(r["chunk_size"])
+        out.append(f"| {label} | {r.get('load_1min', 'n/a')} | {r['mapped_chunks']} | "
                    f"{r['task_instances']} | "
                    f"{fmt_seconds(r['wall_s'])} | {fmt_seconds(r['engine_inside_s'])} | "
                    f"{_pct(r['overhead_share_inside'])} | {_pct(r['overhead_share_ledger'])} | "

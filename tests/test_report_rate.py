@@ -71,8 +71,8 @@ def _runtime(name: str, role: str):
     made = datetime.now(UTC) - timedelta(days=1)
     state = KeyState(key_ref=kc.key_ref, exists=True, latest_version=1, min_decryption_version=1,
                      min_encryption_version=1, versions={1: KeyVersion(1, made)})
-    return SimpleNamespace(config=SimpleNamespace(key_class=kc), backend=SimpleNamespace(key_state=lambda: state),
-                           censuses=lambda: [])
+    backend = SimpleNamespace(key_state=lambda: state, deletion_dates=dict)  # Transit deletes no version
+    return SimpleNamespace(config=SimpleNamespace(key_class=kc), backend=backend, censuses=lambda: [])
 
 
 @pytest.fixture
