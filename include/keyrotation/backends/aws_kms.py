@@ -80,6 +80,7 @@ class AwsKmsBackend(KmsBackend):
     kind = "aws_kms"
     server_side_rewrap = True
     options_section = "aws"
+    storage_scheme = "s3"
 
     def __init__(self, client: Any, key_ref: str, *, strategy: Strategy = "alias", key_class: str = "",
                  rotation_period_days: int | None = None, deletion_window_days: int = 30,

@@ -107,6 +107,8 @@ class KmsBackend(abc.ABC):
     cannot_retire_reason: str = ""
     #: The section of a key class that holds this backend's options (``aws:``, ``gcp:``), if it has one.
     options_section: ClassVar[str | None] = None
+    #: The object store of this KMS's cloud (``s3``, ``gs``), which its connection's credentials also reach.
+    storage_scheme: ClassVar[str | None] = None
     #: True where a new version may stay pending, not usable yet, for a while after :meth:`rotate` (Cloud KMS HSM
     #: and external versions generate for minutes): worth waiting for asynchronously (in Airflow's triggerer).
     versions_may_be_pending: bool = False

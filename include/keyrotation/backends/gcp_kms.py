@@ -89,6 +89,7 @@ class GcpKmsBackend(KmsBackend):
     kind = "gcp_kms"
     server_side_rewrap = False
     options_section = "gcp"
+    storage_scheme = "gs"
     versions_may_be_pending = True
     promotes_separately = True
 

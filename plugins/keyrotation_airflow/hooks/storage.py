@@ -9,8 +9,8 @@ from airflow.sdk import BaseHook
 from keyrotation.config import Dataset, KeyClass
 from keyrotation.stores.filesystems import AwsCredentials, GcpCredentials, Storage, split_location
 
-#: The key class backend whose connection also reaches each object store, when a dataset names none.
-_CLOUD_OF_SCHEME = {"s3": "aws_kms", "gs": "gcp_kms"}
+#: Object stores that need a connection (a dataset's own, or its key class's where the KMS is of the same cloud).
+_CLOUD_SCHEMES = ("s3", "gs")
 
 
 class DatasetStorageHook(BaseHook):
@@ -59,10 +59,11 @@ def dataset_storage_hook(dataset: Dataset, kc: KeyClass, role: str = "reencrypt"
     if dataset.format == "sql_table":
         return DatasetStorageHook(dataset.location, dataset.conn_id, sql_table=True)
     scheme = split_location(dataset.location)[0]
-    conn_id = dataset.conn_id or (kc.conn_for(role) if _CLOUD_OF_SCHEME.get(scheme) == kc.backend else None)
-    if scheme in _CLOUD_OF_SCHEME and not conn_id:
+    same_cloud = kc.backend_class.storage_scheme == scheme
+    conn_id = dataset.conn_id or (kc.conn_for(role) if same_cloud else None)
+    if scheme in _CLOUD_SCHEMES and not conn_id:
         raise ValueError(f"dataset {dataset.name!r} is on {scheme}:// ({dataset.location}) but names "
-                         f"no conn_id, and its key class's backend is not {_CLOUD_OF_SCHEME[scheme]}: set "
+                         f"no conn_id, and its key class's {kc.backend} connection does not reach {scheme}://: set "
                          "datasets[].conn_id")
     return DatasetStorageHook(dataset.location, conn_id, region_name=kc.aws_options.region_name if kc.aws else None)
 
