@@ -57,6 +57,11 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def _live(row: sa.Row, now: datetime) -> bool:
+    """Whether a lease row still holds: not expired, and its holder (on this host) still running."""
+    return _aware(row.expires_at) > now and not _holder_is_gone(row.owner)
+
+
 class PartitionLeases:
     def __init__(self, ledger: Ledger, ttl: timedelta = timedelta(minutes=30)) -> None:
         self.db = ledger.db
@@ -70,7 +75,7 @@ class PartitionLeases:
             row = conn.execute(sa.select(leases).where(leases.c.dataset == dataset,
                                                        leases.c.partition == partition)).first()
             if row is not None:
-                if _aware(row.expires_at) > now and not _holder_is_gone(row.owner):
+                if _live(row, now):
                     return f"{row.owner} until {_aware(row.expires_at).isoformat(timespec='seconds')}"
                 conn.execute(leases.delete().where(leases.c.dataset == dataset, leases.c.partition == partition,
                                                    leases.c.owner == row.owner))
@@ -116,7 +121,7 @@ class PartitionLeases:
                 stale = []
                 for partition in wanted:
                     row = held.get(partition)
-                    if row is not None and _aware(row.expires_at) > now and not _holder_is_gone(row.owner):
+                    if row is not None and _live(row, now):
                         continue
                     if row is not None:
                         stale.append(row)

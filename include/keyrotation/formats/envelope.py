@@ -103,15 +103,14 @@ def open_sealed(value: bytes, aead: AESGCM, header: Header, table: str, column: 
 
 class CachedKey:
     """An unwrapped data key: the key as a ``bytearray`` (zeroed on eviction), its AES-GCM object, the
-    KEK version its row was wrapped under when read, and when it expires."""
+    KEK version its row was wrapped under when read (the cache that holds it tracks when it expires)."""
 
-    __slots__ = ("key", "aead", "version", "expires")
+    __slots__ = ("key", "aead", "version")
 
-    def __init__(self, key: bytearray, version: int, expires: float) -> None:
+    def __init__(self, key: bytearray, version: int) -> None:
         self.key = key
         self.aead = AESGCM(key)  # cryptography copies the key inside; that copy cannot be zeroed
         self.version = version
-        self.expires = expires
 
     def zero(self) -> None:
         self.key[:] = bytes(len(self.key))
@@ -167,7 +166,7 @@ class DataKeyCache:
             raise ValueError("cache TTL must be positive")
         self.size = size
         self.ttl_s = ttl_s
-        self.clock = self._clock = clock
+        self.clock = clock
         self._entries = _ZeroingTTLCache(size, ttl_s, clock, on_evict)
         self._lock = threading.Lock()
 
@@ -181,7 +180,7 @@ class DataKeyCache:
             return self._entries.get(key_id)  # a hit becomes the most recently used
 
     def put(self, key_id: bytes, key: bytes | bytearray, version: int) -> CachedKey:
-        entry = CachedKey(bytearray(key), version, self._clock() + self.ttl_s)
+        entry = CachedKey(bytearray(key), version)
         if not self.size:
             return entry
         with self._lock:
