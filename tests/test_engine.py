@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import pytest
@@ -297,9 +298,10 @@ def _rewrap_scenario(rt, batched: bool):  # noqa: ANN001, ANN202
     rt.backend.rewrap = lambda wrapped, version=None: calls.append(len(wrapped)) or real(wrapped, version)
     seen = len(rt.ledger.rows())
     engine = rt.engine("customers")
+    started = time.monotonic()
     results = engine.process_many(parts, v2, "rewrap") if batched else \
         engine.run(parts, lambda p: engine.process(p, v2, "rewrap"))
-    return parts, expected, v2, results, rt.ledger.rows()[seen:], calls
+    return parts, expected, v2, results, rt.ledger.rows()[seen:], calls, time.monotonic() - started
 
 
 def test_rewrap_many_gives_what_process_gives_with_one_kms_request_and_a_bad_partition_alone(make_key_class,
@@ -308,8 +310,11 @@ def test_rewrap_many_gives_what_process_gives_with_one_kms_request_and_a_bad_par
                                           vault, f"sqlite:///{tmp_path / 'single.db'}"), batched=False)
     rt = runtime(make_key_class(mode="rewrap", name="batched", location=str(tmp_path / "b")), vault,
                  f"sqlite:///{tmp_path / 'batched.db'}")
-    parts, expected, v2, results, rows, calls = _rewrap_scenario(rt, batched=True)
+    parts, expected, v2, results, rows, calls, elapsed = _rewrap_scenario(rt, batched=True)
     assert [r.action for r in results] == ["up_to_date", "rewrapped", "failed", "rewrapped", "rewrapped"]
+    # Each partition's duration is its own share of the batch: together they fit in the call's wall time.
+    assert 0 < sum(r.duration_s for r in results) <= elapsed
+    assert all(r.duration_s > 0 for r in results if r.action == "rewrapped")
     assert parts[2] in results[2].error and results[2].retryable is False
 
     def same(r):  # noqa: ANN001, ANN202

@@ -371,3 +371,34 @@ def test_verify_help_documents_the_exit_codes():
     assert lg.VERIFY_EXIT_CODES in result.stdout
     assert [line.split()[0] for line in lg.VERIFY_EXIT_CODES.splitlines()[1:] if line[:3].strip().isdigit()] == [
         "0", "1", "2", "3", "4", "5", "6", "7"]
+
+
+def test_hold_many_leaves_out_a_partition_another_run_takes_between_its_read_and_its_insert(postgres_url):
+    """Two runs race for a chunk's leases: the one whose group insert collides takes the rest one by one and
+    leaves out only the partition the other took (its chunk goes on; that partition is waited for later)."""
+    from datetime import UTC, datetime, timedelta
+
+    from keyrotation.locks import PartitionLeases, leases
+
+    ledger = Ledger(postgres_url)
+    locks = PartitionLeases(ledger)
+    other = sa.create_engine(postgres_url)
+    raced: list[str] = []
+
+    @sa.event.listens_for(ledger.db, "before_cursor_execute")
+    def _other_run_inserts_first(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
+        if not raced and statement.startswith("INSERT INTO partition_leases"):
+            raced.append(statement)
+            with other.begin() as c:
+                c.execute(leases.insert().values(dataset="d", partition="p2", owner="elsewhere:1:x",
+                                                 expires_at=datetime.now(UTC) + timedelta(hours=1)))
+
+    with locks.hold_many("d", ["p1", "p2", "p3"]) as taken:
+        assert taken == ["p1", "p3"]
+        with other.connect() as c:
+            owners = dict(c.execute(sa.select(leases.c.partition, leases.c.owner)).all())
+        assert owners["p2"] == "elsewhere:1:x" and owners["p1"] == owners["p3"] != "elsewhere:1:x"
+    assert raced
+    with other.connect() as c:
+        assert c.execute(sa.select(leases.c.partition, leases.c.owner)).all() == [("p2", "elsewhere:1:x")]
+    other.dispose()

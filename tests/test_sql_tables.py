@@ -34,7 +34,7 @@ SQL_DATASET = """    format: sql_table
 
 
 
-def sql_key_class(make_key_class, pg, name: str, columns: str = "email, ssn", batch: int = 500):
+def sql_key_class(make_key_class, pg, name: str, columns: str = "email, ssn", batch: int = 500, extra: str = ""):
     engine, tables = pg
     table = f"{name}_{secrets.token_hex(3)}"
     with engine.begin() as conn:
@@ -42,7 +42,7 @@ def sql_key_class(make_key_class, pg, name: str, columns: str = "email, ssn", ba
                              + ", ".join(f"{c.strip()} bytea" for c in columns.split(",")) + ")"))
     tables.append(table)
     return make_key_class(name=name, dataset=f"{name}_rows", location=PG_URL, **{
-        "    encrypted_columns: [email, ssn]\n": SQL_DATASET.format(table=table, batch=batch, columns=columns)})
+        "    encrypted_columns: [email, ssn]\n": SQL_DATASET.format(table=table, batch=batch, columns=columns) + extra})
 
 
 def frame(day: str, start: int, rows: int, columns: tuple[str, ...] = ("email", "ssn")) -> pd.DataFrame:
@@ -352,6 +352,42 @@ def test_without_a_key_id_index_the_census_scans_and_proves_the_same(make_key_cl
         _unknown_key(conn, table, rt.name, 61)
     census = rt.census(dataset)
     assert "1 values in" in census.errors["2024-08-02"] and "unknown key version" in census.errors["2024-08-02"]
+
+
+def test_create_key_id_index_false_never_creates_one_and_uses_a_dbas(make_key_class, vault, pg, caplog):
+    """``create_key_id_index: false``: the engine creates no index (the census scans, same findings); an index a
+    DBA creates afterwards is found and used."""
+    config = sql_key_class(make_key_class, pg, "sqlnocreate", batch=100, extra="    create_key_id_index: false\n")
+    rt = runtime(config, vault)
+    table, dataset = config.datasets[0].table, "sqlnocreate_rows"
+    seed(rt, dataset, ["2024-09-01", "2024-09-02"], rows=40)
+    engine = rt.engine(dataset)
+    assert rt.census(dataset).by_version() == {1: 2}
+
+    def indexes() -> set[str]:
+        with pg[0].connect() as conn:
+            return set(conn.execute(sa.text("SELECT indexname FROM pg_indexes WHERE tablename = :t"),
+                                    {"t": table}).scalars())
+
+    names = {engine.store.key_id_index(c, rt.name) for c in ("email", "ssn")}
+    assert not names & indexes()
+    assert engine.store.ensure_key_id_indexes(rt.name, create=False) == "no valid key-id index on email, ssn"
+    with pg[0].begin() as conn:
+        _unknown_key(conn, table, rt.name, 41)
+    census = rt.census(dataset)
+    assert "1 values in" in census.errors["2024-09-02"] and "unknown key version" in census.errors["2024-09-02"]
+    assert not names & indexes()
+
+    advice = [r.getMessage() for r in caplog.records if "create_key_id_index is false" in r.getMessage()]
+    assert advice and len(set(advice)) == 1  # once per engine, the same advice
+    assert all(engine.store.key_id_index_ddl(c, rt.name) in advice[0] for c in ("email", "ssn"))
+    with pg[0].connect().execution_options(isolation_level="AUTOCOMMIT") as conn:  # the DBA, from the log line
+        for statement in advice[0].split("a DBA can create it with: ")[1].split("; "):
+            conn.execute(sa.text(statement))
+    assert names <= indexes()
+    fresh = rt.engine(dataset)
+    assert fresh.store.create_indexes is False and fresh._index_problem() is None
+    assert rt.census(dataset).by_version() == {1: 1}
 
 
 @pytest.mark.airflow

@@ -456,6 +456,10 @@ class Dataset(_Strict):
     partition_column: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
                                          description="sql_table: date or timestamp column; a partition is a day.")
     batch_size: int = Field(default=5000, ge=1, le=100_000, description="sql_table: rows per transaction.")
+    create_key_id_index: bool = Field(
+        default=True, description="sql_table: create the key-id index of each encrypted column when it is missing "
+        "(CREATE INDEX CONCURRENTLY, writes go on). false: never create one (a DBA creates it, or the census scans "
+        "every value); an index already there is used either way.")
     schedule: str | None = Field(default="@daily", description="Cron for the per-partition re-encryption DAG.")
     start_date: str = Field(default="2024-01-01", pattern=r"^\d{4}-\d{2}-\d{2}$")
 

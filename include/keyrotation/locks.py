@@ -108,8 +108,21 @@ class PartitionLeases:
         the partitions taken, in order: one another run holds is left out (not waited for) for the caller to
         take with :meth:`hold`. Released in one transaction."""
         owner = _owner()
-        now = datetime.now(UTC)
         wanted = list(dict.fromkeys(partitions))
+        try:
+            taken = self._acquire_many(dataset, wanted, owner)
+        except sa.exc.IntegrityError:  # another run took one of them between our read and our insert
+            taken = [p for p in wanted if self._try_acquire(dataset, p, owner) is None]
+        try:
+            yield taken
+        finally:
+            if taken:
+                with self.db.begin() as conn:
+                    conn.execute(leases.delete().where(leases.c.dataset == dataset, leases.c.owner == owner))
+
+    def _acquire_many(self, dataset: str, wanted: list[str], owner: str) -> list[str]:
+        """Take the free leases of ``wanted`` in one transaction; the partitions taken, in order."""
+        now = datetime.now(UTC)
         taken: list[str] = []
         if wanted:
             with self.db.begin() as conn:
@@ -132,9 +145,4 @@ class PartitionLeases:
                 if taken:
                     conn.execute(leases.insert(), [{"dataset": dataset, "partition": p, "owner": owner,
                                                     "expires_at": now + self.ttl} for p in taken])
-        try:
-            yield taken
-        finally:
-            if taken:
-                with self.db.begin() as conn:
-                    conn.execute(leases.delete().where(leases.c.dataset == dataset, leases.c.owner == owner))
+        return taken

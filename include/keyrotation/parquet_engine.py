@@ -430,6 +430,8 @@ class ParquetEngine(PartitionEngine):
                          rewrapped_ok: list[str]) -> None:
         """Each partition's census and key material; the KMS requests for them all; each one's new key material
         written: into ``results`` (and the rewrapped ones, in order, into ``rewrapped_ok``)."""
+        # A partition's duration is its own: its census and key material read, an equal share of the group's KMS
+        # requests, and its writes (not the time it waited while the rest of the group was read).
         plans: dict[str, tuple[float, Manifest, PartitionCensus, dict[str, KeyMaterial]]] = {}
         for partition in partitions:
             try:
@@ -438,14 +440,18 @@ class ParquetEngine(PartitionEngine):
                 if done is not None:
                     results[partition] = done
                 else:
-                    plans[partition] = (start, manifest, before, self._rewrap_materials(partition, manifest, read))
+                    materials = self._rewrap_materials(partition, manifest, read)
+                    plans[partition] = (time.monotonic() - start, manifest, before, materials)
             except ERRORS as exc:
                 results[partition] = self._failed(partition, exc)
+        kms_start = time.monotonic()
         rewrapped, refused = self._rewrap_kms(plans, target_version)
-        for partition, (start, manifest, before, materials) in plans.items():
+        kms_share = (time.monotonic() - kms_start) / max(1, len(plans))
+        for partition, (own, manifest, before, materials) in plans.items():
             try:
                 if partition in refused:
                     raise refused[partition]
+                start = time.monotonic() - own - kms_share
                 results[partition] = self._write_rewrapped(partition, start, manifest, before, materials,
                                                            rewrapped, target_version, recorded=False)
                 rewrapped_ok.append(partition)

@@ -105,7 +105,8 @@ class SqlTableEngine(PartitionEngine):
     def _index_problem(self) -> str | None:
         """Why the census cannot read data key ids from the key-id indexes (None: it can); they are created
         once per engine if missing, and checked again at every census (an index dropped meanwhile)."""
-        problem = self.store.ensure_key_id_indexes(self.key_class, create=not self._index_tried)
+        problem = self.store.ensure_key_id_indexes(
+            self.key_class, create=self.store.create_indexes and not self._index_tried)
         self._index_tried = True
         return problem
 

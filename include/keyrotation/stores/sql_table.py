@@ -50,6 +50,9 @@ class SqlTableStore:
         self.partition_column = dataset.partition_column or ""
         self.columns = list(dataset.encrypted_columns)
         self.batch_size = dataset.batch_size
+        #: Whether the engine may create a missing key-id index (the dataset's ``create_key_id_index``).
+        self.create_indexes = dataset.create_key_id_index
+        self._index_advice_logged = False
         self._check_table(dataset.name)
 
     def _check_table(self, dataset: str) -> None:
@@ -84,6 +87,13 @@ class SqlTableStore:
         definition = f"{self.table}|{self.partition_column}|{column}|{key_id_offset(key_class)}"
         return "keyrotation_kid_" + hashlib.sha256(definition.encode()).hexdigest()[:24]
 
+    def key_id_index_ddl(self, column: str, key_class: str) -> str:
+        """The statement that creates ``column``'s key-id index (the engine runs it, or a DBA where
+        ``create_key_id_index`` is false)."""
+        return (f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {_ident(self.key_id_index(column, key_class))} ON "
+                f"{_ident(self.table)} ({self._day()}, {self._key_id(column, key_class)}) "
+                f"WHERE {_ident(column)} IS NOT NULL")
+
     def _index_states(self, names: list[str]) -> dict[str, bool]:
         """name -> valid (usable by the planner), for those of ``names`` that exist."""
         sql = ("SELECT c.relname, i.indisvalid AND i.indisready FROM pg_class c JOIN pg_index i ON i.indexrelid = "
@@ -108,7 +118,13 @@ class SqlTableStore:
         if all(states.get(n) for n in names.values()):
             return None
         if not create:
-            return "no valid key-id index on " + ", ".join(c for c, n in names.items() if not states.get(n))
+            missing = [c for c, n in names.items() if not states.get(n)]
+            if not self.create_indexes and not self._index_advice_logged:
+                self._index_advice_logged = True
+                log.warning("%s: no key-id index on %s and create_key_id_index is false, so the census scans every "
+                            "value; a DBA can create it with: %s", self.table, ", ".join(missing),
+                            "; ".join(self.key_id_index_ddl(c, key_class) for c in missing))
+            return "no valid key-id index on " + ", ".join(missing)
         for column, name in names.items():
             if states.get(name):
                 continue
@@ -117,8 +133,7 @@ class SqlTableStore:
                          self.table, column, name)
                 if name in states:  # left invalid by an interrupted concurrent build: build it again
                     self._ddl(f"DROP INDEX CONCURRENTLY IF EXISTS {_ident(name)}")
-                self._ddl(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {_ident(name)} ON {_ident(self.table)} "
-                          f"({self._day()}, {self._key_id(column, key_class)}) WHERE {_ident(column)} IS NOT NULL")
+                self._ddl(self.key_id_index_ddl(column, key_class))
             except sa.exc.SQLAlchemyError as exc:
                 reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
                 log.warning("%s.%s: cannot create the key-id index %s (%s); the census scans every value",
