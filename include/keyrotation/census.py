@@ -14,8 +14,11 @@ from __future__ import annotations
 import hashlib
 import posixpath
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+import pyarrow.fs as pafs
 
 from keyrotation.errors import BackendError, PartitionError
 from keyrotation.formats.parquet_footer import FooterError, is_encrypted
@@ -23,6 +26,7 @@ from keyrotation.formats.parquet_pme import KEY_MATERIAL_PREFIX, KeyMaterial, Pa
 from keyrotation.stores.partitions import MANIFEST, PartitionStore
 
 if TYPE_CHECKING:
+    from keyrotation.census_cache import CensusCache
     from keyrotation.partition_engine import PartitionEngine
 
 
@@ -190,15 +194,27 @@ def _unmanaged_file(store: PartitionStore, pme: ParquetEncryption, partition: st
 
 def partition_census(store: PartitionStore, pme: ParquetEncryption, partition: str,
                      known_versions: frozenset[int] | None = None,
-                     materials: dict[str, KeyMaterial] | None = None) -> PartitionCensus:
+                     materials: dict[str, KeyMaterial] | None = None,
+                     found: dict[str, pafs.FileInfo] | None = None) -> PartitionCensus:
     """The census of one partition; raises PartitionError when its protection cannot be established.
 
     ``known_versions``: the versions the KMS has; a label outside them is blocking. ``materials``, if given,
     gets the key material read of each live file, by name (a rewrap that follows need not read it again).
+    ``found``: the partition's folder as :meth:`PartitionStore.scan` listed it (else it is listed here).
     """
-    manifest = store.read_manifest(partition)
-    listing = set(store.listing(partition))
-    live = list(manifest.files) if manifest is not None else store.live_files(partition)
+    if found is None:
+        manifest = store.read_manifest(partition)
+        listing = set(store.listing(partition))
+    else:
+        missing = pafs.FileInfo(store.path(partition, MANIFEST), pafs.FileType.NotFound)
+        manifest = store.read_manifest(partition, found.get(MANIFEST, missing))
+        listing = set(found)
+    if manifest is not None:
+        live = list(manifest.files)
+    elif found is None:
+        live = store.live_files(partition)
+    else:
+        live = store.data_files(partition, listing)
     versions: set[int] = set()
     material = hashlib.sha256()
     for name in live:
@@ -251,15 +267,61 @@ def known_versions(pme: ParquetEncryption) -> frozenset[int]:
     return frozenset(range(max(1, state.min_available_version), state.latest_version + 1))
 
 
-def take_census(engine: PartitionEngine, partitions: list[str] | None = None) -> Census:
+#: Partitions read at once by a census of a dataset on an object store (each read waits on the network).
+CENSUS_THREADS = 16
+
+
+def take_census(engine: PartitionEngine, partitions: list[str] | None = None, cache: CensusCache | None = None,
+                reuse: bool = False) -> Census:
     """Census of every partition of ``engine``'s dataset (or of ``partitions``); a blocking partition is
-    listed, not fatal."""
+    listed, not fatal.
+
+    A census of every partition of a dataset its engine can list whole (:meth:`PartitionEngine.scan`) starts
+    from that one listing, reads partitions concurrently where the store is remote, and keeps each partition's
+    census in ``cache``; with ``reuse``, a partition whose fingerprint is unchanged is taken from the cache, not
+    read (see :mod:`keyrotation.census_cache`: for plans and pages, never for a gate).
+    """
     census = Census(engine.dataset, kind=engine.census_kind, required_columns=engine.required_columns())
-    for partition in partitions if partitions is not None else engine.list_partitions():
+    found = engine.scan() if partitions is None else None
+    if found is None:
+        for partition in partitions if partitions is not None else engine.list_partitions():
+            try:
+                census.partitions[partition] = engine.partition_census(partition)
+            except engine.census_errors as exc:
+                census.errors[partition] = str(exc)
+        if partitions is None:
+            census.errors.update(engine.strays())
+        return census
+    fingerprints: dict[str, str] = {}
+    kept: dict[str, PartitionCensus] = {}
+    if cache is not None:
+        last = engine.ledger.last_partition_ids(engine.dataset)
+        fingerprints = {p: engine.census_fingerprint(listing, last.get(p)) for p, listing in found.items()}
+        kept = cache.lookup(engine.dataset, fingerprints)
+    reused = {p: kept[p] for p in found if p in kept} if reuse else {}
+
+    def one(partition: str) -> PartitionCensus | str:
         try:
-            census.partitions[partition] = engine.partition_census(partition)
+            return engine.partition_census(partition, found=found[partition])
         except engine.census_errors as exc:
-            census.errors[partition] = str(exc)
-    if partitions is None:
-        census.errors.update(engine.strays())
+            return str(exc)
+
+    todo = [p for p in found if p not in reused]
+    threads = min(engine.census_threads, max(1, len(todo)))
+    if threads > 1:
+        with ThreadPoolExecutor(threads, thread_name_prefix="census") as pool:
+            read = dict(zip(todo, pool.map(one, todo), strict=True))
+    else:
+        read = {p: one(p) for p in todo}
+    for partition in found:
+        result = reused.get(partition) or read[partition]
+        if isinstance(result, str):
+            census.errors[partition] = result
+        else:
+            census.partitions[partition] = result
+    census.errors.update(engine.strays())
+    if cache is not None:
+        cache.keep(engine.dataset, {p: (fingerprints[p], c) for p, c in read.items()
+                                    if not isinstance(c, str) and kept.get(p) != c})
+        cache.forget(engine.dataset, [p for p, c in read.items() if isinstance(c, str) and p in kept])
     return census

@@ -460,6 +460,13 @@ class Ledger:
                     names[partition].update([*(recorded.get("files") or []), *(recorded.get("replaces") or [])])
         return names
 
+    def last_partition_ids(self, dataset: str) -> dict[str, int]:
+        """The id of the last row the ledger holds for each partition of ``dataset``, in one query: a row newer
+        than one seen before means the engine changed, cleaned or validated the partition since."""
+        with self.db.connect() as conn:
+            return dict(conn.execute(sa.select(events.c.partition, sa.func.max(events.c.id)).where(
+                events.c.dataset == dataset, events.c.partition.is_not(None)).group_by(events.c.partition)).all())
+
     def partition_evidence(self, dataset: str) -> dict[str, dict[str, dict | None]]:
         """Per partition of ``dataset``: its last successful change (``change``) and its last validation,
         passed or failed (``validation``), as ledger rows; the rows' ids order them."""

@@ -24,15 +24,17 @@ files' footers encrypt; the retirement gate asks for that proof (:mod:`keyrotati
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable, Iterator
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from keyrotation import ledger as lg
-from keyrotation.census import PartitionCensus, known_versions, partition_census
+from keyrotation.census import CENSUS_THREADS, PartitionCensus, known_versions, partition_census
 from keyrotation.errors import KeyRotationError, KmsUnreachable, PartitionError, PermissionDenied, ValidationError
 from keyrotation.formats.digest import DigestBuilder
 from keyrotation.formats.parquet_pme import KeyMaterial, ParquetEncryption, key_material_path
@@ -49,6 +51,9 @@ DEFAULT_BATCH_ROWS = 65_536
 #: Partitions a batched KEK rotation (:meth:`ParquetEngine.rewrap_many`) takes together: their leases, their
 #: KMS requests (a few of the KMS's batches) and their ledger rows; what a kill there leaves to reconcile.
 REWRAP_GROUP = 1_000
+#: Changes whenever what a partition's census holds, or how it is read, changes: kept censuses of an older
+#: form are then never reused (see :mod:`keyrotation.census_cache`).
+CENSUS_FORMAT = 1
 
 
 def _no_checkpoint(_name: str) -> None:
@@ -93,9 +98,22 @@ class ParquetEngine(PartitionEngine):
     def list_partitions(self) -> list[str]:
         return self.store.list_partitions()
 
-    def partition_census(self, partition: str, materials: dict[str, KeyMaterial] | None = None) -> PartitionCensus:
-        """The partition's census (``materials``: see :func:`keyrotation.census.partition_census`)."""
-        return partition_census(self.store, self.pme, partition, self._known_versions(), materials)
+    def partition_census(self, partition: str, materials: dict[str, KeyMaterial] | None = None,
+                         found: dict[str, pafs.FileInfo] | None = None) -> PartitionCensus:
+        """The partition's census (``materials``, ``found``: see :func:`keyrotation.census.partition_census`)."""
+        return partition_census(self.store, self.pme, partition, self._known_versions(), materials, found)
+
+    @property
+    def census_threads(self) -> int:  # type: ignore[override]
+        return 1 if isinstance(self.store.fs, pafs.LocalFileSystem) else CENSUS_THREADS
+
+    def scan(self) -> dict[str, dict[str, pafs.FileInfo]]:
+        return self.store.scan()
+
+    def census_fingerprint(self, found: dict[str, pafs.FileInfo], last_ledger_id: int | None) -> str:
+        files = sorted((name, info.type.value, info.size, info.mtime_ns) for name, info in found.items())
+        facts = [CENSUS_FORMAT, self.store.location, sorted(self._known_versions()), last_ledger_id, files]
+        return hashlib.sha256(json.dumps(facts).encode()).hexdigest()
 
     def required_columns(self) -> frozenset[str]:
         return frozenset(self.pme.encrypted_columns)

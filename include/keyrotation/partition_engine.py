@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from functools import cached_property
+from typing import Any
 
 from keyrotation import ledger as lg
 from keyrotation.census import PartitionCensus
@@ -93,6 +94,19 @@ class PartitionEngine(ABC):
     def required_columns(self) -> frozenset[str]:
         """The columns the census must find encrypted (the retirement gate checks them), if the format says."""
         return frozenset()
+
+    #: Partitions a census reads at once (more than one where each read waits on a remote store).
+    census_threads: int = 1
+
+    def scan(self) -> dict[str, Any] | None:
+        """Every partition's listing from one listing of the whole dataset, by partition (what
+        :meth:`partition_census` takes as ``found``); None where the format does not list its dataset so."""
+        return None
+
+    def census_fingerprint(self, found: Any, last_ledger_id: int | None) -> str:
+        """What a partition's census depends on, hashed: its listing as :meth:`scan` gives it, and the id of the
+        ledger's last row for it. Only for formats whose :meth:`scan` gives listings."""
+        raise NotImplementedError
 
     def strays(self) -> dict[str, str]:
         """What a census of every partition lists as blocking besides the partitions (e.g. objects outside

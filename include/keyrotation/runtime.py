@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from keyrotation.backends.base import KmsBackend
 from keyrotation.census import Census, take_census
+from keyrotation.census_cache import CensusCache
 from keyrotation.config import Dataset, KeyClassConfig
 from keyrotation.formats.parquet_pme import ParquetEncryption
 from keyrotation.ledger import Ledger, RunContext
@@ -109,11 +110,13 @@ class KeyClassRuntime:
     def partitions(self, dataset: str) -> list[str]:
         return self.engine(dataset).list_partitions()
 
-    def census(self, dataset: str, partitions: list[str] | None = None) -> Census:
-        return take_census(self.engine(dataset), partitions)
+    def census(self, dataset: str, partitions: list[str] | None = None, reuse: bool = False) -> Census:
+        """The census of ``dataset`` (of ``partitions``, else every partition); ``reuse``: censuses of unchanged
+        partitions kept from an earlier census (for plans and pages; see :mod:`keyrotation.census_cache`)."""
+        return take_census(self.engine(dataset), partitions, CensusCache(self.ledger), reuse)
 
-    def censuses(self) -> list[Census]:
-        return [self.census(ds.name) for ds in self.config.datasets]
+    def censuses(self, reuse: bool = False) -> list[Census]:
+        return [self.census(ds.name, reuse=reuse) for ds in self.config.datasets]
 
     def evidence(self, censuses: list[Census]) -> dict[str, dict[str, dict]]:
         """What the ledger proves of each census's partitions (:meth:`Ledger.partition_evidence`), by dataset."""

@@ -68,7 +68,7 @@ def _key_class_section(name: str, ledger: Ledger, now: datetime) -> str:
         rt = KeyClassRuntime(config, kms_hook(kc, "report").get_backend(kc), ledger,
                              storage=dataset_storage(kc, "report"))
         state = rt.backend.key_state()
-        censuses = rt.censuses()
+        censuses = rt.censuses(reuse=True)  # unchanged partitions from the last census: a page, not a gate
         reference = ledger.current_reference(name)
         current = int(reference["to_version"]) if reference else None
     except (KeyRotationError, OSError, ValueError) as exc:

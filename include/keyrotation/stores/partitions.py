@@ -83,6 +83,28 @@ class PartitionStore:
                     names.add(rest.split("/", 1)[0])
         return sorted(n[len(prefix):] for n in names if n.startswith(prefix))
 
+    def scan(self) -> dict[str, dict[str, pafs.FileInfo]]:
+        """Every partition's folder listing, by partition, each name with its size and modification time, from
+        one recursive listing of the dataset root: on an object store a LIST request per thousand objects
+        instead of requests per partition. Names as :meth:`listing` gives them (a sub-folder by its name)."""
+        self.require_root()
+        root = self.root.rstrip("/") + "/"
+        prefix = f"{self.partitioning}="
+        out: dict[str, dict[str, pafs.FileInfo]] = {}
+        for info in self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True)):
+            rest = info.path[len(root):] if info.path.startswith(root) else ""
+            folder, _, inner = rest.partition("/")
+            if not folder.startswith(prefix):
+                continue
+            names = out.setdefault(folder[len(prefix):], {})
+            if inner:
+                name, _, deeper = inner.partition("/")
+                if not deeper:
+                    names[name] = info
+                elif name not in names:  # an object under a sub-folder the store does not list by itself
+                    names[name] = pafs.FileInfo(f"{root}{folder}/{name}", pafs.FileType.Directory)
+        return dict(sorted(out.items()))
+
     def listing(self, partition: str) -> list[str]:
         directory = self.partition_dir(partition)
         info = self.fs.get_file_info(directory)
@@ -91,9 +113,13 @@ class PartitionStore:
         return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(pafs.FileSelector(directory)))
 
     # -- manifest -----------------------------------------------------------------------------
-    def read_manifest(self, partition: str) -> Manifest | None:
+    def read_manifest(self, partition: str, info: pafs.FileInfo | None = None) -> Manifest | None:
+        """The partition's manifest, None if it has none; ``info``: the manifest as a listing found it (not
+        asked for again)."""
         path = self.path(partition, MANIFEST)
-        if self.fs.get_file_info(path).type != pafs.FileType.File:
+        if info is None:
+            info = self.fs.get_file_info(path)
+        if info.type != pafs.FileType.File:
             return None
         try:
             with self.fs.open_input_stream(path) as stream:
@@ -113,7 +139,13 @@ class PartitionStore:
         manifest = self.read_manifest(partition)
         if manifest is not None:
             return list(manifest.files)
-        files = [n for n in self.listing(partition) if n.endswith(".parquet") and not n.startswith((".", "_"))]
+        return self.data_files(partition, self.listing(partition))
+
+    @staticmethod
+    def data_files(partition: str, names: list[str] | set[str]) -> list[str]:
+        """The visible ``*.parquet`` files among a partition folder's ``names`` (its data files when it has no
+        manifest), sorted; raises PartitionError when there are none."""
+        files = sorted(n for n in names if n.endswith(".parquet") and not n.startswith((".", "_")))
         if not files:
             raise PartitionError(partition, "partition holds no Parquet files")
         return files

@@ -63,7 +63,9 @@ class PlanReencryptionOperator(KeyClassOperator):
         mode = policy.mode if self.mode in (None, "", POLICY_MODE) else self.mode
         target = rt.target_version()
         try:
-            census = rt.census(self.dataset)
+            # Censuses of partitions unchanged since the last census are reused: the plan only says where to look;
+            # every partition is read again by the engine before it is changed, and census_after reads them all.
+            census = rt.census(self.dataset, reuse=True)
         except PartitionError as exc:  # the dataset as a whole is unreadable (e.g. its location is gone)
             rt.ledger.record(lg.PARTITION_FAILED, rt.name, run_context(context), status="failed",
                              dataset=self.dataset, partition=exc.partition, detail={"error": str(exc)})
