@@ -47,6 +47,8 @@ def _nested(rows: int = 200) -> pa.Table:
         "list_struct": pa.array([None if null[i] else [structs[i], None] for i in range(rows)],
                                 pa.list_(pa.struct([("x", pa.int64()), ("s", pa.string())]))),
         "map": pa.array(maps, pa.map_(pa.string(), pa.float64())),
+        "day": pa.array(ints, pa.int32(), mask=null).cast(pa.date32()),
+        "nothing": pa.nulls(rows),
     })
 
 
