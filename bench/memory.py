@@ -127,9 +127,9 @@ def cause(budget_mib: float, largest: dict, alt: dict | None, slope: float | Non
                f"the working set should be flat in the partition's size, but its log-log slope against the "
                f"file size is {slope}")
             + "; what it holds is a constant: the pages the memory pool keeps after freeing them (pyarrow's default "
-            f"{largest['memory_pool']} pool), one decoded batch and its pandas copy for the digest, "
+            f"{largest['memory_pool']} pool), one decoded batch and the digest's canonical copy of a column, "
             "one row group being encoded and encrypted, and the libraries' first-use allocations (dataset scanner, "
-            "Parquet encryption, pandas hashing)")
+            "Parquet encryption)")
     if largest.get("arrow_pool_peak_mib") is not None:
         text += (f"; Arrow's own allocations peak at {largest['arrow_pool_peak_mib']:,.0f} MiB of the "
                  f"{largest['working_set_mib']:,.0f} MiB")
@@ -139,8 +139,7 @@ def cause(budget_mib: float, largest: dict, alt: dict | None, slope: float | Non
     if not largest["met"]:
         text += (f". That constant is {largest['working_set_mib'] - budget_mib:,.0f} MiB above the {budget_mib:g} MiB "
                  "budget: meeting it would likely take smaller batches and row groups than the 65,536-row "
-                 "defaults, an allocator that gives freed memory back, and a digest that does not copy each "
-                 "batch into pandas")
+                 "defaults, and an allocator that gives freed memory back")
     return text
 
 

@@ -7,8 +7,8 @@ passes of ``batch_rows`` rows at a time: the copy (decrypt + decode a batch, dig
 encrypt it into the new generation through ``pq.ParquetWriter``) and the read-back check (decrypt +
 decode the staged file batch by batch and digest it again). Stages: PME read (every batch of both
 passes), PME write (``write_batch`` and ``close``), the plaintext digest (``DigestBuilder.update``:
-pandas hash of every value, both passes), KMS requests, and the rest (file opens and footers,
-manifest, ledger, leases). Each pass is timed whole as well.
+SHA-256 over the canonical Arrow buffers of every column, both passes), KMS requests, and the rest
+(file opens and footers, manifest, ledger, leases). Each pass is timed whole as well.
 Beside it, plain Parquet without encryption on one partition of the same data, for the codec's share.
 """
 
@@ -24,7 +24,7 @@ from bench.rewrap import engine_for
 MB = 1_000_000
 STAGES = {"pme.read": "PME read: decrypt + decode, batch by batch (2 passes: copy, read-back check)",
           "pme.write": "PME write: encode + encrypt (ParquetWriter.write_batch, close)",
-          "digest": "plaintext digest (DigestBuilder: pandas hash of every value, 2 passes)"}
+          "digest": "plaintext digest (DigestBuilder: SHA-256 of canonical Arrow buffers, 2 passes)"}
 
 
 def _wrap_batches(watch: Stopwatch, owner: Any, label: str) -> None:

@@ -341,8 +341,8 @@ def goals(res: dict) -> dict:
                         "no path that decodes and re-encodes these files reaches 50% on this machine; on top of "
                         "that the engine streams each partition in two passes (the copy: decrypt, digest and "
                         "re-encrypt batch by batch; the read-back check: decrypt and digest the staged file again), "
-                        f"so it decodes twice and hashes every value twice (the plaintext digest, a pandas hash: "
-                        f"{_stage_share(e, 'plaintext digest') * 100:.0f}% of its time)")}
+                        "so it decodes twice and hashes every value twice (the plaintext digest, SHA-256 of "
+                        f"canonical Arrow buffers: {_stage_share(e, 'plaintext digest') * 100:.0f}% of its time)")}
 
     mem = res["memory"]
     big = mem["largest"]

@@ -36,7 +36,7 @@ import pyarrow.fs as pafs
 from keyrotation import ledger as lg
 from keyrotation.census import CENSUS_THREADS, PartitionCensus, known_versions, partition_census
 from keyrotation.errors import KeyRotationError, KmsUnreachable, PartitionError, PermissionDenied, ValidationError
-from keyrotation.formats.digest import DigestBuilder
+from keyrotation.formats.digest import CheckedDigest, DigestBuilder
 from keyrotation.formats.parquet_pme import KeyMaterial, ParquetEncryption, key_material_path
 from keyrotation.ledger import Ledger, RunContext
 from keyrotation.partition_engine import ERRORS, PartitionEngine, PartitionResult
@@ -177,10 +177,11 @@ class ParquetEngine(PartitionEngine):
 
         return schemas[0], sum(source.num_rows for _, source in sources), batches()
 
-    def _digest(self, partition: str, files: list[str]) -> tuple[str, int]:
-        """The plaintext digest and row count of ``files``, read batch by batch."""
+    def _digest(self, partition: str, files: list[str], like: str | None = None) -> tuple[str, int]:
+        """The plaintext digest and row count of ``files``, read batch by batch; with the algorithm of the
+        digest ``like`` names, to compare with it (a legacy one recorded before the current algorithm)."""
         schema, rows, batches = self._batches(partition, files)
-        digest = DigestBuilder(schema, rows)
+        digest = DigestBuilder.like(like, schema, rows)
         for batch in batches:
             digest.update(batch)
         return digest.hexdigest(), rows
@@ -237,7 +238,8 @@ class ParquetEngine(PartitionEngine):
         next generation under ``version``, check it reads back to its digest, and commit it.
 
         The digest of a streamed source is taken while it is copied; where ``digest`` is given, a source
-        that does not match it is refused, the staged file removed, the partition left as it was.
+        that does not match it (checked with the algorithm it names) is refused, the staged file removed,
+        the partition left as it was. The new generation's digest is in the current algorithm.
         """
         store = self.store
         generation = store.next_generation(partition)
@@ -248,14 +250,14 @@ class ParquetEngine(PartitionEngine):
             schema, rows, batches = source.schema, source.num_rows, iter(source.to_batches(self.batch_rows))
         else:
             schema, rows, batches = self._batches(partition, source)
-        copied = DigestBuilder(schema, rows)
+        copied = CheckedDigest(schema, rows, digest)
         try:
             with self.pme.writer(staged, store.fs, schema, version) as writer:
                 for batch in batches:
                     copied.update(batch)
                     writer.write_batch(batch)
             read_digest = copied.hexdigest()
-            if digest is not None and read_digest != digest:
+            if not copied.matches():
                 raise ValidationError(partition, f"decrypted data does not match its recorded digest {digest}; "
                                                  "partition left untouched")
         except BaseException:
@@ -521,7 +523,7 @@ class ParquetEngine(PartitionEngine):
             census = self.partition_census(partition)
             result.from_version, result.to_version = census.oldest, max(census.versions)
             recorded = self._recorded_digest(partition) or manifest.digest
-            result.digest, result.rows = self._digest(partition, manifest.files)
+            result.digest, result.rows = self._digest(partition, manifest.files, like=recorded)
             result.bytes = manifest.bytes
             confirmed, encrypted = self._encrypted_in(partition, manifest.files)
         except (PermissionDenied, KmsUnreachable):
