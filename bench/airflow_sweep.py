@@ -214,6 +214,13 @@ def _measure(spec: dict, config_dir: Path, bao, migrate_s: float) -> dict:  # no
     for name in ("process_many", "validate"):
         Stopwatch.unwrap(ParquetEngine, name)
     Stopwatch.unwrap(KeyClassRuntime, "census")
+    if not spec.get("direct", True):
+        kms.uninstall()
+        return {"partitions": len(partitions), "rows_per_partition": spec["rows_per_partition"], "mode": spec["mode"],
+                "migrate_s": round(migrate_s, 2), "dagbag_parse_s": round(parse_s, 2), "seed_s": round(seed_s, 2),
+                "warmup_dry_run_s": round(warmup_s, 2) if warmup_s is not None else None,
+                "direct_engine_s": None, "direct_ok": None,
+                "runs": [{**r, "overhead_share_direct": None} for r in runs]}
     version = backend.rotate()
     update_reference(rt.name, version, ledger, RunContext(actor="bench"))
     started = time.perf_counter()

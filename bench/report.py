@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench.census_scale import CHANGED_SHARE
 from bench.common import fmt_int, fmt_seconds
 
 MIB = 1024 * 1024
@@ -73,6 +74,8 @@ def markdown(res: dict) -> str:
         f"of wall time | {_pct(g['airflow_overhead']['share'])} (engine timed inside the tasks); "
         f"{_pct(g['airflow_overhead']['share_ledger'])} by the ledger's durations | "
         f"{_yes(g['airflow_overhead']['met'])} |",
+        *_airflow_large_headline(res),
+        *_census_headline(res),
         "",
         "Causes where a goal is not met:",
         "",
@@ -190,6 +193,30 @@ def markdown(res: dict) -> str:
             "| chunk size | load (1 min) at start | mapped chunks | task instances | wall | engine (inside) | "
             "overhead share (inside) | by ledger durations | by CPU time | overhead per task | KMS requests |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out += _airflow_rows(af)
+    ao = g["airflow_overhead"]
+    out += ["", f"{ao['note']}", "",
+            f"The same engine calls made directly, without Airflow, after the DAG runs: "
+            f"{fmt_seconds(af['direct_engine_s'])}. The runs were made one after another on a shared machine "
+            f"(load {meta['load_1min_start']} → {meta['load_1min_end']}), so the engine's own time moves from run "
+            "to run; compare the shares, each measured within one run, rather than wall times across runs.", ""]
+    out += _airflow_large_section(res)
+    out += ["## 6. Scaling", "", "![KEK rotation time vs rows and partitions, log-log](scaling.png)", "",
+            "Left: rotation wall time vs R at fixed P, with the two alternatives extrapolated from their measured "
+            "rates (markers: where they were measured), and the SQL table's rewrap (section 3). Middle: wall time "
+            "vs P at fixed R. Right: KMS requests vs R.", ""]
+    out += _census_section(res)
+    out += ["## Sizes and timings of this run", "",
+            "| part | seconds | load (1 min) at its end |", "|---|---|---|"]
+    loads = meta.get("section_load_1min_end", {})
+    for name, secs in meta["section_s"].items():
+        out.append(f"| {name} | {secs} | {loads.get(name, 'n/a')} |")
+    out.append("")
+    return "\n".join(out)
+
+
+def _airflow_rows(af: dict) -> list[str]:
+    out = []
     for r in af["runs"]:
         label = "sized by work (default)" if r["chunk_size"] is None else str(r["chunk_size"])
         out.append(f"| {label} | {r.get('load_1min', 'n/a')} | {r['mapped_chunks']} | "
@@ -198,23 +225,89 @@ def markdown(res: dict) -> str:
                    f"{_pct(r['overhead_share_inside'])} | {_pct(r['overhead_share_ledger'])} | "
                    f"{_pct(r.get('overhead_share_cpu'))} | {fmt_seconds(r['overhead_per_task_s'])} | "
                    f"{fmt_int(r['kms_requests']['total'])} |")
-    ao = g["airflow_overhead"]
-    out += ["", f"{ao['note']}", "",
-            f"The same engine calls made directly, without Airflow, after the DAG runs: "
-            f"{fmt_seconds(af['direct_engine_s'])}. The runs were made one after another on a shared machine "
-            f"(load {meta['load_1min_start']} → {meta['load_1min_end']}), so the engine's own time moves from run "
-            "to run; compare the shares, each measured within one run, rather than wall times across runs.", ""]
-    out += ["## 6. Scaling", "", "![KEK rotation time vs rows and partitions, log-log](scaling.png)", "",
-            "Left: rotation wall time vs R at fixed P, with the two alternatives extrapolated from their measured "
-            "rates (markers: where they were measured), and the SQL table's rewrap (section 3). Middle: wall time "
-            "vs P at fixed R. Right: KMS requests vs R.", ""]
-    out += ["## Sizes and timings of this run", "",
-            "| part | seconds | load (1 min) at its end |", "|---|---|---|"]
-    loads = meta.get("section_load_1min_end", {})
-    for name, secs in meta["section_s"].items():
-        out.append(f"| {name} | {secs} | {loads.get(name, 'n/a')} |")
-    out.append("")
-    return "\n".join(out)
+    return out
+
+
+def _airflow_large_headline(res: dict) -> list[str]:
+    if "airflow_large" not in res:
+        return []
+    af, ao = res["airflow_large"], res["goals"]["airflow_overhead_large"]
+    return [f"| Airflow overhead, {fmt_int(af['partitions'])} partitions, {_chunking(ao['chunk_size'])} | ≤ 20% "
+            f"of wall time | {_pct(ao['share'])} (engine timed inside the tasks); {_pct(ao['share_ledger'])} by "
+            f"the ledger's durations | {_yes(ao['met'])} |"]
+
+
+def _airflow_large_section(res: dict) -> list[str]:
+    if "airflow_large" not in res:
+        return []
+    af, ao = res["airflow_large"], res["goals"]["airflow_overhead_large"]
+    return [f"The same DAG over {fmt_int(af['partitions'])} partitions of {af['rows_per_partition']} rows, at the "
+            f"default configuration only, in a process of its own (set-up not counted: `airflow db migrate` "
+            f"{fmt_seconds(af['migrate_s'])}, writing the partitions {fmt_seconds(af['seed_s'])}"
+            + (f", a warm-up dry run {fmt_seconds(af['warmup_dry_run_s'])}" if af.get("warmup_dry_run_s") else "")
+            + "):", "",
+            "| chunk size | load (1 min) at start | mapped chunks | task instances | wall | engine (inside) | "
+            "overhead share (inside) | by ledger durations | by CPU time | overhead per task | KMS requests |",
+            "|---|---|---|---|---|---|---|---|---|---|---|", *_airflow_rows(af), "", ao["note"], ""]
+
+
+def _requests(r: dict | None) -> str:
+    if not r:
+        return "n/a"
+    kinds = ", ".join(f"{k} {fmt_int(v)}" for k, v in r.items() if k != "total")
+    return f"{fmt_int(r['total'])} ({kinds})"
+
+
+def _census_headline(res: dict) -> list[str]:
+    if "census" not in res:
+        return []
+    c = res["census"]
+    lo, s3 = c["local"], c["s3"]
+    return [f"| census of {fmt_int(lo['partitions'])} partitions (local) / {fmt_int(s3['partitions'])} (S3 on "
+            f"moto): fresh, and reused by the plan and the inventory page | responsive at 100,000 | local: fresh "
+            f"{fmt_seconds(lo['fresh']['seconds'])}, reused {fmt_seconds(lo['reused']['seconds'])}, plan "
+            f"{fmt_seconds(lo['plan']['seconds'])}; S3: fresh {fmt_seconds(s3['fresh']['seconds'])} "
+            f"({s3['fresh']['requests']['total'] / s3['partitions']:.2f} requests a partition), reused "
+            f"{fmt_seconds(s3['reused']['seconds'])} ({fmt_int(s3['reused']['requests']['total'])} requests) | |"]
+
+
+def _census_section(res: dict) -> list[str]:
+    if "census" not in res:
+        return []
+    c = res["census"]
+    out = ["## 7. Census at scale", "",
+           "`KeyClassRuntime.census` of the shipped key class's dataset, as the DAGs take it: **fresh** (every "
+           "partition read: its manifest, the first bytes of its data file, its key material; what the retirement "
+           "gate, the census after a sweep and the reports take; it keeps each partition's census), **reused** (one "
+           "listing of the dataset, then only the partitions whose fingerprint changed are read: what the plan and "
+           f"the key inventory page take), the same after a rewrap of {_pct(CHANGED_SHARE)} of the partitions (a "
+           "key rotation between: the kept censuses still hold), and the **plan** as `PlanReencryptionOperator` "
+           "makes it (reused census, the ledger's evidence, selection, chunks sized by work, estimate). The "
+           "partitions are copies of one partition the engine wrote (the census reads labels, footers and "
+           "manifests, never data). S3: moto's server in this process (objects put into its backend directly), "
+           "reached over HTTP; requests = HTTP requests it answered, by kind (pyarrow asks HEAD before each GET).",
+           "", "| store | partitions | fresh | requests | reused | requests | after 1% changed | requests | plan | "
+           "fresh again |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for store in ("local", "s3"):
+        r = c[store]
+        out.append(f"| {'local filesystem' if store == 'local' else 'S3 (moto)'} | {fmt_int(r['partitions'])} | "
+                   f"{fmt_seconds(r['fresh']['seconds'])} | {_requests(r['fresh'].get('requests'))} | "
+                   f"{fmt_seconds(r['reused']['seconds'])} | {_requests(r['reused'].get('requests'))} | "
+                   f"{fmt_seconds(r['reused_after_changes']['seconds'])} | "
+                   f"{_requests(r['reused_after_changes'].get('requests'))} | {fmt_seconds(r['plan']['seconds'])} | "
+                   f"{fmt_seconds(r['fresh_again']['seconds'])} |")
+    s3 = c["s3"]
+    per = s3["fresh"]["requests"]["total"] / s3["partitions"]
+    listing = s3["reused"]["requests"]["total"]
+    out += ["", f"On S3 a fresh census asks {per:.2f} requests a partition; at 100,000 partitions that is "
+            f"{fmt_int(round(per * 100_000))} requests (at moto's rate here, "
+            f"{fmt_seconds(s3['fresh']['seconds'] / s3['partitions'] * 100_000)}; S3 itself answers such reads "
+            "in parallel, 16 at a time here), while a reused census asks only the listing: "
+            f"{fmt_int(listing)} requests for {fmt_int(s3['objects'])} objects, about "
+            f"{fmt_int(round(listing / s3['objects'] * 300_000))} for the 300,000 objects of 100,000 partitions. "
+            "Plan steps (local): " + ", ".join(f"{k} {fmt_seconds(v)}" for k, v in c["local"]["plan"]["steps"].items())
+            + ".", ""]
+    return out
 
 
 def plot(res: dict, path: Path) -> None:

@@ -51,7 +51,10 @@ SIZES: dict[str, dict] = {
         "per_value": 60, "batch_values": 1_000, "aes_buffer_mib": 2, "aes_repeats": 2, "aes_values": 5_000,
         "reencrypt": (20_000, 4), "memory_budget_mib": 0.25, "memory_factors": [10], "batched_partitions": 40,
         "airflow": {"partitions": 6, "rows_per_partition": 10, "chunk_sizes": [None, 2], "warmup": False},
+        "airflow_large": {"partitions": 12, "rows_per_partition": 10, "chunk_sizes": [None], "warmup": False,
+                          "direct": False},
         "airflow_in_parallel": True,
+        "census": {"local": 300, "s3": 60},
         "sql_table": {"rows": [2_000, 6_000], "partitions": 2, "reencrypt_rows": 6_000, "batch_size": 500,
                       "repeats": 2, "cipher_values": 4_000},
     },
@@ -63,7 +66,13 @@ SIZES: dict[str, dict] = {
         # The issue's yardstick for a KEK rotation in batches: 10,000 partitions (one file each) as one chunk.
         "batched_partitions": 10_000,
         "airflow": {"partitions": 1_000, "rows_per_partition": 10, "chunk_sizes": [None, 16, 64, 4], "warmup": True},
+        # The same sweep at 10,000 partitions, at the default configuration only (the issue's second size).
+        "airflow_large": {"partitions": 10_000, "rows_per_partition": 10, "chunk_sizes": [None], "warmup": True,
+                          "direct": False},
         "airflow_in_parallel": False,
+        # The census of every partition: 100,000 on the local filesystem; on S3 (moto's server, which answers
+        # about 400 requests a second and lists in time proportional to the bucket) 5,000.
+        "census": {"local": 100_000, "s3": 5_000},
         # Re-encryption at 300k rows (60 batches: steady state) keeps the whole run under 30 minutes on 2 cores;
         # the rewrap, O(data keys), is measured up to 1M rows.
         "sql_table": {"rows": [100_000, 300_000, 1_000_000], "partitions": 10, "reencrypt_rows": 300_000,
@@ -85,15 +94,15 @@ GOAL_BATCHED_PARTITIONS_PER_S = 500
 BATCHED_ROWS_PER_PARTITION = 10
 
 
-def airflow_command(cfg: dict, work: Path) -> tuple[list[str], Path]:
-    af_work = work / "airflow_sweep"
+def airflow_command(cfg: dict, work: Path, name: str = "airflow") -> tuple[list[str], Path]:
+    af_work = work / f"{name}_sweep"
     af_work.mkdir(parents=True, exist_ok=True)
-    spec = {**cfg["airflow"], "mode": "rewrap", "work": str(af_work), "result_path": str(af_work / "result.json")}
+    spec = {**cfg[name], "mode": "rewrap", "work": str(af_work), "result_path": str(af_work / "result.json")}
     return [sys.executable, "-m", "bench.airflow_sweep", json.dumps(spec)], af_work
 
 
-def start_airflow(cfg: dict, work: Path) -> tuple[subprocess.Popen, Path]:
-    args, af_work = airflow_command(cfg, work)
+def start_airflow(cfg: dict, work: Path, name: str = "airflow") -> tuple[subprocess.Popen, Path]:
+    args, af_work = airflow_command(cfg, work, name)
     log = open(af_work / "sweep.log", "ab")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(args, env=child_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
@@ -149,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg: dict, size: str, work: Path, argv: list[str] | None) -> dict:
-    from bench import cipher, kms_values, memory, reencrypt, rewrap, sql_table
+    from bench import census_scale, cipher, kms_values, memory, reencrypt, rewrap, sql_table
     from keyrotation.backends.vault_transit import VaultTransitBackend
     from keyrotation.ledger import Ledger
     from keyrotation_dev.devserver import OpenBaoDevServer
@@ -225,12 +234,17 @@ def run(cfg: dict, size: str, work: Path, argv: list[str] | None) -> dict:
         t = section("SQL table path (PostgreSQL: write, rewrap, validate, reencrypt, references)", t)
         counter.uninstall()
 
+        res["census"] = census_scale.measure(client, work, cfg["census"]["local"], cfg["census"]["s3"])
+        t = section("census at scale (local filesystem, S3 on moto)", t)
+
     if airflow_proc is not None:
         res["airflow"] = finish_airflow(*airflow_proc, timeout=600)
     else:
         proc = start_airflow(cfg, work)
         res["airflow"] = finish_airflow(*proc, timeout=3600)
     t = section("Airflow sweep (dag.test)" + (", in parallel with the rest" if airflow_proc else ""), t)
+    res["airflow_large"] = finish_airflow(*start_airflow(cfg, work, "airflow_large"), timeout=3600)
+    t = section(f"Airflow sweep of {cfg['airflow_large']['partitions']:,} partitions (dag.test)", t)
 
     meta["load_1min_end"] = load_average()
     meta["duration_s"] = round(time.perf_counter() - started, 1)
@@ -359,7 +373,19 @@ def goals(res: dict) -> dict:
                     f"({big['working_set_over_budget']}× the budget, {big['working_set_over_file_bytes']}× its "
                     f"file size{also}): {mem['cause']}")}
 
-    af = res["airflow"]
+    out = {"kms_calls_o_p": kms_goal, "wall_flat_in_r": flat_goal, "reencrypt_vs_aes": reenc_goal,
+           "memory_10x_budget": mem_goal, "airflow_overhead": airflow_goal(res["airflow"])}
+    if "airflow_large" in res:
+        out["airflow_overhead_large"] = airflow_goal(res["airflow_large"])
+    if "rewrap_batched" in res:
+        out["kek_rotation_batched"] = batched_goal(res["rewrap_batched"])
+    if "reencrypt" in res.get("sql_table", {}):
+        out.update(sql_goals(res["sql_table"]))
+    return out
+
+
+def airflow_goal(af: dict) -> dict:
+    """Airflow's share of a sweep of ``af`` (a run of bench.airflow_sweep) at the default configuration."""
     runs = {r["chunk_size"]: r for r in af["runs"]}
     default = runs.get(AIRFLOW_DEFAULT_CHUNK) or af["runs"][0]
     best = min(af["runs"], key=lambda r: r["overhead_share_inside"])
@@ -389,13 +415,7 @@ def goals(res: dict) -> dict:
                    f"gives {default['task_instances']} task instances for {af['partitions']} partitions, "
                    f"{per_partition_overhead * 1000:.1f} ms of Airflow per partition; {chunk_label(best)} "
                    f"brings the share to {best['overhead_share_inside'] * 100:.0f}%")}
-    out = {"kms_calls_o_p": kms_goal, "wall_flat_in_r": flat_goal, "reencrypt_vs_aes": reenc_goal,
-           "memory_10x_budget": mem_goal, "airflow_overhead": af_goal}
-    if "rewrap_batched" in res:
-        out["kek_rotation_batched"] = batched_goal(res["rewrap_batched"])
-    if "reencrypt" in res.get("sql_table", {}):
-        out.update(sql_goals(res["sql_table"]))
-    return out
+    return af_goal
 
 
 def batched_goal(b: dict) -> dict:

@@ -138,13 +138,37 @@ def test_bench_tiny_writes_every_section_with_sane_numbers(tmp_path):
     finally:
         db.dispose()
 
+    # 4b. The same sweep at the larger size, default configuration only.
+    large = res["airflow_large"]
+    [run] = large["runs"]
+    assert run["chunk_size"] is None and run["state"] == "success" and run["all_partitions_under_target"]
+    assert run["ledger_rows"] == 2 * large["partitions"] and large["partitions"] > af["partitions"]
+    assert res["goals"]["airflow_overhead_large"]["share"] == run["overhead_share_inside"]
+    # With each partition's own duration, the ledger's durations fit in the run.
+    assert 0 <= run["overhead_share_ledger"] <= 1 and 0 <= af["runs"][0]["overhead_share_ledger"] <= 1
+
+    # 7. The census at scale: a reused census reads the listing only, then only what changed.
+    census = res["census"]
+    for store in ("local", "s3"):
+        c = census[store]
+        assert c["fresh"]["by_version"] == c["reused"]["by_version"] == {"v1": c["partitions"]}
+        assert c["reused_after_changes"]["by_version"] == c["fresh_again"]["by_version"] == {
+            "v1": c["partitions"] - c["changed"], "v2": c["changed"]}
+        assert c["plan"]["partitions"] == c["partitions"] and c["plan"]["chunks"] >= 1  # 99% still under v1
+    s3 = census["s3"]
+    listing = s3["reused"]["requests"]
+    assert set(listing) == {"total", "LIST", "HEAD"} and listing["HEAD"] == 1  # the root, then the listing
+    assert s3["fresh"]["requests"]["GET"] == 3 * s3["partitions"]  # manifest, data file head, key material
+    assert s3["reused_after_changes"]["requests"]["GET"] == 3 * s3["changed"]
+    assert s3["plan"]["requests"] == listing
+
     for name, goal in res["goals"].items():
         assert isinstance(goal["met"], bool), name
         assert goal["met"] or goal["cause"], f"{name}: not met, but no cause given"
 
     md = (out / "latest.md").read_text()
     assert res["machine"]["cpu_model"] in md and "this machine" in md
-    assert "## 3. SQL tables" in md and "not measured" not in md
+    assert "## 3. SQL tables" in md and "not measured" not in md and "## 7. Census at scale" in md
     assert f"{round(r['rows_per_s']):,} rows/s" in md and "server-side `UPDATE" in md
     assert "load average" in md.lower()
     assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -49,13 +49,17 @@ def test_a_reused_census_reads_only_the_partitions_that_changed(make_key_class, 
     reads.clear()
     _same(rt.census("customers", reuse=True), fresh)
     assert reads == []
+    v3 = rt.backend.rotate()  # a new version the KMS has: what the kept censuses name still holds
+    _same(rt.census("customers", reuse=True), fresh)
+    assert reads == []
 
-    engine.process(parts[1], v2, "rewrap")
+    engine = rt.engine("customers")
+    engine.process(parts[1], v3, "rewrap")
     (_material(rt, parts[2]).parent / "notes.txt").write_text("left by someone")
     reads.clear()
     reused = rt.census("customers", reuse=True)
     assert sorted(reads) == parts[1:3]
-    assert reused.by_version() == {1: 4, v2: 2}
+    assert reused.by_version() == {1: 4, v2: 1, v3: 1}
     assert [f.name for f in reused.partitions[parts[2]].unmanaged] == ["notes.txt"]
     _same(rt.census("customers"), reused)
 

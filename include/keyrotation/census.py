@@ -298,7 +298,7 @@ def take_census(engine: PartitionEngine, partitions: list[str] | None = None, ca
         last = engine.ledger.last_partition_ids(engine.dataset)
         fingerprints = {p: engine.census_fingerprint(listing, last.get(p)) for p, listing in found.items()}
         kept = cache.lookup(engine.dataset, fingerprints)
-    reused = {p: kept[p] for p in found if p in kept} if reuse else {}
+    reused = {p: kept[p] for p in found if p in kept and engine.reusable(kept[p])} if reuse else {}
 
     def one(partition: str) -> PartitionCensus | str:
         try:

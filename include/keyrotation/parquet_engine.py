@@ -112,8 +112,15 @@ class ParquetEngine(PartitionEngine):
 
     def census_fingerprint(self, found: dict[str, pafs.FileInfo], last_ledger_id: int | None) -> str:
         files = sorted((name, info.type.value, info.size, info.mtime_ns) for name, info in found.items())
-        facts = [CENSUS_FORMAT, self.store.location, sorted(self._known_versions()), last_ledger_id, files]
+        facts = [CENSUS_FORMAT, self.store.location, last_ledger_id, files]
         return hashlib.sha256(json.dumps(facts).encode()).hexdigest()
+
+    def reusable(self, census: PartitionCensus) -> bool:
+        """Whether a kept census still holds against the KMS now: every version it names is one the KMS has
+        (a rotation adds versions; a deletion makes the partition blocking, so it is read again), and no file
+        in it had a problem (what was found unknown may be known now)."""
+        known = self._known_versions()
+        return census.versions <= known and all(not f.problem and f.versions <= known for f in census.unmanaged)
 
     def required_columns(self) -> frozenset[str]:
         return frozenset(self.pme.encrypted_columns)

@@ -105,8 +105,13 @@ class PartitionEngine(ABC):
 
     def census_fingerprint(self, found: Any, last_ledger_id: int | None) -> str:
         """What a partition's census depends on, hashed: its listing as :meth:`scan` gives it, and the id of the
-        ledger's last row for it. Only for formats whose :meth:`scan` gives listings."""
+        ledger's last row for it (what it does not cover, :meth:`reusable` checks). Only for formats whose
+        :meth:`scan` gives listings."""
         raise NotImplementedError
+
+    def reusable(self, census: PartitionCensus) -> bool:
+        """Whether a census kept under an unchanged fingerprint still holds (what the fingerprint leaves out)."""
+        return True
 
     def strays(self) -> dict[str, str]:
         """What a census of every partition lists as blocking besides the partitions (e.g. objects outside
