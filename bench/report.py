@@ -140,9 +140,15 @@ def markdown(res: dict) -> str:
             f"| {e['cpu_s']} | {e['cores_used']} | {fmt_int(e['rows_per_s'])} | {e['file_mb_s']} | "
             f"{e['file_mb_per_cpu_s']} | {_pct(g['reencrypt_vs_aes']['share'])} |",
             _sql_reencrypt_row(res),
-            f"| AES-256-GCM, one {cipher['bulk']['buffer_bytes'] // MIB} MiB buffer (`cryptography`) | | | | | 1 | | "
+            f"| AES-256-GCM, one {cipher['bulk']['buffer_bytes'] // MIB} MiB buffer (`cryptography`, "
+            f"`encrypt_into`) | | | | | 1 | | "
             f"{cipher['bulk']['encrypt_mb_s']} (decrypt {cipher['bulk']['decrypt_mb_s']}) | "
             f"{cipher['bulk']['encrypt_mb_s']} | 100% |",
+            *([f"| the same through the allocating `encrypt` | | | | | 1 | | "
+               f"{cipher['bulk']['encrypt_alloc_mb_s']} (decrypt {cipher['bulk']['decrypt_alloc_mb_s']}) | "
+               f"{cipher['bulk']['encrypt_alloc_mb_s']} | "
+               f"{_pct(cipher['bulk']['encrypt_alloc_mb_s'] / cipher['bulk']['encrypt_mb_s'])} |"]
+              if "encrypt_alloc_mb_s" in cipher["bulk"] else []),
             f"| AES-256-GCM per value, the columns' values ({cipher['per_value_columns']['mean_value_bytes']} B) | | | "
             f"| | 1 | {fmt_int(cipher['per_value_columns']['encrypt_values_per_s'])} values/s | "
             f"{cipher['per_value_columns']['encrypt_mb_s']} | {cipher['per_value_columns']['encrypt_mb_s']} | "
