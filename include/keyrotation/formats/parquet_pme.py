@@ -12,10 +12,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import posixpath
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -34,6 +36,38 @@ ROW_GROUP_ROWS = 65_536
 # Prefix of re-wrapped key material before it is renamed over the old (pyarrow's own key rotation
 # uses it too), so a crash leaves only names that PartitionStore.clean recognises.
 TEMP_MATERIAL_PREFIX = "_TMP"
+
+
+PKMT1 = "PKMT1"
+
+
+def unwrap_data_key(material: Mapping[str, Any], unwrap: Callable[[str], bytes]) -> bytes:
+    """The data key of one PKMT1 key material entry: with double wrapping, its KEK unwrapped by ``unwrap`` (the
+    KMS) and the DEK by AES-GCM under the KEK (associated data: the raw KEK id); else the DEK by ``unwrap``.
+    Raises cryptography's InvalidTag when the wrapped DEK is not this KEK's."""
+    if material.get("doubleWrapping"):
+        blob = base64.b64decode(material["wrappedDEK"])
+        kek = unwrap(material["wrappedKEK"])
+        return AESGCM(kek).decrypt(blob[:12], blob[12:], base64.b64decode(material["keyEncryptionKeyID"]))
+    return unwrap(material["wrappedDEK"])
+
+
+def double_wrapped_material(dek: bytes, kek: bytes, kek_id: bytes, wrapped_kek: str, master_key_id: str,
+                            footer: bool, internal: bool = False) -> dict[str, Any]:
+    """A PKMT1 key material entry for ``dek`` wrapped by the KEK ``kek`` (``wrapped_kek``: as the KMS wrapped it
+    under ``master_key_id``), fields named and ordered as pyarrow writes them; ``internal``: to be stored in
+    the file's key metadata itself."""
+    nonce = os.urandom(12)
+    entry: dict[str, Any] = {"keyMaterialType": PKMT1}
+    if internal:
+        entry["internalStorage"] = True
+    entry["isFooterKey"] = footer
+    if footer:
+        entry.update(kmsInstanceID="DEFAULT", kmsInstanceURL="DEFAULT")
+    entry.update(masterKeyID=master_key_id,
+                 wrappedDEK=base64.b64encode(nonce + AESGCM(kek).encrypt(nonce, dek, kek_id)).decode(),
+                 doubleWrapping=True, keyEncryptionKeyID=base64.b64encode(kek_id).decode(), wrappedKEK=wrapped_kek)
+    return entry
 
 
 def key_material_path(data_path: str) -> str:

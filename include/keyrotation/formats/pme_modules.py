@@ -1,0 +1,705 @@
+"""Re-encryption of a Parquet Modular Encryption (PME) file module by module, without decoding its data.
+
+Every encrypted module (footer, column metadata, page headers, pages, dictionary pages, column and
+offset indexes) is decrypted with the old data key and encrypted with the new one under a fresh
+nonce and its exact associated data (AAD). Encoded and compressed bytes stay as they were, and since
+AES-GCM keeps sizes, so does every offset: the file streams from source to destination in file order,
+one module at a time, through buffers that are reused. Each new module is decrypted again under its
+new key in the same pass and compared with the old module's plaintext.
+
+Keys are explicit (:class:`ModuleKeys`): this module knows nothing of KMSs or key material files.
+Where the module path cannot apply it raises :class:`ModuleReencryptionUnavailable` with a reason, so
+a caller can fall back to decoding and encoding the data. Neither keys nor plaintext reach an
+exception, a log line or a repr.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Protocol
+
+import numpy as np
+import pyarrow.fs as pafs
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from keyrotation.formats.parquet_footer import ALGORITHMS, ENCRYPTED_FOOTER_MAGIC, PLAIN_MAGIC
+from keyrotation.formats.thrift_compact import BINARY, I32, Struct, ThriftError, decode_struct, padded_varint, zigzag
+
+# Module types (parquet-format Encryption.md).
+FOOTER, COLUMN_META, DATA_PAGE, DICT_PAGE, DATA_HEADER, DICT_HEADER, COLUMN_INDEX, OFFSET_INDEX = range(8)
+_NONCE, _TAG, _LEN = 12, 16, 4
+_GCM, _CTR = 1, 2
+_DICTIONARY_PAGE, _INDEX_PAGE = 2, 1
+#: The bytes a page may be encrypted again, nonce after nonce, until its new CRC fits the varint its header
+#: has for it (a page of n bytes gets max(1, CRC_BUDGET // n) nonces). A random CRC fits 5 bytes always, 4 bytes
+#: once in 16 nonces, 3 bytes once in 2,048; 1 GiB gives a 1 MiB page 1,024 nonces: a 4-byte CRC always fits,
+#: a 3-byte one 2 times in 5, else the file is not re-encrypted module by module.
+CRC_BUDGET = 1 << 30
+_COPY = 8 << 20
+
+
+class ModuleReencryptionUnavailable(Exception):
+    """The file cannot be re-encrypted module by module; ``reason`` says why (decode and encode it instead)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ModuleReencryptionError(ValueError):
+    """The file or the keys given are not what they must be (a module does not authenticate, a key is missing)."""
+
+
+@dataclass(frozen=True, repr=False)
+class ModuleKeys:
+    """The data keys of one file: its footer key, and column keys by dotted column path.
+
+    As new keys, ``footer_key_metadata`` and ``column_key_metadata`` replace the key metadata the file
+    stores (None or absent: kept, as with external key material, whose references do not change).
+    """
+
+    footer: bytes
+    columns: Mapping[str, bytes] = field(default_factory=dict)
+    footer_key_metadata: bytes | None = None
+    column_key_metadata: Mapping[str, bytes] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"ModuleKeys(footer=<redacted>, columns={sorted(self.columns)})"
+
+
+@dataclass
+class ReencryptionResult:
+    """What a module re-encryption did."""
+
+    bytes: int = 0
+    #: Encrypted modules re-encrypted (and verified), and their bytes (the footer's counting the column metadata
+    #: modules it holds).
+    modules: int = 0
+    module_bytes: int = 0
+    #: Pages whose CRC was recomputed, and the extra nonces used so that their new CRCs fit their headers.
+    crc_pages: int = 0
+    crc_retries: int = 0
+    algorithm: str = ""
+    plaintext_footer: bool = False
+    encrypted_columns: list[str] = field(default_factory=list)
+    row_groups: int = 0
+
+
+class _Source(Protocol):
+    size: int
+
+    def view(self, offset: int, n: int) -> memoryview: ...
+
+
+class _MemorySource:
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._data = memoryview(data).cast("B")
+        self.size = len(self._data)
+
+    def view(self, offset: int, n: int) -> memoryview:
+        if offset < 0 or offset + n > self.size:
+            raise ModuleReencryptionError("a module reaches past the end of the file")
+        return self._data[offset : offset + n]
+
+
+class _FileSource:
+    """Reads through one reused buffer (a view stays valid until the next read)."""
+
+    def __init__(self, f: Any, size: int) -> None:
+        self._f, self.size = f, size
+        self._buf = bytearray(1 << 20)
+
+    def view(self, offset: int, n: int) -> memoryview:
+        if offset < 0 or offset + n > self.size:
+            raise ModuleReencryptionError("a module reaches past the end of the file")
+        if n > len(self._buf):
+            self._buf = bytearray(max(n, 2 * len(self._buf)))
+        view = memoryview(self._buf)[:n]
+        self._f.seek(offset)
+        got = 0
+        while got < n:
+            r = self._f.readinto(view[got:])
+            if not r:
+                raise ModuleReencryptionError("the file ends early")
+            got += r
+        return view
+
+
+class _Buffers:
+    """Work buffers grown as needed and reused: plaintext, the new module, the check decryption."""
+
+    def __init__(self) -> None:
+        self.plain = bytearray(1 << 20)
+        self.out = bytearray(1 << 20)
+        self.page = bytearray(1 << 20)
+        self.check = bytearray(1 << 20)
+        self._nonces = b""
+        self._at = 0
+
+    def fit(self, n: int) -> None:
+        if n + 64 > len(self.out):
+            size = max(n + 64, 2 * len(self.out))
+            self.plain, self.out, self.check = bytearray(size), bytearray(size), bytearray(size)
+            self.page = bytearray(size)
+
+    def nonce(self) -> bytes:
+        if self._at + _NONCE > len(self._nonces):
+            self._nonces, self._at = os.urandom(_NONCE * 4096), 0
+        self._at += _NONCE
+        return self._nonces[self._at - _NONCE : self._at]
+
+
+def _equal(a: memoryview, b: memoryview) -> bool:
+    n = len(a)
+    if n != len(b):
+        return False
+    k = n & ~7
+    return bool(np.array_equal(np.frombuffer(a, np.uint64, k >> 3), np.frombuffer(b, np.uint64, k >> 3))) \
+        and a[k:].tobytes() == b[k:].tobytes()
+
+
+def _ordinal(n: int, what: str) -> bytes:
+    if not 0 <= n <= 0x7FFF:
+        raise ModuleReencryptionUnavailable(f"{what} ordinal {n} does not fit the 16 bits of a module's AAD")
+    return struct.pack("<h", n)
+
+
+@dataclass
+class _Cipher:
+    """One column's (or the footer's) old and new keys."""
+
+    old: AESGCM
+    new: AESGCM
+    old_key: bytes
+    new_key: bytes
+    name: str
+
+
+class _Job:
+    """One file's re-encryption: the parsed footer and the module walk."""
+
+    def __init__(self, source: _Source, old: ModuleKeys, new: ModuleKeys | None, aad_prefix: bytes | None,
+                 crc_budget: int, signed: bool = True) -> None:
+        self.src, self.old, self.new = source, old, new
+        self.supplied_prefix = aad_prefix
+        self.crc_budget = crc_budget
+        self.signed = signed
+        self.buf = _Buffers()
+        self.result = ReencryptionResult(bytes=source.size)
+        if new is not None:
+            _distinct(old, new)
+        self._parse_tail()
+
+    # -- modules ------------------------------------------------------------------------------
+    def gcm(self, cipher: _Cipher, module: memoryview, aad: bytes, what: str, page: bool = False,
+            counted: bool = True) -> memoryview:
+        """``module`` (length, nonce, ciphertext, tag) decrypted with the old key and encrypted with the
+        new, checked by decrypting it again; the new module (a view of a reused buffer)."""
+        n = len(module)
+        if n < _LEN + _NONCE + _TAG or struct.unpack_from("<I", module)[0] != n - _LEN:
+            raise ModuleReencryptionError(f"{what}: module length does not match its size")
+        size = n - _LEN - _NONCE - _TAG
+        self.buf.fit(n)
+        plain = memoryview(self.buf.plain)[:size]
+        try:
+            cipher.old.decrypt_into(module[_LEN : _LEN + _NONCE], module[_LEN + _NONCE :], aad, plain)
+        except InvalidTag:
+            raise ModuleReencryptionError(f"{what}: does not authenticate under the old {cipher.name} key") \
+                from None
+        return self._seal(cipher, plain, aad, what, page, counted)
+
+    def _seal(self, cipher: _Cipher, plain: memoryview, aad: bytes, what: str, page: bool = False,
+              counted: bool = True) -> memoryview:
+        """``plain`` sealed as a module into the reused buffer for pages (``page``) or for other modules."""
+        size = len(plain)
+        n = _LEN + _NONCE + size + _TAG
+        out = memoryview(self.buf.page if page else self.buf.out)[:n]
+        struct.pack_into("<I", out, 0, n - _LEN)
+        nonce = self.buf.nonce()
+        out[_LEN : _LEN + _NONCE] = nonce
+        cipher.new.encrypt_into(nonce, plain, aad, out[_LEN + _NONCE :])
+        check = memoryview(self.buf.check)[:size]
+        cipher.new.decrypt_into(nonce, out[_LEN + _NONCE :], aad, check)
+        if not _equal(check, plain):
+            raise ModuleReencryptionError(f"{what}: the new module does not decrypt to the old one's plaintext")
+        self.result.modules += 1
+        if counted:
+            self.result.module_bytes += n
+        return out
+
+    def ctr_page(self, cipher: _Cipher, module: memoryview, what: str) -> memoryview:
+        """A CTR page (length, nonce, ciphertext; no tag, no AAD) under the new key, checked likewise."""
+        n = len(module)
+        if n < _LEN + _NONCE or struct.unpack_from("<I", module)[0] != n - _LEN:
+            raise ModuleReencryptionError(f"{what}: module length does not match its size")
+        size = n - _LEN - _NONCE
+        self.buf.fit(n)
+        plain = memoryview(self.buf.plain)[:size]
+        _ctr(cipher.old_key, module[_LEN : _LEN + _NONCE], module[_LEN + _NONCE :], plain)
+        out = memoryview(self.buf.page)[:n]
+        out[:_LEN] = module[:_LEN]
+        nonce = self.buf.nonce()
+        out[_LEN : _LEN + _NONCE] = nonce
+        _ctr(cipher.new_key, nonce, plain, out[_LEN + _NONCE :])
+        check = memoryview(self.buf.check)[:size]
+        _ctr(cipher.new_key, nonce, out[_LEN + _NONCE :], check)
+        if not _equal(check, plain):
+            raise ModuleReencryptionError(f"{what}: the new module does not decrypt to the old one's plaintext")
+        self.result.modules += 1
+        self.result.module_bytes += n
+        return out
+
+    # -- footer -------------------------------------------------------------------------------
+    def _parse_tail(self) -> None:
+        size = self.src.size
+        if size < 12:
+            raise ModuleReencryptionError(f"{size} bytes, too short for a Parquet file")
+        trailer = bytes(self.src.view(size - 8, 8))
+        length, magic = struct.unpack("<I", trailer[:4])[0], trailer[4:]
+        if magic not in (PLAIN_MAGIC, ENCRYPTED_FOOTER_MAGIC) or length > size - 12:
+            raise ModuleReencryptionError("Parquet magic bytes or footer length not found at the end of the file")
+        self.magic = magic
+        self.footer_start = size - 8 - length
+        region = bytes(self.src.view(self.footer_start, length))
+        try:
+            if magic == ENCRYPTED_FOOTER_MAGIC:
+                self.crypto, end = decode_struct(region)
+                self._algorithm(self.crypto.get(1))
+                self.footer_cipher = self._cipher(None, self.old.footer, self._new_footer(), "footer")
+                module = memoryview(region)[end:]
+                plain = self._decrypt_footer(module)
+                self.metadata, used = decode_struct(plain)
+            else:
+                self.metadata, end = decode_struct(region)
+                if 8 not in self.metadata:
+                    raise ModuleReencryptionUnavailable("the file is not encrypted (no Parquet modular encryption)")
+                self._algorithm(self.metadata.get(8))
+                self.footer_cipher = self._cipher(None, self.old.footer, self._new_footer(), "footer")
+                if self.signed:
+                    self._check_signature(region[:end], region[end:])
+                self.result.plaintext_footer = True
+        except ThriftError as exc:
+            raise ModuleReencryptionError(f"footer is not valid Thrift: {exc}") from None
+
+    def _new_footer(self) -> bytes | None:
+        return None if self.new is None else self.new.footer
+
+    def footer_key_metadata(self) -> bytes | None:
+        return self.crypto.get(2) if self.magic == ENCRYPTED_FOOTER_MAGIC else self.metadata.get(9)
+
+    def column_key_metadata(self) -> dict[str, bytes]:
+        """Each column-key column's key metadata, by dotted path (from the first row group naming it)."""
+        found: dict[str, bytes] = {}
+        row_groups = self.metadata.get(4)
+        for rg in row_groups.items if row_groups is not None else []:
+            for chunk in rg[1].items:
+                crypto = chunk.get(8)
+                if crypto is not None and 2 in crypto:
+                    path = ".".join(p.decode() for p in crypto[2][1].items)
+                    found.setdefault(path, crypto[2].get(2) or b"")
+        return found
+
+    def _algorithm(self, union: Struct | None) -> None:
+        if union is None or len(union.fields) != 1:
+            raise ModuleReencryptionError("footer names no encryption algorithm")
+        kind = next(iter(union.fields))
+        if kind not in ALGORITHMS:
+            raise ModuleReencryptionUnavailable(f"unknown encryption algorithm (EncryptionAlgorithm member {kind})")
+        self.kind = kind
+        self.result.algorithm = ALGORITHMS[kind]
+        params: Struct = union[kind]
+        stored = params.get(1)
+        if stored is not None and self.supplied_prefix is not None and stored != self.supplied_prefix:
+            raise ModuleReencryptionError("the AAD prefix supplied differs from the one the file stores")
+        prefix = stored if stored is not None else self.supplied_prefix
+        if params.get(3) and prefix is None:
+            raise ModuleReencryptionError("the file's AAD prefix is not stored in it: supply it")
+        self.file_aad = (prefix or b"") + (params.get(2) or b"")
+
+    def _decrypt_footer(self, module: memoryview) -> bytes:
+        n = len(module)
+        if n < _LEN + _NONCE + _TAG or struct.unpack_from("<I", module)[0] != n - _LEN:
+            raise ModuleReencryptionError("footer: module length does not match its size")
+        try:
+            return self.footer_cipher.old.decrypt(module[_LEN : _LEN + _NONCE], module[_LEN + _NONCE :],
+                                                  self.file_aad + bytes([FOOTER]))
+        except InvalidTag:
+            raise ModuleReencryptionError("footer: does not authenticate under the old footer key") from None
+
+    def _check_signature(self, metadata: bytes, signature: bytes) -> None:
+        if len(signature) != _NONCE + _TAG:
+            raise ModuleReencryptionError("plaintext footer: signature is not a nonce and a tag")
+        tag = self.footer_cipher.old.encrypt(signature[:_NONCE], metadata, self.file_aad + bytes([FOOTER]))[-_TAG:]
+        if tag != signature[_NONCE:]:
+            raise ModuleReencryptionError("plaintext footer: signature does not verify under the old footer key")
+
+    def _cipher(self, column: str | None, old: bytes | None, new: bytes | None, name: str) -> _Cipher:
+        if self.new is None:  # reading only
+            new = old
+        if old is None or new is None:
+            raise ModuleReencryptionError(f"no {'old' if old is None else 'new'} key given for column {column}")
+        try:
+            return _Cipher(AESGCM(old), AESGCM(new), old, new, name)
+        except ValueError:
+            raise ModuleReencryptionError(f"the {name} key is not an AES key (16, 24 or 32 bytes)") from None
+
+    # -- the walk -----------------------------------------------------------------------------
+    def plan(self) -> list[tuple[int, int, Any]]:
+        """Regions of encrypted modules in file order: (start, end, action), action a callable that returns
+        the new bytes of the region given a writer."""
+        regions: list[tuple[int, int, Any]] = []
+        row_groups = self.metadata.get(4)
+        items = row_groups.items if row_groups is not None else []
+        self.result.row_groups = len(items)
+        columns: set[str] = set()
+        for rg_index, rg in enumerate(items):
+            rg_ordinal = rg.get(7, rg_index)
+            chunks = rg.get(1)
+            for col_index, chunk in enumerate(chunks.items if chunks is not None else []):
+                crypto = chunk.get(8)
+                if crypto is None:
+                    continue
+                regions.extend(self._chunk(chunk, crypto, rg_ordinal, col_index, columns))
+        self.result.encrypted_columns = sorted(columns)
+        regions.sort(key=lambda r: r[0])
+        last = 4
+        for start, end, _ in regions:
+            if start < last or end > self.footer_start:
+                raise ModuleReencryptionError("encrypted modules overlap or reach into the footer")
+            last = end
+        return regions
+
+    def _chunk(self, chunk: Struct, crypto: Struct, rg: int, col: int, columns: set[str]
+               ) -> list[tuple[int, int, Any]]:
+        if 2 in crypto:
+            with_key: Struct = crypto[2]
+            path = ".".join(p.decode() for p in with_key[1].items)
+            cipher = self._cipher(path, self.old.columns.get(path), self.new.columns.get(path), f"column {path}")
+            if path in self.new.column_key_metadata:
+                with_key.set(2, self.new.column_key_metadata[path], BINARY)
+        else:
+            cipher, path = self.footer_cipher, None
+        where = _ordinal(rg, "row group") + _ordinal(col, "column")
+        if 9 in chunk:  # encrypted column metadata, re-encrypted in the footer
+            meta_module = memoryview(chunk[9])
+            aad = self.file_aad + bytes([COLUMN_META]) + where
+            new = bytes(self.gcm(cipher, meta_module, aad, "column metadata", counted=False))
+            plain = bytes(memoryview(self.buf.plain)[: len(meta_module) - _LEN - _NONCE - _TAG])
+            chunk.set(9, new, BINARY)
+            meta, _ = decode_struct(plain)
+        elif 3 in chunk:
+            meta = chunk[3]
+        else:
+            raise ModuleReencryptionError("an encrypted column chunk holds no column metadata")
+        if path is None:
+            path = ".".join(p.decode() for p in meta[3].items)
+        columns.add(path)
+        if meta.get(14) is not None:
+            raise ModuleReencryptionUnavailable(f"column {path} has a bloom filter: encrypted bloom filters are not "
+                                                "re-encrypted module by module")
+        dictionary = meta.get(11)
+        start = dictionary if dictionary is not None and dictionary > 0 else meta[9]
+        end = start + meta[7]
+        regions = [(start, end, ("pages", cipher, where, dictionary is not None and dictionary > 0, path))]
+        for offset_field, length_field, kind in ((6, 7, COLUMN_INDEX), (4, 5, OFFSET_INDEX)):
+            offset = chunk.get(offset_field)
+            if offset is not None:
+                regions.append((offset, offset + chunk[length_field], ("index", cipher, where, kind, path)))
+        return regions
+
+    def check_ctr(self, regions: list[tuple[int, int, Any]]) -> None:
+        """Refuse a CTR file whose pages carry no CRC before anything is written (its first page header says)."""
+        if self.kind != _CTR:
+            return
+        for start, _end, action in regions:
+            if action[0] == "pages":
+                _, cipher, where, dictionary, path = action
+                header = self._header(start, cipher, where, dictionary, 0, path)[0]
+                if header.get(4) is None:
+                    raise ModuleReencryptionUnavailable(
+                        f"AES_GCM_CTR_V1 without page CRCs (column {path}): its pages are not authenticated, so "
+                        "neither a damaged source page nor a wrong new one could be detected; refused")
+                return
+
+    def _header(self, pos: int, cipher: _Cipher, where: bytes, dictionary: bool, ordinal: int, path: str
+                ) -> tuple[Struct, int, bytes]:
+        length = struct.unpack("<I", self.src.view(pos, _LEN))[0]
+        module = self.src.view(pos, _LEN + length)
+        kind = DICT_HEADER if dictionary else DATA_HEADER
+        aad = self.file_aad + bytes([kind]) + where + (b"" if dictionary else _ordinal(ordinal, "page"))
+        size = length - _NONCE - _TAG
+        if size <= 0:
+            raise ModuleReencryptionError(f"column {path}: page header module length does not match its size")
+        self.buf.fit(_LEN + length)
+        plain = memoryview(self.buf.plain)[:size]
+        try:
+            cipher.old.decrypt_into(module[_LEN : _LEN + _NONCE], module[_LEN + _NONCE :], aad, plain)
+        except InvalidTag:
+            raise ModuleReencryptionError(f"column {path}: a page header does not authenticate under the old "
+                                          "key") from None
+        try:
+            header, used = decode_struct(plain)
+        except ThriftError as exc:
+            raise ModuleReencryptionError(f"column {path}: a page header is not valid Thrift: {exc}") from None
+        if used != size:
+            raise ModuleReencryptionError(f"column {path}: a page header module holds more than its header")
+        return header, _LEN + length, aad
+
+    def pages(self, start: int, end: int, cipher: _Cipher, where: bytes, dictionary: bool, path: str,
+              write: Any) -> None:
+        pos, ordinal = start, 0
+        first = True
+        while pos < end:
+            is_dict = dictionary and first
+            header, header_len, header_aad = self._header(pos, cipher, where, is_dict, ordinal, path)
+            page_type = header.get(1)
+            if (page_type == _DICTIONARY_PAGE) != is_dict or page_type == _INDEX_PAGE:
+                raise ModuleReencryptionError(f"column {path}: page type {page_type} where "
+                                              f"{'a dictionary' if is_dict else 'a data'} page belongs")
+            page_len = header[3]
+            page_at = pos + header_len
+            if page_at + page_len > end:
+                raise ModuleReencryptionError(f"column {path}: a page reaches past its column chunk")
+            page = self.src.view(page_at, page_len)
+            crc_field = header.fields.get(4)
+            if self.kind == _CTR:
+                if crc_field is None:
+                    raise ModuleReencryptionUnavailable(
+                        f"AES_GCM_CTR_V1 without page CRCs (column {path}): its pages are not authenticated, so "
+                        "neither a damaged source page nor a wrong new one could be detected; refused")
+                if zlib.crc32(page) != header[4] & 0xFFFFFFFF:
+                    raise ModuleReencryptionError(f"column {path}: a page does not match its CRC")
+            kind = DICT_PAGE if is_dict else DATA_PAGE
+            page_aad = self.file_aad + bytes([kind]) + where + (b"" if is_dict else _ordinal(ordinal, "page"))
+            header_plain_len = header_len - _LEN - _NONCE - _TAG
+            new_page = None
+            tries = max(1, self.crc_budget // max(1, page_len)) if crc_field is not None else 1
+            for attempt in range(tries):
+                if self.kind == _CTR:
+                    new_page = self.ctr_page(cipher, page, f"column {path}: page")
+                else:
+                    new_page = self.gcm(cipher, page, page_aad, f"column {path}: page", page=True)
+                if crc_field is None:
+                    break
+                crc = zlib.crc32(new_page)
+                raw = padded_varint(zigzag(crc - (1 << 32) if crc >= 1 << 31 else crc, 32), len(crc_field.raw))
+                if raw is not None:
+                    self.result.crc_pages += 1
+                    self.result.crc_retries += attempt
+                    break
+                self.result.modules -= 1
+                self.result.module_bytes -= len(new_page)
+            else:
+                raise ModuleReencryptionUnavailable(
+                    f"column {path}: a page's new CRC does not fit the varint its header has for it after {tries} "
+                    "nonce(s)")
+            if crc_field is not None:
+                header.set_raw(4, I32, raw)
+                plain = header.encode()
+                if len(plain) != header_plain_len:
+                    raise ModuleReencryptionError(f"column {path}: a page header changed size")
+                self.buf.fit(header_len)
+                memoryview(self.buf.plain)[: len(plain)] = plain
+                write(self._seal(cipher, memoryview(self.buf.plain)[: len(plain)], header_aad,
+                                 f"column {path}: page header"))
+            else:  # the header as it was, under the new key (the source buffer is read again for it)
+                write(self.gcm(cipher, self.src.view(pos, header_len), header_aad, f"column {path}: page header"))
+            write(new_page)
+            if not is_dict:
+                ordinal += 1
+            first = False
+            pos = page_at + page_len
+        if pos != end:
+            raise ModuleReencryptionError(f"column {path}: pages do not end where the column chunk does")
+
+    def index(self, start: int, end: int, cipher: _Cipher, where: bytes, kind: int, path: str, write: Any) -> None:
+        what = "column index" if kind == COLUMN_INDEX else "offset index"
+        write(self.gcm(cipher, self.src.view(start, end - start), self.file_aad + bytes([kind]) + where,
+                       f"column {path}: {what}"))
+
+    def footer(self) -> bytes:
+        """The new footer region, length and magic."""
+        aad = self.file_aad + bytes([FOOTER])
+        if self.magic == ENCRYPTED_FOOTER_MAGIC:
+            if self.new.footer_key_metadata is not None:
+                self.crypto.set(2, self.new.footer_key_metadata, BINARY)
+            plain = self.metadata.encode()
+            self.buf.fit(len(plain) + 64)
+            memoryview(self.buf.plain)[: len(plain)] = plain
+            module = self._seal(self.footer_cipher, memoryview(self.buf.plain)[: len(plain)], aad, "footer")
+            region = self.crypto.encode() + bytes(module)
+            self._refused_by_old(module, aad)
+        else:
+            if self.new.footer_key_metadata is not None:
+                self.metadata.set(9, self.new.footer_key_metadata, BINARY)
+            plain = self.metadata.encode()
+            nonce = os.urandom(_NONCE)
+            tag = self.footer_cipher.new.encrypt(nonce, plain, aad)[-_TAG:]
+            old_tag = self.footer_cipher.old.encrypt(nonce, plain, aad)[-_TAG:]
+            if old_tag == tag:
+                raise ModuleReencryptionError("footer: the old footer key still signs the new footer")
+            region = plain + nonce + tag
+            self.result.modules += 1
+        return region + struct.pack("<I", len(region)) + self.magic
+
+    def _refused_by_old(self, module: memoryview, aad: bytes) -> None:
+        try:
+            self.footer_cipher.old.decrypt(module[_LEN : _LEN + _NONCE], module[_LEN + _NONCE :], aad)
+        except InvalidTag:
+            return
+        raise ModuleReencryptionError("footer: the old footer key still opens the new footer")
+
+
+def _ctr(key: bytes, nonce: memoryview | bytes, data: memoryview, out: memoryview) -> None:
+    n = len(data)
+    if n == 0:
+        return
+    enc = Cipher(algorithms.AES(key), modes.CTR(bytes(nonce) + b"\x00\x00\x00\x01")).encryptor()
+    # update_into wants room for a block more than the data
+    tmp = bytearray(n + 15)
+    enc.update_into(data, tmp)
+    out[:n] = memoryview(tmp)[:n]
+
+
+def _distinct(old: ModuleKeys, new: ModuleKeys) -> None:
+    if old.footer == new.footer or any(new.columns.get(c) == k for c, k in old.columns.items()):
+        raise ModuleReencryptionError("a new data key equals an old one: re-encryption needs new keys")
+
+
+def _run(source: _Source, write: Any, old: ModuleKeys, new: ModuleKeys, aad_prefix: bytes | None,
+         crc_budget: int, before_write: Any = None) -> ReencryptionResult:
+    job = _Job(source, old, new, aad_prefix, crc_budget)
+    regions = job.plan()
+    job.check_ctr(regions)
+    if before_write is not None:
+        before_write()
+    pos = 0
+    for start, end, action in regions:
+        _copy(source, pos, start, write)
+        if action[0] == "pages":
+            job.pages(start, end, *action[1:], write)
+        else:
+            job.index(start, end, *action[1:], write)
+        pos = end
+    _copy(source, pos, job.footer_start, write)
+    write(memoryview(job.footer()))
+    return job.result
+
+
+def _copy(source: _Source, start: int, end: int, write: Any) -> None:
+    while start < end:
+        n = min(_COPY, end - start)
+        write(source.view(start, n))
+        start += n
+
+
+def reencrypt_bytes(data: bytes | bytearray | memoryview, old: ModuleKeys, new: ModuleKeys,
+                    aad_prefix: bytes | None = None, crc_budget: int = CRC_BUDGET) -> tuple[bytes, ReencryptionResult]:
+    """The PME file ``data`` re-encrypted from the ``old`` data keys to the ``new`` ones, module by module.
+
+    ``aad_prefix``: the file's AAD prefix where it is not stored in the file. ``crc_budget``: see
+    :data:`CRC_BUDGET`.
+
+    :raises ModuleReencryptionUnavailable: the file cannot be re-encrypted so (the reason says why).
+    :raises ModuleReencryptionError: a module does not authenticate under its old key, or the file is malformed.
+    """
+    out = bytearray(len(data) + 4096)
+    at = 0
+
+    def write(view: memoryview) -> None:
+        nonlocal out, at
+        n = len(view)
+        if at + n > len(out):
+            out += bytes(at + n - len(out))
+        out[at : at + n] = view
+        at += n
+
+    result = _run(_MemorySource(data), write, old, new, aad_prefix, crc_budget)
+    del out[at:]
+    result.bytes = at
+    return bytes(out), result
+
+
+def reencrypt_stream(src: BinaryIO | Any, size: int, dst: BinaryIO | Any, old: ModuleKeys, new: ModuleKeys,
+                     aad_prefix: bytes | None = None, crc_budget: int = CRC_BUDGET,
+                     before_write: Any = None) -> ReencryptionResult:
+    """As :func:`reencrypt_bytes`, from a seekable file ``src`` of ``size`` bytes (``seek``/``readinto``) to a
+    writable ``dst``, module by module with reused buffers. ``before_write`` is called once the footer has been
+    read and every refusal that can be known before writing has been made."""
+    result = _run(_FileSource(src, size), dst.write, old, new, aad_prefix, crc_budget, before_write)
+    result.bytes = size
+    return result
+
+
+def reencrypt_file(src_path: str, dst_path: str, filesystem: pafs.FileSystem, old: ModuleKeys, new: ModuleKeys,
+                   aad_prefix: bytes | None = None, crc_budget: int = CRC_BUDGET) -> ReencryptionResult:
+    """As :func:`reencrypt_bytes`, file to file on ``filesystem``; ``dst_path`` is created only once nothing known
+    before writing refuses the file, and removed when the re-encryption fails."""
+    with filesystem.open_input_file(src_path) as src:
+        size = src.size()
+        sink: list[Any] = []
+
+        def open_dst() -> None:
+            sink.append(filesystem.open_output_stream(dst_path))
+
+        def write(view: memoryview) -> None:
+            sink[0].write(view)
+
+        class _Dst:
+            pass
+
+        dst = _Dst()
+        dst.write = write  # type: ignore[attr-defined]
+        try:
+            result = reencrypt_stream(src, size, dst, old, new, aad_prefix, crc_budget, open_dst)
+            sink[0].close()
+        except BaseException:
+            if sink:
+                sink[0].close()
+                try:
+                    filesystem.delete_file(dst_path)
+                except OSError:
+                    pass
+            raise
+    return result
+
+
+@dataclass(frozen=True)
+class KeyMetadata:
+    """The key metadata a PME file stores: its footer key's, and each column-key column's by dotted path."""
+
+    algorithm: str
+    plaintext_footer: bool
+    footer: bytes | None
+    columns: dict[str, bytes]
+
+
+def file_key_metadata(data: bytes | memoryview | None = None, footer_key: bytes | None = None,
+                      aad_prefix: bytes | None = None, *, src: Any = None, size: int | None = None) -> KeyMetadata:
+    """The key metadata of a PME file (``data`` in memory, or seekable ``src`` of ``size`` bytes). With an
+    encrypted footer, column key metadata sits inside it: without ``footer_key`` only the footer's is read."""
+    source: _Source = _MemorySource(data) if data is not None else _FileSource(src, size or 0)
+    if footer_key is None:
+        size = source.size
+        trailer = bytes(source.view(size - 8, 8))
+        length = struct.unpack("<I", trailer[:4])[0]
+        if trailer[4:] == ENCRYPTED_FOOTER_MAGIC and length <= size - 12:
+            try:
+                crypto, _ = decode_struct(bytes(source.view(size - 8 - length, length)))
+            except ThriftError as exc:
+                raise ModuleReencryptionError(f"footer is not valid Thrift: {exc}") from None
+            union = crypto.get(1)
+            kind = next(iter(union.fields)) if union is not None and union.fields else 0
+            return KeyMetadata(ALGORITHMS.get(kind, "unknown"), False, crypto.get(2), {})
+        # a plaintext footer is readable without its key (its signature is not checked then)
+        job = _Job(source, ModuleKeys(b"\0" * 16), None, aad_prefix, 0, signed=False)
+    else:
+        job = _Job(source, ModuleKeys(footer_key), None, aad_prefix, 0)
+    return KeyMetadata(job.result.algorithm, job.result.plaintext_footer, job.footer_key_metadata(),
+                       job.column_key_metadata())

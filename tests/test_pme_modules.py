@@ -1,0 +1,364 @@
+"""Module-level re-encryption of PME files: every variant pyarrow writes, re-encrypted under new data keys,
+read back by stock pyarrow (page checksums verified) equal to the table the test wrote; old keys refused;
+damage refused; the cases the module path cannot take refused with their reason."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pyarrow.parquet.encryption as pe
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from keyrotation.formats.parquet_pme import double_wrapped_material, key_material_path, unwrap_data_key
+from keyrotation.formats.pme_modules import (
+    ModuleKeys,
+    ModuleReencryptionError,
+    ModuleReencryptionUnavailable,
+    file_key_metadata,
+    reencrypt_bytes,
+    reencrypt_file,
+)
+from keyrotation.formats.thrift_compact import decode_struct
+
+MASTER_KEYS = {name: os.urandom(16) for name in ("footer", "col_a", "col_b")}
+LOCAL = pafs.LocalFileSystem()
+
+
+class MemoryKms(pe.KmsClient):
+    """The test's KMS: master keys in memory, wrapping by AES-GCM."""
+
+    def __init__(self, _config=None) -> None:
+        super().__init__()
+
+    def wrap_key(self, key_bytes, master_key_identifier):
+        nonce = os.urandom(12)
+        return base64.b64encode(nonce + AESGCM(MASTER_KEYS[master_key_identifier]).encrypt(nonce, key_bytes, None)
+                                ).decode()
+
+    def unwrap_key(self, wrapped_key, master_key_identifier):
+        blob = base64.b64decode(wrapped_key)
+        return AESGCM(MASTER_KEYS[master_key_identifier]).decrypt(blob[:12], blob[12:], None)
+
+
+FACTORY = pe.CryptoFactory(MemoryKms)
+KMS = pe.KmsConnectionConfig()
+
+
+def _table(rows: int = 3000, nested: bool = False) -> pa.Table:
+    columns = {
+        "a": pa.array(range(rows), pa.int64()),
+        "b": pa.array([f"name-{i % 97}" for i in range(rows)]),
+        "c": pa.array([i * 0.5 for i in range(rows)]),
+    }
+    if nested:
+        columns["s"] = pa.array([{"x": i, "y": f"y{i % 7}"} for i in range(rows)])
+        columns["l"] = pa.array([[i, i + 1] if i % 3 else [] for i in range(rows)], pa.list_(pa.int32()))
+    return pa.table(columns)
+
+
+# name: (EncryptionConfiguration options, pq.write_table options, nested schema)
+VARIANTS = {
+    "gcm column keys external double": ({}, {}, False),
+    "gcm column keys internal double": ({"internal_key_material": True}, {}, False),
+    "gcm single wrapping external": ({"double_wrapping": False}, {}, False),
+    "gcm single wrapping internal": ({"double_wrapping": False, "internal_key_material": True}, {}, False),
+    "gcm plaintext footer": ({"plaintext_footer": True}, {}, False),
+    "gcm plaintext footer internal": ({"plaintext_footer": True, "internal_key_material": True}, {}, False),
+    "gcm uniform": ({"uniform_encryption": True}, {}, False),
+    "gcm no dictionary": ({}, {"use_dictionary": False}, False),
+    "gcm data page v2": ({}, {"data_page_version": "2.0"}, False),
+    "gcm page index": ({}, {"write_page_index": True}, False),
+    "gcm page crc": ({}, {"write_page_checksum": True}, False),
+    "gcm everything": ({}, {"write_page_index": True, "write_page_checksum": True, "data_page_version": "2.0",
+                            "data_page_size": 2048}, True),
+    "gcm nested uniform": ({"uniform_encryption": True}, {"write_page_index": True}, True),
+    "gcm nested column keys": ({"column_keys": {"col_a": ["s.x", "l.list.element"], "col_b": ["b"]}},
+                               {"write_page_checksum": True}, True),
+    "gcm plaintext footer page index crc": ({"plaintext_footer": True},
+                                            {"write_page_index": True, "write_page_checksum": True}, True),
+    "ctr page crc": ({"encryption_algorithm": "AES_GCM_CTR_V1"}, {"write_page_checksum": True}, False),
+    "ctr plaintext footer crc index": ({"encryption_algorithm": "AES_GCM_CTR_V1", "plaintext_footer": True},
+                                       {"write_page_checksum": True, "write_page_index": True,
+                                        "data_page_version": "2.0"}, True),
+    "ctr uniform internal crc": ({"encryption_algorithm": "AES_GCM_CTR_V1", "uniform_encryption": True,
+                                  "internal_key_material": True}, {"write_page_checksum": True}, True),
+}
+
+
+def _write(path: Path, table: pa.Table, config: dict, options: dict) -> None:
+    settings = {"footer_key": "footer", "column_keys": {"col_a": ["a"], "col_b": ["b"]},
+                "internal_key_material": False, **config}
+    if settings.get("uniform_encryption"):
+        settings.pop("column_keys")
+    properties = FACTORY.file_encryption_properties(KMS, pe.EncryptionConfiguration(**settings), str(path), LOCAL)
+    pq.write_table(table, path, encryption_properties=properties, **options)
+
+
+def _material(path: Path, key_metadata: bytes) -> dict:
+    """The PKMT1 key material a key metadata names: itself (internal) or its entry in the key material file."""
+    metadata = json.loads(key_metadata)
+    if metadata["internalStorage"]:
+        return metadata
+    return json.loads(json.loads(Path(key_material_path(str(path))).read_text())[metadata["keyReference"]])
+
+
+def _unwrap(material: dict) -> bytes:
+    return unwrap_data_key(material, lambda wrapped: MemoryKms().unwrap_key(wrapped, material["masterKeyID"]))
+
+
+def _old_keys(path: Path) -> ModuleKeys:
+    data = path.read_bytes()
+    footer = _unwrap(_material(path, file_key_metadata(data).footer))
+    columns = {c: _unwrap(_material(path, m)) for c, m in file_key_metadata(data, footer).columns.items()}
+    return ModuleKeys(footer, columns)
+
+
+def _new_keys(src: Path, dst: Path, old: ModuleKeys) -> ModuleKeys:
+    """New data keys for each of ``old``'s, double-wrapped under one new KEK per master key, stored as the source
+    stored its keys (internal: in new key metadata; external: a new key material file for ``dst``)."""
+    data = src.read_bytes()
+    footer_metadata = file_key_metadata(data).footer
+    column_metadata = file_key_metadata(data, old.footer).columns
+    keks: dict[str, tuple[bytes, bytes, str]] = {}
+    external: dict[str, str] = {}
+
+    def new(key_metadata: bytes, old_key: bytes, footer: bool) -> tuple[bytes, bytes | None]:
+        material = _material(src, key_metadata)
+        master = material["masterKeyID"]
+        if master not in keks:
+            kek = os.urandom(16)
+            keks[master] = (kek, os.urandom(16), MemoryKms().wrap_key(kek, master))
+        dek = os.urandom(len(old_key))
+        internal = json.loads(key_metadata)["internalStorage"]
+        entry = double_wrapped_material(dek, *keks[master], master, footer, internal=internal)
+        if internal:
+            return dek, json.dumps(entry, separators=(",", ":")).encode()
+        external[json.loads(key_metadata)["keyReference"]] = json.dumps(entry, separators=(",", ":"))
+        return dek, None
+
+    footer, footer_km = new(footer_metadata, old.footer, True)
+    columns, columns_km = {}, {}
+    for column, metadata in column_metadata.items():
+        columns[column], km = new(metadata, old.columns[column], False)
+        if km is not None:
+            columns_km[column] = km
+    if external:
+        Path(key_material_path(str(dst))).write_text(json.dumps(external, separators=(",", ":")))
+    return ModuleKeys(footer, columns, footer_km, columns_km)
+
+
+def _read(path: Path, **kwargs) -> pa.Table:
+    # a fresh factory: pyarrow caches KEKs per factory
+    properties = pe.CryptoFactory(MemoryKms).file_decryption_properties(
+        KMS, pe.DecryptionConfiguration(), str(path), LOCAL)
+    return pq.read_table(path, decryption_properties=properties, page_checksum_verification=True, **kwargs)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_reencrypted_reads_back_equal(variant, tmp_path):
+    config, options, nested = VARIANTS[variant]
+    table = _table(nested=nested)
+    src, dst = tmp_path / "src.parquet", tmp_path / "dst.parquet"
+    _write(src, table, config, options)
+    old = _old_keys(src)
+    new = _new_keys(src, dst, old)
+    data, result = reencrypt_bytes(src.read_bytes(), old, new)
+    dst.write_bytes(data)
+    if not config.get("internal_key_material"):  # the key metadata is unchanged: so is every size
+        assert len(data) == src.stat().st_size
+    assert result.modules > 0
+    assert result.algorithm == config.get("encryption_algorithm", "AES_GCM_V1")
+    assert result.plaintext_footer == config.get("plaintext_footer", False)
+    assert (result.crc_pages > 0) == options.get("write_page_checksum", False)
+    back = _read(dst)
+    assert back.equals(table)
+    # the old keys do not open the new file: neither here nor, through the old key material, in pyarrow
+    with pytest.raises(ModuleReencryptionError) as refused:
+        reencrypt_bytes(data, old, ModuleKeys(os.urandom(16), {c: os.urandom(16) for c in old.columns}))
+    assert str(refused.value) == ("plaintext footer: signature does not verify under the old footer key"
+                                  if config.get("plaintext_footer") else
+                                  "footer: does not authenticate under the old footer key")
+    if not config.get("internal_key_material"):
+        Path(key_material_path(str(dst))).write_bytes(Path(key_material_path(str(src))).read_bytes())
+        with pytest.raises((OSError, pa.ArrowInvalid)) as old_material:
+            _read(dst)
+        assert str(old_material.value).endswith("Parquet crypto signature verification failed"
+                                                if config.get("plaintext_footer") else "Failed decryption finalization")
+
+
+def _written(tmp_path: Path, config: dict | None = None, options: dict | None = None, rows: int = 3000,
+             nested: bool = False) -> tuple[pa.Table, Path, Path, ModuleKeys, ModuleKeys]:
+    table = _table(rows, nested)
+    src, dst = tmp_path / "src.parquet", tmp_path / "dst.parquet"
+    _write(src, table, config or {}, options or {})
+    old = _old_keys(src)
+    return table, src, dst, old, _new_keys(src, dst, old)
+
+
+def _first_data_page(path: Path, column: str) -> tuple[int, int]:
+    """The [start, end) of the ciphertext of ``column``'s first data page (after its nonce, before any tag)."""
+    properties = pe.CryptoFactory(MemoryKms).file_decryption_properties(
+        KMS, pe.DecryptionConfiguration(), str(path), LOCAL)
+    row_group = pq.ParquetFile(path, decryption_properties=properties).metadata.row_group(0)
+    chunk = next(row_group.column(i) for i in range(row_group.num_columns)
+                 if row_group.column(i).path_in_schema == column)
+    data = path.read_bytes()
+    header_length = struct.unpack_from("<I", data, chunk.data_page_offset)[0]
+    page = chunk.data_page_offset + 4 + header_length
+    return page + 4 + 12, page + 4 + struct.unpack_from("<I", data, page)[0] - 16
+
+
+def test_file_to_file_streams_and_reads_back(tmp_path):
+    table, src, dst, old, new = _written(tmp_path, options={"write_page_index": True, "write_page_checksum": True},
+                                         rows=20_000, nested=True)
+    result = reencrypt_file(str(src), str(dst), LOCAL, old, new)
+    assert result.bytes == src.stat().st_size == dst.stat().st_size
+    assert _read(dst).equals(table)
+    # the same keys give the same plaintexts in memory: only nonces (and so ciphertexts and CRCs) differ
+    in_memory, _ = reencrypt_bytes(src.read_bytes(), old, new)
+    assert len(in_memory) == dst.stat().st_size and in_memory != dst.read_bytes()
+
+
+def test_aad_prefix_stored_and_supplied(tmp_path):
+    table = _table()
+    for store in (True, False):
+        src, dst = tmp_path / f"src-{store}.parquet", tmp_path / f"dst-{store}.parquet"
+        old_key, new_key = os.urandom(32), os.urandom(32)
+        pq.write_table(table, src, write_page_checksum=True, encryption_properties=pe.create_encryption_properties(
+            old_key, aad_prefix=b"dataset-7", store_aad_prefix=store))
+        supplied = None if store else b"dataset-7"
+        if not store:
+            with pytest.raises(ModuleReencryptionError) as missing:
+                reencrypt_bytes(src.read_bytes(), ModuleKeys(old_key), ModuleKeys(new_key))
+            assert str(missing.value) == "the file's AAD prefix is not stored in it: supply it"
+        with pytest.raises(ModuleReencryptionError) as wrong:
+            reencrypt_bytes(src.read_bytes(), ModuleKeys(old_key), ModuleKeys(new_key), aad_prefix=b"dataset-8")
+        assert str(wrong.value) == ("the AAD prefix supplied differs from the one the file stores" if store else
+                                    "footer: does not authenticate under the old footer key")
+        data, _ = reencrypt_bytes(src.read_bytes(), ModuleKeys(old_key), ModuleKeys(new_key), aad_prefix=supplied)
+        dst.write_bytes(data)
+        properties = pe.create_decryption_properties(new_key, aad_prefix=supplied)
+        back = pq.read_table(dst, page_checksum_verification=True, decryption_properties=properties)
+        assert back.equals(table)
+        with pytest.raises(OSError, match="Failed decryption finalization$"):
+            pq.read_table(dst, decryption_properties=pe.create_decryption_properties(old_key, aad_prefix=supplied))
+
+
+@pytest.mark.parametrize("config", [{}, {"plaintext_footer": True}], ids=["encrypted footer", "plaintext footer"])
+def test_flipped_bit_refused(config, tmp_path):
+    _, src, _, old, new = _written(tmp_path, config)
+    data = bytearray(src.read_bytes())
+    start, end = _first_data_page(src, "a")
+    page = bytearray(data)
+    page[(start + end) // 2] ^= 0x01
+    with pytest.raises(ModuleReencryptionError) as refused:
+        reencrypt_bytes(page, old, new)
+    assert str(refused.value) == "column a: page: does not authenticate under the old column a key"
+    footer = bytearray(data)
+    footer[len(data) - 8 - 40] ^= 0x01  # in the footer module's ciphertext, or in the signed plaintext footer
+    with pytest.raises(ModuleReencryptionError) as refused:
+        reencrypt_bytes(footer, old, new)
+    assert str(refused.value) == ("plaintext footer: signature does not verify under the old footer key"
+                                  if config else "footer: does not authenticate under the old footer key")
+
+
+def test_ctr_without_page_crcs_refused_before_writing(tmp_path):
+    _, src, dst, old, new = _written(tmp_path, {"encryption_algorithm": "AES_GCM_CTR_V1"})
+    with pytest.raises(ModuleReencryptionUnavailable) as refused:
+        reencrypt_file(str(src), str(dst), LOCAL, old, new)
+    assert refused.value.reason == (
+        "AES_GCM_CTR_V1 without page CRCs (column a): its pages are not authenticated, so neither a damaged source "
+        "page nor a wrong new one could be detected; refused")
+    assert not dst.exists()
+
+
+def test_ctr_damaged_page_refused_by_its_crc(tmp_path):
+    _, src, _, old, new = _written(tmp_path, {"encryption_algorithm": "AES_GCM_CTR_V1"}, {"write_page_checksum": True})
+    data = bytearray(src.read_bytes())
+    start, end = _first_data_page(src, "a")
+    data[(start + end) // 2] ^= 0x01
+    with pytest.raises(ModuleReencryptionError) as refused:
+        reencrypt_bytes(data, old, new)
+    assert str(refused.value) == "column a: a page does not match its CRC"
+
+
+def test_crc_that_does_not_fit_takes_another_nonce(tmp_path):
+    # about 1 page CRC in 16 is a 4-byte varint, and a new CRC fits it with a chance of 1 in 16: with 300 pages
+    # a file needs no extra nonce with a chance of 4e-9; one in 2**18 is a 2-byte varint, which 1 GiB of nonces for
+    # a 2 KiB page fits 7 times in 8 (so this test fails once in 7,000 runs)
+    table = pa.table({"a": pa.array(range(80_000), pa.int64())})
+    src, dst = tmp_path / "src.parquet", tmp_path / "dst.parquet"
+    _write(src, table, {"column_keys": {"col_a": ["a"]}},
+           {"write_page_checksum": True, "data_page_size": 2048, "write_batch_size": 256, "use_dictionary": False})
+    old = _old_keys(src)
+    new = _new_keys(src, dst, old)
+    data, result = reencrypt_bytes(src.read_bytes(), old, new)
+    assert result.crc_pages >= 300 and result.crc_retries > 0
+    dst.write_bytes(data)
+    assert _read(dst).equals(table)
+    with pytest.raises(ModuleReencryptionUnavailable) as refused:
+        reencrypt_bytes(src.read_bytes(), old, new, crc_budget=0)
+    assert refused.value.reason == \
+        "column a: a page's new CRC does not fit the varint its header has for it after 1 nonce(s)"
+
+
+def test_wrong_crc_is_seen_by_the_reader(tmp_path, monkeypatch):
+    """The read-back check has teeth: pages written with a wrong CRC fail pyarrow's checksum verification."""
+    import keyrotation.formats.pme_modules as pm
+
+    table, src, dst, old, new = _written(tmp_path, options={"write_page_checksum": True})
+    monkeypatch.setattr(pm.zlib, "crc32", lambda _data: 5)
+    data, _ = reencrypt_bytes(src.read_bytes(), old, new)
+    dst.write_bytes(data)
+    with pytest.raises(OSError, match="CRC checksum verification failed"):
+        _read(dst)
+
+
+def test_new_keys_must_differ_and_exist(tmp_path):
+    _, src, _, old, new = _written(tmp_path)
+    with pytest.raises(ModuleReencryptionError) as same:
+        reencrypt_bytes(src.read_bytes(), old, ModuleKeys(old.footer, new.columns))
+    assert str(same.value) == "a new data key equals an old one: re-encryption needs new keys"
+    with pytest.raises(ModuleReencryptionError) as missing:
+        reencrypt_bytes(src.read_bytes(), old, ModuleKeys(new.footer, {"a": new.columns["a"]}))
+    assert str(missing.value) == "no new key given for column b"
+    assert "redacted" in repr(old) and old.footer.hex() not in repr(old)
+
+
+def test_thrift_codec_round_trips_and_replaces(tmp_path):
+    from keyrotation.formats.thrift_compact import BINARY, I32, I64, Struct, varint
+
+    _, src, _, old, _ = _written(tmp_path, options={"write_page_index": True}, nested=True)
+    data = src.read_bytes()
+    length = struct.unpack("<I", data[-8:-4])[0]
+    region = data[-8 - length : -8]
+    crypto, end = decode_struct(region)
+    assert crypto.encode() == region[:end]
+    module = region[end:]
+    plain = AESGCM(old.footer).decrypt(module[4:16], module[16:], crypto[1][1][1] + crypto[1][1][2] + b"\0"
+                                       if 1 in crypto[1][1] else crypto[1][1][2] + b"\0")
+    metadata, used = decode_struct(plain)
+    assert used == len(plain) and metadata.encode() == plain
+    # an unknown field (id 99, as a newer writer might add) survives a change to another field
+    with_unknown = plain[:-1] + bytes([I64]) + varint(99 << 1) + b"\x2a" + b"\x00"
+    changed, _ = decode_struct(with_unknown)
+    assert changed.encode() == with_unknown
+    changed.set(6, b"another writer", BINARY)
+    again, _ = decode_struct(changed.encode())
+    assert again[6] == b"another writer" and again[99] == 21
+    assert [rg.encode() for rg in again[4].items] == [rg.encode() for rg in metadata[4].items]
+    # a nested change re-encodes its parents; non-minimal varints are kept as given
+    first: Struct = again[4].items[0]
+    first.set(2, first[2] + 1, I64)
+    first.set_raw(3, I32, b"\x82\x80\x00")
+    third, _ = decode_struct(again.encode())
+    assert third[4].items[0][2] == metadata[4].items[0][2] + 1 and third[4].items[0][3] == 1
+    assert third[4].items[0].fields[3].raw == b"\x82\x80\x00"
