@@ -362,3 +362,72 @@ def test_thrift_codec_round_trips_and_replaces(tmp_path):
     third, _ = decode_struct(again.encode())
     assert third[4].items[0][2] == metadata[4].items[0][2] + 1 and third[4].items[0][3] == 1
     assert third[4].items[0].fields[3].raw == b"\x82\x80\x00"
+
+
+def test_parquet_encryption_reencrypts_modules_through_openbao(make_key_class, vault, tmp_path):
+    """Through the real KMS: the file keyrotation wrote, re-encrypted under new data keys wrapped by a new KEK under
+    the new master key version; stock pyarrow reads it (through the KMS) equal to the table written; the census,
+    the KMS proof and a later rewrap work on it; the old key material does not open it."""
+    from helpers import customers, runtime
+    from keyrotation.errors import BackendError
+    from keyrotation.formats.parquet_pme import ParquetEncryption
+
+    rt = runtime(make_key_class(mode="reencrypt", name="pme_modules"), vault)
+    rt.backend.create_key()
+    table = customers("2024-03-01", 3000)
+    rt.engine("customers").write_partition("2024-03-01", table, 1)
+    v2 = rt.backend.rotate()
+    pme: ParquetEncryption = rt.pme("customers")
+    fs = rt.store("customers").fs
+    src = rt.store("customers").path("2024-03-01", "part-00001.parquet")
+    dst = str(tmp_path / "part-00002.parquet")
+
+    result = pme.reencrypt_modules(src, dst, fs, v2)
+    assert result.encrypted_columns == ["email", "ssn"] and result.bytes == Path(src).stat().st_size
+
+    properties = pme._decryption_properties(dst, fs)
+    assert pq.read_table(dst, decryption_properties=properties, page_checksum_verification=True).equals(table)
+    assert pme.key_material_facts(dst, fs)[0] == {v2}
+    assert pme.inspect(dst, fs).versions == {v2}
+    assert pme.inspect(dst, fs).encrypted_columns == {"email", "ssn"}
+    old_material = json.loads(Path(key_material_path(src)).read_text())
+    new_material = json.loads(Path(key_material_path(dst)).read_text())
+    assert new_material.keys() == old_material.keys()
+    for ref, entry in new_material.items():
+        old_entry, new_entry = json.loads(old_material[ref]), json.loads(entry)
+        assert list(new_entry) == list(old_entry)  # pyarrow's fields, in pyarrow's order
+        assert {k: v for k, v in new_entry.items() if k not in ("wrappedDEK", "keyEncryptionKeyID", "wrappedKEK")} \
+            == {k: v for k, v in old_entry.items() if k not in ("wrappedDEK", "keyEncryptionKeyID", "wrappedKEK")}
+        assert new_entry["wrappedDEK"] != old_entry["wrappedDEK"] and new_entry["wrappedKEK"].startswith("vault:v2:")
+
+    v3 = rt.backend.rotate()
+    pme.rewrap(dst, fs, v3)
+    assert pme.key_material_facts(dst, fs)[0] == {v3}
+    assert pme.read(dst, fs).equals(table)
+
+    Path(key_material_path(dst)).write_text(Path(key_material_path(src)).read_text())
+    with pytest.raises(BackendError) as refused:
+        pme.inspect(dst, fs)
+    assert str(refused.value) == f"{dst}: footer does not authenticate under its footer key"
+
+
+def test_parquet_encryption_refuses_before_writing(make_key_class, vault, tmp_path):
+    """A file the module path cannot take (CTR without page CRCs) is refused before the new file or its key
+    material is written."""
+    from helpers import customers, runtime
+    from keyrotation.formats.parquet_pme import _BackendKmsClient
+
+    rt = runtime(make_key_class(mode="reencrypt", name="pme_refused"), vault)
+    rt.backend.create_key()
+    pme = rt.pme("customers")
+    src, dst = str(tmp_path / "src.parquet"), str(tmp_path / "out" / "dst.parquet")
+    (tmp_path / "out").mkdir()
+    config = pe.EncryptionConfiguration(footer_key=rt.backend.key_ref, column_keys={rt.backend.key_ref: ["ssn"]},
+                                        encryption_algorithm="AES_GCM_CTR_V1", internal_key_material=False)
+    factory = pe.CryptoFactory(lambda _config: _BackendKmsClient(rt.backend, 1))
+    pq.write_table(customers("2024-03-02", 100), src,
+                   encryption_properties=factory.file_encryption_properties(KMS, config, src, LOCAL))
+    with pytest.raises(ModuleReencryptionUnavailable) as refused:
+        pme.reencrypt_modules(src, dst, LOCAL, 1)
+    assert refused.value.reason.startswith("AES_GCM_CTR_V1 without page CRCs (column ")
+    assert list((tmp_path / "out").iterdir()) == []

@@ -638,26 +638,25 @@ def reencrypt_stream(src: BinaryIO | Any, size: int, dst: BinaryIO | Any, old: M
 
 
 def reencrypt_file(src_path: str, dst_path: str, filesystem: pafs.FileSystem, old: ModuleKeys, new: ModuleKeys,
-                   aad_prefix: bytes | None = None, crc_budget: int = CRC_BUDGET) -> ReencryptionResult:
+                   aad_prefix: bytes | None = None, crc_budget: int = CRC_BUDGET,
+                   before_write: Any = None) -> ReencryptionResult:
     """As :func:`reencrypt_bytes`, file to file on ``filesystem``; ``dst_path`` is created only once nothing known
-    before writing refuses the file, and removed when the re-encryption fails."""
+    before writing refuses the file (then ``before_write`` is called first), and removed when the re-encryption
+    fails."""
     with filesystem.open_input_file(src_path) as src:
         size = src.size()
         sink: list[Any] = []
 
         def open_dst() -> None:
+            if before_write is not None:
+                before_write()
             sink.append(filesystem.open_output_stream(dst_path))
 
         def write(view: memoryview) -> None:
             sink[0].write(view)
 
-        class _Dst:
-            pass
-
-        dst = _Dst()
-        dst.write = write  # type: ignore[attr-defined]
         try:
-            result = reencrypt_stream(src, size, dst, old, new, aad_prefix, crc_budget, open_dst)
+            result = _run(_FileSource(src, size), write, old, new, aad_prefix, crc_budget, open_dst)
             sink[0].close()
         except BaseException:
             if sink:
@@ -667,6 +666,7 @@ def reencrypt_file(src_path: str, dst_path: str, filesystem: pafs.FileSystem, ol
                 except OSError:
                     pass
             raise
+    result.bytes = size
     return result
 
 
