@@ -572,58 +572,85 @@ def _distinct(old: ModuleKeys, new: ModuleKeys) -> None:
         raise ModuleReencryptionError("a new data key equals an old one: re-encryption needs new keys")
 
 
-def _run(source: _Source, write: Any, old: ModuleKeys, new: ModuleKeys, aad_prefix: bytes | None,
-         crc_budget: int, before_write: Any = None) -> ReencryptionResult:
+class _StreamSink:
+    """Writes the new file front to back: the bytes between modules copied from the source."""
+
+    def __init__(self, source: _Source, write: Any) -> None:
+        self._source, self._write, self.pos = source, write, 0
+
+    def write(self, view: memoryview) -> None:
+        self._write(view)
+        self.pos += len(view)
+
+    def skip_to(self, end: int) -> None:
+        while self.pos < end:
+            self.write(self._source.view(self.pos, min(_COPY, end - self.pos)))
+
+
+class _InPlaceSink:
+    """Writes each new module over the old one (every module keeps its size); the bytes between stay."""
+
+    def __init__(self, buf: memoryview) -> None:
+        self._buf, self.pos = buf, 0
+
+    def write(self, view: memoryview) -> None:
+        n = len(view)
+        self._buf[self.pos : self.pos + n] = view
+        self.pos += n
+
+    def skip_to(self, end: int) -> None:
+        self.pos = end
+
+
+def _run(source: _Source, sink: _StreamSink | _InPlaceSink, old: ModuleKeys, new: ModuleKeys,
+         aad_prefix: bytes | None, crc_budget: int, before_write: Any = None) -> tuple[ReencryptionResult, int, bytes]:
+    """Every module up to the footer re-encrypted into ``sink``; the result, where the footer starts, and the new
+    footer (with its length and magic), which the caller writes."""
     job = _Job(source, old, new, aad_prefix, crc_budget)
     regions = job.plan()
     job.check_ctr(regions)
     if before_write is not None:
         before_write()
-    pos = 0
     for start, end, action in regions:
-        _copy(source, pos, start, write)
+        sink.skip_to(start)
         if action[0] == "pages":
-            job.pages(start, end, *action[1:], write)
+            job.pages(start, end, *action[1:], sink.write)
         else:
-            job.index(start, end, *action[1:], write)
-        pos = end
-    _copy(source, pos, job.footer_start, write)
-    write(memoryview(job.footer()))
-    return job.result
+            job.index(start, end, *action[1:], sink.write)
+    sink.skip_to(job.footer_start)
+    return job.result, job.footer_start, job.footer()
 
 
-def _copy(source: _Source, start: int, end: int, write: Any) -> None:
-    while start < end:
-        n = min(_COPY, end - start)
-        write(source.view(start, n))
-        start += n
-
-
-def reencrypt_bytes(data: bytes | bytearray | memoryview, old: ModuleKeys, new: ModuleKeys,
-                    aad_prefix: bytes | None = None, crc_budget: int = CRC_BUDGET) -> tuple[bytes, ReencryptionResult]:
-    """The PME file ``data`` re-encrypted from the ``old`` data keys to the ``new`` ones, module by module.
+def reencrypt_in_place(buf: bytearray, old: ModuleKeys, new: ModuleKeys, aad_prefix: bytes | None = None,
+                       crc_budget: int = CRC_BUDGET) -> ReencryptionResult:
+    """The PME file held in ``buf`` re-encrypted from the ``old`` data keys to the ``new`` ones, module by module,
+    each new module written over the old one (``buf`` changes size only where new key metadata stored in the
+    footer does).
 
     ``aad_prefix``: the file's AAD prefix where it is not stored in the file. ``crc_budget``: see
     :data:`CRC_BUDGET`.
 
-    :raises ModuleReencryptionUnavailable: the file cannot be re-encrypted so (the reason says why).
+    :raises ModuleReencryptionUnavailable: the file cannot be re-encrypted so (the reason says why); ``buf`` may
+        have been changed then, up to the page that could not be.
     :raises ModuleReencryptionError: a module does not authenticate under its old key, or the file is malformed.
     """
-    out = bytearray(len(data) + 4096)
-    at = 0
+    view = memoryview(buf)
+    try:
+        result, footer_start, footer = _run(_MemorySource(view), _InPlaceSink(view), old, new, aad_prefix,
+                                            crc_budget)
+    finally:
+        view.release()
+    buf[footer_start:] = footer
+    result.bytes = len(buf)
+    return result
 
-    def write(view: memoryview) -> None:
-        nonlocal out, at
-        n = len(view)
-        if at + n > len(out):
-            out += bytes(at + n - len(out))
-        out[at : at + n] = view
-        at += n
 
-    result = _run(_MemorySource(data), write, old, new, aad_prefix, crc_budget)
-    del out[at:]
-    result.bytes = at
-    return bytes(out), result
+def reencrypt_bytes(data: bytes | bytearray | memoryview, old: ModuleKeys, new: ModuleKeys,
+                    aad_prefix: bytes | None = None, crc_budget: int = CRC_BUDGET
+                    ) -> tuple[bytearray, ReencryptionResult]:
+    """A copy of the PME file ``data`` re-encrypted as :func:`reencrypt_in_place` does; ``data`` is unchanged."""
+    out = bytearray(data)
+    return out, reencrypt_in_place(out, old, new, aad_prefix, crc_budget)
 
 
 def reencrypt_stream(src: BinaryIO | Any, size: int, dst: BinaryIO | Any, old: ModuleKeys, new: ModuleKeys,
@@ -632,8 +659,11 @@ def reencrypt_stream(src: BinaryIO | Any, size: int, dst: BinaryIO | Any, old: M
     """As :func:`reencrypt_bytes`, from a seekable file ``src`` of ``size`` bytes (``seek``/``readinto``) to a
     writable ``dst``, module by module with reused buffers. ``before_write`` is called once the footer has been
     read and every refusal that can be known before writing has been made."""
-    result = _run(_FileSource(src, size), dst.write, old, new, aad_prefix, crc_budget, before_write)
-    result.bytes = size
+    source = _FileSource(src, size)
+    result, footer_start, footer = _run(source, _StreamSink(source, dst.write), old, new, aad_prefix, crc_budget,
+                                        before_write)
+    dst.write(footer)
+    result.bytes = footer_start + len(footer)
     return result
 
 
@@ -644,30 +674,36 @@ def reencrypt_file(src_path: str, dst_path: str, filesystem: pafs.FileSystem, ol
     before writing refuses the file (then ``before_write`` is called first), and removed when the re-encryption
     fails."""
     with filesystem.open_input_file(src_path) as src:
-        size = src.size()
-        sink: list[Any] = []
-
-        def open_dst() -> None:
-            if before_write is not None:
-                before_write()
-            sink.append(filesystem.open_output_stream(dst_path))
-
-        def write(view: memoryview) -> None:
-            sink[0].write(view)
-
+        out = _LazyOutput(filesystem, dst_path, before_write)
         try:
-            result = _run(_FileSource(src, size), write, old, new, aad_prefix, crc_budget, open_dst)
-            sink[0].close()
+            result = reencrypt_stream(src, src.size(), out, old, new, aad_prefix, crc_budget, out.open)
+            out.close()
         except BaseException:
-            if sink:
-                sink[0].close()
+            if out.stream is not None:
+                out.stream.close()
                 try:
                     filesystem.delete_file(dst_path)
                 except OSError:
                     pass
             raise
-    result.bytes = size
     return result
+
+
+class _LazyOutput:
+    def __init__(self, filesystem: pafs.FileSystem, path: str, before_open: Any) -> None:
+        self._fs, self._path, self._before_open = filesystem, path, before_open
+        self.stream: Any = None
+
+    def open(self) -> None:
+        if self._before_open is not None:
+            self._before_open()
+        self.stream = self._fs.open_output_stream(self._path)
+
+    def write(self, view: memoryview | bytes) -> None:
+        self.stream.write(view)
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 @dataclass(frozen=True)
