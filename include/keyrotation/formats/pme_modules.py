@@ -89,6 +89,8 @@ class ReencryptionResult:
     plaintext_footer: bool = False
     encrypted_columns: list[str] = field(default_factory=list)
     row_groups: int = 0
+    #: The rows the file's footer counts.
+    rows: int | None = None
 
 
 class _Source(Protocol):
@@ -357,6 +359,7 @@ class _Job:
         row_groups = self.metadata.get(4)
         items = row_groups.items if row_groups is not None else []
         self.result.row_groups = len(items)
+        self.result.rows = self.metadata.get(3)
         columns: set[str] = set()
         for rg_index, rg in enumerate(items):
             rg_ordinal = rg.get(7, rg_index)
@@ -444,7 +447,7 @@ class _Job:
             raise ModuleReencryptionError(f"column {path}: a page header does not authenticate under the old "
                                           "key") from None
         try:
-            header, used = decode_struct(plain)
+            header, used = decode_struct(plain, lazy=True)
         except ThriftError as exc:
             raise ModuleReencryptionError(f"column {path}: a page header is not valid Thrift: {exc}") from None
         if used != size:

@@ -71,6 +71,10 @@ class ThriftList:
     raw: bytes | None = None
 
 
+_LAZY = object()  # a nested value not decoded yet (see ``decode_struct(lazy=True)``)
+_NESTED = (LIST, SET, MAP, STRUCT)
+
+
 class Struct:
     """A decoded struct: fields by id, in the order read."""
 
@@ -86,10 +90,10 @@ class Struct:
 
     def get(self, fid: int, default: Any = None) -> Any:
         f = self.fields.get(fid)
-        return default if f is None else f.value
+        return default if f is None else _materialized(f)
 
     def __getitem__(self, fid: int) -> Any:
-        return self.fields[fid].value
+        return _materialized(self.fields[fid])
 
     def __repr__(self) -> str:  # field ids and types only: values may be key metadata or plaintext
         return f"Struct({', '.join(f'{f.id}:{f.type}' for f in self.fields.values())})"
@@ -140,7 +144,13 @@ class Struct:
 
     def to_dict(self) -> dict[int, Any]:
         """The struct as plain Python values: structs as ``{field id: value}``, lists as lists."""
-        return {fid: _plain(f.value) for fid, f in self.fields.items()}
+        return {fid: _plain(_materialized(f)) for fid, f in self.fields.items()}
+
+
+def _materialized(f: Field) -> Any:
+    if f.value is _LAZY:
+        f.value = Reader(f.raw)._value(f.type)
+    return f.value
 
 
 def _plain(value: Any) -> Any:
@@ -154,6 +164,8 @@ def _plain(value: Any) -> Any:
 
 
 def _value_changed(ftype: int, value: Any) -> bool:
+    if value is _LAZY:
+        return False
     if ftype == STRUCT:
         return value.changed()
     if ftype in (LIST, SET):
@@ -225,7 +237,9 @@ class Reader:
         self.pos += n
         return bytes(self.data[self.pos - n : self.pos])
 
-    def struct(self) -> Struct:
+    def struct(self, lazy: bool = False) -> Struct:
+        """The struct at the current position; ``lazy``: its nested values (structs, lists, maps) decoded only when
+        asked for."""
         start = self.pos
         fields: dict[int, Field] = {}
         last = 0
@@ -237,7 +251,11 @@ class Reader:
             kind, delta = header & 0x0F, header >> 4
             fid = last + delta if delta else self._zigzag()
             vstart = self.pos
-            value = self._value(kind)
+            if lazy and kind in _NESTED:
+                self._skip(kind)
+                value = _LAZY
+            else:
+                value = self._value(kind)
             fields[fid] = Field(fid, kind, value, bytes(self.data[hstart:vstart]),
                                 bytes(self.data[vstart : self.pos]), last)
             last = fid
@@ -274,8 +292,47 @@ class Reader:
     def _element(self, kind: int) -> Any:
         return self._byte() == 1 if kind in (BOOL_TRUE, BOOL_FALSE) else self._value(kind)
 
+    def _skip(self, kind: int) -> None:
+        """Past the value of ``kind`` at the current position, building nothing."""
+        if kind in (BOOL_TRUE, BOOL_FALSE):
+            return
+        if kind == BYTE:
+            self._bytes(1)
+        elif kind in _INTS:
+            self.varint()
+        elif kind == DOUBLE:
+            self._bytes(8)
+        elif kind == BINARY:
+            self._bytes(self.varint())
+        elif kind in (LIST, SET):
+            header = self._byte()
+            size, element = header >> 4, header & 0x0F
+            for _ in range(self.varint() if size == 15 else size):
+                self._skip_element(element)
+        elif kind == MAP:
+            size = self.varint()
+            if size:
+                types = self._byte()
+                for _ in range(size):
+                    self._skip_element(types >> 4)
+                    self._skip_element(types & 0x0F)
+        elif kind == STRUCT:
+            while header := self._byte():
+                if not header >> 4:
+                    self.varint()
+                self._skip(header & 0x0F)
+        else:
+            raise ThriftError(f"unknown Thrift type {kind}")
 
-def decode_struct(data: bytes | memoryview, pos: int = 0) -> tuple[Struct, int]:
-    """The struct encoded at ``data[pos:]`` and the position after it."""
+    def _skip_element(self, kind: int) -> None:
+        if kind in (BOOL_TRUE, BOOL_FALSE):
+            self._byte()
+        else:
+            self._skip(kind)
+
+
+def decode_struct(data: bytes | memoryview, pos: int = 0, lazy: bool = False) -> tuple[Struct, int]:
+    """The struct encoded at ``data[pos:]`` and the position after it; ``lazy``: its nested values decoded only
+    when asked for (a page header's statistics, say, are then only skipped)."""
     reader = Reader(data, pos)
-    return reader.struct(), reader.pos
+    return reader.struct(lazy), reader.pos
