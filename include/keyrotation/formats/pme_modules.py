@@ -42,6 +42,7 @@ _DICTIONARY_PAGE, _INDEX_PAGE = 2, 1
 #: a 3-byte one 2 times in 5, else the file is not re-encrypted module by module.
 CRC_BUDGET = 1 << 30
 _COPY = 8 << 20
+_CTR_ROOM = 15
 
 
 class ModuleReencryptionUnavailable(Exception):
@@ -172,7 +173,7 @@ def _ordinal(n: int, what: str) -> bytes:
     return struct.pack("<h", n)
 
 
-@dataclass
+@dataclass(repr=False)
 class _Cipher:
     """One column's (or the footer's) old and new keys."""
 
@@ -199,26 +200,29 @@ class _Job:
         self._parse_tail()
 
     # -- modules ------------------------------------------------------------------------------
-    def gcm(self, cipher: _Cipher, module: memoryview, aad: bytes, what: str, page: bool = False,
-            counted: bool = True) -> memoryview:
+    def gcm(self, cipher: _Cipher, module: memoryview, aad: bytes, what: str, counted: bool = True) -> memoryview:
         """``module`` (length, nonce, ciphertext, tag) decrypted with the old key and encrypted with the
         new, checked by decrypting it again; the new module (a view of a reused buffer)."""
+        return self._seal(cipher, self._open(cipher, module, aad, what), aad, what, counted=counted)
+
+    def _open(self, cipher: _Cipher, module: memoryview, aad: bytes, what: str) -> memoryview:
+        """The plaintext of GCM ``module`` under the old key, in the reused plaintext buffer."""
         n = len(module)
         if n < _LEN + _NONCE + _TAG or struct.unpack_from("<I", module)[0] != n - _LEN:
             raise ModuleReencryptionError(f"{what}: module length does not match its size")
-        size = n - _LEN - _NONCE - _TAG
         self.buf.fit(n)
-        plain = memoryview(self.buf.plain)[:size]
+        plain = memoryview(self.buf.plain)[: n - _LEN - _NONCE - _TAG]
         try:
             cipher.old.decrypt_into(module[_LEN : _LEN + _NONCE], module[_LEN + _NONCE :], aad, plain)
         except InvalidTag:
             raise ModuleReencryptionError(f"{what}: does not authenticate under the old {cipher.name} key") \
                 from None
-        return self._seal(cipher, plain, aad, what, page, counted)
+        return plain
 
     def _seal(self, cipher: _Cipher, plain: memoryview, aad: bytes, what: str, page: bool = False,
-              counted: bool = True) -> memoryview:
-        """``plain`` sealed as a module into the reused buffer for pages (``page``) or for other modules."""
+              counted: bool = True, verify: bool = True) -> memoryview:
+        """``plain`` sealed as a module into the reused buffer for pages (``page``) or for other modules, and
+        (``verify``) checked by decrypting it again."""
         size = len(plain)
         n = _LEN + _NONCE + size + _TAG
         out = memoryview(self.buf.page if page else self.buf.out)[:n]
@@ -226,36 +230,52 @@ class _Job:
         nonce = self.buf.nonce()
         out[_LEN : _LEN + _NONCE] = nonce
         cipher.new.encrypt_into(nonce, plain, aad, out[_LEN + _NONCE :])
-        check = memoryview(self.buf.check)[:size]
-        cipher.new.decrypt_into(nonce, out[_LEN + _NONCE :], aad, check)
-        if not _equal(check, plain):
-            raise ModuleReencryptionError(f"{what}: the new module does not decrypt to the old one's plaintext")
+        if verify:
+            self._verify(cipher, out, plain, aad, what)
         self.result.modules += 1
         if counted:
             self.result.module_bytes += n
         return out
 
-    def ctr_page(self, cipher: _Cipher, module: memoryview, what: str) -> memoryview:
-        """A CTR page (length, nonce, ciphertext; no tag, no AAD) under the new key, checked likewise."""
+    def _verify(self, cipher: _Cipher, module: memoryview, plain: memoryview, aad: bytes, what: str) -> None:
+        check = memoryview(self.buf.check)[: len(plain)]
+        cipher.new.decrypt_into(module[_LEN : _LEN + _NONCE], module[_LEN + _NONCE :], aad, check)
+        if not _equal(check, plain):
+            raise ModuleReencryptionError(f"{what}: the new module does not decrypt to the old one's plaintext")
+
+    def _open_ctr(self, cipher: _Cipher, module: memoryview, what: str) -> memoryview:
+        """The plaintext of CTR page ``module`` (length, nonce, ciphertext; no tag, no AAD) under the old key."""
         n = len(module)
         if n < _LEN + _NONCE or struct.unpack_from("<I", module)[0] != n - _LEN:
             raise ModuleReencryptionError(f"{what}: module length does not match its size")
-        size = n - _LEN - _NONCE
         self.buf.fit(n)
-        plain = memoryview(self.buf.plain)[:size]
-        _ctr(cipher.old_key, module[_LEN : _LEN + _NONCE], module[_LEN + _NONCE :], plain)
-        out = memoryview(self.buf.page)[:n]
-        out[:_LEN] = module[:_LEN]
+        size = n - _LEN - _NONCE
+        _ctr(cipher.old_key, module[_LEN : _LEN + _NONCE], module[_LEN + _NONCE :],
+             memoryview(self.buf.plain)[: size + _CTR_ROOM])
+        return memoryview(self.buf.plain)[:size]
+
+    def _seal_ctr(self, cipher: _Cipher, plain: memoryview, what: str, verify: bool = True) -> memoryview:
+        """``plain`` as a CTR page under the new key and a fresh nonce, (``verify``) checked by decrypting it
+        again."""
+        size = len(plain)
+        n = _LEN + _NONCE + size
+        page = memoryview(self.buf.page)
+        struct.pack_into("<I", page, 0, n - _LEN)
         nonce = self.buf.nonce()
-        out[_LEN : _LEN + _NONCE] = nonce
-        _ctr(cipher.new_key, nonce, plain, out[_LEN + _NONCE :])
-        check = memoryview(self.buf.check)[:size]
-        _ctr(cipher.new_key, nonce, out[_LEN + _NONCE :], check)
-        if not _equal(check, plain):
-            raise ModuleReencryptionError(f"{what}: the new module does not decrypt to the old one's plaintext")
+        page[_LEN : _LEN + _NONCE] = nonce
+        _ctr(cipher.new_key, nonce, plain, page[_LEN + _NONCE : n + _CTR_ROOM])
+        if verify:
+            self._verify_ctr(cipher, page[:n], plain, what)
         self.result.modules += 1
         self.result.module_bytes += n
-        return out
+        return page[:n]
+
+    def _verify_ctr(self, cipher: _Cipher, module: memoryview, plain: memoryview, what: str) -> None:
+        size = len(plain)
+        check = memoryview(self.buf.check)
+        _ctr(cipher.new_key, module[_LEN : _LEN + _NONCE], module[_LEN + _NONCE :], check[: size + _CTR_ROOM])
+        if not _equal(check[:size], plain):
+            raise ModuleReencryptionError(f"{what}: the new module does not decrypt to the old one's plaintext")
 
     # -- footer -------------------------------------------------------------------------------
     def _parse_tail(self) -> None:
@@ -480,19 +500,28 @@ class _Job:
                     raise ModuleReencryptionError(f"column {path}: a page does not match its CRC")
             kind = DICT_PAGE if is_dict else DATA_PAGE
             page_aad = self.file_aad + bytes([kind]) + where + (b"" if is_dict else _ordinal(ordinal, "page"))
-            header_plain_len = header_len - _LEN - _NONCE - _TAG
-            new_page = None
+            what = f"column {path}: page"
+            if self.kind == _CTR:
+                plain = self._open_ctr(cipher, page, what)
+            else:
+                plain = self._open(cipher, page, page_aad, what)
             tries = max(1, self.crc_budget // max(1, page_len)) if crc_field is not None else 1
             for attempt in range(tries):
+                # checked below once its CRC fits: a nonce whose CRC does not is not worth checking
                 if self.kind == _CTR:
-                    new_page = self.ctr_page(cipher, page, f"column {path}: page")
+                    new_page = self._seal_ctr(cipher, plain, what, verify=crc_field is None)
                 else:
-                    new_page = self.gcm(cipher, page, page_aad, f"column {path}: page", page=True)
+                    new_page = self._seal(cipher, plain, page_aad, what, page=True, verify=crc_field is None)
                 if crc_field is None:
                     break
                 crc = zlib.crc32(new_page)
                 raw = padded_varint(zigzag(crc - (1 << 32) if crc >= 1 << 31 else crc, 32), len(crc_field.raw))
                 if raw is not None:
+                    if self.kind == _CTR:
+                        self._verify_ctr(cipher, new_page, plain, what)
+                    else:
+                        self._verify(cipher, new_page, plain, page_aad, what)
+                    header.set_raw(4, I32, raw)
                     self.result.crc_pages += 1
                     self.result.crc_retries += attempt
                     break
@@ -502,17 +531,12 @@ class _Job:
                 raise ModuleReencryptionUnavailable(
                     f"column {path}: a page's new CRC does not fit the varint its header has for it after {tries} "
                     "nonce(s)")
-            if crc_field is not None:
-                header.set_raw(4, I32, raw)
-                plain = header.encode()
-                if len(plain) != header_plain_len:
-                    raise ModuleReencryptionError(f"column {path}: a page header changed size")
-                self.buf.fit(header_len)
-                memoryview(self.buf.plain)[: len(plain)] = plain
-                write(self._seal(cipher, memoryview(self.buf.plain)[: len(plain)], header_aad,
-                                 f"column {path}: page header"))
-            else:  # the header as it was, under the new key (the source buffer is read again for it)
-                write(self.gcm(cipher, self.src.view(pos, header_len), header_aad, f"column {path}: page header"))
+            header_plain = header.encode()  # as it was, but for a new CRC of the same size
+            if len(header_plain) != header_len - _LEN - _NONCE - _TAG:
+                raise ModuleReencryptionError(f"column {path}: a page header changed size")
+            plain = memoryview(self.buf.plain)[: len(header_plain)]  # the page's plaintext is done with
+            plain[:] = header_plain
+            write(self._seal(cipher, plain, header_aad, f"column {path}: page header"))
             write(new_page)
             if not is_dict:
                 ordinal += 1
@@ -560,14 +584,10 @@ class _Job:
 
 
 def _ctr(key: bytes, nonce: memoryview | bytes, data: memoryview, out: memoryview) -> None:
-    n = len(data)
-    if n == 0:
-        return
-    enc = Cipher(algorithms.AES(key), modes.CTR(bytes(nonce) + b"\x00\x00\x00\x01")).encryptor()
-    # update_into wants room for a block more than the data
-    tmp = bytearray(n + 15)
-    enc.update_into(data, tmp)
-    out[:n] = memoryview(tmp)[:n]
+    """AES-CTR of ``data`` into ``out`` (``_CTR_ROOM`` bytes longer: cryptography's update_into wants them), counter
+    block ``nonce || 00000001`` as the Parquet spec has it."""
+    if len(data):
+        Cipher(algorithms.AES(key), modes.CTR(bytes(nonce) + b"\x00\x00\x00\x01")).encryptor().update_into(data, out)
 
 
 def _distinct(old: ModuleKeys, new: ModuleKeys) -> None:

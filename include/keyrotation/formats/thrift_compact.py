@@ -49,7 +49,7 @@ def padded_varint(n: int, size: int) -> bytes | None:
     return bytes(out)
 
 
-@dataclass
+@dataclass(repr=False)
 class Field:
     """One field of a struct: ``header`` and ``raw`` (the value's bytes) as read, or None once replaced."""
 
@@ -61,14 +61,20 @@ class Field:
     #: The previous field's id when read: the header bytes are reused only while it is unchanged.
     prev: int = 0
 
+    def __repr__(self) -> str:  # no value: it may be key metadata or a decrypted header
+        return f"Field({self.id}, type {self.type})"
 
-@dataclass
+
+@dataclass(repr=False)
 class ThriftList:
     """A list or set: its element type and items; ``raw`` is its whole encoding as read."""
 
     element: int
     items: list[Any]
     raw: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"ThriftList(type {self.element}, {len(self.items)} items)"
 
 
 _LAZY = object()  # a nested value not decoded yet (see ``decode_struct(lazy=True)``)
