@@ -515,3 +515,52 @@ def test_parquet_encryption_reencrypts_modules_on_s3(make_key_class, vault, moto
     assert result.bytes == fs.get_file_info(src).size == fs.get_file_info(dst).size
     assert pme.read(dst, fs).equals(table)
     assert pme.inspect(dst, fs).versions == {v2}
+
+
+def _direct_file(tmp_path: Path) -> tuple[Path, bytes]:
+    """A uniformly encrypted file (one explicit key) with an encrypted footer."""
+    key, path = os.urandom(16), tmp_path / "direct.parquet"
+    pq.write_table(_table(200), path, encryption_properties=pe.create_encryption_properties(key))
+    return path, key
+
+
+def _rewritten_footer(data: bytes, key: bytes, change) -> bytes:  # noqa: ANN001
+    """``data`` with its FileCryptoMetaData and decrypted footer given to ``change`` and the footer encrypted
+    again under ``key`` (the test's own forgery, to make files pyarrow does not write)."""
+    length = struct.unpack("<I", data[-8:-4])[0]
+    region = data[-8 - length : -8]
+    crypto, end = decode_struct(region)
+    params = next(iter(crypto[1].fields.values())).value
+    aad = (params.get(1) or b"") + params[2] + b"\0"
+    module = region[end:]
+    metadata, _ = decode_struct(AESGCM(key).decrypt(module[4:16], module[16:], aad))
+    change(crypto, metadata)
+    nonce = os.urandom(12)
+    sealed = nonce + AESGCM(key).encrypt(nonce, metadata.encode(), aad)
+    region = crypto.encode() + struct.pack("<I", len(sealed)) + sealed
+    return data[: -8 - length] + region + struct.pack("<I", len(region)) + b"PARE"
+
+
+def test_bloom_filter_and_unknown_algorithm_refused(tmp_path):
+    from keyrotation.formats.thrift_compact import I64, STRUCT
+
+    path, key = _direct_file(tmp_path)
+    data = path.read_bytes()
+    reencrypt_bytes(data, ModuleKeys(key), ModuleKeys(os.urandom(16)))  # as written, it can
+
+    def bloom(_crypto, metadata):  # noqa: ANN001, ANN202
+        metadata[4].items[0][1].items[1][3].set(14, 4, I64)  # column b's bloom_filter_offset
+
+    with pytest.raises(ModuleReencryptionUnavailable) as refused:
+        reencrypt_bytes(_rewritten_footer(data, key, bloom), ModuleKeys(key), ModuleKeys(os.urandom(16)))
+    assert refused.value.reason == "column b has a bloom filter: encrypted bloom filters are not re-encrypted " \
+                                   "module by module"
+
+    def unknown(crypto, _metadata):  # noqa: ANN001, ANN202
+        union = crypto[1]
+        union.set_raw(3, STRUCT, union.fields[1].raw)
+        union.delete(1)
+
+    with pytest.raises(ModuleReencryptionUnavailable) as refused:
+        reencrypt_bytes(_rewritten_footer(data, key, unknown), ModuleKeys(key), ModuleKeys(os.urandom(16)))
+    assert refused.value.reason == "unknown encryption algorithm (EncryptionAlgorithm member 3)"

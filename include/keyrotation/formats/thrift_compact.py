@@ -110,9 +110,9 @@ class Struct:
             ftype = BOOL_TRUE if value else BOOL_FALSE
         self._put(fid, ftype, value, None)
 
-    def set_raw(self, fid: int, ftype: int, raw: bytes, value: Any = None) -> None:
-        """Give field ``fid`` the already encoded value ``raw`` (e.g. a non-minimal varint)."""
-        self._put(fid, ftype, value, raw)
+    def set_raw(self, fid: int, ftype: int, raw: bytes) -> None:
+        """Give field ``fid`` the already encoded value ``raw`` (e.g. a non-minimal varint), decoded if asked for."""
+        self._put(fid, ftype, _LAZY, raw)
 
     def _put(self, fid: int, ftype: int, value: Any, raw: bytes | None) -> None:
         old = self.fields.get(fid)
