@@ -9,6 +9,8 @@ Two modes:
   data keys under the target version, read it back and check the digest again, then commit by
   rewriting the partition manifest. The data streams through in batches of ``batch_rows`` (the
   digest is taken as it goes), so memory is bounded by a batch and a row group, not the partition.
+  Where it can, the partition's file is instead re-encrypted module by module, without decoding
+  (:meth:`ParquetEngine._commit_modules`; the ledger detail says which path and why not the module one).
 
 Every step is idempotent and every crash point is safe: before the manifest is rewritten the old
 generation is the live one and whatever was staged is removed on the next run; after, the new
