@@ -331,7 +331,8 @@ class ParquetEncryption:
         """
         if isinstance(filesystem, pafs.GcsFileSystem):
             raise ModuleReencryptionUnavailable(
-                "files on GCS are read as streams here (pyarrow 26's random-access reads block on a GcsFileSystem)")
+                "a file on GCS: pyarrow 26's random-access reads of a GcsFileSystem block where the storage API is "
+                "served in the same process (as in the tests), so files there are only read front to back")
         material = self.key_material(src_path, filesystem)
         old, refs = self._old_data_keys(src_path, filesystem, material)
         master = self.backend.key_ref  # every entry's, as key_material checked
