@@ -41,7 +41,7 @@ _DICTIONARY_PAGE, _INDEX_PAGE = 2, 1
 #: once in 16 nonces, 3 bytes once in 2,048; 1 GiB gives a 1 MiB page 1,024 nonces: a 4-byte CRC always fits,
 #: a 3-byte one 2 times in 5, else the file is not re-encrypted module by module.
 CRC_BUDGET = 1 << 30
-_COPY = 8 << 20
+_COPY = 1 << 20
 _CTR_ROOM = 15
 
 
