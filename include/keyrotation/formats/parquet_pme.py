@@ -294,12 +294,7 @@ class ParquetEncryption:
                 if wrapped not in unwrapped:
                     unwrapped[wrapped] = self.backend.unwrap(wrapped)
             versions = frozenset(self.backend.version_of(w) for w in unwrapped)
-            if footer.get("doubleWrapping"):
-                blob = base64.b64decode(footer["wrappedDEK"])
-                footer_key = AESGCM(unwrapped[footer["wrappedKEK"]]).decrypt(
-                    blob[:12], blob[12:], base64.b64decode(footer["keyEncryptionKeyID"]))
-            else:
-                footer_key = unwrapped[footer["wrappedDEK"]]
+            footer_key = unwrap_data_key(footer, unwrapped.__getitem__)
             facts: FooterFacts = footer_facts(path, filesystem, footer_key)
         except (KeyError, ValueError, TypeError) as exc:
             if isinstance(exc, FooterError):
