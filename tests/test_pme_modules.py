@@ -588,3 +588,17 @@ def test_file_to_file_memory_is_bounded_by_a_module_not_the_file(tmp_path):
         tracemalloc.stop()
     assert src.stat().st_size > 20_000_000 and peak < 8_000_000
     assert _read(dst).equals(table)
+
+
+def test_column_chunk_in_another_file_refused(tmp_path):
+    from keyrotation.formats.thrift_compact import BINARY
+
+    path, key = _direct_file(tmp_path)
+
+    def elsewhere(_crypto, metadata):  # noqa: ANN001, ANN202
+        metadata[4].items[0][1].items[0].set(1, b"other.parquet", BINARY)
+
+    forged = _rewritten_footer(path.read_bytes(), key, elsewhere)
+    with pytest.raises(ModuleReencryptionUnavailable) as refused:
+        reencrypt_bytes(forged, ModuleKeys(key), ModuleKeys(os.urandom(16)))
+    assert refused.value.reason == "a column chunk lives in another file (ColumnChunk.file_path)"

@@ -385,6 +385,8 @@ class _Job:
             rg_ordinal = rg.get(7, rg_index)
             chunks = rg.get(1)
             for col_index, chunk in enumerate(chunks.items if chunks is not None else []):
+                if chunk.get(1) is not None:
+                    raise ModuleReencryptionUnavailable("a column chunk lives in another file (ColumnChunk.file_path)")
                 crypto = chunk.get(8)
                 if crypto is None:
                     continue
