@@ -328,7 +328,7 @@ class _Job:
         return found
 
     def _algorithm(self, union: Struct | None) -> None:
-        if union is None or len(union.fields) != 1:
+        if not isinstance(union, Struct) or len(union.fields) != 1:
             raise ModuleReencryptionError("footer names no encryption algorithm")
         kind = next(iter(union.fields))
         if kind not in ALGORITHMS:
@@ -336,6 +336,8 @@ class _Job:
         self.kind = kind
         self.result.algorithm = ALGORITHMS[kind]
         params: Struct = union[kind]
+        if not isinstance(params, Struct):
+            raise ModuleReencryptionError("footer names no encryption algorithm")
         stored = params.get(1)
         if stored is not None and self.supplied_prefix is not None and stored != self.supplied_prefix:
             raise ModuleReencryptionError("the AAD prefix supplied differs from the one the file stores")
@@ -631,6 +633,16 @@ def _run(source: _Source, sink: _StreamSink | _InPlaceSink, old: ModuleKeys, new
          aad_prefix: bytes | None, crc_budget: int, before_write: Any = None) -> tuple[ReencryptionResult, int, bytes]:
     """Every module up to the footer re-encrypted into ``sink``; the result, where the footer starts, and the new
     footer (with its length and magic), which the caller writes."""
+    try:
+        return _walk(source, sink, old, new, aad_prefix, crc_budget, before_write)
+    except (KeyError, IndexError, TypeError, AttributeError, struct.error) as exc:
+        # metadata that decodes but is not shaped as parquet.thrift has it (a field missing or of another type)
+        raise ModuleReencryptionError(f"the file's metadata is not as Parquet has it ({type(exc).__name__})") \
+            from None
+
+
+def _walk(source: _Source, sink: _StreamSink | _InPlaceSink, old: ModuleKeys, new: ModuleKeys,
+          aad_prefix: bytes | None, crc_budget: int, before_write: Any) -> tuple[ReencryptionResult, int, bytes]:
     job = _Job(source, old, new, aad_prefix, crc_budget)
     regions = job.plan()
     job.check_ctr(regions)
