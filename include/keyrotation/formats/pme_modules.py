@@ -162,6 +162,8 @@ def _equal(a: memoryview, b: memoryview) -> bool:
     n = len(a)
     if n != len(b):
         return False
+    if n <= 4096:  # a header: numpy's call costs more than the comparison
+        return a == b
     k = n & ~7
     return bool(np.array_equal(np.frombuffer(a, np.uint64, k >> 3), np.frombuffer(b, np.uint64, k >> 3))) \
         and a[k:].tobytes() == b[k:].tobytes()
@@ -220,12 +222,12 @@ class _Job:
         return plain
 
     def _seal(self, cipher: _Cipher, plain: memoryview, aad: bytes, what: str, page: bool = False,
-              counted: bool = True, verify: bool = True) -> memoryview:
-        """``plain`` sealed as a module into the reused buffer for pages (``page``) or for other modules, and
-        (``verify``) checked by decrypting it again."""
+              counted: bool = True, verify: bool = True, into: memoryview | None = None) -> memoryview:
+        """``plain`` sealed as a module into ``into`` (its place in a file re-encrypted in place), else into the
+        reused buffer for pages (``page``) or for other modules, and (``verify``) checked by decrypting it again."""
         size = len(plain)
         n = _LEN + _NONCE + size + _TAG
-        out = memoryview(self.buf.page if page else self.buf.out)[:n]
+        out = into if into is not None else memoryview(self.buf.page if page else self.buf.out)[:n]
         struct.pack_into("<I", out, 0, n - _LEN)
         nonce = self.buf.nonce()
         out[_LEN : _LEN + _NONCE] = nonce
@@ -479,7 +481,7 @@ class _Job:
         return header, _LEN + length, aad
 
     def pages(self, start: int, end: int, cipher: _Cipher, where: bytes, dictionary: bool, path: str,
-              write: Any) -> None:
+              sink: _StreamSink | _InPlaceSink) -> None:
         pos, ordinal = start, 0
         first = True
         while pos < end:
@@ -509,13 +511,16 @@ class _Job:
                 plain = self._open_ctr(cipher, page, what)
             else:
                 plain = self._open(cipher, page, page_aad, what)
+            # a GCM page re-encrypted in place goes straight to its place (its plaintext is out already)
+            direct = sink.view_at(page_at, page_len) if self.kind == _GCM else None
             tries = max(1, self.crc_budget // max(1, page_len)) if crc_field is not None else 1
             for attempt in range(tries):
                 # checked below once its CRC fits: a nonce whose CRC does not is not worth checking
                 if self.kind == _CTR:
                     new_page = self._seal_ctr(cipher, plain, what, verify=crc_field is None)
                 else:
-                    new_page = self._seal(cipher, plain, page_aad, what, page=True, verify=crc_field is None)
+                    new_page = self._seal(cipher, plain, page_aad, what, page=True, verify=crc_field is None,
+                                          into=direct)
                 if crc_field is None:
                     break
                 crc = zlib.crc32(new_page)
@@ -540,8 +545,11 @@ class _Job:
                 raise ModuleReencryptionError(f"column {path}: a page header changed size")
             plain = memoryview(self.buf.plain)[: len(header_plain)]  # the page's plaintext is done with
             plain[:] = header_plain
-            write(self._seal(cipher, plain, header_aad, f"column {path}: page header"))
-            write(new_page)
+            sink.write(self._seal(cipher, plain, header_aad, f"column {path}: page header"))
+            if direct is None:
+                sink.write(new_page)
+            else:
+                sink.skip_to(page_at + page_len)
             if not is_dict:
                 ordinal += 1
             first = False
@@ -613,6 +621,9 @@ class _StreamSink:
         while self.pos < end:
             self.write(self._source.view(self.pos, min(_COPY, end - self.pos)))
 
+    def view_at(self, _offset: int, _n: int) -> None:
+        return None
+
 
 class _InPlaceSink:
     """Writes each new module over the old one (every module keeps its size); the bytes between stay."""
@@ -627,6 +638,10 @@ class _InPlaceSink:
 
     def skip_to(self, end: int) -> None:
         self.pos = end
+
+    def view_at(self, offset: int, n: int) -> memoryview:
+        """Where a module of the new file goes, to be written there directly."""
+        return self._buf[offset : offset + n]
 
 
 def _run(source: _Source, sink: _StreamSink | _InPlaceSink, old: ModuleKeys, new: ModuleKeys,
@@ -651,7 +666,7 @@ def _walk(source: _Source, sink: _StreamSink | _InPlaceSink, old: ModuleKeys, ne
     for start, end, action in regions:
         sink.skip_to(start)
         if action[0] == "pages":
-            job.pages(start, end, *action[1:], sink.write)
+            job.pages(start, end, *action[1:], sink)
         else:
             job.index(start, end, *action[1:], sink.write)
     sink.skip_to(job.footer_start)
