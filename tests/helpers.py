@@ -236,8 +236,8 @@ def pem_needles(pem: str) -> set[str]:
 class KeySpy:
     """Every plaintext key of a run: what passes through ``backend_cls``'s wrap and unwrap (with double
     wrapping, the KEKs), and the DEKs, taken at the Parquet encryption layer: each time the product makes a
-    file's encryption properties, the key material pyarrow just wrote is read back and its KEKs and DEKs
-    recovered (tests/oracle.py ``file_keys``, the KEK unwrapped by the same backend)."""
+    file's encryption properties, or re-encrypts a file module by module, the key material just written is read
+    back and its KEKs and DEKs recovered (tests/oracle.py ``file_keys``, the KEK unwrapped by the same backend)."""
 
     def __init__(self, monkeypatch, backend_cls) -> None:  # noqa: ANN001
         from oracle import file_keys
@@ -270,9 +270,22 @@ class KeySpy:
             spy.files += 1
             return props
 
+        real_modules = parquet_pme.ParquetEncryption.reencrypt_modules
+
+        def reencrypt_modules(self, src_path, dst_path, filesystem, version, *args, **kwargs):  # noqa: ANN001, ANN202
+            # the module path (issue 21) makes a file's new keys itself, not through encryption properties
+            result = real_modules(self, src_path, dst_path, filesystem, version, *args, **kwargs)
+            with filesystem.open_input_stream(parquet_pme.key_material_path(dst_path)) as stream:
+                keys = file_keys(stream.read(), lambda wrapped, _master: real_unwrap(self.backend, wrapped))
+            spy.keks.extend(keys.keks.values())
+            spy.deks.extend(keys.deks.values())
+            spy.files += 1
+            return result
+
         monkeypatch.setattr(backend_cls, "wrap", wrap)
         monkeypatch.setattr(backend_cls, "unwrap", unwrap)
         monkeypatch.setattr(parquet_pme.ParquetEncryption, "_encryption_properties", properties)
+        monkeypatch.setattr(parquet_pme.ParquetEncryption, "reencrypt_modules", reencrypt_modules)
 
     def needles(self) -> dict[str, set[str]]:
         out: dict[str, set[str]] = {}

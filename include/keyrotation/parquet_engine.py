@@ -9,6 +9,8 @@ Two modes:
   data keys under the target version, read it back and check the digest again, then commit by
   rewriting the partition manifest. The data streams through in batches of ``batch_rows`` (the
   digest is taken as it goes), so memory is bounded by a batch and a row group, not the partition.
+  Where it can, the partition's file is instead re-encrypted module by module, without decoding
+  (:meth:`ParquetEngine._commit_modules`; the ledger detail says which path and why not the module one).
 
 Every step is idempotent and every crash point is safe: before the manifest is rewritten the old
 generation is the live one and whatever was staged is removed on the next run; after, the new
@@ -38,6 +40,7 @@ from keyrotation.census import CENSUS_THREADS, PartitionCensus, known_versions, 
 from keyrotation.errors import KeyRotationError, KmsUnreachable, PartitionError, PermissionDenied, ValidationError
 from keyrotation.formats.digest import CheckedDigest, DigestBuilder
 from keyrotation.formats.parquet_pme import KeyMaterial, ParquetEncryption, key_material_path
+from keyrotation.formats.pme_modules import ModuleReencryptionError, ModuleReencryptionUnavailable
 from keyrotation.ledger import Ledger, RunContext
 from keyrotation.partition_engine import ERRORS, PartitionEngine, PartitionResult
 from keyrotation.stores.partitions import GENERATION_NAME, MANIFEST, STAGING_PREFIX, Manifest, PartitionStore
@@ -82,6 +85,8 @@ class ParquetEngine(PartitionEngine):
         # Tests pass a checkpoint that raises at a named step to simulate a crash there.
         self.checkpoint = checkpoint or _no_checkpoint
         self.batch_rows = batch_rows
+        #: Whether ``reencrypt`` tries the module path first (:meth:`_commit_modules`), falling back to decoding.
+        self.module_path = True
         self._known: frozenset[int] | None = None
         #: The file names the ledger records, by partition, read for a group of partitions at once (while
         #: :meth:`rewrap_many` holds their leases); what :meth:`_clean` asks the ledger otherwise.
@@ -252,7 +257,6 @@ class ParquetEngine(PartitionEngine):
         generation = store.next_generation(partition)
         name = f"part-{generation:05d}.parquet"
         staged = store.path(partition, STAGING_PREFIX + name)
-        final = store.path(partition, name)
         if isinstance(source, pa.Table):
             schema, rows, batches = source.schema, source.num_rows, iter(source.to_batches(self.batch_rows))
         else:
@@ -278,6 +282,15 @@ class ParquetEngine(PartitionEngine):
         self.checkpoint("staged")
         if self._digest(partition, [STAGING_PREFIX + name])[0] != digest:
             raise ValidationError(partition, f"staged file does not read back to digest {digest}")
+        return self._commit_staged(partition, generation, rows, digest, version)
+
+    def _commit_staged(self, partition: str, generation: int, rows: int, digest: str, version: int) -> Manifest:
+        """Give generation ``generation``'s staged file (checked already) and its key material their final names
+        and commit them by rewriting the manifest; clean what they replace."""
+        store = self.store
+        name = f"part-{generation:05d}.parquet"
+        staged = store.path(partition, STAGING_PREFIX + name)
+        final = store.path(partition, name)
         previous = store.read_manifest(partition)
         # Before the files get their final names: the ledger is what lets a later run remove them (if this
         # one stops before the commit) or the generation they replace (if after), and nothing else.
@@ -297,6 +310,43 @@ class ParquetEngine(PartitionEngine):
         self._clean(partition)
         self.checkpoint("cleaned")
         return manifest
+
+    def _commit_modules(self, partition: str, files: list[str], digest: str | None, rows: int | None,
+                        encrypted: frozenset[str], version: int) -> Manifest:
+        """The partition's one file re-encrypted module by module (:meth:`ParquetEncryption.reencrypt_modules`)
+        as its next generation under ``version``, committed as :meth:`_commit_generation` commits a decoded one.
+
+        Every module of the new file decrypts to the old one's plaintext (proven while it is written), so the
+        recorded digest carries over without decoding the data. Raises ModuleReencryptionUnavailable (before
+        anything is written) where this path does not apply, with the reason; ModuleReencryptionError where the
+        file does not authenticate (the decode path then says what pyarrow finds).
+        """
+        if len(files) != 1:
+            raise ModuleReencryptionUnavailable(f"the partition has {len(files)} files: a generation is one file, "
+                                                "and only decoding merges them")
+        if digest is None:
+            raise ModuleReencryptionUnavailable("no recorded digest to carry over (a partition keyrotation did not "
+                                                "write or check before)")
+        missing = sorted(self.required_columns() - encrypted)
+        if missing:
+            raise ModuleReencryptionUnavailable(f"column(s) {', '.join(missing)} are not encrypted in the file: only "
+                                                "decoding can encrypt them")
+        store = self.store
+        generation = store.next_generation(partition)
+        staged = store.path(partition, f"{STAGING_PREFIX}part-{generation:05d}.parquet")
+        result = self.pme.reencrypt_modules(store.path(partition, files[0]), staged, store.fs, version)
+        if rows is None:
+            rows = result.rows
+        elif result.rows != rows:
+            for path in (staged, key_material_path(staged)):
+                try:
+                    store.fs.delete_file(path)
+                except OSError:
+                    pass  # a leftover is removed by the next run's clean()
+            raise ValidationError(partition, f"the file holds {result.rows} rows, its record says {rows}; "
+                                             "partition left untouched")
+        self.checkpoint("staged")
+        return self._commit_staged(partition, generation, rows, digest, version)
 
     # -- operations ---------------------------------------------------------------------------
     def write_partition(self, partition: str, table: pa.Table, version: int) -> PartitionResult:
@@ -358,11 +408,23 @@ class ParquetEngine(PartitionEngine):
                                             "in the key class's encrypted_columns: re-encrypting would write them "
                                             "in plaintext, refused (add them back to encrypted_columns)")
         recorded = manifest.digest or self._recorded_digest(partition)
-        manifest = self._commit_generation(partition, list(manifest.files), recorded, target_version)
+        files = list(manifest.files)
+        try:
+            if not self.module_path:
+                raise ModuleReencryptionUnavailable("the module path is turned off for this engine")
+            manifest = self._commit_modules(partition, files, recorded, manifest.rows, encrypted, target_version)
+            path: dict = {"path": "module"}
+        except (ModuleReencryptionUnavailable, ModuleReencryptionError) as exc:
+            reason = exc.reason if isinstance(exc, ModuleReencryptionUnavailable) else str(exc)
+            log.info("%s partition %s: re-encrypted by decoding, not module by module: %s", self.dataset, partition,
+                     reason)
+            manifest = self._commit_generation(partition, files, recorded, target_version)
+            path = {"path": "decode", "fallback_reason": reason}
         result = PartitionResult(partition, "reencrypted", before.oldest, target_version, manifest.rows,
                                  manifest.bytes, manifest.digest, time.monotonic() - start)
         self._record(lg.PARTITION_REENCRYPTED, result, detail={"mode": mode, "files": manifest.files,
-                                                               "written_under": manifest.written_under_version})
+                                                               "written_under": manifest.written_under_version,
+                                                               **path})
         self.checkpoint("recorded")
         return result
 

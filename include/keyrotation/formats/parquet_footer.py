@@ -4,8 +4,8 @@ pyarrow does not expose which columns of a PME file are encrypted, and touching 
 column whose key it lacks aborts the process (pyarrow 26), so the footer is read here: the tail
 (magic, footer length), ``FileCryptoMetaData`` and, with the footer key, the encrypted footer
 (AES-GCM, associated data = file AAD + module type 0), then each column chunk's ``crypto_metadata``
-(parquet.thrift field 8). Only the Thrift compact protocol's decoding is needed; unknown fields are
-skipped, so newer writers' footers parse too.
+(parquet.thrift field 8), decoded by :mod:`keyrotation.formats.thrift_compact` (schema-less: newer
+writers' footers parse too).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from keyrotation.formats.thrift_compact import ThriftError, decode_struct
 
 PLAIN_MAGIC = b"PAR1"
 ENCRYPTED_FOOTER_MAGIC = b"PARE"
@@ -46,79 +48,13 @@ class FooterFacts:
         return self.algorithm is not None
 
 
-class _Compact:
-    """A reader of the Thrift compact protocol: structs become ``{field id: value}``."""
-
-    def __init__(self, data: bytes, pos: int = 0) -> None:
-        self.data, self.pos = data, pos
-
-    def _byte(self) -> int:
-        if self.pos >= len(self.data):
-            raise FooterError("footer ends inside a Thrift value")
-        self.pos += 1
-        return self.data[self.pos - 1]
-
-    def _varint(self) -> int:
-        shift = result = 0
-        while True:
-            b = self._byte()
-            result |= (b & 0x7F) << shift
-            if not b & 0x80:
-                return result
-            shift += 7
-            if shift > 70:
-                raise FooterError("footer holds a malformed varint")
-
-    def _zigzag(self) -> int:
-        n = self._varint()
-        return (n >> 1) ^ -(n & 1)
-
-    def _bytes(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise FooterError("footer ends inside a binary value")
-        self.pos += n
-        return self.data[self.pos - n : self.pos]
-
-    def struct(self) -> dict[int, Any]:
-        fields: dict[int, Any] = {}
-        last = 0
-        while True:
-            header = self._byte()
-            if header == 0:
-                return fields
-            kind, delta = header & 0x0F, header >> 4
-            last = last + delta if delta else self._zigzag()
-            fields[last] = self._value(kind)
-
-    def _value(self, kind: int) -> Any:
-        if kind in (1, 2):
-            return kind == 1
-        if kind == 3:
-            return struct.unpack("b", self._bytes(1))[0]
-        if kind in (4, 5, 6):
-            return self._zigzag()
-        if kind == 7:
-            return struct.unpack("<d", self._bytes(8))[0]
-        if kind == 8:
-            return self._bytes(self._varint())
-        if kind in (9, 10):
-            header = self._byte()
-            size, element = header >> 4, header & 0x0F
-            if size == 15:
-                size = self._varint()
-            return [self._element(element) for _ in range(size)]
-        if kind == 11:
-            size = self._varint()
-            if not size:
-                return {}
-            types = self._byte()
-            return {self._element(types >> 4): self._element(types & 0x0F) for _ in range(size)}
-        if kind == 12:
-            return self.struct()
-        raise FooterError(f"footer holds an unknown Thrift type {kind}")
-
-    def _element(self, kind: int) -> Any:
-        return self._byte() == 1 if kind in (1, 2) else self._value(kind)
+def _decode(data: bytes, pos: int = 0) -> tuple[dict[int, Any], int]:
+    """The Thrift struct at ``data[pos:]`` as ``{field id: value}``, and the position after it."""
+    try:
+        decoded, end = decode_struct(data, pos)
+    except ThriftError as exc:
+        raise FooterError(f"footer is not valid Thrift: {exc}") from None
+    return decoded.to_dict(), end
 
 
 def _streamed(filesystem: pafs.FileSystem) -> bool:
@@ -198,13 +134,12 @@ def footer_facts(path: str, filesystem: pafs.FileSystem, footer_key: bytes | Non
     ``footer_key`` (the file's footer data key) when given, else its columns stay unknown."""
     magic, region = read_tail(path, filesystem)
     if magic == PLAIN_MAGIC:
-        metadata = _Compact(region).struct()
+        metadata, _ = _decode(region)
         algorithm = metadata.get(8)
         columns, encrypted = _column_facts(metadata)
         name = ALGORITHMS.get(next(iter(algorithm)), "unknown") if algorithm else None
         return FooterFacts(magic, name, encrypted, columns)
-    reader = _Compact(region)
-    crypto = reader.struct()
+    crypto, end = _decode(region)
     algorithm = crypto.get(1) or {}
     if len(algorithm) != 1:
         raise FooterError(f"{path}: footer names no encryption algorithm")
@@ -215,7 +150,7 @@ def footer_facts(path: str, filesystem: pafs.FileSystem, footer_key: bytes | Non
     if params.get(3) and not params.get(1):
         raise FooterError(f"{path}: the file's AAD prefix is not stored in it (supplied by readers)")
     aad = (params.get(1) or b"") + (params.get(2) or b"") + bytes([_FOOTER_MODULE])
-    module = region[reader.pos :]
+    module = region[end:]
     if len(module) < 4 + 12 + 16:
         raise FooterError(f"{path}: encrypted footer too short")
     length = struct.unpack("<I", module[:4])[0]
@@ -225,5 +160,5 @@ def footer_facts(path: str, filesystem: pafs.FileSystem, footer_key: bytes | Non
         plain = AESGCM(footer_key).decrypt(module[4:16], module[16:], aad)
     except Exception:  # InvalidTag, or a key of the wrong size: the footer is not this key's
         raise FooterError(f"{path}: footer does not authenticate under its footer key") from None
-    columns, encrypted = _column_facts(_Compact(plain).struct())
+    columns, encrypted = _column_facts(_decode(plain)[0])
     return FooterFacts(magic, name, encrypted, columns)

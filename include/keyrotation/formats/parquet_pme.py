@@ -12,21 +12,32 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import posixpath
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pyarrow.parquet.encryption as pe
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keyrotation.backends.base import KmsBackend
 from keyrotation.errors import BackendError
 from keyrotation.formats.parquet_footer import FooterError, FooterFacts, footer_facts
+from keyrotation.formats.pme_modules import (
+    ModuleKeys,
+    ModuleReencryptionError,
+    ModuleReencryptionUnavailable,
+    ReencryptionResult,
+    file_key_metadata,
+    reencrypt_file,
+)
 
 KEY_MATERIAL_PREFIX = "_KEY_MATERIAL_FOR_"
 #: Rows per row group of the files written here: what a streaming reader holds of a file at once.
@@ -34,6 +45,38 @@ ROW_GROUP_ROWS = 65_536
 # Prefix of re-wrapped key material before it is renamed over the old (pyarrow's own key rotation
 # uses it too), so a crash leaves only names that PartitionStore.clean recognises.
 TEMP_MATERIAL_PREFIX = "_TMP"
+
+
+PKMT1 = "PKMT1"
+
+
+def unwrap_data_key(material: Mapping[str, Any], unwrap: Callable[[str], bytes]) -> bytes:
+    """The data key of one PKMT1 key material entry: with double wrapping, its KEK unwrapped by ``unwrap`` (the
+    KMS) and the DEK by AES-GCM under the KEK (associated data: the raw KEK id); else the DEK by ``unwrap``.
+    Raises cryptography's InvalidTag when the wrapped DEK is not this KEK's."""
+    if material.get("doubleWrapping"):
+        blob = base64.b64decode(material["wrappedDEK"])
+        kek = unwrap(material["wrappedKEK"])
+        return AESGCM(kek).decrypt(blob[:12], blob[12:], base64.b64decode(material["keyEncryptionKeyID"]))
+    return unwrap(material["wrappedDEK"])
+
+
+def double_wrapped_material(dek: bytes, kek: bytes, kek_id: bytes, wrapped_kek: str, master_key_id: str,
+                            footer: bool, internal: bool = False) -> dict[str, Any]:
+    """A PKMT1 key material entry for ``dek`` wrapped by the KEK ``kek`` (``wrapped_kek``: as the KMS wrapped it
+    under ``master_key_id``), fields named and ordered as pyarrow writes them; ``internal``: to be stored in
+    the file's key metadata itself."""
+    nonce = os.urandom(12)
+    entry: dict[str, Any] = {"keyMaterialType": PKMT1}
+    if internal:
+        entry["internalStorage"] = True
+    entry["isFooterKey"] = footer
+    if footer:
+        entry.update(kmsInstanceID="DEFAULT", kmsInstanceURL="DEFAULT")
+    entry.update(masterKeyID=master_key_id,
+                 wrappedDEK=base64.b64encode(nonce + AESGCM(kek).encrypt(nonce, dek, kek_id)).decode(),
+                 doubleWrapping=True, keyEncryptionKeyID=base64.b64encode(kek_id).decode(), wrappedKEK=wrapped_kek)
+    return entry
 
 
 def key_material_path(data_path: str) -> str:
@@ -110,6 +153,9 @@ class EncryptedParquetFile:
         self.schema_arrow: pa.Schema = fragment.physical_schema
         self.metadata: pq.FileMetaData = fragment.metadata
         self.num_rows: int = self.metadata.num_rows
+
+    def read_row_group(self, index: int) -> pa.Table:
+        return self._fragment.subset(row_group_ids=[index]).to_table(use_threads=False)
 
     def iter_batches(self, batch_size: int) -> Iterator[pa.RecordBatch]:
         return iter(self._fragment.to_batches(batch_size=batch_size, use_threads=False, batch_readahead=0,
@@ -248,12 +294,7 @@ class ParquetEncryption:
                 if wrapped not in unwrapped:
                     unwrapped[wrapped] = self.backend.unwrap(wrapped)
             versions = frozenset(self.backend.version_of(w) for w in unwrapped)
-            if footer.get("doubleWrapping"):
-                blob = base64.b64decode(footer["wrappedDEK"])
-                footer_key = AESGCM(unwrapped[footer["wrappedKEK"]]).decrypt(
-                    blob[:12], blob[12:], base64.b64decode(footer["keyEncryptionKeyID"]))
-            else:
-                footer_key = unwrapped[footer["wrappedDEK"]]
+            footer_key = unwrap_data_key(footer, unwrapped.__getitem__)
             facts: FooterFacts = footer_facts(path, filesystem, footer_key)
         except (KeyError, ValueError, TypeError) as exc:
             if isinstance(exc, FooterError):
@@ -268,6 +309,133 @@ class ParquetEncryption:
             unwrapped.clear()
         return FileProtection(versions, facts.algorithm or "", facts.encrypted_columns or frozenset(),
                               facts.columns or frozenset())
+
+    def reencrypt_modules(self, src_path: str, dst_path: str, filesystem: pafs.FileSystem, version: int,
+                          sample_row_groups: int = 2) -> ReencryptionResult:
+        """Write ``src_path`` as ``dst_path`` with new data keys (footer and each column key), module by module
+        (:mod:`keyrotation.formats.pme_modules`): the data stays encoded and compressed as it was. The old keys
+        come from the source's key material (the KMS unwraps its KEK, one request); the new ones are wrapped by a
+        new KEK that the KMS wraps under ``version``, written as ``dst_path``'s key material in pyarrow's PKMT1
+        format with the same key references, so stock pyarrow, the census and :meth:`rewrap` read it.
+
+        Verified besides each module's equality: the old footer key does not open the new footer, and pyarrow
+        opens the new file through the KMS and reads ``sample_row_groups`` of its row groups (the first and the
+        last). Raises :class:`~keyrotation.formats.pme_modules.ModuleReencryptionUnavailable` where the module
+        path does not apply (before anything is written, where that is known before), BackendError where the
+        keys do not open the file; on any failure neither the new file nor its key material is left behind.
+        """
+        if isinstance(filesystem, pafs.GcsFileSystem):
+            raise ModuleReencryptionUnavailable(
+                "a file on GCS: pyarrow 26's random-access reads of a GcsFileSystem block where the storage API is "
+                "served in the same process (as in the tests), so files there are only read front to back")
+        material = self.key_material(src_path, filesystem)
+        old, refs = self._old_data_keys(src_path, filesystem, material)
+        master = self.backend.key_ref  # every entry's, as key_material checked
+        keks: dict[str, tuple[bytes, bytes, str]] = {}
+        entries: dict[str, str] = {}
+        new_columns: dict[str, bytes] = {}
+        new_footer = b""
+        for ref, column in refs.items():
+            old_key = old.footer if column is None else old.columns[column]
+            dek = os.urandom(len(old_key))
+            if master not in keks:
+                kek = os.urandom(16)
+                keks[master] = (kek, os.urandom(16), self.backend.wrap(kek, version))
+            new_entry = double_wrapped_material(dek, *keks[master], master, column is None)
+            entries[ref] = json.dumps(new_entry, separators=(",", ":"))
+            if column is None:
+                new_footer = dek
+            else:
+                new_columns[column] = dek
+        new = ModuleKeys(new_footer, new_columns)
+        new_material = key_material_path(dst_path)
+
+        def write_material() -> None:
+            with filesystem.open_output_stream(new_material) as stream:
+                stream.write(json.dumps(entries, separators=(",", ":")).encode())
+
+        try:
+            result = reencrypt_file(src_path, dst_path, filesystem, old, new, before_write=write_material)
+            self._check_reencrypted(dst_path, filesystem, old, sample_row_groups)
+        except BaseException:
+            for path in (dst_path, new_material):
+                try:
+                    filesystem.delete_file(path)
+                except OSError:
+                    pass  # not written
+            raise
+        finally:
+            keks.clear()
+        return result
+
+    def _old_data_keys(self, path: str, filesystem: pafs.FileSystem, material: KeyMaterial
+                       ) -> tuple[ModuleKeys, dict[str, str | None]]:
+        """The file's data keys (its key material's KEKs unwrapped by the KMS, once each), the key reference of
+        each (None: the footer key's; else its column's)."""
+        unwrapped: dict[str, bytes] = {}
+
+        def unwrap(wrapped: str) -> bytes:
+            if wrapped not in unwrapped:
+                unwrapped[wrapped] = self.backend.unwrap(wrapped)
+            return unwrapped[wrapped]
+
+        try:
+            with filesystem.open_input_file(path) as f:
+                footer_metadata = file_key_metadata(src=f, size=f.size()).footer
+                footer_ref = self._reference(material, footer_metadata)
+                footer_key = unwrap_data_key(material.entries[footer_ref], unwrap)
+                columns = file_key_metadata(src=f, size=f.size(), footer_key=footer_key).columns
+            refs: dict[str, str | None] = {footer_ref: None}
+            keys: dict[str, bytes] = {}
+            for column, metadata in columns.items():
+                ref = self._reference(material, metadata)
+                refs[ref] = column
+                keys[column] = unwrap_data_key(material.entries[ref], unwrap)
+        except (KeyError, TypeError) as exc:
+            raise BackendError(f"{material.path}: key material does not open the file ({type(exc).__name__})") \
+                from None
+        except ModuleReencryptionError as exc:
+            raise BackendError(f"{path}: {exc}") from None
+        except InvalidTag:
+            raise BackendError(f"{material.path}: a data key does not authenticate under its KEK") from None
+        finally:
+            unwrapped.clear()
+        return ModuleKeys(footer_key, keys), refs
+
+    @staticmethod
+    def _reference(material: KeyMaterial, key_metadata: bytes | None) -> str:
+        """The key material entry a file's key metadata names (only external key material is written here)."""
+        try:
+            metadata = json.loads(key_metadata or b"")
+        except ValueError:
+            raise BackendError(f"{material.path}: the file's key metadata is not PKMT1") from None
+        if metadata.get("internalStorage") is not False:
+            raise ModuleReencryptionUnavailable("the file keeps its key material inside it, not in a key material "
+                                                "file")
+        ref = metadata.get("keyReference")
+        if ref not in material.entries:
+            raise BackendError(f"{material.path}: holds no key {ref!r}, which the file names")
+        return ref
+
+    def _check_reencrypted(self, path: str, filesystem: pafs.FileSystem, old: ModuleKeys, samples: int) -> None:
+        """The old footer key does not open the new file; pyarrow (through the KMS) opens it and reads a sample of
+        its row groups."""
+        try:
+            footer_facts(path, filesystem, old.footer)
+        except FooterError:
+            pass
+        else:
+            raise ModuleReencryptionError("the old footer key opens the new file")
+        source = self.open(path, filesystem)
+        try:
+            count = source.metadata.num_row_groups
+            for index in sorted({0, count - 1})[:samples] if count else []:
+                rows = source.read_row_group(index).num_rows
+                if rows != source.metadata.row_group(index).num_rows:
+                    raise ModuleReencryptionError(f"row group {index} of the new file reads {rows} rows, its footer "
+                                                  f"says {source.metadata.row_group(index).num_rows}")
+        finally:
+            source.close()
 
     def wrapping_versions(self, path: str, filesystem: pafs.FileSystem) -> set[int]:
         """Master key versions that wrap the file's keys, read from its key material sidecar."""

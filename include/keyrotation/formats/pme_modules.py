@@ -1,0 +1,793 @@
+"""Re-encryption of a Parquet Modular Encryption (PME) file module by module, without decoding its data.
+
+Every encrypted module (footer, column metadata, page headers, pages, dictionary pages, column and
+offset indexes) is decrypted with the old data key and encrypted with the new one under a fresh
+nonce and its exact associated data (AAD). Encoded and compressed bytes stay as they were, and since
+AES-GCM keeps sizes, so does every offset: the file streams from source to destination in file order,
+one module at a time, through buffers that are reused. Each new module is decrypted again under its
+new key in the same pass and compared with the old module's plaintext.
+
+Keys are explicit (:class:`ModuleKeys`): this module knows nothing of KMSs or key material files.
+Where the module path cannot apply it raises :class:`ModuleReencryptionUnavailable` with a reason, so
+a caller can fall back to decoding and encoding the data. Neither keys nor plaintext reach an
+exception, a log line or a repr.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Protocol
+
+import numpy as np
+import pyarrow.fs as pafs
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from keyrotation.formats.parquet_footer import ALGORITHMS, ENCRYPTED_FOOTER_MAGIC, PLAIN_MAGIC
+from keyrotation.formats.thrift_compact import BINARY, I32, Struct, ThriftError, decode_struct, padded_varint, zigzag
+
+# Module types (parquet-format Encryption.md).
+FOOTER, COLUMN_META, DATA_PAGE, DICT_PAGE, DATA_HEADER, DICT_HEADER, COLUMN_INDEX, OFFSET_INDEX = range(8)
+_NONCE, _TAG, _LEN = 12, 16, 4
+_GCM, _CTR = 1, 2
+_DICTIONARY_PAGE, _INDEX_PAGE = 2, 1
+#: The bytes a page may be encrypted again, nonce after nonce, until its new CRC fits the varint its header
+#: has for it (a page of n bytes gets max(1, CRC_BUDGET // n) nonces). A random CRC fits 5 bytes always, 4 bytes
+#: once in 16 nonces, 3 bytes once in 2,048; 1 GiB gives a 1 MiB page 1,024 nonces: a 4-byte CRC always fits,
+#: a 3-byte one 2 times in 5, else the file is not re-encrypted module by module.
+CRC_BUDGET = 1 << 30
+_COPY = 1 << 20
+_CTR_ROOM = 15
+
+
+class ModuleReencryptionUnavailable(Exception):
+    """The file cannot be re-encrypted module by module; ``reason`` says why (decode and encode it instead)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ModuleReencryptionError(ValueError):
+    """The file or the keys given are not what they must be (a module does not authenticate, a key is missing)."""
+
+
+@dataclass(frozen=True, repr=False)
+class ModuleKeys:
+    """The data keys of one file: its footer key, and column keys by dotted column path.
+
+    As new keys, ``footer_key_metadata`` and ``column_key_metadata`` replace the key metadata the file
+    stores (None or absent: kept, as with external key material, whose references do not change).
+    """
+
+    footer: bytes
+    columns: Mapping[str, bytes] = field(default_factory=dict)
+    footer_key_metadata: bytes | None = None
+    column_key_metadata: Mapping[str, bytes] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"ModuleKeys(footer=<redacted>, columns={sorted(self.columns)})"
+
+
+@dataclass
+class ReencryptionResult:
+    """What a module re-encryption did."""
+
+    bytes: int = 0
+    #: Encrypted modules re-encrypted (and verified), and their bytes (the footer's counting the column metadata
+    #: modules it holds).
+    modules: int = 0
+    module_bytes: int = 0
+    #: Pages whose CRC was recomputed, and the extra nonces used so that their new CRCs fit their headers.
+    crc_pages: int = 0
+    crc_retries: int = 0
+    algorithm: str = ""
+    plaintext_footer: bool = False
+    encrypted_columns: list[str] = field(default_factory=list)
+    row_groups: int = 0
+    #: The rows the file's footer counts.
+    rows: int | None = None
+
+
+class _Source(Protocol):
+    size: int
+
+    def view(self, offset: int, n: int) -> memoryview: ...
+
+
+class _MemorySource:
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._data = memoryview(data).cast("B")
+        self.size = len(self._data)
+
+    def view(self, offset: int, n: int) -> memoryview:
+        if offset < 0 or offset + n > self.size:
+            raise ModuleReencryptionError("a module reaches past the end of the file")
+        return self._data[offset : offset + n]
+
+
+class _FileSource:
+    """Reads through one reused buffer (a view stays valid until the next read)."""
+
+    def __init__(self, f: Any, size: int) -> None:
+        self._f, self.size = f, size
+        self._buf = bytearray(1 << 20)
+
+    def view(self, offset: int, n: int) -> memoryview:
+        if offset < 0 or offset + n > self.size:
+            raise ModuleReencryptionError("a module reaches past the end of the file")
+        if n > len(self._buf):
+            self._buf = bytearray(max(n, 2 * len(self._buf)))
+        view = memoryview(self._buf)[:n]
+        self._f.seek(offset)
+        got = 0
+        while got < n:
+            r = self._f.readinto(view[got:])
+            if not r:
+                raise ModuleReencryptionError("the file ends early")
+            got += r
+        return view
+
+
+class _Buffers:
+    """Work buffers grown as needed and reused: plaintext, the new module, the check decryption."""
+
+    def __init__(self) -> None:
+        self.plain = bytearray(1 << 20)
+        self.out = bytearray(1 << 20)
+        self.page = bytearray(1 << 20)
+        self.check = bytearray(1 << 20)
+        self._nonces = b""
+        self._at = 0
+
+    def fit(self, n: int) -> None:
+        if n + 64 > len(self.out):
+            size = max(n + 64, 2 * len(self.out))
+            self.plain, self.out, self.check = bytearray(size), bytearray(size), bytearray(size)
+            self.page = bytearray(size)
+
+    def nonce(self) -> bytes:
+        if self._at + _NONCE > len(self._nonces):
+            self._nonces, self._at = os.urandom(_NONCE * 4096), 0
+        self._at += _NONCE
+        return self._nonces[self._at - _NONCE : self._at]
+
+
+def _equal(a: memoryview, b: memoryview) -> bool:
+    n = len(a)
+    if n != len(b):
+        return False
+    if n <= 4096:  # a header: numpy's call costs more than the comparison
+        return a == b
+    k = n & ~7
+    return bool(np.array_equal(np.frombuffer(a, np.uint64, k >> 3), np.frombuffer(b, np.uint64, k >> 3))) \
+        and a[k:].tobytes() == b[k:].tobytes()
+
+
+def _ordinal(n: int, what: str) -> bytes:
+    if not 0 <= n <= 0x7FFF:
+        raise ModuleReencryptionUnavailable(f"{what} ordinal {n} does not fit the 16 bits of a module's AAD")
+    return struct.pack("<h", n)
+
+
+@dataclass(repr=False)
+class _Cipher:
+    """One column's (or the footer's) old and new keys."""
+
+    old: AESGCM
+    new: AESGCM
+    old_key: bytes
+    new_key: bytes
+    name: str
+
+
+class _Job:
+    """One file's re-encryption: the parsed footer and the module walk."""
+
+    def __init__(self, source: _Source, old: ModuleKeys, new: ModuleKeys | None, aad_prefix: bytes | None,
+                 crc_budget: int, signed: bool = True) -> None:
+        self.src, self.old, self.new = source, old, new
+        self.supplied_prefix = aad_prefix
+        self.crc_budget = crc_budget
+        self.signed = signed
+        self.buf = _Buffers()
+        self.result = ReencryptionResult(bytes=source.size)
+        if new is not None:
+            _distinct(old, new)
+        self._parse_tail()
+
+    # -- modules ------------------------------------------------------------------------------
+    def gcm(self, cipher: _Cipher, module: memoryview, aad: bytes, what: str, counted: bool = True) -> memoryview:
+        """``module`` (length, nonce, ciphertext, tag) decrypted with the old key and encrypted with the
+        new, checked by decrypting it again; the new module (a view of a reused buffer)."""
+        return self._seal(cipher, self._open(cipher, module, aad, what), aad, what, counted=counted)
+
+    def _open(self, cipher: _Cipher, module: memoryview, aad: bytes, what: str) -> memoryview:
+        """The plaintext of GCM ``module`` under the old key, in the reused plaintext buffer."""
+        n = len(module)
+        if n < _LEN + _NONCE + _TAG or struct.unpack_from("<I", module)[0] != n - _LEN:
+            raise ModuleReencryptionError(f"{what}: module length does not match its size")
+        self.buf.fit(n)
+        plain = memoryview(self.buf.plain)[: n - _LEN - _NONCE - _TAG]
+        try:
+            cipher.old.decrypt_into(module[_LEN : _LEN + _NONCE], module[_LEN + _NONCE :], aad, plain)
+        except InvalidTag:
+            raise ModuleReencryptionError(f"{what}: does not authenticate under the old {cipher.name} key") \
+                from None
+        return plain
+
+    def _seal(self, cipher: _Cipher, plain: memoryview, aad: bytes, what: str, page: bool = False,
+              counted: bool = True, verify: bool = True, into: memoryview | None = None) -> memoryview:
+        """``plain`` sealed as a module into ``into`` (its place in a file re-encrypted in place), else into the
+        reused buffer for pages (``page``) or for other modules, and (``verify``) checked by decrypting it again."""
+        size = len(plain)
+        n = _LEN + _NONCE + size + _TAG
+        out = into if into is not None else memoryview(self.buf.page if page else self.buf.out)[:n]
+        struct.pack_into("<I", out, 0, n - _LEN)
+        nonce = self.buf.nonce()
+        out[_LEN : _LEN + _NONCE] = nonce
+        cipher.new.encrypt_into(nonce, plain, aad, out[_LEN + _NONCE :])
+        if verify:
+            self._verify(cipher, out, plain, aad, what)
+        self.result.modules += 1
+        if counted:
+            self.result.module_bytes += n
+        return out
+
+    def _verify(self, cipher: _Cipher, module: memoryview, plain: memoryview, aad: bytes, what: str) -> None:
+        check = memoryview(self.buf.check)[: len(plain)]
+        cipher.new.decrypt_into(module[_LEN : _LEN + _NONCE], module[_LEN + _NONCE :], aad, check)
+        if not _equal(check, plain):
+            raise ModuleReencryptionError(f"{what}: the new module does not decrypt to the old one's plaintext")
+
+    def _open_ctr(self, cipher: _Cipher, module: memoryview, what: str) -> memoryview:
+        """The plaintext of CTR page ``module`` (length, nonce, ciphertext; no tag, no AAD) under the old key."""
+        n = len(module)
+        if n < _LEN + _NONCE or struct.unpack_from("<I", module)[0] != n - _LEN:
+            raise ModuleReencryptionError(f"{what}: module length does not match its size")
+        self.buf.fit(n)
+        size = n - _LEN - _NONCE
+        _ctr(cipher.old_key, module[_LEN : _LEN + _NONCE], module[_LEN + _NONCE :],
+             memoryview(self.buf.plain)[: size + _CTR_ROOM])
+        return memoryview(self.buf.plain)[:size]
+
+    def _seal_ctr(self, cipher: _Cipher, plain: memoryview, what: str, verify: bool = True) -> memoryview:
+        """``plain`` as a CTR page under the new key and a fresh nonce, (``verify``) checked by decrypting it
+        again."""
+        size = len(plain)
+        n = _LEN + _NONCE + size
+        page = memoryview(self.buf.page)
+        struct.pack_into("<I", page, 0, n - _LEN)
+        nonce = self.buf.nonce()
+        page[_LEN : _LEN + _NONCE] = nonce
+        _ctr(cipher.new_key, nonce, plain, page[_LEN + _NONCE : n + _CTR_ROOM])
+        if verify:
+            self._verify_ctr(cipher, page[:n], plain, what)
+        self.result.modules += 1
+        self.result.module_bytes += n
+        return page[:n]
+
+    def _verify_ctr(self, cipher: _Cipher, module: memoryview, plain: memoryview, what: str) -> None:
+        size = len(plain)
+        check = memoryview(self.buf.check)
+        _ctr(cipher.new_key, module[_LEN : _LEN + _NONCE], module[_LEN + _NONCE :], check[: size + _CTR_ROOM])
+        if not _equal(check[:size], plain):
+            raise ModuleReencryptionError(f"{what}: the new module does not decrypt to the old one's plaintext")
+
+    # -- footer -------------------------------------------------------------------------------
+    def _parse_tail(self) -> None:
+        size = self.src.size
+        if size < 12:
+            raise ModuleReencryptionError(f"{size} bytes, too short for a Parquet file")
+        trailer = bytes(self.src.view(size - 8, 8))
+        length, magic = struct.unpack("<I", trailer[:4])[0], trailer[4:]
+        if magic not in (PLAIN_MAGIC, ENCRYPTED_FOOTER_MAGIC) or length > size - 12:
+            raise ModuleReencryptionError("Parquet magic bytes or footer length not found at the end of the file")
+        self.magic = magic
+        self.footer_start = size - 8 - length
+        region = bytes(self.src.view(self.footer_start, length))
+        try:
+            if magic == ENCRYPTED_FOOTER_MAGIC:
+                self.crypto, end = decode_struct(region)
+                self._algorithm(self.crypto.get(1))
+                self.footer_cipher = self._cipher(None, self.old.footer, self._new_footer(), "footer")
+                module = memoryview(region)[end:]
+                plain = self._decrypt_footer(module)
+                self.metadata, used = decode_struct(plain)
+            else:
+                self.metadata, end = decode_struct(region)
+                if 8 not in self.metadata:
+                    raise ModuleReencryptionUnavailable("the file is not encrypted (no Parquet modular encryption)")
+                self._algorithm(self.metadata.get(8))
+                self.footer_cipher = self._cipher(None, self.old.footer, self._new_footer(), "footer")
+                if self.signed:
+                    self._check_signature(region[:end], region[end:])
+                self.result.plaintext_footer = True
+        except ThriftError as exc:
+            raise ModuleReencryptionError(f"footer is not valid Thrift: {exc}") from None
+
+    def _new_footer(self) -> bytes | None:
+        return None if self.new is None else self.new.footer
+
+    def footer_key_metadata(self) -> bytes | None:
+        return self.crypto.get(2) if self.magic == ENCRYPTED_FOOTER_MAGIC else self.metadata.get(9)
+
+    def column_key_metadata(self) -> dict[str, bytes]:
+        """Each column-key column's key metadata, by dotted path (from the first row group naming it)."""
+        found: dict[str, bytes] = {}
+        row_groups = self.metadata.get(4)
+        for rg in row_groups.items if row_groups is not None else []:
+            for chunk in rg[1].items:
+                crypto = chunk.get(8)
+                if crypto is not None and 2 in crypto:
+                    path = ".".join(p.decode() for p in crypto[2][1].items)
+                    found.setdefault(path, crypto[2].get(2) or b"")
+        return found
+
+    def _algorithm(self, union: Struct | None) -> None:
+        if not isinstance(union, Struct) or len(union.fields) != 1:
+            raise ModuleReencryptionError("footer names no encryption algorithm")
+        kind = next(iter(union.fields))
+        if kind not in ALGORITHMS:
+            raise ModuleReencryptionUnavailable(f"unknown encryption algorithm (EncryptionAlgorithm member {kind})")
+        self.kind = kind
+        self.result.algorithm = ALGORITHMS[kind]
+        params: Struct = union[kind]
+        if not isinstance(params, Struct):
+            raise ModuleReencryptionError("footer names no encryption algorithm")
+        stored = params.get(1)
+        if stored is not None and self.supplied_prefix is not None and stored != self.supplied_prefix:
+            raise ModuleReencryptionError("the AAD prefix supplied differs from the one the file stores")
+        prefix = stored if stored is not None else self.supplied_prefix
+        if params.get(3) and prefix is None:
+            raise ModuleReencryptionError("the file's AAD prefix is not stored in it: supply it")
+        self.file_aad = (prefix or b"") + (params.get(2) or b"")
+
+    def _decrypt_footer(self, module: memoryview) -> bytes:
+        n = len(module)
+        if n < _LEN + _NONCE + _TAG or struct.unpack_from("<I", module)[0] != n - _LEN:
+            raise ModuleReencryptionError("footer: module length does not match its size")
+        try:
+            return self.footer_cipher.old.decrypt(module[_LEN : _LEN + _NONCE], module[_LEN + _NONCE :],
+                                                  self.file_aad + bytes([FOOTER]))
+        except InvalidTag:
+            raise ModuleReencryptionError("footer: does not authenticate under the old footer key") from None
+
+    def _check_signature(self, metadata: bytes, signature: bytes) -> None:
+        if len(signature) != _NONCE + _TAG:
+            raise ModuleReencryptionError("plaintext footer: signature is not a nonce and a tag")
+        tag = self.footer_cipher.old.encrypt(signature[:_NONCE], metadata, self.file_aad + bytes([FOOTER]))[-_TAG:]
+        if tag != signature[_NONCE:]:
+            raise ModuleReencryptionError("plaintext footer: signature does not verify under the old footer key")
+
+    def _cipher(self, column: str | None, old: bytes | None, new: bytes | None, name: str) -> _Cipher:
+        if self.new is None:  # reading only
+            new = old
+        if old is None or new is None:
+            raise ModuleReencryptionError(f"no {'old' if old is None else 'new'} key given for column {column}")
+        try:
+            return _Cipher(AESGCM(old), AESGCM(new), old, new, name)
+        except ValueError:
+            raise ModuleReencryptionError(f"the {name} key is not an AES key (16, 24 or 32 bytes)") from None
+
+    # -- the walk -----------------------------------------------------------------------------
+    def plan(self) -> list[tuple[int, int, Any]]:
+        """Regions of encrypted modules in file order: (start, end, action), action a callable that returns
+        the new bytes of the region given a writer."""
+        regions: list[tuple[int, int, Any]] = []
+        row_groups = self.metadata.get(4)
+        items = row_groups.items if row_groups is not None else []
+        self.result.row_groups = len(items)
+        self.result.rows = self.metadata.get(3)
+        columns: set[str] = set()
+        for rg_index, rg in enumerate(items):
+            rg_ordinal = rg.get(7, rg_index)
+            chunks = rg.get(1)
+            for col_index, chunk in enumerate(chunks.items if chunks is not None else []):
+                if chunk.get(1) is not None:
+                    raise ModuleReencryptionUnavailable("a column chunk lives in another file (ColumnChunk.file_path)")
+                crypto = chunk.get(8)
+                if crypto is None:
+                    continue
+                regions.extend(self._chunk(chunk, crypto, rg_ordinal, col_index, columns))
+        self.result.encrypted_columns = sorted(columns)
+        regions.sort(key=lambda r: r[0])
+        last = 4
+        for start, end, _ in regions:
+            if start < last or end > self.footer_start:
+                raise ModuleReencryptionError("encrypted modules overlap or reach into the footer")
+            last = end
+        return regions
+
+    def _chunk(self, chunk: Struct, crypto: Struct, rg: int, col: int, columns: set[str]
+               ) -> list[tuple[int, int, Any]]:
+        if 2 in crypto:
+            with_key: Struct = crypto[2]
+            path = ".".join(p.decode() for p in with_key[1].items)
+            cipher = self._cipher(path, self.old.columns.get(path), self.new.columns.get(path), f"column {path}")
+            if path in self.new.column_key_metadata:
+                with_key.set(2, self.new.column_key_metadata[path], BINARY)
+        else:
+            cipher, path = self.footer_cipher, None
+        where = _ordinal(rg, "row group") + _ordinal(col, "column")
+        if 9 in chunk:  # encrypted column metadata, re-encrypted in the footer
+            meta_module = memoryview(chunk[9])
+            aad = self.file_aad + bytes([COLUMN_META]) + where
+            new = bytes(self.gcm(cipher, meta_module, aad, "column metadata", counted=False))
+            plain = bytes(memoryview(self.buf.plain)[: len(meta_module) - _LEN - _NONCE - _TAG])
+            chunk.set(9, new, BINARY)
+            meta, _ = decode_struct(plain)
+        elif 3 in chunk:
+            meta = chunk[3]
+        else:
+            raise ModuleReencryptionError("an encrypted column chunk holds no column metadata")
+        if path is None:
+            path = ".".join(p.decode() for p in meta[3].items)
+        columns.add(path)
+        if meta.get(14) is not None:
+            raise ModuleReencryptionUnavailable(f"column {path} has a bloom filter: encrypted bloom filters are not "
+                                                "re-encrypted module by module")
+        dictionary = meta.get(11)
+        start = dictionary if dictionary is not None and dictionary > 0 else meta[9]
+        end = start + meta[7]
+        regions = [(start, end, ("pages", cipher, where, dictionary is not None and dictionary > 0, path))]
+        for offset_field, length_field, kind in ((6, 7, COLUMN_INDEX), (4, 5, OFFSET_INDEX)):
+            offset = chunk.get(offset_field)
+            if offset is not None:
+                regions.append((offset, offset + chunk[length_field], ("index", cipher, where, kind, path)))
+        return regions
+
+    def check_ctr(self, regions: list[tuple[int, int, Any]]) -> None:
+        """Refuse a CTR file whose pages carry no CRC before anything is written (its first page header says)."""
+        if self.kind != _CTR:
+            return
+        for start, _end, action in regions:
+            if action[0] == "pages":
+                _, cipher, where, dictionary, path = action
+                header = self._header(start, cipher, where, dictionary, 0, path)[0]
+                if header.get(4) is None:
+                    raise ModuleReencryptionUnavailable(
+                        f"AES_GCM_CTR_V1 without page CRCs (column {path}): its pages are not authenticated, so "
+                        "neither a damaged source page nor a wrong new one could be detected; refused")
+                return
+
+    def _header(self, pos: int, cipher: _Cipher, where: bytes, dictionary: bool, ordinal: int, path: str
+                ) -> tuple[Struct, int, bytes]:
+        length = struct.unpack("<I", self.src.view(pos, _LEN))[0]
+        module = self.src.view(pos, _LEN + length)
+        kind = DICT_HEADER if dictionary else DATA_HEADER
+        aad = self.file_aad + bytes([kind]) + where + (b"" if dictionary else _ordinal(ordinal, "page"))
+        size = length - _NONCE - _TAG
+        if size <= 0:
+            raise ModuleReencryptionError(f"column {path}: page header module length does not match its size")
+        self.buf.fit(_LEN + length)
+        plain = memoryview(self.buf.plain)[:size]
+        try:
+            cipher.old.decrypt_into(module[_LEN : _LEN + _NONCE], module[_LEN + _NONCE :], aad, plain)
+        except InvalidTag:
+            raise ModuleReencryptionError(f"column {path}: a page header does not authenticate under the old "
+                                          "key") from None
+        try:
+            header, used = decode_struct(plain, lazy=True)
+        except ThriftError as exc:
+            raise ModuleReencryptionError(f"column {path}: a page header is not valid Thrift: {exc}") from None
+        if used != size:
+            raise ModuleReencryptionError(f"column {path}: a page header module holds more than its header")
+        return header, _LEN + length, aad
+
+    def pages(self, start: int, end: int, cipher: _Cipher, where: bytes, dictionary: bool, path: str,
+              sink: _StreamSink | _InPlaceSink) -> None:
+        pos, ordinal = start, 0
+        first = True
+        while pos < end:
+            is_dict = dictionary and first
+            header, header_len, header_aad = self._header(pos, cipher, where, is_dict, ordinal, path)
+            page_type = header.get(1)
+            if (page_type == _DICTIONARY_PAGE) != is_dict or page_type == _INDEX_PAGE:
+                raise ModuleReencryptionError(f"column {path}: page type {page_type} where "
+                                              f"{'a dictionary' if is_dict else 'a data'} page belongs")
+            page_len = header[3]
+            page_at = pos + header_len
+            if page_at + page_len > end:
+                raise ModuleReencryptionError(f"column {path}: a page reaches past its column chunk")
+            page = self.src.view(page_at, page_len)
+            crc_field = header.fields.get(4)
+            if self.kind == _CTR:
+                if crc_field is None:
+                    raise ModuleReencryptionUnavailable(
+                        f"AES_GCM_CTR_V1 without page CRCs (column {path}): its pages are not authenticated, so "
+                        "neither a damaged source page nor a wrong new one could be detected; refused")
+                if zlib.crc32(page) != header[4] & 0xFFFFFFFF:
+                    raise ModuleReencryptionError(f"column {path}: a page does not match its CRC")
+            kind = DICT_PAGE if is_dict else DATA_PAGE
+            page_aad = self.file_aad + bytes([kind]) + where + (b"" if is_dict else _ordinal(ordinal, "page"))
+            what = f"column {path}: page"
+            if self.kind == _CTR:
+                plain = self._open_ctr(cipher, page, what)
+            else:
+                plain = self._open(cipher, page, page_aad, what)
+            # a GCM page re-encrypted in place goes straight to its place (its plaintext is out already)
+            direct = sink.view_at(page_at, page_len) if self.kind == _GCM else None
+            tries = max(1, self.crc_budget // max(1, page_len)) if crc_field is not None else 1
+            for attempt in range(tries):
+                # checked below once its CRC fits: a nonce whose CRC does not is not worth checking
+                if self.kind == _CTR:
+                    new_page = self._seal_ctr(cipher, plain, what, verify=crc_field is None)
+                else:
+                    new_page = self._seal(cipher, plain, page_aad, what, page=True, verify=crc_field is None,
+                                          into=direct)
+                if crc_field is None:
+                    break
+                crc = zlib.crc32(new_page)
+                raw = padded_varint(zigzag(crc - (1 << 32) if crc >= 1 << 31 else crc, 32), len(crc_field.raw))
+                if raw is not None:
+                    if self.kind == _CTR:
+                        self._verify_ctr(cipher, new_page, plain, what)
+                    else:
+                        self._verify(cipher, new_page, plain, page_aad, what)
+                    header.set_raw(4, I32, raw)
+                    self.result.crc_pages += 1
+                    self.result.crc_retries += attempt
+                    break
+                self.result.modules -= 1
+                self.result.module_bytes -= len(new_page)
+            else:
+                raise ModuleReencryptionUnavailable(
+                    f"column {path}: a page's new CRC does not fit the varint its header has for it after {tries} "
+                    "nonce(s)")
+            header_plain = header.encode()  # as it was, but for a new CRC of the same size
+            if len(header_plain) != header_len - _LEN - _NONCE - _TAG:
+                raise ModuleReencryptionError(f"column {path}: a page header changed size")
+            plain = memoryview(self.buf.plain)[: len(header_plain)]  # the page's plaintext is done with
+            plain[:] = header_plain
+            sink.write(self._seal(cipher, plain, header_aad, f"column {path}: page header"))
+            if direct is None:
+                sink.write(new_page)
+            else:
+                sink.skip_to(page_at + page_len)
+            if not is_dict:
+                ordinal += 1
+            first = False
+            pos = page_at + page_len
+        if pos != end:
+            raise ModuleReencryptionError(f"column {path}: pages do not end where the column chunk does")
+
+    def index(self, start: int, end: int, cipher: _Cipher, where: bytes, kind: int, path: str, write: Any) -> None:
+        what = "column index" if kind == COLUMN_INDEX else "offset index"
+        write(self.gcm(cipher, self.src.view(start, end - start), self.file_aad + bytes([kind]) + where,
+                       f"column {path}: {what}"))
+
+    def footer(self) -> bytes:
+        """The new footer region, length and magic."""
+        aad = self.file_aad + bytes([FOOTER])
+        if self.magic == ENCRYPTED_FOOTER_MAGIC:
+            if self.new.footer_key_metadata is not None:
+                self.crypto.set(2, self.new.footer_key_metadata, BINARY)
+            plain = self.metadata.encode()
+            self.buf.fit(len(plain) + 64)
+            memoryview(self.buf.plain)[: len(plain)] = plain
+            module = self._seal(self.footer_cipher, memoryview(self.buf.plain)[: len(plain)], aad, "footer")
+            region = self.crypto.encode() + bytes(module)
+            self._refused_by_old(module, aad)
+        else:
+            if self.new.footer_key_metadata is not None:
+                self.metadata.set(9, self.new.footer_key_metadata, BINARY)
+            plain = self.metadata.encode()
+            nonce = os.urandom(_NONCE)
+            tag = self.footer_cipher.new.encrypt(nonce, plain, aad)[-_TAG:]
+            old_tag = self.footer_cipher.old.encrypt(nonce, plain, aad)[-_TAG:]
+            if old_tag == tag:
+                raise ModuleReencryptionError("footer: the old footer key still signs the new footer")
+            region = plain + nonce + tag
+            self.result.modules += 1
+        return region + struct.pack("<I", len(region)) + self.magic
+
+    def _refused_by_old(self, module: memoryview, aad: bytes) -> None:
+        try:
+            self.footer_cipher.old.decrypt(module[_LEN : _LEN + _NONCE], module[_LEN + _NONCE :], aad)
+        except InvalidTag:
+            return
+        raise ModuleReencryptionError("footer: the old footer key still opens the new footer")
+
+
+def _ctr(key: bytes, nonce: memoryview | bytes, data: memoryview, out: memoryview) -> None:
+    """AES-CTR of ``data`` into ``out`` (``_CTR_ROOM`` bytes longer: cryptography's update_into wants them), counter
+    block ``nonce || 00000001`` as the Parquet spec has it."""
+    if len(data):
+        Cipher(algorithms.AES(key), modes.CTR(bytes(nonce) + b"\x00\x00\x00\x01")).encryptor().update_into(data, out)
+
+
+def _distinct(old: ModuleKeys, new: ModuleKeys) -> None:
+    if old.footer == new.footer or any(new.columns.get(c) == k for c, k in old.columns.items()):
+        raise ModuleReencryptionError("a new data key equals an old one: re-encryption needs new keys")
+
+
+class _StreamSink:
+    """Writes the new file front to back: the bytes between modules copied from the source."""
+
+    def __init__(self, source: _Source, write: Any) -> None:
+        self._source, self._write, self.pos = source, write, 0
+
+    def write(self, view: memoryview) -> None:
+        self._write(view)
+        self.pos += len(view)
+
+    def skip_to(self, end: int) -> None:
+        while self.pos < end:
+            self.write(self._source.view(self.pos, min(_COPY, end - self.pos)))
+
+    def view_at(self, _offset: int, _n: int) -> None:
+        return None
+
+
+class _InPlaceSink:
+    """Writes each new module over the old one (every module keeps its size); the bytes between stay."""
+
+    def __init__(self, buf: memoryview) -> None:
+        self._buf, self.pos = buf, 0
+
+    def write(self, view: memoryview) -> None:
+        n = len(view)
+        self._buf[self.pos : self.pos + n] = view
+        self.pos += n
+
+    def skip_to(self, end: int) -> None:
+        self.pos = end
+
+    def view_at(self, offset: int, n: int) -> memoryview:
+        """Where a module of the new file goes, to be written there directly."""
+        return self._buf[offset : offset + n]
+
+
+def _run(source: _Source, sink: _StreamSink | _InPlaceSink, old: ModuleKeys, new: ModuleKeys,
+         aad_prefix: bytes | None, crc_budget: int, before_write: Any = None) -> tuple[ReencryptionResult, int, bytes]:
+    """Every module up to the footer re-encrypted into ``sink``; the result, where the footer starts, and the new
+    footer (with its length and magic), which the caller writes."""
+    try:
+        return _walk(source, sink, old, new, aad_prefix, crc_budget, before_write)
+    except (KeyError, IndexError, TypeError, AttributeError, struct.error) as exc:
+        # metadata that decodes but is not shaped as parquet.thrift has it (a field missing or of another type)
+        raise ModuleReencryptionError(f"the file's metadata is not as Parquet has it ({type(exc).__name__})") \
+            from None
+
+
+def _walk(source: _Source, sink: _StreamSink | _InPlaceSink, old: ModuleKeys, new: ModuleKeys,
+          aad_prefix: bytes | None, crc_budget: int, before_write: Any) -> tuple[ReencryptionResult, int, bytes]:
+    job = _Job(source, old, new, aad_prefix, crc_budget)
+    regions = job.plan()
+    job.check_ctr(regions)
+    if before_write is not None:
+        before_write()
+    for start, end, action in regions:
+        sink.skip_to(start)
+        if action[0] == "pages":
+            job.pages(start, end, *action[1:], sink)
+        else:
+            job.index(start, end, *action[1:], sink.write)
+    sink.skip_to(job.footer_start)
+    return job.result, job.footer_start, job.footer()
+
+
+def reencrypt_in_place(buf: bytearray, old: ModuleKeys, new: ModuleKeys, aad_prefix: bytes | None = None,
+                       crc_budget: int = CRC_BUDGET) -> ReencryptionResult:
+    """The PME file held in ``buf`` re-encrypted from the ``old`` data keys to the ``new`` ones, module by module,
+    each new module written over the old one (``buf`` changes size only where new key metadata stored in the
+    footer does).
+
+    ``aad_prefix``: the file's AAD prefix where it is not stored in the file. ``crc_budget``: see
+    :data:`CRC_BUDGET`.
+
+    :raises ModuleReencryptionUnavailable: the file cannot be re-encrypted so (the reason says why); ``buf`` may
+        have been changed then, up to the page that could not be.
+    :raises ModuleReencryptionError: a module does not authenticate under its old key, or the file is malformed.
+    """
+    view = memoryview(buf)
+    try:
+        result, footer_start, footer = _run(_MemorySource(view), _InPlaceSink(view), old, new, aad_prefix,
+                                            crc_budget)
+    finally:
+        view.release()
+    buf[footer_start:] = footer
+    result.bytes = len(buf)
+    return result
+
+
+def reencrypt_bytes(data: bytes | bytearray | memoryview, old: ModuleKeys, new: ModuleKeys,
+                    aad_prefix: bytes | None = None, crc_budget: int = CRC_BUDGET
+                    ) -> tuple[bytearray, ReencryptionResult]:
+    """A copy of the PME file ``data`` re-encrypted as :func:`reencrypt_in_place` does; ``data`` is unchanged."""
+    out = bytearray(data)
+    return out, reencrypt_in_place(out, old, new, aad_prefix, crc_budget)
+
+
+def reencrypt_stream(src: BinaryIO | Any, size: int, dst: BinaryIO | Any, old: ModuleKeys, new: ModuleKeys,
+                     aad_prefix: bytes | None = None, crc_budget: int = CRC_BUDGET,
+                     before_write: Any = None) -> ReencryptionResult:
+    """As :func:`reencrypt_bytes`, from a seekable file ``src`` of ``size`` bytes (``seek``/``readinto``) to a
+    writable ``dst``, module by module with reused buffers. ``before_write`` is called once the footer has been
+    read and every refusal that can be known before writing has been made."""
+    source = _FileSource(src, size)
+    result, footer_start, footer = _run(source, _StreamSink(source, dst.write), old, new, aad_prefix, crc_budget,
+                                        before_write)
+    dst.write(footer)
+    result.bytes = footer_start + len(footer)
+    return result
+
+
+def reencrypt_file(src_path: str, dst_path: str, filesystem: pafs.FileSystem, old: ModuleKeys, new: ModuleKeys,
+                   aad_prefix: bytes | None = None, crc_budget: int = CRC_BUDGET,
+                   before_write: Any = None) -> ReencryptionResult:
+    """As :func:`reencrypt_bytes`, file to file on ``filesystem``; ``dst_path`` is created only once nothing known
+    before writing refuses the file (then ``before_write`` is called first), and removed when the re-encryption
+    fails."""
+    with filesystem.open_input_file(src_path) as src:
+        out = _LazyOutput(filesystem, dst_path, before_write)
+        try:
+            result = reencrypt_stream(src, src.size(), out, old, new, aad_prefix, crc_budget, out.open)
+            out.close()
+        except BaseException:
+            if out.stream is not None:
+                out.stream.close()
+                try:
+                    filesystem.delete_file(dst_path)
+                except OSError:
+                    pass
+            raise
+    return result
+
+
+class _LazyOutput:
+    def __init__(self, filesystem: pafs.FileSystem, path: str, before_open: Any) -> None:
+        self._fs, self._path, self._before_open = filesystem, path, before_open
+        self.stream: Any = None
+
+    def open(self) -> None:
+        if self._before_open is not None:
+            self._before_open()
+        self.stream = self._fs.open_output_stream(self._path)
+
+    def write(self, view: memoryview | bytes) -> None:
+        self.stream.write(view)
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+@dataclass(frozen=True)
+class KeyMetadata:
+    """The key metadata a PME file stores: its footer key's, and each column-key column's by dotted path."""
+
+    algorithm: str
+    plaintext_footer: bool
+    footer: bytes | None
+    columns: dict[str, bytes]
+
+
+def file_key_metadata(data: bytes | memoryview | None = None, footer_key: bytes | None = None,
+                      aad_prefix: bytes | None = None, *, src: Any = None, size: int | None = None) -> KeyMetadata:
+    """The key metadata of a PME file (``data`` in memory, or seekable ``src`` of ``size`` bytes). With an
+    encrypted footer, column key metadata sits inside it: without ``footer_key`` only the footer's is read."""
+    source: _Source = _MemorySource(data) if data is not None else _FileSource(src, size or 0)
+    if footer_key is None:
+        size = source.size
+        trailer = bytes(source.view(size - 8, 8))
+        length = struct.unpack("<I", trailer[:4])[0]
+        if trailer[4:] == ENCRYPTED_FOOTER_MAGIC and length <= size - 12:
+            try:
+                crypto, _ = decode_struct(bytes(source.view(size - 8 - length, length)))
+            except ThriftError as exc:
+                raise ModuleReencryptionError(f"footer is not valid Thrift: {exc}") from None
+            union = crypto.get(1)
+            kind = next(iter(union.fields)) if union is not None and union.fields else 0
+            return KeyMetadata(ALGORITHMS.get(kind, "unknown"), False, crypto.get(2), {})
+        # a plaintext footer is readable without its key (its signature is not checked then)
+        job = _Job(source, ModuleKeys(b"\0" * 16), None, aad_prefix, 0, signed=False)
+    else:
+        job = _Job(source, ModuleKeys(footer_key), None, aad_prefix, 0)
+    return KeyMetadata(job.result.algorithm, job.result.plaintext_footer, job.footer_key_metadata(),
+                       job.column_key_metadata())
