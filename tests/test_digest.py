@@ -5,6 +5,7 @@ sha256 digests still verify through the engine."""
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -313,9 +314,10 @@ def test_a_legacy_digest_still_verifies_through_the_engine(make_key_class, vault
     legacy = _legacy_partition(rt, part)
     # Validation computes the legacy digest to compare with the recorded one.
     assert engine.validate(part).digest == legacy
-    # Re-encryption checks the data against the legacy digest, then records the current one.
+    # Re-encryption by decoding checks the data against the legacy digest, then records the current one.
     v2 = rt.backend.rotate()
     engine = rt.engine("customers")
+    engine.module_path = False
     result = engine.process(part, v2, "reencrypt")
     assert (result.action, result.digest) == ("reencrypted", table_digest(customers(part)))
     assert rt.store("customers").read_manifest(part).digest == table_digest(customers(part))
@@ -334,7 +336,18 @@ def test_a_legacy_digest_that_does_not_match_refuses_the_reencryption(make_key_c
     store.write_manifest(part, manifest)
     files = store.live_files(part)
     v2 = rt.backend.rotate()
+    engine = rt.engine("customers")
+    engine.module_path = False  # the decode path checks the data against its record before it writes
     with pytest.raises(ValidationError, match="does not match its recorded digest"):
-        rt.engine("customers").process(part, v2, "reencrypt")
+        engine.process(part, v2, "reencrypt")
     assert store.live_files(part) == files
     assert store.read_manifest(part).digest == forged
+
+    # The module path proves each module equal instead and carries the record over: the validation that
+    # follows every re-encryption finds the record wrong, and the gate stays shut.
+    result = rt.engine("customers").process(part, v2, "reencrypt")
+    assert result.action == "reencrypted" and store.read_manifest(part).digest == forged
+    assert json.loads(rt.ledger.rows(events_in=(lg.PARTITION_REENCRYPTED,))[-1]["detail"])["path"] == "module"
+    with pytest.raises(ValidationError, match=f"decrypts to digest sha256:[0-9a-f]{{64}}, recorded {forged}"):
+        rt.engine("customers").validate(part, min_version=v2)
+    assert rt.ledger.rows(events_in=(lg.VALIDATION_FAILED,))[-1]["partition"] == part
