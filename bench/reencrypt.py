@@ -122,3 +122,72 @@ def plain_parquet(rows: int, partition: str = "2024-01-01") -> dict:
             "write_s": round(write_s, 3), "read_s": round(read_s, 3), "digest_s": round(digest_s, 3),
             "write_read_file_mb_per_cpu_s": round(size / codec_cpu, 2),
             "write_read_file_mb_s": round(size / (write_s + read_s), 2)}
+
+
+MODULE_STAGES = {"reencrypt_modules": "module path, whole (old keys from the KMS, new key material, every module "
+                                      "decrypted, re-encrypted and verified file to file, the checks)",
+                 "check": "checks: the old footer key refused, pyarrow reads the first and last row groups"}
+
+
+def measure_modules(backend: Any, ledger: Any, counter: KmsCounter, dataset: dict, location: str,
+                    repeats: int = 3) -> dict:
+    """The same partitions re-encrypted module by module (mode ``reencrypt``, the engine's default path): each
+    partition's file written as a new generation through the partition store, committed as the decode path
+    commits, every new module decrypted again and compared in the same pass; then one partition's file
+    re-encrypted in memory (``reencrypt_in_place``, verification included), ``repeats`` times."""
+    import json
+    import os
+
+    from keyrotation import ledger as lg
+    from keyrotation.formats.parquet_pme import ParquetEncryption
+    from keyrotation.formats.pme_modules import ModuleKeys, reencrypt_in_place
+    from keyrotation_dev.sample_data import daily_partitions
+
+    partitions = daily_partitions(dataset["partitions"])
+    target = backend.rotate()
+    engine = engine_for(backend, ledger, location, dataset["name"])
+    watch = Stopwatch()
+    watch.wrap(ParquetEncryption, "reencrypt_modules", "reencrypt_modules")
+    watch.wrap(ParquetEncryption, "_check_reencrypted", "check")
+    seen = len(ledger.rows(events_in=(lg.PARTITION_REENCRYPTED,)))
+    counter.reset()
+    try:
+        cpu0, start = cpu_seconds(), time.perf_counter()
+        results = engine.run(partitions, lambda p: engine.process(p, target, "reencrypt"))
+        wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu0
+    finally:
+        for name in ("reencrypt_modules", "_check_reencrypted"):
+            Stopwatch.unwrap(ParquetEncryption, name)
+    paths = [json.loads(r["detail"]).get("path") for r in ledger.rows(events_in=(lg.PARTITION_REENCRYPTED,))[seen:]]
+    if {r.action for r in results} != {"reencrypted"} or set(paths) != {"module"}:
+        raise RuntimeError(f"{dataset['name']}: module path ended {[r.action for r in results]} by {paths}")
+    file_bytes = sum(r.bytes for r in results)
+    stages = {MODULE_STAGES[k]: round(v, 3) for k, v in watch.seconds.items()}
+    stages["KMS requests"] = round(counter.seconds, 3)
+    stages["other (census, manifest, ledger, leases, moves)"] = round(wall - watch.seconds["reencrypt_modules"], 3)
+
+    # In memory: one partition's file (as the store holds it now) under its keys, new keys of the same sizes.
+    store, pme = engine.store, engine.pme
+    manifest = store.read_manifest(partitions[0])
+    path = store.path(partitions[0], manifest.files[0])
+    with store.fs.open_input_stream(path) as stream:
+        data = stream.read()
+    old, _ = pme._old_data_keys(path, store.fs, pme.key_material(path, store.fs))
+    new = ModuleKeys(os.urandom(len(old.footer)), {c: os.urandom(len(k)) for c, k in old.columns.items()})
+    times, cpus = [], []
+    for _ in range(repeats):
+        buf = bytearray(data)
+        cpu0, start = time.thread_time(), time.perf_counter()
+        result = reencrypt_in_place(buf, old, new)
+        times.append(time.perf_counter() - start)
+        cpus.append(time.thread_time() - cpu0)
+    in_memory_s, in_memory_cpu = sorted(times)[len(times) // 2], sorted(cpus)[len(cpus) // 2]
+    return {
+        "dataset": dataset["name"], "partitions": len(partitions), "file_bytes": file_bytes, "to_version": target,
+        "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "cores_used": round(cpu / wall, 2),
+        "file_mb_s": round(file_bytes / MB / wall, 1), "file_mb_per_cpu_s": round(file_bytes / MB / cpu, 1),
+        "kms": counter.snapshot(), "stages_s": stages, "paths": sorted(set(paths)),
+        "in_memory": {"file_bytes": len(data), "modules": result.modules, "repeats": repeats,
+                      "seconds": round(in_memory_s, 4), "cpu_s": round(in_memory_cpu, 4),
+                      "file_mb_per_cpu_s": round(len(data) / MB / in_memory_cpu, 1)},
+    }

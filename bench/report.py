@@ -63,7 +63,9 @@ def markdown(res: dict) -> str:
         f"{fmt_int(head['per_value_requests'])} requests) | |",
         f"| vs (b) batch rewrap, 250 per request | | {_x(head['vs_batch_rewrap'])} faster "
         f"(extrapolated: {fmt_seconds(head['batch_rewrap_s'])}, {fmt_int(head['batch_requests'])} requests) | |",
-        f"| full re-encryption, Parquet PME (`reencrypt`) | ≥ 50% of bulk AES-256-GCM MB/s per core | "
+        *_modules_headline(res),
+        f"| full re-encryption, Parquet PME, decode path (`reencrypt` where the module path does not apply) | ≥ 50% "
+        f"of bulk AES-256-GCM MB/s per core | "
         f"{re_['engine']['file_mb_per_cpu_s']} MB/s per core = {_pct(g['reencrypt_vs_aes']['share'])} of "
         f"{cipher['bulk']['encrypt_mb_s']} MB/s | {_yes(g['reencrypt_vs_aes']['met'])} |",
         *_sql_headline(res),
@@ -136,7 +138,9 @@ def markdown(res: dict) -> str:
             "the commit. Per core = per CPU second of the process (all its threads).", "",
             "| path | rows | file MB | wall | CPU s | cores used | rows/s | MB/s (file bytes) | MB/s per core | "
             "vs bulk AES-GCM |", "|---|---|---|---|---|---|---|---|---|---|",
-            f"| Parquet PME, engine | {fmt_int(e['rows'])} | {e['file_bytes'] / 1e6:,.1f} | {fmt_seconds(e['wall_s'])} "
+            *_modules_rows(res),
+            f"| Parquet PME, engine, decode path | {fmt_int(e['rows'])} | {e['file_bytes'] / 1e6:,.1f} | "
+            f"{fmt_seconds(e['wall_s'])} "
             f"| {e['cpu_s']} | {e['cores_used']} | {fmt_int(e['rows_per_s'])} | {e['file_mb_s']} | "
             f"{e['file_mb_per_cpu_s']} | {_pct(g['reencrypt_vs_aes']['share'])} |",
             _sql_reencrypt_row(res),
@@ -166,6 +170,7 @@ def markdown(res: dict) -> str:
             "| step | seconds | share |", "|---|---|---|"]
     for name, secs in e["stages_s"].items():
         out.append(f"| {name} | {secs} | {_pct(secs / e['wall_s'])} |")
+    out += _modules_stages(res)
     if e.get("passes_s"):
         out += ["", "The same time by pass (wall seconds, summed over partitions; the copy pass includes the "
                 "file moves and the manifest):", "", "| pass | seconds | share |", "|---|---|---|"]
@@ -219,6 +224,48 @@ def markdown(res: dict) -> str:
         out.append(f"| {name} | {secs} | {loads.get(name, 'n/a')} |")
     out.append("")
     return "\n".join(out)
+
+
+def _modules_headline(res: dict) -> list[str]:
+    m = res["reencrypt"].get("modules")
+    if not m:
+        return []
+    g, bulk = res["goals"], res["cipher"]["bulk"]["encrypt_mb_s"]
+    mem, whole = g["reencrypt_modules_in_memory"], g["reencrypt_modules_file"]
+    return [f"| full re-encryption, Parquet PME, module by module (`reencrypt`), a file held in memory, verification "
+            f"included | ≥ {_pct(mem['goal'])} of bulk AES-256-GCM (`encrypt_into`) per core per file byte | "
+            f"{m['in_memory']['file_mb_per_cpu_s']} MB/s per core = {_pct(mem['share'])} of {bulk} MB/s | "
+            f"{_yes(mem['met'])} |",
+            f"| same, file to file through the partition store (a new generation per partition, committed), "
+            f"{m['partitions']} partitions | ≥ {_pct(whole['goal'])} | {m['file_mb_per_cpu_s']} MB/s per core = "
+            f"{_pct(whole['share'])}; {_x(whole['vs_decode_path'])} the decode path | {_yes(whole['met'])} |"]
+
+
+def _modules_rows(res: dict) -> list[str]:
+    m = res["reencrypt"].get("modules")
+    if not m:
+        return []
+    g, im = res["goals"], m["in_memory"]
+    return [f"| Parquet PME, engine, module by module (file to file, new generations) | | "
+            f"{m['file_bytes'] / 1e6:,.1f} | {fmt_seconds(m['wall_s'])} | {m['cpu_s']} | {m['cores_used']} | | "
+            f"{m['file_mb_s']} | {m['file_mb_per_cpu_s']} | {_pct(g['reencrypt_modules_file']['share'])} |",
+            f"| Parquet PME, module by module, one file in memory ({im['modules']:,} modules; median of "
+            f"{im['repeats']}) | | {im['file_bytes'] / 1e6:,.1f} | {fmt_seconds(im['seconds'])} | {im['cpu_s']} | 1 | "
+            f"| | {im['file_mb_per_cpu_s']} | {_pct(g['reencrypt_modules_in_memory']['share'])} |"]
+
+
+def _modules_stages(res: dict) -> list[str]:
+    m = res["reencrypt"].get("modules")
+    if not m:
+        return []
+    out = ["", "The module path (the same partitions, after a further rotation): every encrypted module of each file "
+           "(footer, column metadata, page headers, pages, dictionary pages, indexes) decrypted with the old data key, "
+           "encrypted under a new one with its exact associated data, decrypted again and compared, into a new "
+           "generation; the encoded bytes and every offset unchanged. Its time (wall seconds, summed over "
+           "partitions):", "", "| step | seconds | share |", "|---|---|---|"]
+    for name, secs in m["stages_s"].items():
+        out.append(f"| {name} | {secs} | {_pct(secs / m['wall_s'])} |")
+    return out + [""]
 
 
 def _airflow_rows(af: dict) -> list[str]:

@@ -154,8 +154,8 @@ class EncryptedParquetFile:
         self.metadata: pq.FileMetaData = fragment.metadata
         self.num_rows: int = self.metadata.num_rows
 
-    def read_row_group(self, index: int) -> pa.Table:
-        return self._fragment.subset(row_group_ids=[index]).to_table(use_threads=False)
+    def read_row_group(self, index: int, columns: list[str] | None = None) -> pa.Table:
+        return self._fragment.subset(row_group_ids=[index]).to_table(columns=columns, use_threads=False)
 
     def iter_batches(self, batch_size: int) -> Iterator[pa.RecordBatch]:
         return iter(self._fragment.to_batches(batch_size=batch_size, use_threads=False, batch_readahead=0,
@@ -418,8 +418,9 @@ class ParquetEncryption:
         return ref
 
     def _check_reencrypted(self, path: str, filesystem: pafs.FileSystem, old: ModuleKeys, samples: int) -> None:
-        """The old footer key does not open the new file; pyarrow (through the KMS) opens it and reads a sample of
-        its row groups."""
+        """The old footer key does not open the new file; pyarrow (through the KMS) opens it and reads the encrypted
+        columns of a sample of its row groups (what the new keys open: the plaintext columns' bytes are copied as
+        they were)."""
         try:
             footer_facts(path, filesystem, old.footer)
         except FooterError:
@@ -429,8 +430,9 @@ class ParquetEncryption:
         source = self.open(path, filesystem)
         try:
             count = source.metadata.num_row_groups
+            columns = [c for c in source.schema_arrow.names if c in self.encrypted_columns] or None
             for index in sorted({0, count - 1})[:samples] if count else []:
-                rows = source.read_row_group(index).num_rows
+                rows = source.read_row_group(index, columns).num_rows
                 if rows != source.metadata.row_group(index).num_rows:
                     raise ModuleReencryptionError(f"row group {index} of the new file reads {rows} rows, its footer "
                                                   f"says {source.metadata.row_group(index).num_rows}")
