@@ -188,3 +188,18 @@ def test_the_whole_cycle_runs_from_the_installed_package(installed, user_env, va
                   installed["base"])
     assert verify.returncode == 0, verify.stdout + verify.stderr
     record_property("install_durations_s", json.dumps({k: round(v, 1) for k, v in timings.items()}))
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"KEYROTATION_CONFIG_DIR": "/etc/keyrotation/classes", "AIRFLOW__CORE__DAGS_FOLDER": "/x/dags"},
+     "/etc/keyrotation/classes"),
+    ({"AIRFLOW__CORE__DAGS_FOLDER": "/opt/airflow/dags/repo/dags", "AIRFLOW_HOME": "/opt/airflow"},
+     "/opt/airflow/dags/repo/dags/key_classes"),
+    ({"AIRFLOW_HOME": "/usr/local/airflow"}, "/usr/local/airflow/dags/key_classes"),
+    ({"HOME": "/home/someone"}, "/home/someone/airflow/dags/key_classes"),
+])
+def test_where_the_installed_package_finds_the_key_classes(installed, env, expected):
+    code = "from keyrotation.config import config_dir; print(config_dir())"
+    done = _run([str(installed["bin"] / "python"), "-c", code],
+                {"PATH": os.environ["PATH"], "HOME": "/nonexistent", **env}, installed["base"])
+    assert (done.returncode, done.stdout, done.stderr) == (0, expected + "\n", "")
