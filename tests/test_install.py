@@ -133,6 +133,8 @@ def test_airflow_lists_the_provider_and_the_plugin(installed, user_env):
     (["keyrotation", "ledger", "verify"], "Walk the ledger's hash chain and report the first broken link"),
     (["keyrotation", "ledger", "checkpoint"], "Verify the ledger against its latest checkpoint, then append"),
     (["keyrotation", "policies"], "Print the least-privilege policy of each role of a key class"),
+    (["keyrotation", "census"], "Print which master key version protects each partition of a key class's datasets"),
+    (["keyrotation", "report"], "Write the compliance report (HTML, PDF, CSV/Parquet) of the key classes"),
     (["keyrotation-sidecar"], "Encrypt/decrypt over HTTP for one key class."),
 ])
 def test_each_console_script_says_what_it_does(installed, user_env, command, description):
@@ -187,6 +189,27 @@ def test_the_whole_cycle_runs_from_the_installed_package(installed, user_env, va
     verify = _run([str(installed["bin"] / "keyrotation"), "ledger", "verify", "--url", ledger_url], user_env,
                   installed["base"])
     assert verify.returncode == 0, verify.stdout + verify.stderr
+    # The census and the report from the console script, outside Airflow, credentials from the environment.
+    keyrotation = str(installed["bin"] / "keyrotation")
+    cli_env = {**user_env, "KEYROTATION_LEDGER_URL": ledger_url, "VAULT_ADDR": openbao.url}
+    no_token = _run([keyrotation, "census", KEY_CLASS], cli_env, installed["base"])
+    assert (no_token.returncode, no_token.stdout, no_token.stderr) == (
+        2, "", "error: VAULT_TOKEN (or VAULT_TOKEN_FILE) is not set: the sidecar reads its Vault/OpenBao token from "
+               "the environment\n")
+    cli_env["VAULT_TOKEN"] = openbao.token
+    census = _run([keyrotation, "census", KEY_CLASS], cli_env, installed["base"])
+    assert (census.returncode, census.stdout, census.stderr) == (
+        0, f"census {DATASET}: 5 partitions (v2: 5)\n", "")
+    out = installed["base"] / "report"
+    report = _run([keyrotation, "report", "--key-class", KEY_CLASS, "--output", str(out)], cli_env, installed["base"])
+    assert report.returncode == 0, report.stderr[-3000:]
+    written = json.loads(report.stdout)
+    assert written["html"] == f"{out}/report.html" and (out / "report.pdf").stat().st_size > 0
+    assert KEY_CLASS in (out / "report.html").read_text()
+    [recorded] = rt.ledger.rows(events_in=("report_written",))
+    assert json.loads(recorded["detail"])["content_hash"] == written["content_hash"]
+    assert openbao.token not in census.stdout + census.stderr + report.stdout + report.stderr
+
     record_property("install_durations_s", json.dumps({k: round(v, 1) for k, v in timings.items()}))
 
 
