@@ -31,7 +31,8 @@ CREDENTIALS = ("KMS credentials come from the environment only, as the sidecar t
 def _kms_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config-dir", help="key class folder (default: $KEYROTATION_CONFIG_DIR, else key_classes/ "
                                              "in Airflow's DAG folder)")
-    parser.add_argument("--ledger-url", help="ledger database URL without password (default: $KEYROTATION_LEDGER_URL)")
+    parser.add_argument("--ledger-url", help="ledger database URL (default: $KEYROTATION_LEDGER_URL, where a password "
+                                             "belongs, or in PGPASSWORD: never on the command line)")
     parser.add_argument("--vault-url", help="vault_transit: Vault/OpenBao address (default: $VAULT_ADDR)")
     parser.add_argument("--aws-endpoint-url", help="aws_kms: KMS endpoint (e.g. a local server)")
     parser.add_argument("--aws-region", help="aws_kms: region (default: the key class's, or the AWS chain's)")
