@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 BACKEND ?= vault
 export PYTHONPATH := $(CURDIR)/include:$(CURDIR)/plugins:$(CURDIR)/dags
 
-.PHONY: install test demo up down lint lock bench clean screenshots
+.PHONY: install test demo up down lint lock bench clean screenshots dist
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ lint: install
 
 screenshots: install
 	KEYROTATION_SCREENSHOTS=$(CURDIR)/docs/images $(VENV)/bin/pytest -q tests/test_ui.py
+
+# The wheel deployments install (docs/deploy): dist/keyrotation-<version>-py3-none-any.whl.
+dist: install
+	rm -rf dist
+	$(VENV)/bin/uv build --wheel --out-dir dist .
 
 lock: install
 	$(VENV)/bin/uv pip freeze --python $(PY) | grep -v -E '^(uv|pip)==' > constraints.txt

@@ -5,8 +5,8 @@ from datetime import datetime
 
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronDataIntervalTimetable, Param
 
+from keyrotation_airflow.dags import AUDIT_ASSET
 from keyrotation_airflow.operators.report import ComplianceReportOperator
-from keyrotation_factory import AUDIT_ASSET
 
 DOC = """
 ### Compliance report

@@ -1,5 +1,5 @@
-"""Airflow DAGs of key class customer_pii, built from include/config/key_classes/customer_pii.yaml."""
+"""Airflow DAGs of key class customer_pii, built from customer_pii.yaml in the key class folder."""
 
-from keyrotation_factory import key_class_dags
+from keyrotation_airflow.dags import key_class_dags
 
 globals().update(key_class_dags("customer_pii"))

@@ -1,5 +1,5 @@
-"""Airflow DAGs of key class payment_tokens, built from include/config/key_classes/payment_tokens.yaml."""
+"""Airflow DAGs of key class payment_tokens, built from payment_tokens.yaml in the key class folder."""
 
-from keyrotation_factory import key_class_dags
+from keyrotation_airflow.dags import key_class_dags
 
 globals().update(key_class_dags("payment_tokens"))

@@ -1,19 +1,6 @@
-"""Registers the keyrotation plugin with Airflow: the key inventory view in the UI's Browse menu."""
+"""Registers the keyrotation plugin (the key inventory view) from Airflow's plugins folder, for a checkout; the
+installed package registers it through its ``airflow.plugins`` entry point instead."""
 
-from airflow.plugins_manager import AirflowPlugin
+from keyrotation_airflow.plugin import KeyRotationPlugin
 
-from keyrotation_airflow.inventory import create_app
-
-
-class KeyRotationPlugin(AirflowPlugin):
-    name = "keyrotation"
-    fastapi_apps = [{"app": create_app(), "url_prefix": "/keyrotation", "name": "Key inventory"}]
-    external_views = [
-        {
-            "name": "Key inventory",
-            "href": "/keyrotation/inventory",
-            "destination": "nav",
-            "category": "browse",
-            "url_route": "key-inventory",
-        }
-    ]
+__all__ = ["KeyRotationPlugin"]

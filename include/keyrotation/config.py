@@ -503,11 +503,21 @@ class KeyClassConfig(_Strict):
 
 
 def config_dir() -> Path:
-    """The folder of key class files: ``$KEYROTATION_CONFIG_DIR`` or ``include/config/key_classes``."""
+    """The folder of key class files: ``$KEYROTATION_CONFIG_DIR``; else, in a checkout,
+    ``include/config/key_classes``; else (the installed package) ``key_classes`` in Airflow's DAG folder,
+    ``$AIRFLOW__CORE__DAGS_FOLDER``, else ``$AIRFLOW_HOME/dags``, else ``~/airflow/dags``."""
     env = os.environ.get("KEYROTATION_CONFIG_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[1] / "config" / "key_classes"
+    checkout = Path(__file__).resolve().parents[1] / "config" / "key_classes"
+    if checkout.is_dir():
+        return checkout
+    # Read from the environment, not Airflow's configuration: this module does not import Airflow. Where
+    # airflow.cfg alone moves the DAG folder, KEYROTATION_CONFIG_DIR says where the key classes are.
+    dags = os.environ.get("AIRFLOW__CORE__DAGS_FOLDER")
+    if not dags:
+        dags = str(Path(os.environ.get("AIRFLOW_HOME") or Path.home() / "airflow") / "dags")
+    return Path(dags) / "key_classes"
 
 
 def _expand_env(value: Any, where: str) -> Any:

@@ -595,8 +595,8 @@ def checkpoint_command(url: str | None, checkpoints: str | None) -> int:
     return INTACT
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keyrotation.ledger", description="Ledger maintenance.",
+def main(argv: list[str] | None = None, prog: str = "python -m keyrotation.ledger") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Ledger maintenance.",
                                      epilog=f"verify's {VERIFY_EXIT_CODES}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -611,7 +611,10 @@ def main(argv: list[str] | None = None) -> int:
                                               "$KEYROTATION_HOME/ledger-checkpoints.jsonl if it exists; else "
                                               "not checked)")
     checkpoint = commands.add_parser(
-        "checkpoint", help="append a checkpoint of the chain's head, HMAC'd by the KMS, to a file outside the ledger")
+        "checkpoint", help="append a checkpoint of the chain's head, HMAC'd by the KMS, to a file outside the ledger",
+        description="Verify the ledger against its latest checkpoint, then append a checkpoint of the chain's head "
+                    "(last row, number of rows, its hash), HMAC'd by the Transit key $KEYROTATION_ANCHOR_KEY, to "
+                    "the checkpoints file.")
     checkpoint.add_argument("--url", help="ledger database URL")
     checkpoint.add_argument("--checkpoints", help="checkpoints file (default: $KEYROTATION_LEDGER_CHECKPOINTS; "
                                                   "for the default ledger, $KEYROTATION_HOME/ledger-checkpoints.jsonl)")

@@ -368,9 +368,9 @@ def _unix_socket(path: str, mode: int) -> socket.socket:
     return sock
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(prog: str = "python -m keyrotation.sidecar") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m keyrotation.sidecar",
+        prog=prog,
         description="Encrypt/decrypt over HTTP for one key class. Credentials come from the environment only: "
                     "VAULT_TOKEN or VAULT_TOKEN_FILE (or the AWS chain, or Google's application default credentials), "
                     "KEYROTATION_LEDGER_URL, KEYROTATION_DB_URL "
@@ -406,10 +406,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m keyrotation.sidecar") -> int:
     import uvicorn
 
-    args = parser().parse_args(argv)
+    args = parser(prog).parse_args(argv)
     _no_password(args.ledger_url, "--ledger-url", "KEYROTATION_LEDGER_URL")
     _no_password(args.db_url, "--db-url", "KEYROTATION_DB_URL")
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):

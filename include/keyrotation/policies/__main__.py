@@ -10,7 +10,7 @@ from keyrotation.errors import ConfigError
 from keyrotation.policies import anchor_policies, render
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], prog: str = "python -m keyrotation.policies") -> int:
     if argv[:1] == ["--anchor"] and len(argv) <= 2:
         from keyrotation.anchoring import DEFAULT_ANCHOR_KEY
 
@@ -19,7 +19,7 @@ def main(argv: list[str]) -> int:
             print(f"# keyrotation-ledger-{name}: the ledger's anchor key {key!r}\n{hcl}")
         return 0
     parser = argparse.ArgumentParser(
-        prog="python -m keyrotation.policies",
+        prog=prog,
         usage="%(prog)s KEY_CLASS [--account ID] [--region REGION] | --anchor [KEY]",
         description="Print the least-privilege policy of each role of a key class, for its backend.")
     parser.add_argument("key_class")
