@@ -49,7 +49,7 @@ def padded_varint(n: int, size: int) -> bytes | None:
     return bytes(out)
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, slots=True)
 class Field:
     """One field of a struct: ``header`` and ``raw`` (the value's bytes) as read, or None once replaced."""
 
@@ -214,7 +214,8 @@ class Reader:
     """Decodes compact-protocol values from ``data`` starting at ``pos``."""
 
     def __init__(self, data: bytes | memoryview, pos: int = 0) -> None:
-        self.data, self.pos = data, pos
+        # bytes index and slice faster than a memoryview
+        self.data, self.pos = data if isinstance(data, bytes) else bytes(data), pos
 
     def _byte(self) -> int:
         if self.pos >= len(self.data):
@@ -246,24 +247,62 @@ class Reader:
     def struct(self, lazy: bool = False) -> Struct:
         """The struct at the current position; ``lazy``: its nested values (structs, lists, maps) decoded only when
         asked for."""
-        start = self.pos
+        # Hot: every page header and footer goes through here, so field headers and integers are read inline
+        # (the same bytes accepted and refused as by ``_byte`` and ``varint``).
+        data = self.data
+        n = len(data)
+        start = pos = self.pos
         fields: dict[int, Field] = {}
         last = 0
         while True:
-            hstart = self.pos
-            header = self._byte()
+            if pos >= n:
+                self.pos = pos
+                raise ThriftError("input ends inside a Thrift value")
+            hstart = pos
+            header = data[pos]
+            pos += 1
             if header == 0:
-                return Struct(fields, bytes(self.data[start : self.pos]))
+                self.pos = pos
+                return Struct(fields, data[start:pos])
             kind, delta = header & 0x0F, header >> 4
-            fid = last + delta if delta else self._zigzag()
-            vstart = self.pos
-            if lazy and kind in _NESTED:
-                self._skip(kind)
-                value = _LAZY
+            if delta:
+                fid = last + delta
             else:
-                value = self._value(kind)
-            fields[fid] = Field(fid, kind, value, bytes(self.data[hstart:vstart]),
-                                bytes(self.data[vstart : self.pos]), last)
+                self.pos = pos
+                fid = self._zigzag()
+                pos = self.pos
+            vstart = pos
+            if kind in _INTS:
+                shift = result = 0
+                while True:
+                    if pos >= n:
+                        self.pos = pos
+                        raise ThriftError("input ends inside a Thrift value")
+                    b = data[pos]
+                    pos += 1
+                    result |= (b & 0x7F) << shift
+                    if not b & 0x80:
+                        break
+                    shift += 7
+                    if shift > 70:
+                        self.pos = pos
+                        raise ThriftError("malformed Thrift varint")
+                value = (result >> 1) ^ -(result & 1)
+            elif kind == BOOL_TRUE or kind == BOOL_FALSE:
+                value = kind == BOOL_TRUE
+            elif kind == STRUCT and not lazy:
+                self.pos = pos
+                value = self.struct()
+                pos = self.pos
+            else:
+                self.pos = pos
+                if lazy and kind in _NESTED:
+                    self._skip(kind)
+                    value = _LAZY
+                else:
+                    value = self._value(kind)
+                pos = self.pos
+            fields[fid] = Field(fid, kind, value, data[hstart:vstart], data[vstart:pos], last)
             last = fid
 
     def _value(self, kind: int) -> Any:
@@ -283,7 +322,10 @@ class Reader:
             size, element = header >> 4, header & 0x0F
             if size == 15:
                 size = self.varint()
-            items = [self._element(element) for _ in range(size)]
+            if element == STRUCT:
+                items = [self.struct() for _ in range(size)]
+            else:
+                items = [self._element(element) for _ in range(size)]
             return ThriftList(element, items, bytes(self.data[start : self.pos]))
         if kind == MAP:
             size = self.varint()
