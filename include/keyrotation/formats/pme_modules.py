@@ -836,6 +836,13 @@ class ModuleSource:
         self._source = _FileSource(src, size)
         self._job = _Job(self._source, None, None, aad_prefix, crc_budget)
 
+    def decoded_footer(self) -> tuple[bytes, dict[int, Any] | None, dict[int, Any]]:
+        """The closing magic, the FileCryptoMetaData (None with a plaintext footer) and the footer as plain values
+        (``{field id: value}``), once :meth:`column_key_metadata` has opened it."""
+        job = self._job
+        crypto = job.crypto.to_dict() if job.magic == ENCRYPTED_FOOTER_MAGIC else None
+        return job.magic, crypto, job.metadata.to_dict()
+
     def footer_key_metadata(self) -> bytes | None:
         """The footer key's metadata (a plaintext footer's signature is not checked yet)."""
         return self._job.footer_key_metadata()
