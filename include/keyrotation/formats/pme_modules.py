@@ -118,18 +118,28 @@ class _MemorySource:
 class _FileSource:
     """Reads through one reused buffer (a view stays valid until the next read)."""
 
+    #: What a small read (a module's length, a page header) reads at least, so that the module after it comes
+    #: without another read.
+    AHEAD = 4096
+
     def __init__(self, f: Any, size: int) -> None:
         self._f, self.size = f, size
         self._buf = bytearray(1 << 20)
+        self._start = self._end = 0  # the file's bytes the buffer holds
 
     def view(self, offset: int, n: int) -> memoryview:
         if offset < 0 or offset + n > self.size:
             raise ModuleReencryptionError("a module reaches past the end of the file")
-        if n > len(self._buf):
-            self._buf = bytearray(max(n, 2 * len(self._buf)))
-        view = memoryview(self._buf)[:n]
+        if self._start <= offset and offset + n <= self._end:
+            return memoryview(self._buf)[offset - self._start : offset - self._start + n]
+        want = n if n >= self.AHEAD else min(self.AHEAD, self.size - offset)
+        if want > len(self._buf):
+            self._buf = bytearray(max(want, 2 * len(self._buf)))
+        view = memoryview(self._buf)[:want]
+        self._start = self._end = 0
         self.read_into(offset, view)
-        return view
+        self._start, self._end = offset, offset + want
+        return view[:n]
 
     def read_into(self, offset: int, out: memoryview) -> None:
         n = len(out)

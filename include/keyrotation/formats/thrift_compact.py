@@ -130,20 +130,38 @@ class Struct:
         return any(f.raw is None or _value_changed(f.type, f.value) for f in self.fields.values())
 
     def encode(self) -> bytes:
-        if not self.changed():
-            return self.raw
+        out = self._reencoded()
+        return self.raw if out is None else out
+
+    def _reencoded(self) -> bytes | None:
+        """The struct encoded anew, or None where its bytes as read stand (nothing in it changed); each nested
+        value is looked at once."""
+        changed = self._changed or self.raw is None
+        values: list[bytes | None] = []
+        for f in self.fields.values():
+            if f.type in (BOOL_TRUE, BOOL_FALSE):
+                values.append(None)
+                changed = changed or f.raw is None
+            elif f.raw is None:
+                values.append(_encode_value(f.type, f.value))
+                changed = True
+            else:
+                new = _reencoded_value(f.type, f.value)
+                values.append(f.raw if new is None else new)
+                changed = changed or new is not None
+        if not changed:
+            return None
         out = bytearray()
         prev = 0
-        for f in self.fields.values():
+        for f, value in zip(self.fields.values(), values, strict=True):
             if f.header is not None and f.prev == prev:
                 out += f.header
             else:
                 delta = f.id - prev
                 out += bytes([(delta << 4) | f.type]) if 0 < delta <= 15 else \
                     bytes([f.type]) + varint(zigzag(f.id, 16))
-            if f.type not in (BOOL_TRUE, BOOL_FALSE):
-                out += f.raw if f.raw is not None and not _value_changed(f.type, f.value) else \
-                    _encode_value(f.type, f.value)
+            if value is not None:
+                out += value
             prev = f.id
         out.append(0)
         return bytes(out)
@@ -178,6 +196,31 @@ def _value_changed(ftype: int, value: Any) -> bool:
         return value.raw is None or (value.element in (STRUCT, LIST, SET, MAP)
                                      and any(_value_changed(value.element, v) for v in value.items))
     return False
+
+
+def _reencoded_value(ftype: int, value: Any) -> bytes | None:
+    """``value`` (of a field read as it is) encoded anew, or None where its bytes as read stand."""
+    if value is _LAZY:
+        return None
+    if ftype == STRUCT:
+        return value._reencoded()
+    if ftype not in (LIST, SET):
+        return None
+    if value.raw is None:
+        return _encode_value(ftype, value)
+    element = value.element
+    if element not in _NESTED:
+        return None
+    items = [_reencoded_value(element, item) for item in value.items]
+    if all(item is None for item in items):
+        return None
+    n = len(items)
+    out = bytearray([(n << 4) | element] if n < 15 else [0xF0 | element])
+    if n >= 15:
+        out += varint(n)
+    for new, item in zip(items, value.items, strict=True):
+        out += new if new is not None else item.raw if element == STRUCT else _encode_element(element, item)
+    return bytes(out)
 
 
 def _encode_element(ftype: int, value: Any) -> bytes:
