@@ -482,7 +482,7 @@ class _Job:
             new = bytes(self.gcm(cipher, meta_module, aad, "column metadata", counted=False))
             plain = bytes(memoryview(self.buf.plain)[: len(meta_module) - _LEN - _NONCE - _TAG])
             chunk.set(9, new, BINARY)
-            meta, _ = decode_struct(plain)
+            meta, _ = decode_struct(plain, lazy=True)  # its statistics only skipped
         elif 3 in chunk:
             meta = chunk[3]
         else:
