@@ -331,6 +331,26 @@ class Reader:
                         self.pos = pos
                         raise ThriftError("malformed Thrift varint")
                 value = (result >> 1) ^ -(result & 1)
+            elif kind == BINARY:
+                shift = size = 0
+                while True:
+                    if pos >= n:
+                        self.pos = pos
+                        raise ThriftError("input ends inside a Thrift value")
+                    b = data[pos]
+                    pos += 1
+                    size |= (b & 0x7F) << shift
+                    if not b & 0x80:
+                        break
+                    shift += 7
+                    if shift > 70:
+                        self.pos = pos
+                        raise ThriftError("malformed Thrift varint")
+                if pos + size > n:
+                    self.pos = pos
+                    raise ThriftError("input ends inside a Thrift binary value")
+                value = data[pos : pos + size]
+                pos += size
             elif kind == BOOL_TRUE or kind == BOOL_FALSE:
                 value = kind == BOOL_TRUE
             elif kind == STRUCT and not lazy:
