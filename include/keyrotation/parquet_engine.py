@@ -311,15 +311,25 @@ class ParquetEngine(PartitionEngine):
         self.checkpoint("cleaned")
         return manifest
 
+    def _refuse_plaintext(self, partition: str, encrypted: frozenset[str]) -> None:
+        """Refuse to re-encrypt files that encrypt a column the key class no longer names (it would be written in
+        plaintext)."""
+        dropped = sorted(encrypted - self.required_columns())
+        if dropped:
+            raise PartitionError(partition, f"column(s) {', '.join(dropped)} are encrypted in its files but not "
+                                            "in the key class's encrypted_columns: re-encrypting would write them "
+                                            "in plaintext, refused (add them back to encrypted_columns)")
+
     def _commit_modules(self, partition: str, files: list[str], digest: str | None, rows: int | None,
-                        encrypted: frozenset[str], version: int) -> Manifest:
+                        version: int, checked: list[frozenset[str]]) -> Manifest:
         """The partition's one file re-encrypted module by module (:meth:`ParquetEncryption.reencrypt_modules`)
         as its next generation under ``version``, committed as :meth:`_commit_generation` commits a decoded one.
 
         Every module of the new file decrypts to the old one's plaintext (proven while it is written), so the
         recorded digest carries over without decoding the data. Raises ModuleReencryptionUnavailable (before
         anything is written) where this path does not apply, with the reason; ModuleReencryptionError where the
-        file does not authenticate (the decode path then says what pyarrow finds).
+        file does not authenticate (the decode path then says what pyarrow finds). The columns the file's footer
+        encrypts are checked before anything is written (:meth:`_refuse_plaintext`) and appended to ``checked``.
         """
         if len(files) != 1:
             raise ModuleReencryptionUnavailable(f"the partition has {len(files)} files: a generation is one file, "
@@ -327,14 +337,20 @@ class ParquetEngine(PartitionEngine):
         if digest is None:
             raise ModuleReencryptionUnavailable("no recorded digest to carry over (a partition keyrotation did not "
                                                 "write or check before)")
-        missing = sorted(self.required_columns() - encrypted)
-        if missing:
-            raise ModuleReencryptionUnavailable(f"column(s) {', '.join(missing)} are not encrypted in the file: only "
-                                                "decoding can encrypt them")
+
+        def check_columns(encrypted: frozenset[str]) -> None:
+            self._refuse_plaintext(partition, encrypted)
+            checked.append(encrypted)
+            missing = sorted(self.required_columns() - encrypted)
+            if missing:
+                raise ModuleReencryptionUnavailable(f"column(s) {', '.join(missing)} are not encrypted in the file: "
+                                                    "only decoding can encrypt them")
+
         store = self.store
         generation = store.next_generation(partition)
         staged = store.path(partition, f"{STAGING_PREFIX}part-{generation:05d}.parquet")
-        result = self.pme.reencrypt_modules(store.path(partition, files[0]), staged, store.fs, version)
+        result = self.pme.reencrypt_modules(store.path(partition, files[0]), staged, store.fs, version,
+                                            check_columns=check_columns)
         if rows is None:
             rows = result.rows
         elif result.rows != rows:
@@ -401,21 +417,19 @@ class ParquetEngine(PartitionEngine):
             distinct = _distinct_wrapped(materials)
             rewrapped = dict(zip(distinct, self.pme.backend.rewrap(distinct, target_version), strict=True))
             return self._write_rewrapped(partition, start, manifest, before, materials, rewrapped, target_version)
-        _, encrypted = self._encrypted_in(partition, manifest.files)
-        dropped = sorted(encrypted - self.required_columns())
-        if dropped:
-            raise PartitionError(partition, f"column(s) {', '.join(dropped)} are encrypted in its files but not "
-                                            "in the key class's encrypted_columns: re-encrypting would write them "
-                                            "in plaintext, refused (add them back to encrypted_columns)")
         recorded = manifest.digest or self._recorded_digest(partition)
         files = list(manifest.files)
+        # the module path reads the file's footer itself: the columns it encrypts are checked there, before writing
+        checked: list[frozenset[str]] = []
         try:
             if not self.module_path:
                 raise ModuleReencryptionUnavailable("the module path is turned off for this engine")
-            manifest = self._commit_modules(partition, files, recorded, manifest.rows, encrypted, target_version)
+            manifest = self._commit_modules(partition, files, recorded, manifest.rows, target_version, checked)
             path: dict = {"path": "module"}
         except (ModuleReencryptionUnavailable, ModuleReencryptionError) as exc:
             reason = exc.reason if isinstance(exc, ModuleReencryptionUnavailable) else str(exc)
+            if not checked:
+                self._refuse_plaintext(partition, self._encrypted_in(partition, manifest.files)[1])
             log.info("%s partition %s: re-encrypted by decoding, not module by module: %s", self.dataset, partition,
                      reason)
             manifest = self._commit_generation(partition, files, recorded, target_version)

@@ -129,6 +129,33 @@ def is_encrypted(path: str, filesystem: pafs.FileSystem) -> bool:
     return footer_facts(path, filesystem).encrypted
 
 
+def check_tail(path: str, size: int, trailer: bytes) -> None:
+    """Refuse the tail of a file of ``size`` bytes ending with ``trailer`` (its last 8) as :func:`footer_facts`
+    does."""
+    if size < 12:
+        raise FooterError(f"{path}: {size} bytes, too short for a Parquet file")
+    _checked(path, size, trailer)
+
+
+def decoded_footer_facts(path: str, magic: bytes, crypto: dict[int, Any] | None,
+                         metadata: dict[int, Any]) -> FooterFacts:
+    """What :func:`footer_facts` says of a footer read, decrypted and decoded already (``crypto``: the
+    FileCryptoMetaData of an encrypted footer), refusing what it refuses but for the tail and the decryption."""
+    if magic == PLAIN_MAGIC:
+        algorithm = metadata.get(8)
+        columns, encrypted = _column_facts(metadata)
+        name = ALGORITHMS.get(next(iter(algorithm)), "unknown") if algorithm else None
+        return FooterFacts(magic, name, encrypted, columns)
+    algorithm = (crypto or {}).get(1) or {}
+    if len(algorithm) != 1:
+        raise FooterError(f"{path}: footer names no encryption algorithm")
+    kind, params = next(iter(algorithm.items()))
+    if params.get(3) and not params.get(1):
+        raise FooterError(f"{path}: the file's AAD prefix is not stored in it (supplied by readers)")
+    columns, encrypted = _column_facts(metadata)
+    return FooterFacts(magic, ALGORITHMS.get(kind, "unknown"), encrypted, columns)
+
+
 def footer_facts(path: str, filesystem: pafs.FileSystem, footer_key: bytes | None = None) -> FooterFacts:
     """What the footer of ``path`` says about its encryption; an encrypted footer is decrypted with
     ``footer_key`` (the file's footer data key) when given, else its columns stay unknown."""

@@ -29,14 +29,19 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keyrotation.backends.base import KmsBackend
 from keyrotation.errors import BackendError
-from keyrotation.formats.parquet_footer import FooterError, FooterFacts, footer_facts
+from keyrotation.formats.parquet_footer import (
+    FooterError,
+    FooterFacts,
+    check_tail,
+    decoded_footer_facts,
+    footer_facts,
+)
 from keyrotation.formats.pme_modules import (
     ModuleKeys,
     ModuleReencryptionError,
     ModuleReencryptionUnavailable,
+    ModuleSource,
     ReencryptionResult,
-    file_key_metadata,
-    reencrypt_file,
 )
 
 KEY_MATERIAL_PREFIX = "_KEY_MATERIAL_FOR_"
@@ -311,7 +316,8 @@ class ParquetEncryption:
                               facts.columns or frozenset())
 
     def reencrypt_modules(self, src_path: str, dst_path: str, filesystem: pafs.FileSystem, version: int,
-                          sample_row_groups: int = 2) -> ReencryptionResult:
+                          sample_row_groups: int = 2,
+                          check_columns: Callable[[frozenset[str]], None] | None = None) -> ReencryptionResult:
         """Write ``src_path`` as ``dst_path`` with new data keys (footer and each column key), module by module
         (:mod:`keyrotation.formats.pme_modules`): the data stays encoded and compressed as it was. The old keys
         come from the source's key material (the KMS unwraps its KEK, one request); the new ones are wrapped by a
@@ -323,13 +329,36 @@ class ParquetEncryption:
         last). Raises :class:`~keyrotation.formats.pme_modules.ModuleReencryptionUnavailable` where the module
         path does not apply (before anything is written, where that is known before), BackendError where the
         keys do not open the file; on any failure neither the new file nor its key material is left behind.
+        ``check_columns`` is given the columns the source's footer encrypts (read as :meth:`inspect` reads them,
+        refusing what it refuses) before anything is written or a new key made (it raises to refuse the file).
         """
         if isinstance(filesystem, pafs.GcsFileSystem):
             raise ModuleReencryptionUnavailable(
                 "a file on GCS: pyarrow 26's random-access reads of a GcsFileSystem block where the storage API is "
                 "served in the same process (as in the tests), so files there are only read front to back")
         material = self.key_material(src_path, filesystem)
-        old, refs = self._old_data_keys(src_path, filesystem, material)
+        if next((m for m in material.entries.values() if m.get("isFooterKey")), None) is None:
+            raise BackendError(f"{material.path}: key material holds no footer key")
+        with filesystem.open_input_file(src_path) as src:
+            source, old, refs = self._open_source(src_path, src, material)
+            if check_columns is not None:
+                try:  # as inspect() reads the footer, and refuses it
+                    facts = decoded_footer_facts(src_path, *source.decoded_footer())
+                except (KeyError, ValueError, TypeError) as exc:
+                    if isinstance(exc, FooterError):
+                        raise BackendError(str(exc)) from None
+                    raise BackendError(f"{material.path}: key material does not open the file "
+                                       f"({type(exc).__name__})") from None
+                except Exception:
+                    raise BackendError(f"{material.path}: a data key does not authenticate under its KEK") \
+                        from None
+                check_columns(facts.encrypted_columns or frozenset())
+            return self._reencrypt_source(source, old, refs, dst_path, filesystem, version, sample_row_groups,
+                                          check_columns)
+
+    def _reencrypt_source(self, source: ModuleSource, old: ModuleKeys, refs: dict[str, str | None], dst_path: str,
+                          filesystem: pafs.FileSystem, version: int, sample_row_groups: int,
+                          check_columns: Callable[[frozenset[str]], None] | None) -> ReencryptionResult:
         master = self.backend.key_ref  # every entry's, as key_material checked
         keks: dict[str, tuple[bytes, bytes, str]] = {}
         entries: dict[str, str] = {}
@@ -355,7 +384,7 @@ class ParquetEncryption:
                 stream.write(json.dumps(entries, separators=(",", ":")).encode())
 
         try:
-            result = reencrypt_file(src_path, dst_path, filesystem, old, new, before_write=write_material)
+            result = source.reencrypt_file(dst_path, filesystem, old, new, before_write=write_material)
             self._check_reencrypted(dst_path, filesystem, old, sample_row_groups)
         except BaseException:
             for path in (dst_path, new_material):
@@ -372,6 +401,13 @@ class ParquetEncryption:
                        ) -> tuple[ModuleKeys, dict[str, str | None]]:
         """The file's data keys (its key material's KEKs unwrapped by the KMS, once each), the key reference of
         each (None: the footer key's; else its column's)."""
+        with filesystem.open_input_file(path) as src:
+            return self._open_source(path, src, material)[1:]
+
+    def _open_source(self, path: str, src: Any, material: KeyMaterial
+                     ) -> tuple[ModuleSource, ModuleKeys, dict[str, str | None]]:
+        """Data file ``path`` (open as ``src``) with its footer read once, its data keys and their references (as
+        :meth:`_old_data_keys` gives them)."""
         unwrapped: dict[str, bytes] = {}
 
         def unwrap(wrapped: str) -> bytes:
@@ -380,27 +416,39 @@ class ParquetEncryption:
             return unwrapped[wrapped]
 
         try:
-            with filesystem.open_input_file(path) as f:
-                footer_metadata = file_key_metadata(src=f, size=f.size()).footer
-                footer_ref = self._reference(material, footer_metadata)
-                footer_key = unwrap_data_key(material.entries[footer_ref], unwrap)
-                columns = file_key_metadata(src=f, size=f.size(), footer_key=footer_key).columns
+            size = src.size()
+            check_tail(path, size, src.read_at(8, size - 8) if size >= 12 else b"")
+            source = ModuleSource(src, size)
+            footer_ref = self._reference(material, source.footer_key_metadata())
+            footer_key = unwrap_data_key(material.entries[footer_ref], unwrap)
+            columns = source.column_key_metadata(footer_key)
             refs: dict[str, str | None] = {footer_ref: None}
             keys: dict[str, bytes] = {}
             for column, metadata in columns.items():
                 ref = self._reference(material, metadata)
                 refs[ref] = column
                 keys[column] = unwrap_data_key(material.entries[ref], unwrap)
+            # every wrapped key of the key material, as inspect() proves them (with double wrapping, the one KEK
+            # unwrapped already)
+            for entry in material.entries.values():
+                unwrap(entry["wrappedKEK" if entry.get("doubleWrapping") else "wrappedDEK"])
+            for wrapped in unwrapped:
+                self.backend.version_of(wrapped)
         except (KeyError, TypeError) as exc:
             raise BackendError(f"{material.path}: key material does not open the file ({type(exc).__name__})") \
                 from None
+        except FooterError as exc:
+            raise BackendError(str(exc)) from None
         except ModuleReencryptionError as exc:
             raise BackendError(f"{path}: {exc}") from None
         except InvalidTag:
             raise BackendError(f"{material.path}: a data key does not authenticate under its KEK") from None
+        except ValueError as exc:
+            raise BackendError(f"{material.path}: key material does not open the file ({type(exc).__name__})") \
+                from None
         finally:
             unwrapped.clear()
-        return ModuleKeys(footer_key, keys), refs
+        return source, ModuleKeys(footer_key, keys), refs
 
     @staticmethod
     def _reference(material: KeyMaterial, key_metadata: bytes | None) -> str:

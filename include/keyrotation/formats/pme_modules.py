@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
@@ -41,7 +41,6 @@ _DICTIONARY_PAGE, _INDEX_PAGE = 2, 1
 #: once in 16 nonces, 3 bytes once in 2,048; 1 GiB gives a 1 MiB page 1,024 nonces: a 4-byte CRC always fits,
 #: a 3-byte one 2 times in 5, else the file is not re-encrypted module by module.
 CRC_BUDGET = 1 << 30
-_COPY = 1 << 20
 _CTR_ROOM = 15
 
 
@@ -99,6 +98,8 @@ class _Source(Protocol):
 
     def view(self, offset: int, n: int) -> memoryview: ...
 
+    def read_into(self, offset: int, out: memoryview) -> None: ...
+
 
 class _MemorySource:
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
@@ -110,28 +111,47 @@ class _MemorySource:
             raise ModuleReencryptionError("a module reaches past the end of the file")
         return self._data[offset : offset + n]
 
+    def read_into(self, offset: int, out: memoryview) -> None:
+        out[:] = self.view(offset, len(out))
+
 
 class _FileSource:
     """Reads through one reused buffer (a view stays valid until the next read)."""
 
+    #: What a small read (a module's length, a page header) reads at least, so that the module after it comes
+    #: without another read.
+    AHEAD = 4096
+
     def __init__(self, f: Any, size: int) -> None:
         self._f, self.size = f, size
         self._buf = bytearray(1 << 20)
+        self._start = self._end = 0  # the file's bytes the buffer holds
 
     def view(self, offset: int, n: int) -> memoryview:
         if offset < 0 or offset + n > self.size:
             raise ModuleReencryptionError("a module reaches past the end of the file")
-        if n > len(self._buf):
-            self._buf = bytearray(max(n, 2 * len(self._buf)))
-        view = memoryview(self._buf)[:n]
+        if self._start <= offset and offset + n <= self._end:
+            return memoryview(self._buf)[offset - self._start : offset - self._start + n]
+        want = n if n >= self.AHEAD else min(self.AHEAD, self.size - offset)
+        if want > len(self._buf):
+            self._buf = bytearray(max(want, 2 * len(self._buf)))
+        view = memoryview(self._buf)[:want]
+        self._start = self._end = 0
+        self.read_into(offset, view)
+        self._start, self._end = offset, offset + want
+        return view[:n]
+
+    def read_into(self, offset: int, out: memoryview) -> None:
+        n = len(out)
+        if offset < 0 or offset + n > self.size:
+            raise ModuleReencryptionError("a module reaches past the end of the file")
         self._f.seek(offset)
         got = 0
         while got < n:
-            r = self._f.readinto(view[got:])
+            r = self._f.readinto(out[got:])
             if not r:
                 raise ModuleReencryptionError("the file ends early")
             got += r
-        return view
 
 
 class _Buffers:
@@ -139,17 +159,30 @@ class _Buffers:
 
     def __init__(self) -> None:
         self.plain = bytearray(1 << 20)
-        self.out = bytearray(1 << 20)
-        self.page = bytearray(1 << 20)
         self.check = bytearray(1 << 20)
+        # made when first needed: most modules are sealed straight into the sink
+        self._out: bytearray | None = None
+        self._page: bytearray | None = None
         self._nonces = b""
         self._at = 0
 
+    @property
+    def out(self) -> bytearray:
+        if self._out is None:
+            self._out = bytearray(len(self.plain))
+        return self._out
+
+    @property
+    def page(self) -> bytearray:
+        if self._page is None:
+            self._page = bytearray(len(self.plain))
+        return self._page
+
     def fit(self, n: int) -> None:
-        if n + 64 > len(self.out):
-            size = max(n + 64, 2 * len(self.out))
-            self.plain, self.out, self.check = bytearray(size), bytearray(size), bytearray(size)
-            self.page = bytearray(size)
+        if n + 64 > len(self.plain):
+            size = max(n + 64, 2 * len(self.plain))
+            self.plain, self.check = bytearray(size), bytearray(size)
+            self._out = self._page = None
 
     def nonce(self) -> bytes:
         if self._at + _NONCE > len(self._nonces):
@@ -189,17 +222,24 @@ class _Cipher:
 class _Job:
     """One file's re-encryption: the parsed footer and the module walk."""
 
-    def __init__(self, source: _Source, old: ModuleKeys, new: ModuleKeys | None, aad_prefix: bytes | None,
+    def __init__(self, source: _Source, old: ModuleKeys | None, new: ModuleKeys | None, aad_prefix: bytes | None,
                  crc_budget: int, signed: bool = True) -> None:
+        """``old`` None: only the tail is read (the footer key's metadata known); :meth:`use_keys` and
+        :meth:`open_footer` then give the footer."""
         self.src, self.old, self.new = source, old, new
         self.supplied_prefix = aad_prefix
         self.crc_budget = crc_budget
         self.signed = signed
         self.buf = _Buffers()
+        self._ciphers: dict[str, _Cipher] = {}
         self.result = ReencryptionResult(bytes=source.size)
-        if new is not None:
+        self.opened_with: bytes | None = None
+        if old is not None and new is not None:
             _distinct(old, new)
-        self._parse_tail()
+        self._read_tail()
+        if old is not None:
+            self.use_keys(old, new)
+            self.open_footer()
 
     # -- modules ------------------------------------------------------------------------------
     def gcm(self, cipher: _Cipher, module: memoryview, aad: bytes, what: str, counted: bool = True) -> memoryview:
@@ -280,7 +320,8 @@ class _Job:
             raise ModuleReencryptionError(f"{what}: the new module does not decrypt to the old one's plaintext")
 
     # -- footer -------------------------------------------------------------------------------
-    def _parse_tail(self) -> None:
+    def _read_tail(self) -> None:
+        """The trailer, and what the footer says without its key (its algorithm; a plaintext footer whole)."""
         size = self.src.size
         if size < 12:
             raise ModuleReencryptionError(f"{size} bytes, too short for a Parquet file")
@@ -295,21 +336,34 @@ class _Job:
             if magic == ENCRYPTED_FOOTER_MAGIC:
                 self.crypto, end = decode_struct(region)
                 self._algorithm(self.crypto.get(1))
-                self.footer_cipher = self._cipher(None, self.old.footer, self._new_footer(), "footer")
-                module = memoryview(region)[end:]
-                plain = self._decrypt_footer(module)
-                self.metadata, used = decode_struct(plain)
             else:
                 self.metadata, end = decode_struct(region)
                 if 8 not in self.metadata:
                     raise ModuleReencryptionUnavailable("the file is not encrypted (no Parquet modular encryption)")
                 self._algorithm(self.metadata.get(8))
-                self.footer_cipher = self._cipher(None, self.old.footer, self._new_footer(), "footer")
+        except ThriftError as exc:
+            raise ModuleReencryptionError(f"footer is not valid Thrift: {exc}") from None
+        self._region, self._end = region, end
+
+    def use_keys(self, old: ModuleKeys, new: ModuleKeys | None) -> None:
+        """The old keys (those that open the file) and the new ones (None: reading only)."""
+        self.old, self.new = old, new
+        self.footer_cipher = self._cipher(None, old.footer, self._new_footer(), "footer")
+
+    def open_footer(self) -> None:
+        """The footer decrypted (or its signature checked) with the old footer key, and decoded."""
+        region, end = self._region, self._end
+        try:
+            if self.magic == ENCRYPTED_FOOTER_MAGIC:
+                plain = self._decrypt_footer(memoryview(region)[end:])
+                self.metadata, used = decode_struct(plain)
+            else:
                 if self.signed:
                     self._check_signature(region[:end], region[end:])
                 self.result.plaintext_footer = True
         except ThriftError as exc:
             raise ModuleReencryptionError(f"footer is not valid Thrift: {exc}") from None
+        self.opened_with = self.old.footer
 
     def _new_footer(self) -> bytes | None:
         return None if self.new is None else self.new.footer
@@ -366,6 +420,13 @@ class _Job:
             raise ModuleReencryptionError("plaintext footer: signature does not verify under the old footer key")
 
     def _cipher(self, column: str | None, old: bytes | None, new: bytes | None, name: str) -> _Cipher:
+        cached = self._ciphers.get(name)
+        if cached is not None and cached.old_key == old and cached.new_key == (old if self.new is None else new):
+            return cached
+        self._ciphers[name] = cipher = self._new_cipher(column, old, new, name)
+        return cipher
+
+    def _new_cipher(self, column: str | None, old: bytes | None, new: bytes | None, name: str) -> _Cipher:
         if self.new is None:  # reading only
             new = old
         if old is None or new is None:
@@ -421,7 +482,7 @@ class _Job:
             new = bytes(self.gcm(cipher, meta_module, aad, "column metadata", counted=False))
             plain = bytes(memoryview(self.buf.plain)[: len(meta_module) - _LEN - _NONCE - _TAG])
             chunk.set(9, new, BINARY)
-            meta, _ = decode_struct(plain)
+            meta, _ = decode_struct(plain, lazy=True)  # its statistics only skipped
         elif 3 in chunk:
             meta = chunk[3]
         else:
@@ -511,8 +572,9 @@ class _Job:
                 plain = self._open_ctr(cipher, page, what)
             else:
                 plain = self._open(cipher, page, page_aad, what)
-            # a GCM page re-encrypted in place goes straight to its place (its plaintext is out already)
-            direct = sink.view_at(page_at, page_len) if self.kind == _GCM else None
+            # the new header and page go straight to their place in the sink (the page's plaintext is out already)
+            region = sink.take(header_len + page_len)
+            direct = region[header_len:] if self.kind == _GCM else None
             tries = max(1, self.crc_budget // max(1, page_len)) if crc_field is not None else 1
             for attempt in range(tries):
                 # checked below once its CRC fits: a nonce whose CRC does not is not worth checking
@@ -545,11 +607,9 @@ class _Job:
                 raise ModuleReencryptionError(f"column {path}: a page header changed size")
             plain = memoryview(self.buf.plain)[: len(header_plain)]  # the page's plaintext is done with
             plain[:] = header_plain
-            sink.write(self._seal(cipher, plain, header_aad, f"column {path}: page header"))
+            self._seal(cipher, plain, header_aad, f"column {path}: page header", into=region[:header_len])
             if direct is None:
-                sink.write(new_page)
-            else:
-                sink.skip_to(page_at + page_len)
+                region[header_len:] = new_page
             if not is_dict:
                 ordinal += 1
             first = False
@@ -557,10 +617,12 @@ class _Job:
         if pos != end:
             raise ModuleReencryptionError(f"column {path}: pages do not end where the column chunk does")
 
-    def index(self, start: int, end: int, cipher: _Cipher, where: bytes, kind: int, path: str, write: Any) -> None:
-        what = "column index" if kind == COLUMN_INDEX else "offset index"
-        write(self.gcm(cipher, self.src.view(start, end - start), self.file_aad + bytes([kind]) + where,
-                       f"column {path}: {what}"))
+    def index(self, start: int, end: int, cipher: _Cipher, where: bytes, kind: int, path: str,
+              sink: _StreamSink | _InPlaceSink) -> None:
+        what = f"column {path}: {'column index' if kind == COLUMN_INDEX else 'offset index'}"
+        aad = self.file_aad + bytes([kind]) + where
+        plain = self._open(cipher, self.src.view(start, end - start), aad, what)
+        self._seal(cipher, plain, aad, what, into=sink.take(end - start))
 
     def footer(self) -> bytes:
         """The new footer region, length and magic."""
@@ -608,21 +670,40 @@ def _distinct(old: ModuleKeys, new: ModuleKeys) -> None:
 
 
 class _StreamSink:
-    """Writes the new file front to back: the bytes between modules copied from the source."""
+    """Writes the new file front to back through one reused buffer: the bytes between modules read from the source
+    straight into it, each new module sealed straight into it, written out in large pieces."""
+
+    #: What one write hands the output stream at most: below S3's part size, so that the stream copies it rather
+    #: than uploading the (reused) buffer itself in the background.
+    WRITE = 2 << 20
 
     def __init__(self, source: _Source, write: Any) -> None:
         self._source, self._write, self.pos = source, write, 0
+        self._buf = bytearray(self.WRITE)
+        self._used = 0
 
-    def write(self, view: memoryview) -> None:
-        self._write(view)
-        self.pos += len(view)
+    def take(self, n: int) -> memoryview:
+        """The next ``n`` bytes of the new file, to be filled before anything else is taken."""
+        if self._used + n > len(self._buf):
+            self.flush()
+            if n > len(self._buf):
+                self._buf = bytearray(n)
+        view = memoryview(self._buf)[self._used : self._used + n]
+        self._used += n
+        self.pos += n
+        return view
 
     def skip_to(self, end: int) -> None:
         while self.pos < end:
-            self.write(self._source.view(self.pos, min(_COPY, end - self.pos)))
+            n = min(self.WRITE, end - self.pos)
+            at = self.pos
+            self._source.read_into(at, self.take(n))
 
-    def view_at(self, _offset: int, _n: int) -> None:
-        return None
+    def flush(self) -> None:
+        view = memoryview(self._buf)
+        for at in range(0, self._used, self.WRITE):
+            self._write(view[at : min(self._used, at + self.WRITE)])
+        self._used = 0
 
 
 class _InPlaceSink:
@@ -631,34 +712,36 @@ class _InPlaceSink:
     def __init__(self, buf: memoryview) -> None:
         self._buf, self.pos = buf, 0
 
-    def write(self, view: memoryview) -> None:
-        n = len(view)
-        self._buf[self.pos : self.pos + n] = view
+    def take(self, n: int) -> memoryview:
+        """Where the next ``n`` bytes of the new file go, to be written there directly."""
+        view = self._buf[self.pos : self.pos + n]
         self.pos += n
+        return view
 
     def skip_to(self, end: int) -> None:
         self.pos = end
 
-    def view_at(self, offset: int, n: int) -> memoryview:
-        """Where a module of the new file goes, to be written there directly."""
-        return self._buf[offset : offset + n]
+    def flush(self) -> None:
+        return None
 
 
 def _run(source: _Source, sink: _StreamSink | _InPlaceSink, old: ModuleKeys, new: ModuleKeys,
          aad_prefix: bytes | None, crc_budget: int, before_write: Any = None) -> tuple[ReencryptionResult, int, bytes]:
     """Every module up to the footer re-encrypted into ``sink``; the result, where the footer starts, and the new
     footer (with its length and magic), which the caller writes."""
+    return _guarded(lambda: _walk(_Job(source, old, new, aad_prefix, crc_budget), sink, before_write))
+
+
+def _guarded(walk: Callable[[], Any]) -> Any:
     try:
-        return _walk(source, sink, old, new, aad_prefix, crc_budget, before_write)
+        return walk()
     except (KeyError, IndexError, TypeError, AttributeError, struct.error) as exc:
         # metadata that decodes but is not shaped as parquet.thrift has it (a field missing or of another type)
         raise ModuleReencryptionError(f"the file's metadata is not as Parquet has it ({type(exc).__name__})") \
             from None
 
 
-def _walk(source: _Source, sink: _StreamSink | _InPlaceSink, old: ModuleKeys, new: ModuleKeys,
-          aad_prefix: bytes | None, crc_budget: int, before_write: Any) -> tuple[ReencryptionResult, int, bytes]:
-    job = _Job(source, old, new, aad_prefix, crc_budget)
+def _walk(job: _Job, sink: _StreamSink | _InPlaceSink, before_write: Any) -> tuple[ReencryptionResult, int, bytes]:
     regions = job.plan()
     job.check_ctr(regions)
     if before_write is not None:
@@ -668,8 +751,9 @@ def _walk(source: _Source, sink: _StreamSink | _InPlaceSink, old: ModuleKeys, ne
         if action[0] == "pages":
             job.pages(start, end, *action[1:], sink)
         else:
-            job.index(start, end, *action[1:], sink.write)
+            job.index(start, end, *action[1:], sink)
     sink.skip_to(job.footer_start)
+    sink.flush()
     return job.result, job.footer_start, job.footer()
 
 
@@ -712,8 +796,11 @@ def reencrypt_stream(src: BinaryIO | Any, size: int, dst: BinaryIO | Any, old: M
     writable ``dst``, module by module with reused buffers. ``before_write`` is called once the footer has been
     read and every refusal that can be known before writing has been made."""
     source = _FileSource(src, size)
-    result, footer_start, footer = _run(source, _StreamSink(source, dst.write), old, new, aad_prefix, crc_budget,
-                                        before_write)
+    return _stream(lambda: _Job(source, old, new, aad_prefix, crc_budget), source, dst, before_write)
+
+
+def _stream(job: Callable[[], _Job], source: _FileSource, dst: Any, before_write: Any) -> ReencryptionResult:
+    result, footer_start, footer = _guarded(lambda: _walk(job(), _StreamSink(source, dst.write), before_write))
     dst.write(footer)
     result.bytes = footer_start + len(footer)
     return result
@@ -726,19 +813,69 @@ def reencrypt_file(src_path: str, dst_path: str, filesystem: pafs.FileSystem, ol
     before writing refuses the file (then ``before_write`` is called first), and removed when the re-encryption
     fails."""
     with filesystem.open_input_file(src_path) as src:
-        out = _LazyOutput(filesystem, dst_path, before_write)
-        try:
-            result = reencrypt_stream(src, src.size(), out, old, new, aad_prefix, crc_budget, out.open)
-            out.close()
-        except BaseException:
-            if out.stream is not None:
-                out.stream.close()
-                try:
-                    filesystem.delete_file(dst_path)
-                except OSError:
-                    pass
-            raise
+        source = _FileSource(src, src.size())
+        return _to_file(lambda: _Job(source, old, new, aad_prefix, crc_budget), source, dst_path, filesystem,
+                        before_write)
+
+
+def _to_file(job: Callable[[], _Job], source: _FileSource, dst_path: str, filesystem: pafs.FileSystem,
+             before_write: Any) -> ReencryptionResult:
+    out = _LazyOutput(filesystem, dst_path, before_write)
+    try:
+        result = _stream(job, source, out, out.open)
+        out.close()
+    except BaseException:
+        if out.stream is not None:
+            out.stream.close()
+            try:
+                filesystem.delete_file(dst_path)
+            except OSError:
+                pass
+        raise
     return result
+
+
+class ModuleSource:
+    """A PME file (seekable ``src`` of ``size`` bytes) to re-encrypt module by module, its footer read and decoded
+    once: its tail first (:meth:`footer_key_metadata` needs no key), then its footer with the footer key
+    (:meth:`column_key_metadata`), then the file re-encrypted (:meth:`reencrypt_file`), as the functions above
+    do it but without reading the footer again."""
+
+    def __init__(self, src: BinaryIO | Any, size: int, aad_prefix: bytes | None = None,
+                 crc_budget: int = CRC_BUDGET) -> None:
+        self._source = _FileSource(src, size)
+        self._job = _Job(self._source, None, None, aad_prefix, crc_budget)
+
+    def decoded_footer(self) -> tuple[bytes, dict[int, Any] | None, dict[int, Any]]:
+        """The closing magic, the FileCryptoMetaData (None with a plaintext footer) and the footer as plain values
+        (``{field id: value}``), once :meth:`column_key_metadata` has opened it."""
+        job = self._job
+        crypto = job.crypto.to_dict() if job.magic == ENCRYPTED_FOOTER_MAGIC else None
+        return job.magic, crypto, job.metadata.to_dict()
+
+    def footer_key_metadata(self) -> bytes | None:
+        """The footer key's metadata (a plaintext footer's signature is not checked yet)."""
+        return self._job.footer_key_metadata()
+
+    def column_key_metadata(self, footer_key: bytes) -> dict[str, bytes]:
+        """The footer opened with ``footer_key`` (decrypted, or its signature checked); each column-key column's
+        key metadata, by dotted path."""
+        self._job.use_keys(ModuleKeys(footer_key), None)
+        self._job.open_footer()
+        return self._job.column_key_metadata()
+
+    def reencrypt_file(self, dst_path: str, filesystem: pafs.FileSystem, old: ModuleKeys, new: ModuleKeys,
+                       before_write: Any = None) -> ReencryptionResult:
+        """As :func:`reencrypt_file`, from this source."""
+
+        def job() -> _Job:
+            _distinct(old, new)
+            self._job.use_keys(old, new)
+            if self._job.opened_with != old.footer:
+                self._job.open_footer()
+            return self._job
+
+        return _to_file(job, self._source, dst_path, filesystem, before_write)
 
 
 class _LazyOutput:

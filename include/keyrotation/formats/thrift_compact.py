@@ -49,7 +49,7 @@ def padded_varint(n: int, size: int) -> bytes | None:
     return bytes(out)
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, slots=True)
 class Field:
     """One field of a struct: ``header`` and ``raw`` (the value's bytes) as read, or None once replaced."""
 
@@ -130,20 +130,38 @@ class Struct:
         return any(f.raw is None or _value_changed(f.type, f.value) for f in self.fields.values())
 
     def encode(self) -> bytes:
-        if not self.changed():
-            return self.raw
+        out = self._reencoded()
+        return self.raw if out is None else out
+
+    def _reencoded(self) -> bytes | None:
+        """The struct encoded anew, or None where its bytes as read stand (nothing in it changed); each nested
+        value is looked at once."""
+        changed = self._changed or self.raw is None
+        values: list[bytes | None] = []
+        for f in self.fields.values():
+            if f.type in (BOOL_TRUE, BOOL_FALSE):
+                values.append(None)
+                changed = changed or f.raw is None
+            elif f.raw is None:
+                values.append(_encode_value(f.type, f.value))
+                changed = True
+            else:
+                new = _reencoded_value(f.type, f.value)
+                values.append(f.raw if new is None else new)
+                changed = changed or new is not None
+        if not changed:
+            return None
         out = bytearray()
         prev = 0
-        for f in self.fields.values():
+        for f, value in zip(self.fields.values(), values, strict=True):
             if f.header is not None and f.prev == prev:
                 out += f.header
             else:
                 delta = f.id - prev
                 out += bytes([(delta << 4) | f.type]) if 0 < delta <= 15 else \
                     bytes([f.type]) + varint(zigzag(f.id, 16))
-            if f.type not in (BOOL_TRUE, BOOL_FALSE):
-                out += f.raw if f.raw is not None and not _value_changed(f.type, f.value) else \
-                    _encode_value(f.type, f.value)
+            if value is not None:
+                out += value
             prev = f.id
         out.append(0)
         return bytes(out)
@@ -180,6 +198,31 @@ def _value_changed(ftype: int, value: Any) -> bool:
     return False
 
 
+def _reencoded_value(ftype: int, value: Any) -> bytes | None:
+    """``value`` (of a field read as it is) encoded anew, or None where its bytes as read stand."""
+    if value is _LAZY:
+        return None
+    if ftype == STRUCT:
+        return value._reencoded()
+    if ftype not in (LIST, SET):
+        return None
+    if value.raw is None:
+        return _encode_value(ftype, value)
+    element = value.element
+    if element not in _NESTED:
+        return None
+    items = [_reencoded_value(element, item) for item in value.items]
+    if all(item is None for item in items):
+        return None
+    n = len(items)
+    out = bytearray([(n << 4) | element] if n < 15 else [0xF0 | element])
+    if n >= 15:
+        out += varint(n)
+    for new, item in zip(items, value.items, strict=True):
+        out += new if new is not None else item.raw if element == STRUCT else _encode_element(element, item)
+    return bytes(out)
+
+
 def _encode_element(ftype: int, value: Any) -> bytes:
     if ftype in (BOOL_TRUE, BOOL_FALSE):
         return b"\x01" if value else b"\x02"
@@ -214,7 +257,8 @@ class Reader:
     """Decodes compact-protocol values from ``data`` starting at ``pos``."""
 
     def __init__(self, data: bytes | memoryview, pos: int = 0) -> None:
-        self.data, self.pos = data, pos
+        # bytes index and slice faster than a memoryview
+        self.data, self.pos = data if isinstance(data, bytes) else bytes(data), pos
 
     def _byte(self) -> int:
         if self.pos >= len(self.data):
@@ -246,24 +290,82 @@ class Reader:
     def struct(self, lazy: bool = False) -> Struct:
         """The struct at the current position; ``lazy``: its nested values (structs, lists, maps) decoded only when
         asked for."""
-        start = self.pos
+        # Hot: every page header and footer goes through here, so field headers and integers are read inline
+        # (the same bytes accepted and refused as by ``_byte`` and ``varint``).
+        data = self.data
+        n = len(data)
+        start = pos = self.pos
         fields: dict[int, Field] = {}
         last = 0
         while True:
-            hstart = self.pos
-            header = self._byte()
+            if pos >= n:
+                self.pos = pos
+                raise ThriftError("input ends inside a Thrift value")
+            hstart = pos
+            header = data[pos]
+            pos += 1
             if header == 0:
-                return Struct(fields, bytes(self.data[start : self.pos]))
+                self.pos = pos
+                return Struct(fields, data[start:pos])
             kind, delta = header & 0x0F, header >> 4
-            fid = last + delta if delta else self._zigzag()
-            vstart = self.pos
-            if lazy and kind in _NESTED:
-                self._skip(kind)
-                value = _LAZY
+            if delta:
+                fid = last + delta
             else:
-                value = self._value(kind)
-            fields[fid] = Field(fid, kind, value, bytes(self.data[hstart:vstart]),
-                                bytes(self.data[vstart : self.pos]), last)
+                self.pos = pos
+                fid = self._zigzag()
+                pos = self.pos
+            vstart = pos
+            if kind in _INTS:
+                shift = result = 0
+                while True:
+                    if pos >= n:
+                        self.pos = pos
+                        raise ThriftError("input ends inside a Thrift value")
+                    b = data[pos]
+                    pos += 1
+                    result |= (b & 0x7F) << shift
+                    if not b & 0x80:
+                        break
+                    shift += 7
+                    if shift > 70:
+                        self.pos = pos
+                        raise ThriftError("malformed Thrift varint")
+                value = (result >> 1) ^ -(result & 1)
+            elif kind == BINARY:
+                shift = size = 0
+                while True:
+                    if pos >= n:
+                        self.pos = pos
+                        raise ThriftError("input ends inside a Thrift value")
+                    b = data[pos]
+                    pos += 1
+                    size |= (b & 0x7F) << shift
+                    if not b & 0x80:
+                        break
+                    shift += 7
+                    if shift > 70:
+                        self.pos = pos
+                        raise ThriftError("malformed Thrift varint")
+                if pos + size > n:
+                    self.pos = pos
+                    raise ThriftError("input ends inside a Thrift binary value")
+                value = data[pos : pos + size]
+                pos += size
+            elif kind == BOOL_TRUE or kind == BOOL_FALSE:
+                value = kind == BOOL_TRUE
+            elif kind == STRUCT and not lazy:
+                self.pos = pos
+                value = self.struct()
+                pos = self.pos
+            else:
+                self.pos = pos
+                if lazy and kind in _NESTED:
+                    self._skip(kind)
+                    value = _LAZY
+                else:
+                    value = self._value(kind)
+                pos = self.pos
+            fields[fid] = Field(fid, kind, value, data[hstart:vstart], data[vstart:pos], last)
             last = fid
 
     def _value(self, kind: int) -> Any:
@@ -283,7 +385,10 @@ class Reader:
             size, element = header >> 4, header & 0x0F
             if size == 15:
                 size = self.varint()
-            items = [self._element(element) for _ in range(size)]
+            if element == STRUCT:
+                items = [self.struct() for _ in range(size)]
+            else:
+                items = [self._element(element) for _ in range(size)]
             return ThriftList(element, items, bytes(self.data[start : self.pos]))
         if kind == MAP:
             size = self.varint()
