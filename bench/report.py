@@ -41,6 +41,8 @@ def markdown(res: dict) -> str:
         f"Load average (1 min): {meta['load_1min_start']} at start, {meta['load_1min_end']} at end "
         "(other work may have shared the machine).",
         "",
+        *[line for name, r in meta.get("remeasured", {}).items()
+          for line in (f"**Re-measured afterwards:** section {name}, {r['date']}, same machine ({r['why']}).", "")],
         "All absolute times below are **this machine's** and noisy; the ratios, measured in this one run on "
         "the same data, are what carry over. Versions: "
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
@@ -440,8 +442,10 @@ def _memory_flat(mem: dict) -> str:
     if small is not mem["largest"]:
         out += (f"; {small['working_set_mib']} MiB at {small['partition_over_budget']}× (log-log slope "
                 f"{mem.get('working_set_slope')} vs partition size)")
+    if mem.get("decode"):
+        out += f"; {mem['decode']['working_set_mib']} MiB decoding"
     if mem.get("jemalloc"):
-        out += f"; {mem['jemalloc']['working_set_mib']} MiB with jemalloc"
+        out += f"; {mem['jemalloc']['working_set_mib']} MiB decoding with jemalloc"
     return out
 
 
@@ -453,20 +457,24 @@ def _memory_section(mem: dict) -> list[str]:
            "re-encrypted (`reencrypt`) in a process of its own; peak RSS = its `VmHWM` (/proc/self/status), not "
            "`getrusage().ru_maxrss`, which Linux carries over from the parent across fork + exec (so a worker "
            "started by the large benchmark process would report the parent's RSS as its peak). "
-           "The engine streams the partition"
+           "The engine re-encrypts the partition module by module where it can (path `module`: one module at a "
+           "time) and otherwise decodes it, streaming"
            + (f" ({fmt_int(big['batch_rows'])} rows at a time, row groups of {fmt_int(big['row_group_rows'])} "
               "rows)" if big.get("batch_rows") else "")
-           + ", so the working set should not grow with it: each size is measured in the same run"
+           + " (path `decode`), so the working set should not grow with it: each size is measured in the same run "
+           "on the engine's default path"
+           + (", the largest once more on the decode path" if mem.get("decode") else "")
            + (", and the largest once more with pyarrow's jemalloc pool (`ARROW_DEFAULT_MEMORY_POOL=jemalloc` "
-              "for the worker) instead of its default" if mem.get("jemalloc") else "")
+              "for the worker) instead of its default, decoding" if mem.get("jemalloc") else "")
            + ". Arrow pool peak = `MemoryPool.max_memory()`, the most Arrow itself had allocated at once.", "",
-           "| partition file | × budget | rows | Arrow MiB | memory pool | RSS before | peak RSS | working set | "
-           "Arrow pool peak | × budget | × file size | re-encrypt | goal |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    rows = list(mem["points"]) + ([mem["jemalloc"]] if mem.get("jemalloc") else [])
+           "| partition file | path | × budget | rows | Arrow MiB | memory pool | RSS before | peak RSS | "
+           "working set | Arrow pool peak | × budget | × file size | re-encrypt | goal |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = list(mem["points"]) + [p for p in (mem.get("decode"), mem.get("jemalloc")) if p]
     for p in rows:
         pool_peak = "n/a" if p.get("arrow_pool_peak_mib") is None else f"{p['arrow_pool_peak_mib']} MiB"
-        out.append(f"| {p['file_bytes'] / MIB:,.1f} MiB | {p['partition_over_budget']} | {fmt_int(p['rows'])} | "
+        out.append(f"| {p['file_bytes'] / MIB:,.1f} MiB | {p.get('path') or 'decode'} | {p['partition_over_budget']} | "
+                   f"{fmt_int(p['rows'])} | "
                    f"{p['arrow_bytes'] / MIB:,.0f} | {p.get('memory_pool') or 'n/a'}"
                    f"{' (env)' if p.get('env') else ''} | {p['rss_before_mib']} MiB | {p['peak_rss_mib']} MiB | "
                    f"{p['working_set_mib']} MiB | {pool_peak} | {p['working_set_over_budget']} | "

@@ -76,9 +76,11 @@ def reencrypt(spec: dict) -> dict:
     """Re-encrypt one partition; peak RSS of this process, and its RSS just before the partition is read."""
     import pyarrow as pa
 
+    from keyrotation import ledger as lg
     from keyrotation.formats.parquet_pme import ROW_GROUP_ROWS
 
     engine = _engine(spec["key_ref"], spec["location"], spec["name"])
+    engine.module_path = spec.get("module_path", True)
     engine._known_versions()  # the KMS round trip the engine makes first, so the client is set up
     baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     current_kb = _vm_kb("VmRSS")
@@ -88,7 +90,8 @@ def reencrypt(spec: dict) -> dict:
     if result.action != "reencrypted":
         raise SystemExit(f"partition {spec['partition']}: {result.action} {result.error or ''}")
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"rows": result.rows, "file_bytes": result.bytes, "wall_s": round(wall, 3),
+    detail = json.loads(engine.ledger.rows(events_in=(lg.PARTITION_REENCRYPTED,))[-1]["detail"])
+    return {"path": detail.get("path"), "rows": result.rows, "file_bytes": result.bytes, "wall_s": round(wall, 3),
             "rss_before_kb": current_kb, "maxrss_before_kb": baseline_kb, "peak_rss_kb": peak_kb,
             "vm_hwm_kb": _vm_kb("VmHWM"), "memory_pool": pa.default_memory_pool().backend_name,
             "arrow_pool_peak_bytes": pa.default_memory_pool().max_memory(), "batch_rows": engine.batch_rows,
