@@ -307,12 +307,14 @@ def take_census(engine: PartitionEngine, partitions: list[str] | None = None, ca
             return str(exc)
 
     todo = [p for p in found if p not in reused]
-    threads = min(engine.census_threads, max(1, len(todo)))
+    # The first partition alone: what an engine reads once (the KMS's versions) is read before the threads start.
+    read = {p: one(p) for p in todo[:1]}
+    threads = min(engine.census_threads, max(1, len(todo) - 1))
     if threads > 1:
         with ThreadPoolExecutor(threads, thread_name_prefix="census") as pool:
-            read = dict(zip(todo, pool.map(one, todo), strict=True))
+            read.update(zip(todo[1:], pool.map(one, todo[1:]), strict=True))
     else:
-        read = {p: one(p) for p in todo}
+        read.update((p, one(p)) for p in todo[1:])
     for partition in found:
         result = reused.get(partition) or read[partition]
         if isinstance(result, str):
