@@ -120,7 +120,9 @@ class LiveAirflow:
         return resp.json()["access_token"]
 
     def client(self, user: str = "admin") -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token(user)}"}, timeout=30)
+        # Longer than the metadata DB's own 30 s busy timeout (SQLite here): a request that waits on a write lock held
+        # by the scheduler or a task still gets its answer instead of the client giving up first.
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token(user)}"}, timeout=90)
 
     def wait(self, check, what: str, timeout: float = 180, every: float = 1.0):  # noqa: ANN001
         deadline = time.monotonic() + timeout
