@@ -272,17 +272,21 @@ class ParquetEngine(PartitionEngine):
                 raise ValidationError(partition, f"decrypted data does not match its recorded digest {digest}; "
                                                  "partition left untouched")
         except BaseException:
-            for path in (staged, key_material_path(staged)):
-                try:
-                    store.fs.delete_file(path)
-                except OSError:
-                    pass  # not written yet; a leftover is removed by the next run's clean()
+            self._discard_staged(staged)
             raise
         digest = read_digest
         self.checkpoint("staged")
         if self._digest(partition, [STAGING_PREFIX + name])[0] != digest:
             raise ValidationError(partition, f"staged file does not read back to digest {digest}")
         return self._commit_staged(partition, generation, rows, digest, version)
+
+    def _discard_staged(self, staged: str) -> None:
+        """Remove a staged file and its key material, where they were written."""
+        for path in (staged, key_material_path(staged)):
+            try:
+                self.store.fs.delete_file(path)
+            except OSError:
+                pass  # not written yet; a leftover is removed by the next run's clean()
 
     def _commit_staged(self, partition: str, generation: int, rows: int, digest: str, version: int) -> Manifest:
         """Give generation ``generation``'s staged file (checked already) and its key material their final names
@@ -354,11 +358,7 @@ class ParquetEngine(PartitionEngine):
         if rows is None:
             rows = result.rows
         elif result.rows != rows:
-            for path in (staged, key_material_path(staged)):
-                try:
-                    store.fs.delete_file(path)
-                except OSError:
-                    pass  # a leftover is removed by the next run's clean()
+            self._discard_staged(staged)
             raise ValidationError(partition, f"the file holds {result.rows} rows, its record says {rows}; "
                                              "partition left untouched")
         self.checkpoint("staged")
