@@ -17,19 +17,38 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 MB = 1_000_000
 
 
+class BulkYardstick:
+    """Bulk AES-GCM (``encrypt_into``, one buffer, one core) with keys of ``key_bits``, measured one call at a time:
+    what a measurement that runs beside it divides by, taken just before or around it so that both see the
+    machine in the same state (a share of figures taken minutes apart mixes in how busy the machine was)."""
+
+    def __init__(self, key_bits: int, buffer_mib: int = 64) -> None:
+        self.key_bits = key_bits
+        self.key = AESGCM(AESGCM.generate_key(bit_length=key_bits))
+        self.data = os.urandom(buffer_mib * 1024 * 1024)
+        self.sealed = bytearray(len(self.data) + 16)
+        self.nonce = os.urandom(12)
+
+    def seconds(self) -> float:
+        """One ``encrypt_into`` of the buffer into ``sealed``, timed."""
+        start = time.perf_counter()
+        self.key.encrypt_into(self.nonce, self.data, None, self.sealed)
+        return time.perf_counter() - start
+
+    def mb_s(self) -> float:
+        return len(self.data) / MB / self.seconds()
+
+
 def bulk(buffer_mib: int, repeats: int) -> dict:
     """``encrypt_mb_s``/``decrypt_mb_s``: the non-allocating ``encrypt_into``/``decrypt_into`` into buffers made
     once, the cipher's own limit (what every share of "bulk AES-GCM" divides by); ``*_alloc_mb_s``: the allocating
     ``encrypt``/``decrypt``, which copy the result into a new bytes object each call."""
-    key = AESGCM(AESGCM.generate_key(bit_length=256))
-    data = os.urandom(buffer_mib * 1024 * 1024)
-    nonce = os.urandom(12)
-    sealed_into, opened_into = bytearray(len(data) + 16), bytearray(len(data))
+    yardstick = BulkYardstick(256, buffer_mib)
+    key, data, nonce, sealed_into = yardstick.key, yardstick.data, yardstick.nonce, yardstick.sealed
+    opened_into = bytearray(len(data))
     enc, dec, enc_alloc, dec_alloc = [], [], [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        key.encrypt_into(nonce, data, None, sealed_into)
-        enc.append(time.perf_counter() - start)
+        enc.append(yardstick.seconds())
         start = time.perf_counter()
         key.decrypt_into(nonce, sealed_into, None, opened_into)
         dec.append(time.perf_counter() - start)

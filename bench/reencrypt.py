@@ -15,6 +15,7 @@ Beside it, plain Parquet without encryption on one partition of the same data, f
 from __future__ import annotations
 
 import io
+import statistics
 import time
 from typing import Any
 
@@ -131,14 +132,21 @@ MODULE_STAGES = {"reencrypt_modules": "modules: every module decrypted, re-encry
 
 
 def measure_modules(backend: Any, ledger: Any, counter: KmsCounter, dataset: dict, location: str,
-                    repeats: int = 3) -> dict:
+                    repeats: int = 7, yardstick_repeats: int = 3) -> dict:
     """The same partitions re-encrypted module by module (mode ``reencrypt``, the engine's default path): each
     partition's file written as a new generation through the partition store, committed as the decode path
     commits, every new module decrypted again and compared in the same pass; then one partition's file
-    re-encrypted in memory (``reencrypt_in_place``, verification included), ``repeats`` times."""
+    re-encrypted in memory (``reencrypt_in_place``, verification included), ``repeats`` times.
+
+    The yardstick is the issue's, bulk AES-256-GCM (``encrypt_into``), measured around the engine run
+    (``yardstick_repeats`` calls before it and as many after) and just before each in-memory repeat; each share
+    divides by it. Bulk AES-GCM with keys of the data keys' size (AES-128 for pyarrow's default 128-bit data keys:
+    the cipher these modules are sealed with, a little faster here) is measured beside it and its shares reported
+    too."""
     import json
     import os
 
+    from bench.cipher import BulkYardstick
     from keyrotation import ledger as lg
     from keyrotation.formats.parquet_pme import ParquetEncryption
     from keyrotation.formats.pme_modules import ModuleKeys, reencrypt_in_place
@@ -147,6 +155,15 @@ def measure_modules(backend: Any, ledger: Any, counter: KmsCounter, dataset: dic
     partitions = daily_partitions(dataset["partitions"])
     target = backend.rotate()
     engine = engine_for(backend, ledger, location, dataset["name"])
+    store, pme = engine.store, engine.pme
+
+    def first_file() -> tuple[str, ModuleKeys]:
+        path = store.path(partitions[0], store.read_manifest(partitions[0]).files[0])
+        return path, pme._old_data_keys(path, store.fs, pme.key_material(path, store.fs))[0]
+
+    yardstick, data_key_cipher = BulkYardstick(256), BulkYardstick(8 * len(first_file()[1].footer))
+    around = [yardstick.mb_s() for _ in range(yardstick_repeats)]
+    around_data_key = [data_key_cipher.mb_s() for _ in range(yardstick_repeats)]
     watch = Stopwatch()
     watch.wrap(ParquetEncryption, "reencrypt_modules", "reencrypt_modules")
     watch.wrap(ParquetEncryption, "_check_reencrypted", "check")
@@ -159,6 +176,8 @@ def measure_modules(backend: Any, ledger: Any, counter: KmsCounter, dataset: dic
     finally:
         for name in ("reencrypt_modules", "_check_reencrypted"):
             Stopwatch.unwrap(ParquetEncryption, name)
+    around += [yardstick.mb_s() for _ in range(yardstick_repeats)]
+    around_data_key += [data_key_cipher.mb_s() for _ in range(yardstick_repeats)]
     paths = [json.loads(r["detail"]).get("path") for r in ledger.rows(events_in=(lg.PARTITION_REENCRYPTED,))[seen:]]
     if {r.action for r in results} != {"reencrypted"} or set(paths) != {"module"}:
         raise RuntimeError(f"{dataset['name']}: module path ended {[r.action for r in results]} by {paths}")
@@ -168,29 +187,39 @@ def measure_modules(backend: Any, ledger: Any, counter: KmsCounter, dataset: dic
     stages = {MODULE_STAGES["reencrypt_modules"]: round(whole - check - counter.seconds, 3),
               MODULE_STAGES["check"]: round(check, 3), "KMS requests": round(counter.seconds, 3),
               "other (census, manifest, ledger, leases, moves)": round(wall - whole, 3)}
+    bulk_around = statistics.median(around)
 
     # In memory: one partition's file (as the store holds it now) under its keys, new keys of the same sizes.
-    store, pme = engine.store, engine.pme
-    manifest = store.read_manifest(partitions[0])
-    path = store.path(partitions[0], manifest.files[0])
+    path, old = first_file()
     with store.fs.open_input_stream(path) as stream:
         data = stream.read()
-    old, _ = pme._old_data_keys(path, store.fs, pme.key_material(path, store.fs))
     new = ModuleKeys(os.urandom(len(old.footer)), {c: os.urandom(len(k)) for c, k in old.columns.items()})
-    times, cpus = [], []
+    times, cpus, bulks, shares, data_key_shares = [], [], [], [], []
     for _ in range(repeats):
         buf = bytearray(data)
+        bulks.append(yardstick.mb_s())
+        data_key_bulk = data_key_cipher.mb_s()
         cpu0, start = time.thread_time(), time.perf_counter()
         result = reencrypt_in_place(buf, old, new)
         times.append(time.perf_counter() - start)
         cpus.append(time.thread_time() - cpu0)
-    in_memory_s, in_memory_cpu = sorted(times)[len(times) // 2], sorted(cpus)[len(cpus) // 2]
+        shares.append(len(data) / MB / cpus[-1] / bulks[-1])
+        data_key_shares.append(len(data) / MB / cpus[-1] / data_key_bulk)
+    in_memory_cpu = statistics.median(cpus)
     return {
         "dataset": dataset["name"], "partitions": len(partitions), "file_bytes": file_bytes, "to_version": target,
         "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "cores_used": round(cpu / wall, 2),
         "file_mb_s": round(file_bytes / MB / wall, 1), "file_mb_per_cpu_s": round(file_bytes / MB / cpu, 1),
         "kms": counter.snapshot(), "stages_s": stages, "paths": sorted(set(paths)),
+        "bulk_mb_s": round(bulk_around, 1), "bulk_mb_s_calls": [round(b, 1) for b in around],
+        "share_of_bulk": round(file_bytes / MB / cpu / bulk_around, 4),
+        "data_key_bits": data_key_cipher.key_bits,
+        "share_of_bulk_data_key_cipher": round(file_bytes / MB / cpu / statistics.median(around_data_key), 4),
         "in_memory": {"file_bytes": len(data), "modules": result.modules, "repeats": repeats,
-                      "seconds": round(in_memory_s, 4), "cpu_s": round(in_memory_cpu, 4),
-                      "file_mb_per_cpu_s": round(len(data) / MB / in_memory_cpu, 1)},
+                      "seconds": round(statistics.median(times), 4), "cpu_s": round(in_memory_cpu, 4),
+                      "file_mb_per_cpu_s": round(len(data) / MB / in_memory_cpu, 1),
+                      "bulk_mb_s": round(statistics.median(bulks), 1),
+                      "share_of_bulk": round(statistics.median(shares), 4),
+                      "shares": [round(x, 4) for x in shares],
+                      "share_of_bulk_data_key_cipher": round(statistics.median(data_key_shares), 4)},
     }

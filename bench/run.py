@@ -396,8 +396,14 @@ def goals(res: dict) -> dict:
 
 def modules_goals(m: dict, bulk: float, decode_mb_per_cpu_s: float) -> dict:
     """Issue 21: module-level re-encryption per core per file byte, against bulk AES-GCM (``encrypt_into``)."""
-    mem = m["in_memory"]["file_mb_per_cpu_s"] / bulk
-    whole = m["file_mb_per_cpu_s"] / bulk
+    # Bulk AES-256-GCM measured beside the module path where the run has it (runs before it divided by the cipher
+    # section's figure, taken minutes earlier).
+    mem = m["in_memory"].get("share_of_bulk", m["in_memory"]["file_mb_per_cpu_s"] / bulk)
+    whole = m.get("share_of_bulk", m["file_mb_per_cpu_s"] / bulk)
+    mem_bulk, file_bulk = m["in_memory"].get("bulk_mb_s", bulk), m.get("bulk_mb_s", bulk)
+    bits = m.get("data_key_bits")
+    data_key = (f" (against bulk AES-{bits}-GCM, the data keys' own cipher: {{:.1%}})" if bits and bits != 256
+                else "")
     stages = sorted(m["stages_s"].items(), key=lambda kv: -kv[1])
     why = ("; its time goes to " + ", ".join(f"{n} {v / m['wall_s'] * 100:.0f}%" for n, v in stages[:3]))
     return {
@@ -405,14 +411,17 @@ def modules_goals(m: dict, bulk: float, decode_mb_per_cpu_s: float) -> dict:
             "met": mem >= GOAL_MODULES_IN_MEMORY, "share": round(mem, 4), "goal": GOAL_MODULES_IN_MEMORY,
             "cause": None if mem >= GOAL_MODULES_IN_MEMORY else (
                 f"module-level re-encryption of a file held in memory runs at {m['in_memory']['file_mb_per_cpu_s']} "
-                f"MB/s per core against {bulk} MB/s for bulk AES-GCM (encrypt_into): each module is decrypted, "
-                "encrypted and decrypted again to verify (three AES passes), plus a Python call per module")},
+                f"MB/s per core against {mem_bulk} MB/s for bulk AES-256-GCM (encrypt_into)"
+                + data_key.format(m["in_memory"].get("share_of_bulk_data_key_cipher", 0)) + ": each module is "
+                "decrypted, encrypted and decrypted again to verify (three AES passes over the encrypted bytes), plus "
+                "Python per module and the footer's Thrift")},
         "reencrypt_modules_file": {
             "met": whole >= GOAL_MODULES_FILE, "share": round(whole, 4), "goal": GOAL_MODULES_FILE,
             "vs_decode_path": round(m["file_mb_per_cpu_s"] / decode_mb_per_cpu_s, 1),
             "cause": None if whole >= GOAL_MODULES_FILE else (
                 f"module-level re-encryption through the partition store runs at {m['file_mb_per_cpu_s']} MB/s per "
-                f"core against {bulk} MB/s for bulk AES-GCM" + why)},
+                f"core against {file_bulk} MB/s for bulk AES-256-GCM"
+                + data_key.format(m.get("share_of_bulk_data_key_cipher", 0)) + why)},
     }
 
 

@@ -41,12 +41,17 @@ os.environ.update({
 # The Cloud KMS test server speaks TLS with a self-signed certificate; gRPC clients in this process
 # (and in the Airflow processes the tests start) trust it through GRPC_DEFAULT_SSL_ROOTS_FILE_PATH,
 # which gRPC reads once, at the first secure channel: so the certificate is made now.
-GCP_TLS_DIR = Path(_AIRFLOW_HOME) / "gcp-tls"
+# A pytest-xdist worker uses its controller's (named in the environment it inherits): gRPC in a worker does not see
+# a change of the variable made here, so the inherited roots must already trust the certificate.
+GCP_TLS_DIR = Path(os.environ["KEYROTATION_TEST_GCP_TLS_DIR"]) if os.environ.get("PYTEST_XDIST_WORKER") \
+    and os.environ.get("KEYROTATION_TEST_GCP_TLS_DIR") else Path(_AIRFLOW_HOME) / "gcp-tls"
 
 from gcp_kms_server import ensure_tls_files, trust_in_process  # noqa: E402
 
 trust_in_process(ensure_tls_files(GCP_TLS_DIR)[0])
 os.environ["KEYROTATION_TEST_GCP_TLS_DIR"] = str(GCP_TLS_DIR)
+
+from sqlite_diagnostics import install as record_sqlite_io_errors  # noqa: E402
 
 from helpers import (  # noqa: E402
     AWS_CONN_ID,
@@ -59,6 +64,21 @@ from helpers import (  # noqa: E402
     PG_URL,
 )
 from keyrotation_dev.devserver import MotoServer, OpenBaoDevServer  # noqa: E402
+
+record_sqlite_io_errors()
+
+# `TEST_WORKERS=2 make test` runs two pytest-xdist workers, a module at a time each (--dist loadfile), handed out in
+# collection order (--no-loadscope-reorder): the longest modules first, so that the last one to start does not run
+# on alone (longest first, as a whole run measured them; the rest keep their order).
+LONGEST_MODULES = ("test_ui.py", "test_spark.py", "test_scale_out.py", "test_kill_matrix.py", "test_no_secrets.py",
+                   "test_install.py", "test_aws_dags.py", "test_gcp.py", "test_sql_tables.py", "test_safety.py",
+                   "test_up.py", "test_faults.py", "test_least_privilege.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller hands out modules in this order
+        rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope="session")

@@ -137,7 +137,7 @@ class Collector:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.started = _IMPORTED
-        self.items: list[pytest.Item] = []
+        self.items: list[tuple[str, list[str]]] = []  # (node id, marker names), in collection order
         self.deselected = 0
         self.collection_errors: list[str] = []
         self.tests: dict[str, dict[str, Any]] = {}
@@ -153,11 +153,22 @@ class Collector:
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_finish(self, session: pytest.Session) -> None:
-        self.items = list(session.items)
-        for item in self.items:
-            self.tests[item.nodeid] = {"nodeid": item.nodeid, "outcome": "NOT RUN", "duration": 0.0,
-                                       "markers": sorted({m.name for m in item.iter_markers()}),
-                                       "properties": [], "message": ""}
+        if session.items:  # under pytest-xdist the controller collects nothing: its workers say (below)
+            self._collected(_items(session), self.deselected)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node, error) -> None:  # noqa: ANN001
+        """A pytest-xdist worker's end: every worker collects the whole selection, the first one to end gives it."""
+        items = getattr(node, "workeroutput", {}).get("reliability_items")
+        if items is not None and not self.items:
+            self._collected(items, node.workeroutput["reliability_deselected"])
+
+    def _collected(self, items: list[tuple[str, list[str]]], deselected: int) -> None:
+        self.items, self.deselected = items, deselected
+        for nodeid, markers in items:
+            test = self.tests.setdefault(nodeid, {"nodeid": nodeid, "outcome": "NOT RUN", "duration": 0.0,
+                                                  "properties": [], "message": ""})
+            test["markers"] = markers
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         test = self.tests.setdefault(report.nodeid, {"nodeid": report.nodeid, "outcome": "NOT RUN", "duration": 0.0,
@@ -204,7 +215,7 @@ class Collector:
 
     def data(self, session: pytest.Session, exitstatus: int) -> dict[str, Any]:
         why = self.partial_because(session)
-        order = {item.nodeid: i for i, item in enumerate(self.items)}
+        order = {nodeid: i for i, (nodeid, _) in enumerate(self.items)}
         tests = sorted(self.tests.values(), key=lambda t: order.get(t["nodeid"], len(order)))
         return {
             "version": 1,
@@ -258,8 +269,31 @@ def git_commit() -> str:
     return done.stdout.strip() or "unknown"
 
 
+def _items(session: pytest.Session) -> list[tuple[str, list[str]]]:
+    return [(item.nodeid, sorted({m.name for m in item.iter_markers()})) for item in session.items]
+
+
+class WorkerItems:
+    """On a pytest-xdist worker: what it collected (node ids, markers) and deselected, for its controller's
+    :class:`Collector` (outcomes and properties reach the controller in the workers' reports)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.deselected = 0
+
+    def pytest_deselected(self, items) -> None:  # noqa: ANN001
+        self.deselected += len(items)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self.config.workeroutput["reliability_items"] = _items(session)
+        self.config.workeroutput["reliability_deselected"] = self.deselected
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    if not hasattr(config, "workerinput"):  # a pytest-xdist worker reports to its controller
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker reports to its controller
+        config.pluginmanager.register(WorkerItems(config), "reliability_worker_items")
+    else:
         config.pluginmanager.register(Collector(config), "reliability_collector")
 
 

@@ -78,6 +78,16 @@ def test_bench_tiny_writes_every_section_with_sane_numbers(tmp_path):
     assert engine["rows"] == target["rows"] and engine["file_bytes"] > 0
     assert 0 < engine["file_mb_per_cpu_s"] < res["cipher"]["bulk"]["encrypt_mb_s"]
     assert res["cipher"]["bulk"]["encrypt_mb_s"] > 10
+    # The module path's shares divide by bulk AES-256-GCM measured beside it, each in-memory repeat by its own.
+    modules = res["reencrypt"]["modules"]
+    mem = modules["in_memory"]
+    assert len(mem["shares"]) == mem["repeats"] and len(modules["bulk_mb_s_calls"]) == 6
+    assert mem["share_of_bulk"] == round(sorted(mem["shares"])[mem["repeats"] // 2], 4)
+    assert mem["repeats"] % 2 == 1 and math.isclose(
+        modules["share_of_bulk"], modules["file_mb_per_cpu_s"] / modules["bulk_mb_s"], rel_tol=1e-3, abs_tol=1e-4)
+    assert modules["data_key_bits"] == 128  # pyarrow's default data keys: their own cipher is reported beside
+    assert res["goals"]["reencrypt_modules_in_memory"]["share"] == mem["share_of_bulk"]
+    assert res["goals"]["reencrypt_modules_file"]["share"] == modules["share_of_bulk"]
     assert res["cipher"]["per_value_columns"]["encrypt_values_per_s"] > 1000
 
     # 3. Memory: the partition is at least 10x the budget, measured in a process of its own.

@@ -6,6 +6,7 @@ deferrable sensor's trigger, and each role refused what it must not do."""
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 
 import pyarrow.fs as pafs
@@ -115,6 +116,9 @@ def test_reencrypt_mode_rewrites_files_with_new_data_keys(make_gcp_key_class, gc
     engine = rt.engine("gcp_full_customers")
     results = engine.run(parts, lambda p: engine.process(p, 2, "reencrypt"))
     assert [r.action for r in results] == ["reencrypted"] * 3
+    # module by module, from a local copy of each file (pyarrow reads GCS front to back here)
+    details = [json.loads(r["detail"]) for r in owner.ledger.rows(events_in=(lg.PARTITION_REENCRYPTED,))]
+    assert [(d["path"], d.get("fallback_reason")) for d in details] == [("module", None)] * 3
     assert {p: owner.store("gcp_full_customers").live_files(p) for p in parts} != files_before
     assert owner.census("gcp_full_customers").by_version() == {2: 3}
     assert partition_digests(owner, "gcp_full_customers", parts) == before

@@ -135,6 +135,7 @@ def test_airflow_lists_the_provider_and_the_plugin(installed, user_env):
     (["keyrotation", "policies"], "Print the least-privilege policy of each role of a key class"),
     (["keyrotation", "census"], "Print which master key version protects each partition of a key class's datasets"),
     (["keyrotation", "report"], "Write the compliance report (HTML, PDF, CSV/Parquet) of the key classes"),
+    (["keyrotation", "spark-client"], "Build the Transit KmsClient jar that lets Spark (parquet-java) read and write"),
     (["keyrotation-sidecar"], "Encrypt/decrypt over HTTP for one key class."),
 ])
 def test_each_console_script_says_what_it_does(installed, user_env, command, description):
@@ -143,6 +144,26 @@ def test_each_console_script_says_what_it_does(installed, user_env, command, des
     prog = " ".join(command)
     assert done.stdout.startswith(f"usage: {prog} ")
     assert description in " ".join(done.stdout.split()), done.stdout
+
+
+def test_the_installed_package_builds_the_spark_kms_client(installed, user_env, tmp_path):
+    """The Java source ships in the wheel; the command compiles it against a Spark installation (here the
+    development environment's pyspark: the installed one has no Spark)."""
+    import zipfile
+
+    import pyspark
+
+    out = tmp_path / "client.jar"
+    done = _run([str(installed["bin"] / "keyrotation"), "spark-client", "--spark-home",
+                 str(Path(pyspark.__file__).parent), "--out", str(out)], user_env, installed["base"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(out)
+    with zipfile.ZipFile(out) as jar:
+        assert "io/keyrotation/parquet/TransitKmsClient.class" in jar.namelist()
+    missing = _run([str(installed["bin"] / "keyrotation"), "spark-client", "--spark-home", str(tmp_path)],
+                   user_env, installed["base"])
+    assert (missing.returncode, missing.stderr.strip()) == (
+        2, f"error: {tmp_path / 'jars'} holds no parquet-hadoop jar: not a Spark installation's jars/ folder")
 
 
 def test_the_whole_cycle_runs_from_the_installed_package(installed, user_env, vault, openbao, record_property):

@@ -369,6 +369,140 @@ def test_thrift_codec_round_trips_and_replaces(tmp_path):
     assert lazy.to_dict() == metadata.to_dict()
 
 
+def _page_headers(monkeypatch, tmp_path) -> list[bytes]:
+    """The plaintext of every page header of every variant's file, as re-encryption reads them."""
+    import keyrotation.formats.pme_modules as pm
+
+    headers: list[bytes] = []
+    original = pm.page_header
+
+    def recorded(data: bytes):
+        headers.append(bytes(data))
+        return original(data)
+
+    monkeypatch.setattr(pm, "page_header", recorded)
+    for i, (config, options, nested) in enumerate(VARIANTS.values()):
+        src, dst = tmp_path / f"src{i}.parquet", tmp_path / f"dst{i}.parquet"
+        _write(src, _table(nested=nested), config, options)
+        old = _old_keys(src)
+        reencrypt_bytes(src.read_bytes(), old, _new_keys(src, dst, old))
+    monkeypatch.setattr(pm, "page_header", original)
+    return headers
+
+
+def _generic_page_header(data: bytes):
+    """What the generic codec says of a page header: (type, size, crc, crc's raw bytes, end), or the error."""
+    from keyrotation.formats.thrift_compact import ThriftError
+
+    try:
+        header, end = decode_struct(data, lazy=True)
+    except ThriftError:
+        return ThriftError
+    crc = header.fields.get(4)
+    return header.get(1), header.get(3), header.get(4), None if crc is None else crc.raw, end
+
+
+def test_page_header_fast_path_matches_the_generic_codec(monkeypatch, tmp_path):
+    """The page header fast path (no Struct built, the new CRC patched over the old one's varint) reads every page
+    header of every variant as the generic codec decodes it, and patches it byte for byte as the codec re-encodes
+    it; damaged headers are refused where the codec refuses them."""
+    import random
+
+    from keyrotation.formats.thrift_compact import I32, ThriftError, padded_varint, page_header, zigzag
+
+    headers = _page_headers(monkeypatch, tmp_path)
+    assert len(headers) > 50 and any(page_header(h)[3] >= 0 for h in headers)
+    for data in headers:
+        page_type, size, crc, crc_at, crc_size, end = page_header(data)
+        raw = None if crc_at < 0 else data[crc_at:crc_at + crc_size]
+        assert _generic_page_header(data) == (page_type, size, crc, raw, end) and end == len(data)
+        if crc_at >= 0:
+            for value in (0, -1, 2**31 - 1, -(2**31)):
+                raw = padded_varint(zigzag(value, 32), crc_size)
+                if raw is None:
+                    continue
+                header, _ = decode_struct(data, lazy=True)
+                header.set_raw(4, I32, raw)
+                assert data[:crc_at] + raw + data[crc_at + crc_size:] == header.encode()
+    rng = random.Random(21)
+    for _ in range(3000):
+        damaged = bytearray(rng.choice(headers))
+        if rng.random() < 0.3:
+            del damaged[rng.randrange(len(damaged)):]
+        else:
+            for _ in range(rng.choice([1, 2, 4])):
+                damaged[rng.randrange(len(damaged))] ^= 1 << rng.randrange(8)
+        data = bytes(damaged)
+        generic = _generic_page_header(data)
+        try:
+            fast = page_header(data)
+        except ThriftError:
+            continue  # refused; where the codec accepts it, only for what the fast path refuses besides:
+            # a field given twice or a field 1, 3 or 4 not an integer (checked below for what it accepts)
+        assert generic is not ThriftError
+        page_type, size, crc, crc_at, crc_size, end = fast
+        assert generic == (page_type, size, crc, None if crc_at < 0 else data[crc_at:crc_at + crc_size], end)
+
+
+def test_lazy_decoding_and_skipping_accept_and_refuse_as_decoding_does(tmp_path):
+    """A footer decoded lazily (every nested value, or below its column chunks) reads as decoded whole; damaged
+    footers are refused by the skipping the lazy decoding does exactly where decoding them whole refuses them."""
+    import random
+
+    from keyrotation.formats.parquet_footer import decoded_footer_facts
+    from keyrotation.formats.thrift_compact import ThriftError
+
+    _, src, _, old, _ = _written(tmp_path, options={"write_page_index": True, "write_page_checksum": True},
+                                 nested=True)
+    data = src.read_bytes()
+    length = struct.unpack("<I", data[-8:-4])[0]
+    region = data[-8 - length : -8]
+    crypto, end = decode_struct(region)
+    module = region[end:]
+    params = crypto[1][1]
+    plain = AESGCM(old.footer).decrypt(module[4:16], module[16:], params.get(1, b"") + params[2] + b"\0")
+    whole, _ = decode_struct(plain)
+    for eager in (0, 1, 2, 5):
+        lazy, used = decode_struct(plain, lazy=True, eager=eager)
+        assert used == len(plain) and lazy.encode() == plain and lazy.to_dict() == whole.to_dict()
+    # a Struct reads as the dict it decodes to
+    lazy, _ = decode_struct(plain, lazy=True, eager=2)
+    assert decoded_footer_facts("f", b"PARE", crypto, lazy) == \
+        decoded_footer_facts("f", b"PARE", crypto.to_dict(), whole.to_dict())
+    rng = random.Random(21)
+    refused = 0
+    for _ in range(1500):
+        damaged = bytearray(plain)
+        for _ in range(rng.choice([1, 2, 8])):
+            damaged[rng.randrange(len(damaged))] ^= 1 << rng.randrange(8)
+        outcomes = []
+        for lazily in (False, True):
+            try:
+                outcomes.append(decode_struct(bytes(damaged), lazy=lazily)[1])
+            except ThriftError:
+                outcomes.append(ThriftError)
+        assert outcomes[0] == outcomes[1]
+        refused += outcomes[0] is ThriftError
+    assert refused > 100
+
+
+def test_work_buffers_kept_between_files_hold_no_plaintext(tmp_path):
+    """The buffers a thread keeps for its next file are zeroed where they held decrypted modules."""
+    import keyrotation.formats.pme_modules as pm
+
+    table = pa.table({"a": pa.array(range(3000), pa.int64()),
+                      "b": pa.array([f"secret-{i:05d}" for i in range(3000)])})
+    src, dst = tmp_path / "src.parquet", tmp_path / "dst.parquet"
+    _write(src, table, {}, {"compression": "none", "use_dictionary": False})
+    old = _old_keys(src)
+    new = _new_keys(src, dst, old)
+    reencrypt_bytes(src.read_bytes(), old, new)
+    reencrypt_file(str(src), str(dst), LOCAL, old, new)
+    assert _read(dst).equals(table)
+    spare = pm._SPARE.buffers
+    assert spare and not any(b"secret-" in buf for buf in spare)
+
+
 def test_parquet_encryption_reencrypts_modules_through_openbao(make_key_class, vault, tmp_path):
     """Through the real KMS: the file keyrotation wrote, re-encrypted under new data keys wrapped by a new KEK under
     the new master key version; stock pyarrow reads it (through the KMS) equal to the table written; the census,

@@ -243,11 +243,11 @@ def partition_census(store: PartitionStore, pme: ParquetEncryption, partition: s
         have = ", ".join(f"v{v}" for v in sorted(known_versions or ())) or "none"
         raise PartitionError(partition, f"key material names version(s) {unknown} that the master key "
                                         f"{pme.backend.key_ref!r} does not have (it has {have}): unknown key version")
-    managed = {MANIFEST, *live, *(posixpath.basename(key_material_path(f)) for f in live)}
+    managed = {MANIFEST, *store.with_companions(live)}
     others = sorted(n for n in listing - managed if not store.is_staging(n))
-    # The key material of an unmanaged data file belongs to that file's entry, not an entry of its own.
-    others = [n for n in others if not (n.startswith(KEY_MATERIAL_PREFIX) and n.endswith(".json")
-                                        and n[len(KEY_MATERIAL_PREFIX):-len(".json")] in others)]
+    # The key material and side files of an unmanaged data file belong to that file's entry, not entries of their own.
+    owned = {c for n in others for c in store.with_companions([n]) if c != n}
+    others = [n for n in others if n not in owned]
     unmanaged = tuple(_unmanaged_file(store, pme, partition, n, listing, known_versions) for n in others)
     leftovers = tuple(sorted(n for n in listing if store.is_staging(n)))
     if manifest is None:

@@ -118,11 +118,33 @@ def _report(argv: list[str]) -> int:
     return 0
 
 
+def _spark_client(argv: list[str]) -> int:
+    from keyrotation.spark.client_jar import CLIENT_CLASS, ClientBuildError, build_client_jar, spark_jars
+
+    parser = argparse.ArgumentParser(
+        prog="keyrotation spark-client",
+        description="Build the Transit KmsClient jar that lets Spark (parquet-java) read and write the lake's PME "
+                    f"files ({CLIENT_CLASS}), compiled with the JDK's javac against a Spark installation's jars. "
+                    "See docs/spark.md for the settings.")
+    parser.add_argument("--out", default="keyrotation-transit-kms-client.jar", help="the jar to write "
+                        "(default: %(default)s)")
+    parser.add_argument("--spark-home", help="the Spark installation (default: $SPARK_HOME, else the pyspark "
+                                             "package of this Python)")
+    args = parser.parse_args(argv)
+    try:
+        print(build_client_jar(args.out, spark_jars(args.spark_home)))
+    except ClientBuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "ledger": ("verify the ledger's hash chain, or append a KMS-HMAC'd checkpoint of its head", _ledger),
     "policies": ("print the least-privilege KMS policy of each role of a key class", _policies),
     "census": ("print which key version protects each partition of a key class's datasets", _census),
     "report": ("write the compliance report of the key classes for a period", _report),
+    "spark-client": ("build the Transit KmsClient jar Spark needs to read the lake", _spark_client),
 }
 
 

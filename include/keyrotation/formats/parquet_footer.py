@@ -11,13 +11,14 @@ writers' footers parse too).
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from keyrotation.formats.thrift_compact import ThriftError, decode_struct
+from keyrotation.formats.thrift_compact import Struct, ThriftError, decode_struct
 
 PLAIN_MAGIC = b"PAR1"
 ENCRYPTED_FOOTER_MAGIC = b"PARE"
@@ -57,9 +58,10 @@ def _decode(data: bytes, pos: int = 0) -> tuple[dict[int, Any], int]:
     return decoded.to_dict(), end
 
 
-def _streamed(filesystem: pafs.FileSystem) -> bool:
-    # pyarrow 26's random-access reads on a GcsFileSystem block a process that also serves the storage API
-    # (the tests' GCS server runs in the test process): there, files are read as streams, front to back.
+def streamed_only(filesystem: pafs.FileSystem) -> bool:
+    """Whether files on ``filesystem`` are read front to back only: pyarrow 26's random-access reads on a
+    GcsFileSystem block a process that also serves the storage API (the tests' GCS server runs in the test
+    process)."""
     return isinstance(filesystem, pafs.GcsFileSystem)
 
 
@@ -85,7 +87,7 @@ def read_tail(path: str, filesystem: pafs.FileSystem) -> tuple[bytes, bytes]:
         raise FileNotFoundError(path)
     if size < 12:
         raise FooterError(f"{path}: {size} bytes, too short for a Parquet file")
-    if not _streamed(filesystem):
+    if not streamed_only(filesystem):
         with filesystem.open_input_file(path) as f:
             magic, length = _checked(path, size, f.read_at(8, size - 8))
             return magic, f.read_at(length, size - 8 - length)
@@ -98,7 +100,7 @@ def read_tail(path: str, filesystem: pafs.FileSystem) -> tuple[bytes, bytes]:
     return magic, bytes(kept[-8 - length : -8])
 
 
-def _column_facts(file_metadata: dict[int, Any]) -> tuple[frozenset[str], frozenset[str]]:
+def _column_facts(file_metadata: Mapping[int, Any] | Struct) -> tuple[frozenset[str], frozenset[str]]:
     """All column paths, and those a column or the footer key encrypts, over every row group."""
     columns: set[str] = set()
     encrypted: set[str] = set()
@@ -137,10 +139,11 @@ def check_tail(path: str, size: int, trailer: bytes) -> None:
     _checked(path, size, trailer)
 
 
-def decoded_footer_facts(path: str, magic: bytes, crypto: dict[int, Any] | None,
-                         metadata: dict[int, Any]) -> FooterFacts:
+def decoded_footer_facts(path: str, magic: bytes, crypto: Mapping[int, Any] | Struct | None,
+                         metadata: Mapping[int, Any] | Struct) -> FooterFacts:
     """What :func:`footer_facts` says of a footer read, decrypted and decoded already (``crypto``: the
-    FileCryptoMetaData of an encrypted footer), refusing what it refuses but for the tail and the decryption."""
+    FileCryptoMetaData of an encrypted footer; plain ``{field id: value}`` dicts or :class:`Struct`, read alike),
+    refusing what it refuses but for the tail and the decryption."""
     if magic == PLAIN_MAGIC:
         algorithm = metadata.get(8)
         columns, encrypted = _column_facts(metadata)

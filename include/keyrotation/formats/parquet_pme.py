@@ -14,7 +14,9 @@ import hashlib
 import json
 import os
 import posixpath
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -29,12 +31,14 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keyrotation.backends.base import KmsBackend
 from keyrotation.errors import BackendError
+from keyrotation.formats import hadoop_crc
 from keyrotation.formats.parquet_footer import (
     FooterError,
     FooterFacts,
     check_tail,
     decoded_footer_facts,
     footer_facts,
+    streamed_only,
 )
 from keyrotation.formats.pme_modules import (
     ModuleKeys,
@@ -82,6 +86,24 @@ def double_wrapped_material(dek: bytes, kek: bytes, kek_id: bytes, wrapped_kek: 
                  wrappedDEK=base64.b64encode(nonce + AESGCM(kek).encrypt(nonce, dek, kek_id)).decode(),
                  doubleWrapping=True, keyEncryptionKeyID=base64.b64encode(kek_id).decode(), wrappedKEK=wrapped_kek)
     return entry
+
+
+@contextmanager
+def _random_access(path: str, filesystem: pafs.FileSystem) -> Iterator[pa.NativeFile]:
+    """``path`` open for random-access reads. Where files are read front to back only (GCS: see
+    :func:`~keyrotation.formats.parquet_footer.streamed_only`), from a copy in a temporary local file, streamed in
+    1 MiB pieces: memory stays bounded, the disk holds the (encrypted) file until the caller is done."""
+    if not streamed_only(filesystem):
+        with filesystem.open_input_file(path) as src:
+            yield src
+        return
+    with tempfile.TemporaryDirectory(prefix="keyrotation-modules-") as folder:
+        local = os.path.join(folder, posixpath.basename(path))
+        with filesystem.open_input_stream(path) as stream, open(local, "wb") as out:
+            while chunk := stream.read(1 << 20):
+                out.write(chunk)
+        with pafs.LocalFileSystem().open_input_file(local) as src:
+            yield src
 
 
 def key_material_path(data_path: str) -> str:
@@ -256,11 +278,13 @@ class ParquetEncryption:
                                    separators=(",", ":"))
         directory, base = posixpath.split(material.path)
         tmp = posixpath.join(directory, f"{TEMP_MATERIAL_PREFIX}{base}")
+        data = json.dumps(out, separators=(",", ":")).encode()
         with filesystem.open_output_stream(tmp) as stream:
-            stream.write(json.dumps(out, separators=(",", ":")).encode())
+            stream.write(data)
         if checkpoint is not None:  # the fault tests' kill point between the new material and its rename
             checkpoint("material_staged")
-        filesystem.move(tmp, material.path)
+        # Key material Spark wrote on a local filesystem has a Hadoop checksum side file: rewritten, never stale.
+        hadoop_crc.replace_file(filesystem, tmp, material.path, data, f"{tmp}{hadoop_crc.SUFFIX}", checkpoint)
 
     def _material(self, material_path: str, filesystem: pafs.FileSystem) -> dict[str, dict]:
         """The key material entries of a sidecar, checked to belong to this key class's master key."""
@@ -332,14 +356,10 @@ class ParquetEncryption:
         ``check_columns`` is given the columns the source's footer encrypts (read as :meth:`inspect` reads them,
         refusing what it refuses) before anything is written or a new key made (it raises to refuse the file).
         """
-        if isinstance(filesystem, pafs.GcsFileSystem):
-            raise ModuleReencryptionUnavailable(
-                "a file on GCS: pyarrow 26's random-access reads of a GcsFileSystem block where the storage API is "
-                "served in the same process (as in the tests), so files there are only read front to back")
         material = self.key_material(src_path, filesystem)
         if next((m for m in material.entries.values() if m.get("isFooterKey")), None) is None:
             raise BackendError(f"{material.path}: key material holds no footer key")
-        with filesystem.open_input_file(src_path) as src:
+        with _random_access(src_path, filesystem) as src:
             source, old, refs = self._open_source(src_path, src, material)
             if check_columns is not None:
                 try:  # as inspect() reads the footer, and refuses it

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,7 +30,16 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keyrotation.formats.parquet_footer import ALGORITHMS, ENCRYPTED_FOOTER_MAGIC, PLAIN_MAGIC
-from keyrotation.formats.thrift_compact import BINARY, I32, Struct, ThriftError, decode_struct, padded_varint, zigzag
+from keyrotation.formats.thrift_compact import (
+    BINARY,
+    PageHeaderFacts,
+    Struct,
+    ThriftError,
+    decode_struct,
+    padded_varint,
+    page_header,
+    zigzag,
+)
 
 # Module types (parquet-format Encryption.md).
 FOOTER, COLUMN_META, DATA_PAGE, DICT_PAGE, DATA_HEADER, DICT_HEADER, COLUMN_INDEX, OFFSET_INDEX = range(8)
@@ -42,6 +52,35 @@ _DICTIONARY_PAGE, _INDEX_PAGE = 2, 1
 #: a 3-byte one 2 times in 5, else the file is not re-encrypted module by module.
 CRC_BUDGET = 1 << 30
 _CTR_ROOM = 15
+#: A footer's row groups and column chunks are decoded with it, their column metadata (statistics and all: most of
+#: its bytes, and read only for the columns the footer key encrypts) when asked for.
+_FOOTER_EAGER = 2
+
+
+_SPARE = threading.local()
+#: Work buffers a thread keeps between files (at most): a new buffer of a megabyte costs its page faults, about a
+#: millisecond, and a file takes five or six.
+_SPARE_BUFFERS = 8
+
+
+def _take(size: int) -> bytearray:
+    """A work buffer of at least ``size`` bytes: one this thread gave back, else a new one."""
+    spare: list[bytearray] | None = getattr(_SPARE, "buffers", None)
+    for i, buf in enumerate(spare or ()):
+        if len(buf) >= size:
+            return spare.pop(i)  # type: ignore[union-attr]
+    return bytearray(size)
+
+
+def _give_back(*buffers: bytearray | None, wipe: bool) -> None:
+    """``buffers`` done with, kept for this thread's next file (``wipe``: zeroed first, as those that held
+    plaintext are)."""
+    spare: list[bytearray] = _SPARE.__dict__.setdefault("buffers", [])
+    for buf in buffers:
+        if buf and len(spare) < _SPARE_BUFFERS:
+            if wipe:
+                np.frombuffer(buf, np.uint8).fill(0)
+            spare.append(buf)
 
 
 class ModuleReencryptionUnavailable(Exception):
@@ -124,7 +163,7 @@ class _FileSource:
 
     def __init__(self, f: Any, size: int) -> None:
         self._f, self.size = f, size
-        self._buf = bytearray(1 << 20)
+        self._buf = bytearray()  # taken at the first read, given back by release()
         self._start = self._end = 0  # the file's bytes the buffer holds
 
     def view(self, offset: int, n: int) -> memoryview:
@@ -132,9 +171,11 @@ class _FileSource:
             raise ModuleReencryptionError("a module reaches past the end of the file")
         if self._start <= offset and offset + n <= self._end:
             return memoryview(self._buf)[offset - self._start : offset - self._start + n]
-        want = n if n >= self.AHEAD else min(self.AHEAD, self.size - offset)
+        # a page is read with the header of the next one
+        want = min(n + self.AHEAD, self.size - offset) if n >= self.AHEAD else min(self.AHEAD, self.size - offset)
         if want > len(self._buf):
-            self._buf = bytearray(max(want, 2 * len(self._buf)))
+            _give_back(self._buf, wipe=False)
+            self._buf = _take(max(want, 2 * len(self._buf), 1 << 20))
         view = memoryview(self._buf)[:want]
         self._start = self._end = 0
         self.read_into(offset, view)
@@ -153,14 +194,20 @@ class _FileSource:
                 raise ModuleReencryptionError("the file ends early")
             got += r
 
+    def release(self) -> None:
+        """The buffer given back (taken again at the next read)."""
+        _give_back(self._buf, wipe=False)
+        self._buf = bytearray()
+        self._start = self._end = 0
+
 
 class _Buffers:
     """Work buffers grown as needed and reused: plaintext, the new module, the check decryption."""
 
     def __init__(self) -> None:
-        self.plain = bytearray(1 << 20)
-        self.check = bytearray(1 << 20)
-        # made when first needed: most modules are sealed straight into the sink
+        # taken at the first fit(), given back by release()
+        self.plain = self.check = bytearray()
+        # taken when first needed: most modules are sealed straight into the sink
         self._out: bytearray | None = None
         self._page: bytearray | None = None
         self._nonces = b""
@@ -169,20 +216,26 @@ class _Buffers:
     @property
     def out(self) -> bytearray:
         if self._out is None:
-            self._out = bytearray(len(self.plain))
+            self._out = _take(len(self.plain))
         return self._out
 
     @property
     def page(self) -> bytearray:
         if self._page is None:
-            self._page = bytearray(len(self.plain))
+            self._page = _take(len(self.plain))
         return self._page
 
     def fit(self, n: int) -> None:
         if n + 64 > len(self.plain):
-            size = max(n + 64, 2 * len(self.plain))
-            self.plain, self.check = bytearray(size), bytearray(size)
-            self._out = self._page = None
+            size = max(n + 64, 2 * len(self.plain), 1 << 20)
+            self.release()
+            self.plain, self.check = _take(size), _take(size)
+
+    def release(self) -> None:
+        """Every buffer given back, zeroed (taken again at the next fit())."""
+        _give_back(self.plain, self.check, self._out, self._page, wipe=True)
+        self.plain = self.check = bytearray()
+        self._out = self._page = None
 
     def nonce(self) -> bytes:
         if self._at + _NONCE > len(self._nonces):
@@ -197,9 +250,9 @@ def _equal(a: memoryview, b: memoryview) -> bool:
         return False
     if n <= 4096:  # a header: numpy's call costs more than the comparison
         return a == b
-    k = n & ~7
-    return bool(np.array_equal(np.frombuffer(a, np.uint64, k >> 3), np.frombuffer(b, np.uint64, k >> 3))) \
-        and a[k:].tobytes() == b[k:].tobytes()
+    k = n >> 3
+    return bool(np.equal(np.frombuffer(a, np.uint64, k), np.frombuffer(b, np.uint64, k)).all()) \
+        and a[k << 3 :] == b[k << 3 :]
 
 
 def _ordinal(n: int, what: str) -> bytes:
@@ -337,7 +390,7 @@ class _Job:
                 self.crypto, end = decode_struct(region)
                 self._algorithm(self.crypto.get(1))
             else:
-                self.metadata, end = decode_struct(region)
+                self.metadata, end = decode_struct(region, lazy=True, eager=_FOOTER_EAGER)
                 if 8 not in self.metadata:
                     raise ModuleReencryptionUnavailable("the file is not encrypted (no Parquet modular encryption)")
                 self._algorithm(self.metadata.get(8))
@@ -356,7 +409,7 @@ class _Job:
         try:
             if self.magic == ENCRYPTED_FOOTER_MAGIC:
                 plain = self._decrypt_footer(memoryview(region)[end:])
-                self.metadata, used = decode_struct(plain)
+                self.metadata, used = decode_struct(plain, lazy=True, eager=_FOOTER_EAGER)
             else:
                 if self.signed:
                     self._check_signature(region[:end], region[end:])
@@ -510,19 +563,25 @@ class _Job:
         for start, _end, action in regions:
             if action[0] == "pages":
                 _, cipher, where, dictionary, path = action
-                header = self._header(start, cipher, where, dictionary, 0, path)[0]
-                if header.get(4) is None:
+                facts = self._header(start, cipher, self._aad(DICT_HEADER if dictionary else DATA_HEADER, where,
+                                                              None if dictionary else 0), path)[0]
+                if facts[3] < 0:  # no crc
                     raise ModuleReencryptionUnavailable(
                         f"AES_GCM_CTR_V1 without page CRCs (column {path}): its pages are not authenticated, so "
                         "neither a damaged source page nor a wrong new one could be detected; refused")
                 return
 
-    def _header(self, pos: int, cipher: _Cipher, where: bytes, dictionary: bool, ordinal: int, path: str
-                ) -> tuple[Struct, int, bytes]:
+    def _aad(self, kind: int, where: bytes, ordinal: int | None) -> bytes:
+        """A module's AAD: the file's, the module type, row group and column ordinals (``where``), and the page
+        ordinal where the module type has one."""
+        return self.file_aad + bytes([kind]) + where + (b"" if ordinal is None else _ordinal(ordinal, "page"))
+
+    def _header(self, pos: int, cipher: _Cipher, aad: bytes, path: str) -> tuple[PageHeaderFacts, bytes, int]:
+        """The page header module at ``pos`` opened with ``aad``: what it says (:func:`page_header`), its plaintext
+        and the module's length. parquet-java encrypts its whole serialization buffer: the header, then
+        zeros up to the buffer's capacity; they stay in the plaintext and are re-encrypted as they are."""
         length = struct.unpack("<I", self.src.view(pos, _LEN))[0]
         module = self.src.view(pos, _LEN + length)
-        kind = DICT_HEADER if dictionary else DATA_HEADER
-        aad = self.file_aad + bytes([kind]) + where + (b"" if dictionary else _ordinal(ordinal, "page"))
         size = length - _NONCE - _TAG
         if size <= 0:
             raise ModuleReencryptionError(f"column {path}: page header module length does not match its size")
@@ -533,41 +592,49 @@ class _Job:
         except InvalidTag:
             raise ModuleReencryptionError(f"column {path}: a page header does not authenticate under the old "
                                           "key") from None
+        header = bytes(plain)
         try:
-            header, used = decode_struct(plain, lazy=True)
+            facts = page_header(header)
         except ThriftError as exc:
             raise ModuleReencryptionError(f"column {path}: a page header is not valid Thrift: {exc}") from None
-        if used != size:
+        # parquet-java's zeros after the header (see above) are allowed; anything else after it is refused
+        if facts[5] != size and any(header[facts[5]:]):
             raise ModuleReencryptionError(f"column {path}: a page header module holds more than its header")
-        return header, _LEN + length, aad
+        return facts, header, _LEN + length
 
     def pages(self, start: int, end: int, cipher: _Cipher, where: bytes, dictionary: bool, path: str,
               sink: _StreamSink | _InPlaceSink) -> None:
         pos, ordinal = start, 0
         first = True
+        # the AADs but for the page ordinal, and what errors name, once per column chunk
+        data_header_aad, data_page_aad = self._aad(DATA_HEADER, where, None), self._aad(DATA_PAGE, where, None)
+        what, what_header = f"column {path}: page", f"column {path}: page header"
         while pos < end:
             is_dict = dictionary and first
-            header, header_len, header_aad = self._header(pos, cipher, where, is_dict, ordinal, path)
-            page_type = header.get(1)
+            if is_dict:
+                header_aad, page_aad = self._aad(DICT_HEADER, where, None), self._aad(DICT_PAGE, where, None)
+            else:
+                page_ordinal = _ordinal(ordinal, "page")
+                header_aad, page_aad = data_header_aad + page_ordinal, data_page_aad + page_ordinal
+            facts, header, header_len = self._header(pos, cipher, header_aad, path)
+            page_type, page_len, old_crc, crc_at, crc_size, _ = facts
             if (page_type == _DICTIONARY_PAGE) != is_dict or page_type == _INDEX_PAGE:
                 raise ModuleReencryptionError(f"column {path}: page type {page_type} where "
                                               f"{'a dictionary' if is_dict else 'a data'} page belongs")
-            page_len = header[3]
+            if page_len is None:
+                raise ModuleReencryptionError(f"column {path}: a page header gives no page size")
             page_at = pos + header_len
             if page_at + page_len > end:
                 raise ModuleReencryptionError(f"column {path}: a page reaches past its column chunk")
             page = self.src.view(page_at, page_len)
-            crc_field = header.fields.get(4)
+            has_crc = crc_at >= 0
             if self.kind == _CTR:
-                if crc_field is None:
+                if not has_crc:
                     raise ModuleReencryptionUnavailable(
                         f"AES_GCM_CTR_V1 without page CRCs (column {path}): its pages are not authenticated, so "
                         "neither a damaged source page nor a wrong new one could be detected; refused")
-                if zlib.crc32(page) != header[4] & 0xFFFFFFFF:
+                if zlib.crc32(page) != old_crc & 0xFFFFFFFF:
                     raise ModuleReencryptionError(f"column {path}: a page does not match its CRC")
-            kind = DICT_PAGE if is_dict else DATA_PAGE
-            page_aad = self.file_aad + bytes([kind]) + where + (b"" if is_dict else _ordinal(ordinal, "page"))
-            what = f"column {path}: page"
             if self.kind == _CTR:
                 plain = self._open_ctr(cipher, page, what)
             else:
@@ -575,24 +642,24 @@ class _Job:
             # the new header and page go straight to their place in the sink (the page's plaintext is out already)
             region = sink.take(header_len + page_len)
             direct = region[header_len:] if self.kind == _GCM else None
-            tries = max(1, self.crc_budget // max(1, page_len)) if crc_field is not None else 1
+            tries = max(1, self.crc_budget // max(1, page_len)) if has_crc else 1
+            raw = b""
             for attempt in range(tries):
                 # checked below once its CRC fits: a nonce whose CRC does not is not worth checking
                 if self.kind == _CTR:
-                    new_page = self._seal_ctr(cipher, plain, what, verify=crc_field is None)
+                    new_page = self._seal_ctr(cipher, plain, what, verify=not has_crc)
                 else:
-                    new_page = self._seal(cipher, plain, page_aad, what, page=True, verify=crc_field is None,
+                    new_page = self._seal(cipher, plain, page_aad, what, page=True, verify=not has_crc,
                                           into=direct)
-                if crc_field is None:
+                if not has_crc:
                     break
                 crc = zlib.crc32(new_page)
-                raw = padded_varint(zigzag(crc - (1 << 32) if crc >= 1 << 31 else crc, 32), len(crc_field.raw))
+                raw = padded_varint(zigzag(crc - (1 << 32) if crc >= 1 << 31 else crc, 32), crc_size)
                 if raw is not None:
                     if self.kind == _CTR:
                         self._verify_ctr(cipher, new_page, plain, what)
                     else:
                         self._verify(cipher, new_page, plain, page_aad, what)
-                    header.set_raw(4, I32, raw)
                     self.result.crc_pages += 1
                     self.result.crc_retries += attempt
                     break
@@ -602,12 +669,13 @@ class _Job:
                 raise ModuleReencryptionUnavailable(
                     f"column {path}: a page's new CRC does not fit the varint its header has for it after {tries} "
                     "nonce(s)")
-            header_plain = header.encode()  # as it was, but for a new CRC of the same size
-            if len(header_plain) != header_len - _LEN - _NONCE - _TAG:
-                raise ModuleReencryptionError(f"column {path}: a page header changed size")
-            plain = memoryview(self.buf.plain)[: len(header_plain)]  # the page's plaintext is done with
-            plain[:] = header_plain
-            self._seal(cipher, plain, header_aad, f"column {path}: page header", into=region[:header_len])
+            # the header as it was (parquet-java's zeros after it included), but for the new CRC's varint over the old
+            # one's (of the same size)
+            plain = memoryview(self.buf.plain)[: len(header)]  # the page's plaintext is done with
+            plain[:] = header
+            if has_crc:
+                plain[crc_at : crc_at + crc_size] = raw
+            self._seal(cipher, plain, header_aad, what_header, into=region[:header_len])
             if direct is None:
                 region[header_len:] = new_page
             if not is_dict:
@@ -679,7 +747,7 @@ class _StreamSink:
 
     def __init__(self, source: _Source, write: Any) -> None:
         self._source, self._write, self.pos = source, write, 0
-        self._buf = bytearray(self.WRITE)
+        self._buf = _take(self.WRITE)
         self._used = 0
 
     def take(self, n: int) -> memoryview:
@@ -687,7 +755,8 @@ class _StreamSink:
         if self._used + n > len(self._buf):
             self.flush()
             if n > len(self._buf):
-                self._buf = bytearray(n)
+                _give_back(self._buf, wipe=False)
+                self._buf = _take(n)
         view = memoryview(self._buf)[self._used : self._used + n]
         self._used += n
         self.pos += n
@@ -704,6 +773,11 @@ class _StreamSink:
         for at in range(0, self._used, self.WRITE):
             self._write(view[at : min(self._used, at + self.WRITE)])
         self._used = 0
+
+    def release(self) -> None:
+        """The buffer given back (once written out: the output stream copies what it is handed, see WRITE)."""
+        _give_back(self._buf, wipe=False)
+        self._buf = bytearray()
 
 
 class _InPlaceSink:
@@ -742,19 +816,22 @@ def _guarded(walk: Callable[[], Any]) -> Any:
 
 
 def _walk(job: _Job, sink: _StreamSink | _InPlaceSink, before_write: Any) -> tuple[ReencryptionResult, int, bytes]:
-    regions = job.plan()
-    job.check_ctr(regions)
-    if before_write is not None:
-        before_write()
-    for start, end, action in regions:
-        sink.skip_to(start)
-        if action[0] == "pages":
-            job.pages(start, end, *action[1:], sink)
-        else:
-            job.index(start, end, *action[1:], sink)
-    sink.skip_to(job.footer_start)
-    sink.flush()
-    return job.result, job.footer_start, job.footer()
+    try:
+        regions = job.plan()
+        job.check_ctr(regions)
+        if before_write is not None:
+            before_write()
+        for start, end, action in regions:
+            sink.skip_to(start)
+            if action[0] == "pages":
+                job.pages(start, end, *action[1:], sink)
+            else:
+                job.index(start, end, *action[1:], sink)
+        sink.skip_to(job.footer_start)
+        sink.flush()
+        return job.result, job.footer_start, job.footer()
+    finally:
+        job.buf.release()
 
 
 def reencrypt_in_place(buf: bytearray, old: ModuleKeys, new: ModuleKeys, aad_prefix: bytes | None = None,
@@ -796,11 +873,18 @@ def reencrypt_stream(src: BinaryIO | Any, size: int, dst: BinaryIO | Any, old: M
     writable ``dst``, module by module with reused buffers. ``before_write`` is called once the footer has been
     read and every refusal that can be known before writing has been made."""
     source = _FileSource(src, size)
-    return _stream(lambda: _Job(source, old, new, aad_prefix, crc_budget), source, dst, before_write)
+    try:
+        return _stream(lambda: _Job(source, old, new, aad_prefix, crc_budget), source, dst, before_write)
+    finally:
+        source.release()
 
 
 def _stream(job: Callable[[], _Job], source: _FileSource, dst: Any, before_write: Any) -> ReencryptionResult:
-    result, footer_start, footer = _guarded(lambda: _walk(job(), _StreamSink(source, dst.write), before_write))
+    sink = _StreamSink(source, dst.write)
+    try:
+        result, footer_start, footer = _guarded(lambda: _walk(job(), sink, before_write))
+    finally:
+        sink.release()
     dst.write(footer)
     result.bytes = footer_start + len(footer)
     return result
@@ -814,8 +898,11 @@ def reencrypt_file(src_path: str, dst_path: str, filesystem: pafs.FileSystem, ol
     fails."""
     with filesystem.open_input_file(src_path) as src:
         source = _FileSource(src, src.size())
-        return _to_file(lambda: _Job(source, old, new, aad_prefix, crc_budget), source, dst_path, filesystem,
-                        before_write)
+        try:
+            return _to_file(lambda: _Job(source, old, new, aad_prefix, crc_budget), source, dst_path, filesystem,
+                            before_write)
+        finally:
+            source.release()
 
 
 def _to_file(job: Callable[[], _Job], source: _FileSource, dst_path: str, filesystem: pafs.FileSystem,
@@ -846,12 +933,12 @@ class ModuleSource:
         self._source = _FileSource(src, size)
         self._job = _Job(self._source, None, None, aad_prefix, crc_budget)
 
-    def decoded_footer(self) -> tuple[bytes, dict[int, Any] | None, dict[int, Any]]:
-        """The closing magic, the FileCryptoMetaData (None with a plaintext footer) and the footer as plain values
-        (``{field id: value}``), once :meth:`column_key_metadata` has opened it."""
+    def decoded_footer(self) -> tuple[bytes, Struct | None, Struct]:
+        """The closing magic, the FileCryptoMetaData (None with a plaintext footer) and the footer, once
+        :meth:`column_key_metadata` has opened it; read as ``{field id: value}`` dicts are (:class:`Struct`), values
+        decoded as they are asked for. Not to be changed."""
         job = self._job
-        crypto = job.crypto.to_dict() if job.magic == ENCRYPTED_FOOTER_MAGIC else None
-        return job.magic, crypto, job.metadata.to_dict()
+        return job.magic, job.crypto if job.magic == ENCRYPTED_FOOTER_MAGIC else None, job.metadata
 
     def footer_key_metadata(self) -> bytes | None:
         """The footer key's metadata (a plaintext footer's signature is not checked yet)."""
@@ -875,7 +962,10 @@ class ModuleSource:
                 self._job.open_footer()
             return self._job
 
-        return _to_file(job, self._source, dst_path, filesystem, before_write)
+        try:
+            return _to_file(job, self._source, dst_path, filesystem, before_write)
+        finally:
+            self._source.release()
 
 
 class _LazyOutput:

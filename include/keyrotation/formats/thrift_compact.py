@@ -9,6 +9,7 @@ code drops fields newer than its schema). Fields can be replaced (:meth:`Struct.
 from __future__ import annotations
 
 import struct as _struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,13 +77,20 @@ class ThriftList:
     def __repr__(self) -> str:
         return f"ThriftList(type {self.element}, {len(self.items)} items)"
 
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
 
 _LAZY = object()  # a nested value not decoded yet (see ``decode_struct(lazy=True)``)
 _NESTED = (LIST, SET, MAP, STRUCT)
 
 
 class Struct:
-    """A decoded struct: fields by id, in the order read."""
+    """A decoded struct: fields by id, in the order read. Read as a ``{field id: value}`` dict is (``get``, ``in``,
+    ``[]``, ``len``, iteration, ``items``), lists as lists, values decoded as they are asked for."""
 
     __slots__ = ("fields", "raw", "_changed")
 
@@ -100,6 +108,15 @@ class Struct:
 
     def __getitem__(self, fid: int) -> Any:
         return _materialized(self.fields[fid])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.fields)
+
+    def __len__(self) -> int:
+        return len(self.fields)
+
+    def items(self) -> Iterator[tuple[int, Any]]:
+        return ((fid, _materialized(f)) for fid, f in self.fields.items())
 
     def __repr__(self) -> str:  # field ids and types only: values may be key metadata or plaintext
         return f"Struct({', '.join(f'{f.id}:{f.type}' for f in self.fields.values())})"
@@ -172,8 +189,8 @@ class Struct:
 
 
 def _materialized(f: Field) -> Any:
-    if f.value is _LAZY:
-        f.value = Reader(f.raw)._value(f.type)
+    if f.value is _LAZY:  # decoded as lazily as it was skipped: its own nested values when asked for
+        f.value = Reader(f.raw)._value(f.type, lazy=True)
     return f.value
 
 
@@ -287,9 +304,9 @@ class Reader:
         self.pos += n
         return bytes(self.data[self.pos - n : self.pos])
 
-    def struct(self, lazy: bool = False) -> Struct:
+    def struct(self, lazy: bool = False, eager: int = 0) -> Struct:
         """The struct at the current position; ``lazy``: its nested values (structs, lists, maps) decoded only when
-        asked for."""
+        asked for, but for the structs (in fields or lists) of the ``eager`` levels below it."""
         # Hot: every page header and footer goes through here, so field headers and integers are read inline
         # (the same bytes accepted and refused as by ``_byte`` and ``varint``).
         data = self.data
@@ -353,22 +370,24 @@ class Reader:
                 pos += size
             elif kind == BOOL_TRUE or kind == BOOL_FALSE:
                 value = kind == BOOL_TRUE
-            elif kind == STRUCT and not lazy:
+            elif kind == STRUCT and (eager or not lazy):
                 self.pos = pos
-                value = self.struct()
+                value = self.struct(lazy, max(eager - 1, 0))
                 pos = self.pos
             else:
                 self.pos = pos
-                if lazy and kind in _NESTED:
-                    self._skip(kind)
+                if lazy and not eager and kind in _NESTED:
+                    self.pos = skip(data, pos, kind)
                     value = _LAZY
                 else:
-                    value = self._value(kind)
+                    value = self._value(kind, lazy, max(eager - 1, 0))
                 pos = self.pos
             fields[fid] = Field(fid, kind, value, data[hstart:vstart], data[vstart:pos], last)
             last = fid
 
-    def _value(self, kind: int) -> Any:
+    def _value(self, kind: int, lazy: bool = False, eager: int = 0) -> Any:
+        """The value of ``kind`` at the current position (``lazy``, ``eager``: as :meth:`struct` decodes a struct, the
+        structs of a list as structs of the same level)."""
         if kind in (BOOL_TRUE, BOOL_FALSE):
             return kind == BOOL_TRUE
         if kind == BYTE:
@@ -386,7 +405,7 @@ class Reader:
             if size == 15:
                 size = self.varint()
             if element == STRUCT:
-                items = [self.struct() for _ in range(size)]
+                items = [self.struct(lazy, eager) for _ in range(size)]
             else:
                 items = [self._element(element) for _ in range(size)]
             return ThriftList(element, items, bytes(self.data[start : self.pos]))
@@ -397,53 +416,185 @@ class Reader:
             types = self._byte()
             return [(self._element(types >> 4), self._element(types & 0x0F)) for _ in range(size)]
         if kind == STRUCT:
-            return self.struct()
+            return self.struct(lazy, eager)
         raise ThriftError(f"unknown Thrift type {kind}")
 
     def _element(self, kind: int) -> Any:
         return self._byte() == 1 if kind in (BOOL_TRUE, BOOL_FALSE) else self._value(kind)
 
-    def _skip(self, kind: int) -> None:
-        """Past the value of ``kind`` at the current position, building nothing."""
-        if kind in (BOOL_TRUE, BOOL_FALSE):
-            return
-        if kind == BYTE:
-            self._bytes(1)
-        elif kind in _INTS:
-            self.varint()
-        elif kind == DOUBLE:
-            self._bytes(8)
+
+def _past_varint(data: bytes, pos: int, n: int) -> int:
+    """The position after the varint at ``pos`` (refused as :meth:`Reader.varint` refuses it)."""
+    for end in range(pos, min(pos + 11, n)):
+        if not data[end] & 0x80:
+            return end + 1
+    raise ThriftError("malformed Thrift varint" if pos + 11 <= n else "input ends inside a Thrift value")
+
+
+def _varint_at(data: bytes, pos: int, n: int) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it (refused as :meth:`Reader.varint` refuses it)."""
+    value = 0
+    for shift in range(0, 77, 7):
+        if pos >= n:
+            raise ThriftError("input ends inside a Thrift value")
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+    raise ThriftError("malformed Thrift varint")
+
+
+def _past_binary(data: bytes, pos: int, n: int) -> int:
+    size, pos = _varint_at(data, pos, n)
+    pos += size
+    if pos > n:
+        raise ThriftError("input ends inside a Thrift binary value")
+    return pos
+
+
+def skip(data: bytes, pos: int, kind: int) -> int:
+    """The position after the value of ``kind`` at ``data[pos:]``, building nothing; the same bytes accepted and
+    refused as by :meth:`Reader._value`."""
+    # Hot: a lazily decoded footer or page header skips most of its bytes, so the common cases are inline.
+    n = len(data)
+    if kind == STRUCT:
+        while True:
+            if pos >= n:
+                raise ThriftError("input ends inside a Thrift value")
+            header = data[pos]
+            pos += 1
+            if not header:
+                return pos
+            if not header & 0xF0:
+                pos = _past_varint(data, pos, n)
+            kind = header & 0x0F
+            # a one-byte varint (most integers and lengths here) read inline, the rest by the helpers
+            if kind in _INTS:
+                if pos < n and data[pos] < 0x80:
+                    pos += 1
+                else:
+                    pos = _past_varint(data, pos, n)
+            elif kind == BINARY:
+                if pos < n and data[pos] < 0x80:
+                    pos += 1 + data[pos]
+                    if pos > n:
+                        raise ThriftError("input ends inside a Thrift binary value")
+                else:
+                    pos = _past_binary(data, pos, n)
+            elif kind != BOOL_TRUE and kind != BOOL_FALSE:
+                pos = skip(data, pos, kind)
+    if kind == BOOL_TRUE or kind == BOOL_FALSE:
+        return pos
+    if kind in _INTS:
+        return _past_varint(data, pos, n)
+    if kind == BINARY:
+        return _past_binary(data, pos, n)
+    if kind == BYTE or kind == DOUBLE:
+        pos += 1 if kind == BYTE else 8
+        if pos > n:
+            raise ThriftError("input ends inside a Thrift binary value")
+        return pos
+    if kind == LIST or kind == SET:
+        if pos >= n:
+            raise ThriftError("input ends inside a Thrift value")
+        header = data[pos]
+        count, element = header >> 4, header & 0x0F
+        pos += 1
+        if count == 15:
+            count, pos = _varint_at(data, pos, n)
+        if element == BOOL_TRUE or element == BOOL_FALSE:
+            pos += count
+            if pos > n:
+                raise ThriftError("input ends inside a Thrift value")
+        elif element in _INTS:
+            for _ in range(count):
+                pos = _past_varint(data, pos, n)
+        elif element == BINARY:
+            for _ in range(count):
+                pos = _past_binary(data, pos, n)
+        else:
+            for _ in range(count):
+                pos = skip(data, pos, element)
+        return pos
+    if kind == MAP:
+        size, pos = _varint_at(data, pos, n)
+        if not size:
+            return pos
+        if pos >= n:
+            raise ThriftError("input ends inside a Thrift value")
+        types = data[pos]
+        pos += 1
+        for _ in range(size):
+            for element in (types >> 4, types & 0x0F):
+                if element == BOOL_TRUE or element == BOOL_FALSE:
+                    pos += 1
+                    if pos > n:
+                        raise ThriftError("input ends inside a Thrift value")
+                else:
+                    pos = skip(data, pos, element)
+        return pos
+    raise ThriftError(f"unknown Thrift type {kind}")
+
+
+#: What :func:`page_header` gives: ``type``, ``compressed_page_size`` and ``crc`` (None where absent), where the crc's
+#: varint starts in the header and its size (-1 where absent), and where the header ends.
+PageHeaderFacts = tuple[int | None, int | None, int | None, int, int, int]
+
+
+def page_header(data: bytes) -> PageHeaderFacts:
+    """The fields of the Parquet PageHeader at the start of ``data`` that a module-level re-encryption reads, without
+    building a :class:`Struct` (the fast path of ``decode_struct(data, lazy=True)``: pages outnumber every other
+    module): ``type`` (field 1), ``compressed_page_size`` (3) and ``crc`` (4), the crc varint's place (its bytes are
+    what a new CRC is patched over, the rest of the header staying as it is), and the end of the header.
+
+    Refuses what ``decode_struct(data, lazy=True)`` refuses, and besides a field given twice and a field 1, 3 or 4
+    that is not an integer."""
+    n = len(data)
+    pos = last = 0
+    page_type = size = crc = None
+    crc_at = crc_size = -1
+    seen: set[int] = set()
+    while True:
+        if pos >= n:
+            raise ThriftError("input ends inside a Thrift value")
+        header = data[pos]
+        pos += 1
+        if not header:
+            return page_type, size, crc, crc_at, crc_size, pos
+        kind = header & 0x0F
+        if header & 0xF0:
+            fid = last + (header >> 4)
+        else:
+            reader = Reader(data, pos)
+            fid = reader._zigzag()
+            pos = reader.pos
+        if fid in seen:
+            raise ThriftError(f"page header field {fid} given twice")
+        seen.add(fid)
+        last = fid
+        if kind in _INTS:
+            start = pos
+            result, pos = _varint_at(data, pos, n)  # a call per field: a header has a few, a file a few hundred
+            if fid == 1:
+                page_type = (result >> 1) ^ -(result & 1)
+            elif fid == 3:
+                size = (result >> 1) ^ -(result & 1)
+            elif fid == 4:
+                crc = (result >> 1) ^ -(result & 1)
+                crc_at, crc_size = start, pos - start
+        elif fid in (1, 3, 4):
+            raise ThriftError(f"page header field {fid} is not an integer")
         elif kind == BINARY:
-            self._bytes(self.varint())
-        elif kind in (LIST, SET):
-            header = self._byte()
-            size, element = header >> 4, header & 0x0F
-            for _ in range(self.varint() if size == 15 else size):
-                self._skip_element(element)
-        elif kind == MAP:
-            size = self.varint()
-            if size:
-                types = self._byte()
-                for _ in range(size):
-                    self._skip_element(types >> 4)
-                    self._skip_element(types & 0x0F)
-        elif kind == STRUCT:
-            while header := self._byte():
-                if not header >> 4:
-                    self.varint()
-                self._skip(header & 0x0F)
-        else:
-            raise ThriftError(f"unknown Thrift type {kind}")
-
-    def _skip_element(self, kind: int) -> None:
-        if kind in (BOOL_TRUE, BOOL_FALSE):
-            self._byte()
-        else:
-            self._skip(kind)
+            pos = _past_binary(data, pos, n)
+        elif kind != BOOL_TRUE and kind != BOOL_FALSE:
+            pos = skip(data, pos, kind)
 
 
-def decode_struct(data: bytes | memoryview, pos: int = 0, lazy: bool = False) -> tuple[Struct, int]:
+def decode_struct(data: bytes | memoryview, pos: int = 0, lazy: bool = False, eager: int = 0
+                  ) -> tuple[Struct, int]:
     """The struct encoded at ``data[pos:]`` and the position after it; ``lazy``: its nested values decoded only
-    when asked for (a page header's statistics, say, are then only skipped)."""
+    when asked for (a column's statistics, say, are then only skipped), but for the structs of the first ``eager``
+    levels below it (a footer's row groups and column chunks, say, while their column metadata waits)."""
     reader = Reader(data, pos)
-    return reader.struct(lazy), reader.pos
+    return reader.struct(lazy, eager), reader.pos

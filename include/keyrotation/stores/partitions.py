@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow.fs as pafs
 
 from keyrotation.errors import PartitionError
+from keyrotation.formats import hadoop_crc
 from keyrotation.formats.parquet_pme import KEY_MATERIAL_PREFIX, TEMP_MATERIAL_PREFIX, key_material_path
 from keyrotation.stores.filesystems import Storage
 
@@ -156,8 +157,15 @@ class PartitionStore:
         return max([manifest.generation if manifest else 0, *gens]) + 1
 
     @staticmethod
-    def _managed(manifest: Manifest) -> set[str]:
-        return {MANIFEST, *manifest.files, *(posixpath.basename(key_material_path(f)) for f in manifest.files)}
+    def with_companions(files: list[str] | set[str]) -> set[str]:
+        """Data files with their key material and, where Hadoop wrote the files (Spark on a local filesystem),
+        the checksum side file of each: what belongs to the data files and goes with them."""
+        names = {*files, *(posixpath.basename(key_material_path(f)) for f in files)}
+        return names | {hadoop_crc.side_file_name(n) for n in names}
+
+    @classmethod
+    def _managed(cls, manifest: Manifest) -> set[str]:
+        return {MANIFEST, *cls.with_companions(manifest.files)}
 
     @staticmethod
     def is_staging(name: str) -> bool:
@@ -175,12 +183,12 @@ class PartitionStore:
     def clean(self, partition: str, earlier_generations: set[str] = frozenset()) -> list[str]:
         """Remove what an interrupted run of the engine left: staging names, and the files of
         ``earlier_generations`` (names the ledger records for this partition) that the manifest no
-        longer names, with their key material. Nothing else is touched."""
+        longer names, with their key material and Hadoop checksum side files. Nothing else is touched."""
         manifest = self.read_manifest(partition)
         if manifest is None:
             return []
         keep = self._managed(manifest)
-        known = {*earlier_generations, *(posixpath.basename(key_material_path(f)) for f in earlier_generations)}
+        known = self.with_companions(earlier_generations)
         removed = []
         for name in self.listing(partition):
             if name not in keep and (self.is_staging(name) or name in known):
