@@ -24,30 +24,8 @@ from live_airflow import AIRFLOW, ROOT, LiveAirflow
 
 from keyrotation_dev.devserver import free_port
 
-PG_ADMIN_URL = os.environ.get("KEYROTATION_TEST_PG_ADMIN", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("KEYROTATION_TEST_REDIS", "redis://127.0.0.1:6379")
 WORKER_HOST = Path(__file__).with_name("worker_host.py")
-
-
-@contextmanager
-def postgres_databases(prefix: str, *suffixes: str) -> Iterator[list[str]]:
-    """Fresh databases ``<prefix>_<random><suffix>`` on the machine's server; dropped afterwards."""
-    import sqlalchemy as sa
-
-    stem = f"{prefix}_{secrets.token_hex(4)}"
-    names = [stem + suffix for suffix in suffixes]
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            for name in names:
-                conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        base = PG_ADMIN_URL.rsplit("/", 1)[0]
-        yield [f"{base}/{name}" for name in names]
-    finally:
-        with admin.connect() as conn:
-            for name in names:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @contextmanager
@@ -85,7 +63,6 @@ class CeleryAirflow(LiveAirflow):
         self.queue = queue or f"keyrotation-{secrets.token_hex(4)}"
         env = {
             "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database_url,
             "AIRFLOW__CELERY__BROKER_URL": broker_url,
             "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + database_url,
             "AIRFLOW__OPERATORS__DEFAULT_QUEUE": self.queue,
@@ -103,7 +80,7 @@ class CeleryAirflow(LiveAirflow):
             "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT_CHECK_INTERVAL": "5",
             **extra_env,
         }
-        super().__init__(base, dags, env, triggerer=True)
+        super().__init__(base, dags, env, database_url=database_url, triggerer=True)
         # Every component and task process imports Airflow: let them share compiled bytecode.
         self.env.pop("PYTHONDONTWRITEBYTECODE", None)
         self.workers: dict[str, subprocess.Popen] = {}
@@ -182,4 +159,4 @@ class CeleryAirflow(LiveAirflow):
         return resp.json()["task_instances"]
 
 
-__all__ = ["AIRFLOW", "CeleryAirflow", "postgres_databases", "redis_broker"]
+__all__ = ["AIRFLOW", "CeleryAirflow", "redis_broker"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from datetime import date, timedelta
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -295,19 +296,52 @@ class KeySpy:
         return out
 
 
-def sqlite_dump(db) -> str:  # noqa: ANN001
-    """Every row of every table of a SQLite database as text (a blob as latin-1 text and as hex), read-only."""
-    import sqlite3
+def database_dump(url: str) -> str:
+    """Every row of every table of the database at SQLAlchemy ``url`` as text (a blob as latin-1 text and as
+    hex), each table under a ``== name`` line."""
+    import sqlalchemy as sa
 
+    engine = sa.create_engine(url)
     parts = []
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        for table in tables:
-            parts.append(f"== {table}")
-            for row in conn.execute(f'SELECT * FROM "{table}"'):
-                parts.append(" | ".join(v.decode("latin-1") + " " + v.hex() if isinstance(v, bytes) else str(v)
-                                        for v in row))
+    try:
+        with engine.connect() as conn:
+            for table in sa.inspect(conn).get_table_names():
+                parts.append(f"== {table}")
+                for row in conn.execute(sa.text(f'SELECT * FROM "{table}"')):
+                    parts.append(" | ".join(_cell(v) for v in row))
+    finally:
+        engine.dispose()
     return "\n".join(parts)
+
+
+def _cell(value) -> str:  # noqa: ANN001
+    if isinstance(value, memoryview):
+        value = value.tobytes()
+    return value.decode("latin-1") + " " + value.hex() if isinstance(value, bytes) else str(value)
+
+
+def sqlite_dump(db) -> str:  # noqa: ANN001
+    """:func:`database_dump` of a SQLite database file, opened read-only."""
+    return database_dump(f"sqlite:///file:{db}?mode=ro&uri=true")
+
+
+def postgres_files_text(url: str) -> tuple[str, int]:
+    """The bytes (as latin-1 text) of every file of the PostgreSQL database at ``url`` in the server's data
+    directory (its tables, indexes and TOAST, dead rows included), after a checkpoint has written them out; and
+    how many files. The server must be on this machine, with its files readable here."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("CHECKPOINT"))
+            data_dir = conn.execute(sa.text("SHOW data_directory")).scalar_one()
+            oid = conn.execute(sa.text("SELECT oid FROM pg_database WHERE datname = current_database()")).scalar_one()
+    finally:
+        engine.dispose()
+    files = sorted(p for p in (Path(data_dir) / "base" / str(oid)).iterdir() if p.is_file())
+    assert files, f"no files of database {oid} in {data_dir}"
+    return "".join(p.read_bytes().decode("latin-1") for p in files), len(files)
 
 
 def file_text(path) -> str:  # noqa: ANN001

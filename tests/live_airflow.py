@@ -1,14 +1,23 @@
 """A running Airflow for tests that drive it as an operator does: API server, scheduler and DAG
-processor (LocalExecutor, SQLite), on loopback ports, with the simple auth manager's users."""
+processor (LocalExecutor), on loopback ports, with the simple auth manager's users, on a PostgreSQL
+metadata database of its own (:func:`postgres_databases`).
+
+Not SQLite: with a scheduler, a DAG processor, a triggerer, task processes and the API server all
+writing, SQLite's single writer lock makes a request fail now and then with "database is locked"
+once its busy timeout is out (a manual trigger through the API did so in CI, stop 29). Airflow's
+own advice is PostgreSQL for anything concurrent."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -17,6 +26,28 @@ from keyrotation_dev.devserver import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
+PG_ADMIN_URL = os.environ.get("KEYROTATION_TEST_PG_ADMIN", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+
+
+@contextmanager
+def postgres_databases(prefix: str, *suffixes: str) -> Iterator[list[str]]:
+    """Fresh databases ``<prefix>_<random><suffix>`` on the machine's server; dropped afterwards."""
+    import sqlalchemy as sa
+
+    stem = f"{prefix}_{secrets.token_hex(4)}"
+    names = [stem + suffix for suffix in suffixes]
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            for name in names:
+                conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        base = PG_ADMIN_URL.rsplit("/", 1)[0]
+        yield [f"{base}/{name}" for name in names]
+    finally:
+        with admin.connect() as conn:
+            for name in names:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -27,9 +58,11 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 
 class LiveAirflow:
-    def __init__(self, base: Path, dags: Path, extra_env: dict[str, str], triggerer: bool = False) -> None:
+    def __init__(self, base: Path, dags: Path, extra_env: dict[str, str], *, database_url: str,
+                 triggerer: bool = False) -> None:
         self.components = ["api-server", "scheduler", "dag-processor"] + (["triggerer"] if triggerer else [])
         self.home = base / "airflow"
+        self.database_url = database_url
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -42,7 +75,7 @@ class LiveAirflow:
             "AIRFLOW__CORE__PARALLELISM": "2",
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home / 'airflow.db'}?timeout=30",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database_url,
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(self.port),
@@ -120,9 +153,15 @@ class LiveAirflow:
         return resp.json()["access_token"]
 
     def client(self, user: str = "admin") -> httpx.Client:
-        # Longer than the metadata DB's own 30 s busy timeout (SQLite here): a request that waits on a write lock held
-        # by the scheduler or a task still gets its answer instead of the client giving up first.
+        # Generous: a request that waits on a row lock held by the scheduler or a task still gets its answer.
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token(user)}"}, timeout=90)
+
+    @staticmethod
+    def trigger(client: httpx.Client, dag_id: str, conf: dict | None = None) -> dict:
+        """A manual run of ``dag_id`` (no logical date), as the UI's Trigger button makes it; the new run."""
+        resp = client.post(f"/api/v2/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf or {}})
+        assert resp.status_code == 200, f"trigger {dag_id}: {resp.status_code} {resp.text}"
+        return resp.json()
 
     def wait(self, check, what: str, timeout: float = 180, every: float = 1.0):  # noqa: ANN001
         deadline = time.monotonic() + timeout

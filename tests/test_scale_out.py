@@ -134,7 +134,8 @@ def _max_concurrent(intervals: list[tuple[datetime, datetime]]) -> int:
 @pytest.mark.timeout(420)
 def test_sweep_scales_out_over_two_celery_workers_survives_a_killed_worker_and_keeps_the_kms_pool(
         tmp_path, openbao):
-    from celery_airflow import CeleryAirflow, postgres_databases, redis_broker
+    from celery_airflow import CeleryAirflow, redis_broker
+    from live_airflow import postgres_databases
 
     started = time.monotonic()
     dags, config_dir = tmp_path / "dags", tmp_path / "config"

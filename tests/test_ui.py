@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from live_airflow import LiveAirflow
+from live_airflow import LiveAirflow, postgres_databases
 from smtp_server import running_smtp_server
 
 from helpers import CONN_ID, DAG_STUB, KEY_CLASS_YAML, days, runtime, seed, sweep
@@ -29,7 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory, openbao, moto):
+def airflow_db():
+    """The live Airflow's metadata database: PostgreSQL, created for this module and dropped after it."""
+    with postgres_databases("keyrotation_ui", "") as (url,):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, openbao, moto, airflow_db):
     """One running Airflow (API server, scheduler, DAG processor, triggerer) for every test of this module, each
     on a key class of its own: ``ui`` (approvals, the inventory, the report's history), ``life`` (the shipped
     policy's lifecycle), ``bf`` (a backfill) and ``ev`` (rotation from a KMS event queue)."""
@@ -86,7 +93,7 @@ def live(tmp_path_factory, openbao, moto):
                                        "AIRFLOW__SCHEDULER__TRIGGER_TIMEOUT_CHECK_INTERVAL": "2",
                                        "AIRFLOW_CONN_AWS_KMS_EVENTS": moto.airflow_connection_uri(),
                                        "AIRFLOW_CONN_SMTP_LIFE": mail.airflow_connection()},
-                          triggerer=True)
+                          database_url=airflow_db, triggerer=True)
     # The users' passwords set beforehand, so the rotation's check of the DAGs it starts reads the API as the
     # viewer, through the connection an operator configures (read-only).
     passwords = {"admin": secrets.token_urlsafe(12), "viewer": secrets.token_urlsafe(12)}
@@ -146,8 +153,7 @@ def test_inventory_view_needs_a_login_and_shows_each_key_class(live):
 
 
 def _trigger_and_answer(live, client, answer: str, conf: dict | None = None) -> str:
-    run = client.post("/api/v2/dags/retire__ui/dagRuns", json={"logical_date": None, "conf": conf or {}}).json()
-    run_id = run["dag_run_id"]
+    run_id = live.trigger(client, "retire__ui", conf)["dag_run_id"]
 
     def pending():
         details = client.get(f"/api/v2/dags/retire__ui/dagRuns/{run_id}/hitlDetails").json()
@@ -197,7 +203,7 @@ def test_retirement_waits_for_approval_reject_keeps_the_version_approve_retires_
         assert _task_state(client, rejected, "retire_versions") == "skipped"
         assert rt.backend.key_state().min_decryption_version == 1
         # Asked once: a further run for the same versions and census skips, without a new request.
-        again = client.post("/api/v2/dags/retire__ui/dagRuns", json={"logical_date": None}).json()["dag_run_id"]
+        again = live.trigger(client, "retire__ui")["dag_run_id"]
         live.wait(lambda: client.get(f"/api/v2/dags/retire__ui/dagRuns/{again}").json()["state"] == "success",
                   f"end of {again}")
         assert _task_state(client, again, "wait_grace_period") == "skipped"
@@ -264,7 +270,7 @@ def test_operator_walkthrough_in_the_airflow_ui(live, tmp_path):
         browser.screenshot(out / "backfill.png")
 
         assert client.patch("/api/v2/dags/retire__ui", json={"is_paused": False}).status_code == 200
-        run_id = client.post("/api/v2/dags/retire__ui/dagRuns", json={"logical_date": None}).json()["dag_run_id"]
+        run_id = live.trigger(client, "retire__ui")["dag_run_id"]
         live.wait(lambda: _task_state(client, run_id, "approve") == "awaiting_input", "approval request")
         browser.open(f"{live.url}/dags/retire__ui/runs/{run_id}/tasks/approve/required_actions")
         browser.wait_for_text("Retire versions of key class ui", "What approving does in the KMS",
@@ -291,8 +297,7 @@ def test_report_reads_run_history_through_the_rest_api_as_a_read_only_user(live)
         assert client.patch("/api/v2/dags/rotate__ui", json={"is_paused": False}).status_code == 200
 
         def run(conf: dict) -> tuple[str, str]:
-            run_id = client.post("/api/v2/dags/rotate__ui/dagRuns",
-                                 json={"logical_date": None, "conf": conf}).json()["dag_run_id"]
+            run_id = live.trigger(client, "rotate__ui", conf)["dag_run_id"]
 
             def finished():
                 state = client.get(f"/api/v2/dags/rotate__ui/dagRuns/{run_id}").json()["state"]
@@ -343,8 +348,7 @@ def test_the_lifecycle_closes_unattended_under_the_shipped_policy(live):
     dag_ids = ("rotate__life", "reencrypt__life_customers", "retire__life")
     with live.client("admin") as client:
         assert client.patch("/api/v2/dags/rotate__life", json={"is_paused": False}).status_code == 200
-        rotation = client.post("/api/v2/dags/rotate__life/dagRuns", json={
-            "logical_date": None, "conf": {"force": True, "reason": "lifecycle test: quarterly rotation"}}).json()
+        rotation = live.trigger(client, "rotate__life", {"force": True, "reason": "lifecycle test: quarterly rotation"})
         assert live.wait(lambda: _finished(client, "rotate__life", rotation["dag_run_id"]), "the rotation") == "success"
         assert life.ledger.current_version("life") == 2
         grace_end = life.ledger.current_reference("life")["recorded_at"] + LIFE_GRACE
@@ -360,8 +364,7 @@ def test_the_lifecycle_closes_unattended_under_the_shipped_policy(live):
 
         # More sweeps while it waits (a daily run, a backfill, an operator): each ends with the asset events
         # that start retire__life again; none of them may add a request.
-        extra = [client.post("/api/v2/dags/reencrypt__life_customers/dagRuns", json={"logical_date": None}).json()
-                 ["dag_run_id"] for _ in range(2)]
+        extra = [live.trigger(client, "reencrypt__life_customers")["dag_run_id"] for _ in range(2)]
         live.wait(lambda: all(_run_state(client, "reencrypt__life_customers", r) == "success" for r in extra),
                   "the extra sweeps", timeout=240)
 
@@ -497,8 +500,8 @@ def test_a_rotation_refuses_to_start_while_a_dag_it_must_start_is_paused(live):
         assert client.patch("/api/v2/dags/reencrypt__ui_customers", json={"is_paused": True}).status_code == 200
         try:
             assert client.patch("/api/v2/dags/rotate__ui", json={"is_paused": False}).status_code == 200
-            run_id = client.post("/api/v2/dags/rotate__ui/dagRuns", json={
-                "logical_date": None, "conf": {"force": True, "reason": "test: paused follower"}}).json()["dag_run_id"]
+            conf = {"force": True, "reason": "test: paused follower"}
+            run_id = live.trigger(client, "rotate__ui", conf)["dag_run_id"]
             assert live.wait(lambda: _finished(client, "rotate__ui", run_id), f"end of {run_id}") == "failed"
             ti = client.get(f"/api/v2/dags/rotate__ui/dagRuns/{run_id}/taskInstances/rotate_key").json()
             # The task log as the UI reads it (structured events; the failure's message is in the error's value).
@@ -518,11 +521,11 @@ def test_an_unanswered_approval_times_out_is_recorded_and_not_asked_again(live):
     as a decision (timed_out) and skips the retirement, the run does not fail; the next run asks no one again."""
     rt = live.unanswered
     with live.client("admin") as client:
-        first = client.post("/api/v2/dags/retire__to/dagRuns", json={"logical_date": None}).json()["dag_run_id"]
+        first = live.trigger(client, "retire__to")["dag_run_id"]
         assert live.wait(lambda: _finished(client, "retire__to", first), f"end of {first}") == "success"
         assert {t: _task_state(client, first, t, "retire__to") for t in ("approve", "retire_versions")} == {
             "approve": "skipped", "retire_versions": "skipped"}
-        again = client.post("/api/v2/dags/retire__to/dagRuns", json={"logical_date": None}).json()["dag_run_id"]
+        again = live.trigger(client, "retire__to")["dag_run_id"]
         assert live.wait(lambda: _finished(client, "retire__to", again), f"end of {again}") == "success"
         assert _task_state(client, again, "wait_grace_period", "retire__to") == "skipped"
         details = client.get("/api/v2/dags/retire__to/dagRuns/~/hitlDetails").json()["hitl_details"]
@@ -535,16 +538,17 @@ def test_an_unanswered_approval_times_out_is_recorded_and_not_asked_again(live):
 def test_zz_no_canary_anywhere_in_the_live_airflow(live, openbao, record_property):
     """Last in the module, after every live run: no data value, token, KEK or DEK of the live key classes is in
     any file of the live Airflow's home (the task log files the LocalExecutor's task runners wrote, the scheduler,
-    DAG processor, triggerer and API server logs, the metadata database's bytes and every table's rows, XCom
-    included), the ledger, or a report of the live key classes (with the run history read from the API server).
+    DAG processor, triggerer and API server logs), in its PostgreSQL metadata database (every table's rows, XCom
+    included, and the bytes of its files in the server's data directory, dead rows included), the ledger, or a
+    report of the live key classes (with the run history read from the API server).
     The KEKs and DEKs are recovered post hoc from every partition's key material by tests/oracle.py, through
     Transit; every live key class re-wraps (rewrap), so they are the keys the runs handled."""
     import re
-    import sqlite3
 
+    import sqlalchemy as sa
     from oracle import TransitKms, partition_keys, read_dataset
 
-    from helpers import CANARY, file_text, find_leaks, forms
+    from helpers import CANARY, database_dump, file_text, find_leaks, forms, postgres_files_text
 
     kms = TransitKms(openbao.url, openbao.token)
     classes = {"ui": (live.rt, "ui_customers"), "life": (live.life, "life_customers"),
@@ -581,8 +585,8 @@ def test_zz_no_canary_anywhere_in_the_live_airflow(live, openbao, record_propert
                  history=AirflowHistory(live.url, "viewer", passwords["viewer"]))
 
     task_log = re.compile(r"dag_id=[^/]+/run_id=[^/]+/task_id=[^/]+/.*\.log$")
-    haystacks, where = {}, {"task log files": 0, "component logs": 0, "metadata DB files": 0, "other home files": 0,
-                            "ledger DB files": 0, "report files": 0}
+    haystacks, where = {}, {"task log files": 0, "component logs": 0, "other home files": 0,
+                            "metadata DB tables": 0, "metadata DB files": 0, "ledger DB files": 0, "report files": 0}
     for path in sorted(p for p in live.home.rglob("*") if p.is_file()):
         haystacks[str(path)] = file_text(path)
         rel = path.relative_to(live.home).as_posix()
@@ -590,10 +594,15 @@ def test_zz_no_canary_anywhere_in_the_live_airflow(live, openbao, record_propert
             where["task log files"] += 1
         elif rel.endswith(".log"):
             where["component logs"] += 1
-        elif rel.startswith("airflow.db"):
-            where["metadata DB files"] += 1
         else:
             where["other home files"] += 1
+    def metadata_db() -> dict[str, str]:
+        rows = database_dump(live.database_url)
+        files, count = postgres_files_text(live.database_url)
+        where["metadata DB tables"], where["metadata DB files"] = rows.count("\n== ") + 1, count
+        return {"metadata DB rows": rows, "metadata DB files": files}
+
+    haystacks.update(metadata_db())
     for path in sorted(live.home.parent.glob("ledger.db*")):
         haystacks[str(path)] = file_text(path)
         where["ledger DB files"] += 1
@@ -607,9 +616,10 @@ def test_zz_no_canary_anywhere_in_the_live_airflow(live, openbao, record_propert
         Path(p).name for p in haystacks}
     logs_text = "".join(t for p, t in haystacks.items() if task_log.search(p))
     assert "rewrapped" in logs_text, "no sweep's task log was read"
-    with sqlite3.connect(f"file:{live.home / 'airflow.db'}?mode=ro", uri=True) as db:
-        xcom_rows = db.execute("SELECT count(*) FROM xcom").fetchone()[0]
-    assert xcom_rows > 0 and "== xcom" in haystacks[str(live.home / "airflow.db")]
+    metadata = sa.create_engine(live.database_url)
+    with metadata.connect() as db:
+        xcom_rows = db.execute(sa.text("SELECT count(*) FROM xcom")).scalar_one()
+    assert xcom_rows > 0 and "== xcom" in haystacks["metadata DB rows"] and where["metadata DB tables"] > 50, where
     assert partitions == 15 and files >= 15
     kinds: dict[str, int] = {}
     for what in needles:
@@ -631,11 +641,14 @@ def test_zz_no_canary_anywhere_in_the_live_airflow(live, openbao, record_propert
     some_log = next(p for p in sorted(haystacks) if task_log.search(p))
     with open(some_log, "a") as log:
         log.write(json.dumps({"event": "debug key=" + base64.b64encode(b"k=" + sample[1]).decode()}) + "\n")
-    with sqlite3.connect(live.home / "airflow.db", timeout=30) as db:
-        db.execute("INSERT INTO variable (key, val, is_encrypted) VALUES (?, ?, 0)", ("planted", openbao.token))
+    with metadata.begin() as db:
+        db.execute(sa.text("INSERT INTO variable (key, val, is_encrypted) VALUES (:key, :val, false)"),
+                   {"key": "planted", "val": openbao.token})
+    metadata.dispose()
     phone = next(k for k in needles if "phone" in k)
     live.life.ledger.record(lg.REPORT_WRITTEN, "*", None, detail={"note": max(needles[phone], key=len)})
-    again = [str(p) for p in (some_log, live.home / "airflow.db", *live.home.parent.glob("ledger.db*"))]
-    found = find_leaks(needles, {p: file_text(Path(p)) for p in again})
+    again = {p: file_text(Path(p)) for p in (str(some_log), *map(str, live.home.parent.glob("ledger.db*")))}
+    found = find_leaks(needles, {**again, **metadata_db()})
     assert {(what, Path(where).name) for what, where in found} >= {
-        (sample[0], Path(some_log).name), ("OpenBao token", "airflow.db"), (phone, "ledger.db")}, found
+        (sample[0], Path(some_log).name), ("OpenBao token", "metadata DB rows"), ("OpenBao token", "metadata DB files"),
+        (phone, "ledger.db")}, found
