@@ -474,8 +474,9 @@ def per_file(tests: list[dict]) -> str:
     rows = []
     for path, chosen in files.items():
         counts = Counter(t["outcome"] for t in chosen)
-        rows.append([f"`{path}`", len(chosen)] + [counts[o] for o in OUTCOMES])
-    return _table(["file", "tests", *OUTCOMES], rows)
+        seconds = sum(t["duration"] for t in chosen)
+        rows.append([f"`{path}`", len(chosen)] + [counts[o] for o in OUTCOMES] + [f"{seconds:,.1f}"])
+    return _table(["file", "tests", *OUTCOMES, "seconds"], rows)
 
 
 def summary(data: dict) -> str:
