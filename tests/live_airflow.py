@@ -3,9 +3,9 @@ processor (LocalExecutor), on loopback ports, with the simple auth manager's use
 metadata database of its own (:func:`postgres_databases`).
 
 Not SQLite: with a scheduler, a DAG processor, a triggerer, task processes and the API server all
-writing, SQLite's single writer lock makes a request fail now and then with "database is locked"
-once its busy timeout is out (a manual trigger through the API did so in CI, stop 29). Airflow's
-own advice is PostgreSQL for anything concurrent."""
+writing, SQLite's single writer lock made requests fail now and then ("database is locked": a
+backfill answered 503, an unpause 500), and a manual trigger was refused in CI (stop 29), most
+likely so. Airflow's own advice is PostgreSQL for anything concurrent."""
 
 from __future__ import annotations
 
