@@ -202,10 +202,7 @@ def test_sweep_scales_out_over_two_celery_workers_survives_a_killed_worker_and_k
                     airflow.wait(lambda d=dag_id: client.get(f"/api/v2/dags/{d}").status_code == 200,
                                  f"{dag_id} parsed")
                     assert client.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False}).status_code == 200
-                    resp = client.post(f"/api/v2/dags/{dag_id}/dagRuns",
-                                       json={"logical_date": None, "conf": {"scope": "sweep"}})
-                    assert resp.status_code == 200, resp.text
-                    runs[dag_id] = resp.json()["dag_run_id"]
+                    runs[dag_id] = airflow.trigger(client, dag_id, {"scope": "sweep"})["dag_run_id"]
                 sweep_dag, sweep_run = f"reencrypt__{SWEEP}", runs[f"reencrypt__{SWEEP}"]
 
                 def on_worker_a() -> tuple[list[dict], list[dict]]:
