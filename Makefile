@@ -14,7 +14,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
 	$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) -r requirements-dev.txt -c constraints.txt
 	touch $@
 
+# The C page walk of module-level PME re-encryption, built next to its source when it changed (without a compiler
+# the Python walk does the same work, more slowly: scripts/build_native.py).
 install: $(VENV)/.installed
+	$(PY) scripts/build_native.py
 
 # TEST_WORKERS=2: two pytest-xdist workers, one test module each at a time (the suite waits on servers much of
 # the time). Not the default yet: see README, "Set-up".

@@ -50,6 +50,19 @@ class MemoryKms(pe.KmsClient):
 
 FACTORY = pe.CryptoFactory(MemoryKms)
 KMS = pe.KmsConnectionConfig()
+#: The two page walks: the C one (``_pme_pages.c``, built by ``make install``) and the Python one, the reference.
+WALKS = ["native", "python"]
+
+
+@pytest.fixture
+def walk(request, monkeypatch):
+    """The page walk a test runs on (parametrize ``walk`` with WALKS)."""
+    import keyrotation.formats.pme_modules as pm
+
+    if request.param == "native":
+        assert pm.NATIVE, "the C page walk is not built: make install builds it (scripts/build_native.py)"
+    monkeypatch.setattr(pm, "NATIVE", request.param == "native")
+    return request.param
 
 
 def _table(rows: int = 3000, nested: bool = False) -> pa.Table:
@@ -162,8 +175,9 @@ def _read(path: Path, **kwargs) -> pa.Table:
     return pq.read_table(path, decryption_properties=properties, page_checksum_verification=True, **kwargs)
 
 
+@pytest.mark.parametrize("walk", WALKS, indirect=True)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_variant_reencrypted_reads_back_equal(variant, tmp_path):
+def test_variant_reencrypted_reads_back_equal(variant, walk, tmp_path):
     config, options, nested = VARIANTS[variant]
     table = _table(nested=nested)
     src, dst = tmp_path / "src.parquet", tmp_path / "dst.parquet"
@@ -216,7 +230,8 @@ def _first_data_page(path: Path, column: str) -> tuple[int, int]:
     return page + 4 + 12, page + 4 + struct.unpack_from("<I", data, page)[0] - 16
 
 
-def test_file_to_file_streams_and_reads_back(tmp_path):
+@pytest.mark.parametrize("walk", WALKS, indirect=True)
+def test_file_to_file_streams_and_reads_back(walk, tmp_path):
     table, src, dst, old, new = _written(tmp_path, options={"write_page_index": True, "write_page_checksum": True},
                                          rows=20_000, nested=True)
     result = reencrypt_file(str(src), str(dst), LOCAL, old, new)
@@ -252,8 +267,9 @@ def test_aad_prefix_stored_and_supplied(tmp_path):
             pq.read_table(dst, decryption_properties=pe.create_decryption_properties(old_key, aad_prefix=supplied))
 
 
+@pytest.mark.parametrize("walk", WALKS, indirect=True)
 @pytest.mark.parametrize("config", [{}, {"plaintext_footer": True}], ids=["encrypted footer", "plaintext footer"])
-def test_flipped_bit_refused(config, tmp_path):
+def test_flipped_bit_refused(config, walk, tmp_path):
     _, src, _, old, new = _written(tmp_path, config)
     data = bytearray(src.read_bytes())
     start, end = _first_data_page(src, "a")
@@ -290,7 +306,8 @@ def test_ctr_damaged_page_refused_by_its_crc(tmp_path):
     assert str(refused.value) == "column a: a page does not match its CRC"
 
 
-def test_crc_that_does_not_fit_takes_another_nonce(tmp_path):
+@pytest.mark.parametrize("walk", WALKS, indirect=True)
+def test_crc_that_does_not_fit_takes_another_nonce(walk, tmp_path):
     # about 1 page CRC in 16 is a 4-byte varint, and a new CRC fits it with a chance of 1 in 16: with 300 pages
     # a file needs no extra nonce with a chance of 4e-9; one in 2**18 is a 2-byte varint, which 1 GiB of nonces for
     # a 2 KiB page fits 7 times in 8 (so this test fails once in 7,000 runs)
@@ -311,9 +328,11 @@ def test_crc_that_does_not_fit_takes_another_nonce(tmp_path):
 
 
 def test_wrong_crc_is_seen_by_the_reader(tmp_path, monkeypatch):
-    """The read-back check has teeth: pages written with a wrong CRC fail pyarrow's checksum verification."""
+    """The read-back check has teeth: pages written with a wrong CRC fail pyarrow's checksum verification (the
+    Python walk's CRCs are the ones a test can make wrong)."""
     import keyrotation.formats.pme_modules as pm
 
+    monkeypatch.setattr(pm, "NATIVE", False)
     table, src, dst, old, new = _written(tmp_path, options={"write_page_checksum": True})
     monkeypatch.setattr(pm.zlib, "crc32", lambda _data: 5)
     data, _ = reencrypt_bytes(src.read_bytes(), old, new)
@@ -381,12 +400,14 @@ def _page_headers(monkeypatch, tmp_path) -> list[bytes]:
         return original(data)
 
     monkeypatch.setattr(pm, "page_header", recorded)
+    monkeypatch.setattr(pm, "NATIVE", False)  # every header through the Python walk's page_header
     for i, (config, options, nested) in enumerate(VARIANTS.values()):
         src, dst = tmp_path / f"src{i}.parquet", tmp_path / f"dst{i}.parquet"
         _write(src, _table(nested=nested), config, options)
         old = _old_keys(src)
         reencrypt_bytes(src.read_bytes(), old, _new_keys(src, dst, old))
     monkeypatch.setattr(pm, "page_header", original)
+    monkeypatch.undo()
     return headers
 
 
@@ -408,6 +429,7 @@ def test_page_header_fast_path_matches_the_generic_codec(monkeypatch, tmp_path):
     it; damaged headers are refused where the codec refuses them."""
     import random
 
+    from keyrotation.formats import _pme_pages
     from keyrotation.formats.thrift_compact import I32, ThriftError, padded_varint, page_header, zigzag
 
     headers = _page_headers(monkeypatch, tmp_path)
@@ -416,6 +438,7 @@ def test_page_header_fast_path_matches_the_generic_codec(monkeypatch, tmp_path):
         page_type, size, crc, crc_at, crc_size, end = page_header(data)
         raw = None if crc_at < 0 else data[crc_at:crc_at + crc_size]
         assert _generic_page_header(data) == (page_type, size, crc, raw, end) and end == len(data)
+        assert _pme_pages.page_header(data) == (page_type, size, crc, crc_at, crc_size, end)
         if crc_at >= 0:
             for value in (0, -1, 2**31 - 1, -(2**31)):
                 raw = padded_varint(zigzag(value, 32), crc_size)
@@ -434,6 +457,9 @@ def test_page_header_fast_path_matches_the_generic_codec(monkeypatch, tmp_path):
                 damaged[rng.randrange(len(damaged))] ^= 1 << rng.randrange(8)
         data = bytes(damaged)
         generic = _generic_page_header(data)
+        native = _pme_pages.page_header(data)
+        if native is not None:  # what the C walk reads, it reads as the Python walk does (it hands over the rest)
+            assert native == page_header(data)
         try:
             fast = page_header(data)
         except ThriftError:
@@ -738,8 +764,9 @@ def test_column_chunk_in_another_file_refused(tmp_path):
     assert refused.value.reason == "a column chunk lives in another file (ColumnChunk.file_path)"
 
 
+@pytest.mark.parametrize("walk", WALKS, indirect=True)
 @pytest.mark.parametrize("variant", ["gcm plaintext footer page index crc", "ctr page crc"])
-def test_flipped_bits_anywhere_are_refused_or_harmless_never_a_crash(variant, tmp_path):
+def test_flipped_bits_anywhere_are_refused_or_harmless_never_a_crash(variant, walk, tmp_path):
     """Random bit flips (most near the tail, where the lengths and the footer are): each either refused with a
     module re-encryption error, or in bytes that are copied as they are (a plaintext column's)."""
     import random
@@ -763,3 +790,101 @@ def test_flipped_bits_anywhere_are_refused_or_harmless_never_a_crash(variant, tm
         except (ModuleReencryptionError, ModuleReencryptionUnavailable):
             refused += 1
     assert refused > 100
+
+
+def test_the_walks_agree(tmp_path, monkeypatch):
+    """The C walk and the Python walk re-encrypt the same modules of the same file, the same bytes of them: only
+    nonces, so ciphertexts and CRCs (and the extra nonces CRCs take) differ."""
+    import keyrotation.formats.pme_modules as pm
+
+    table, src, dst, old, new = _written(tmp_path, options={"write_page_index": True, "write_page_checksum": True},
+                                         rows=20_000, nested=True)
+    results = {}
+    for native in (True, False):
+        monkeypatch.setattr(pm, "NATIVE", native)
+        data, result = reencrypt_bytes(src.read_bytes(), old, new)
+        dst.write_bytes(data)
+        assert _read(dst).equals(table)
+        results[native] = (result.modules, result.module_bytes, result.crc_pages, result.rows, result.bytes)
+    assert results[True] == results[False] and results[True][2] > 0
+
+
+@pytest.mark.parametrize("walk", WALKS, indirect=True)
+def test_pages_larger_than_a_write_stream_through(walk, tmp_path):
+    """File to file the C walk reads the source a window at a time (a write's worth, 2 MiB): pages of 3 MiB take
+    a window each, as large as they are."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    blob = rng.bytes(200 * 40_000)
+    table = pa.table({"a": pa.array([blob[i * 200 : (i + 1) * 200] for i in range(40_000)], pa.binary()),
+                      "b": pa.array(range(40_000), pa.int64())})
+    src, dst = tmp_path / "src.parquet", tmp_path / "dst.parquet"
+    _write(src, table, {}, {"use_dictionary": False, "compression": "none", "data_page_size": 3 << 20})
+    old = _old_keys(src)
+    new = _new_keys(src, dst, old)
+    result = reencrypt_file(str(src), str(dst), LOCAL, old, new)
+    pages = [pq.ParquetFile(src, decryption_properties=pe.CryptoFactory(MemoryKms).file_decryption_properties(
+        KMS, pe.DecryptionConfiguration(), str(src), LOCAL)).metadata.row_group(0).column(0)]
+    assert result.module_bytes > 8_000_000 and pages[0].total_compressed_size > 8_000_000
+    assert result.modules < 20  # pages of about 3 MiB, each with its header: column a's, b's, the footer
+    assert _read(dst).equals(table)
+
+
+@pytest.mark.parametrize("walk", WALKS, indirect=True)
+def test_a_new_page_that_does_not_decrypt_to_the_old_plaintext_is_refused(walk, tmp_path, monkeypatch):
+    """The per-module check has teeth in both walks: a new key whose decryption of a page (and only of a page:
+    its AAD is the longest) comes back changed is refused, file to file with nothing left."""
+    import keyrotation.formats.pme_modules as pm
+
+    class Changing:
+        def __init__(self, aes: AESGCM) -> None:
+            self.aes = aes
+
+        def __getattr__(self, name: str):  # noqa: ANN204
+            return getattr(self.aes, name)
+
+        def decrypt_into(self, nonce, data, aad, out) -> None:  # noqa: ANN001
+            self.aes.decrypt_into(nonce, data, aad, out)
+            if len(aad) == page_aad and len(out) > 64:
+                out[len(out) // 2] ^= 1
+
+    made = pm._Job._new_cipher
+
+    def changing(self, *args):  # noqa: ANN001, ANN202
+        cipher = made(self, *args)
+        cipher.new = Changing(cipher.new)
+        return cipher
+
+    _, src, dst, old, new = _written(tmp_path)
+    page_aad = len(pm._Job(pm._MemorySource(src.read_bytes()), old, None, None, 0).file_aad) + 1 + 2 + 2 + 2
+    monkeypatch.setattr(pm._Job, "_new_cipher", changing)
+    with pytest.raises(ModuleReencryptionError) as refused:
+        reencrypt_file(str(src), str(dst), LOCAL, old, new)
+    assert str(refused.value) == "column a: page: the new module does not decrypt to the old one's plaintext"
+    assert not dst.exists()
+
+
+def test_work_buffers_of_different_sizes_are_fitted_both(tmp_path):
+    """A thread's spare buffers differ in size (a stream's copy buffer is one): the plaintext and check buffers
+    taken together are both made large enough for a page (they once were not, the check buffer then too short)."""
+    import keyrotation.formats.pme_modules as pm
+
+    table, src, dst, old, new = _written(tmp_path, options={"use_dictionary": False, "compression": "none"},
+                                         rows=300_000)
+    pm._SPARE.buffers = [bytearray(4 << 20), bytearray(1 << 20)]
+    try:
+        assert pm._take(1 << 20) is not None and len(pm._SPARE.buffers) == 1
+        pm._SPARE.buffers = [bytearray(4 << 20), bytearray(1 << 20)]
+        reencrypt_file(str(src), str(dst), LOCAL, old, new)
+    finally:
+        pm._SPARE.buffers = []
+    assert _read(dst).equals(table)
+
+
+def test_the_native_walk_is_built():
+    """``make install`` builds the C walk (scripts/build_native.py): a build that failed would leave every file on
+    the Python walk, slower, and this says so."""
+    import keyrotation.formats.pme_modules as pm
+
+    assert pm.NATIVE and pm._pme_pages.__file__.endswith(".so")

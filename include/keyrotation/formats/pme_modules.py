@@ -57,6 +57,14 @@ _CTR_ROOM = 15
 _FOOTER_EAGER = 2
 
 
+try:
+    from keyrotation.formats import _pme_pages
+except ImportError:  # not built (scripts/build_native.py): every page is walked in Python
+    _pme_pages = None  # type: ignore[assignment]
+#: Whether GCM files' pages are walked by the C walk (``_pme_pages.c``, built by ``make install``), the Python walk
+#: taking only what it hands over; else by the Python walk alone. The same modules, checks and errors either way.
+NATIVE = _pme_pages is not None
+
 _SPARE = threading.local()
 #: Work buffers a thread keeps between files (at most): a new buffer of a megabyte costs its page faults, about a
 #: millisecond, and a file takes five or six.
@@ -226,7 +234,8 @@ class _Buffers:
         return self._page
 
     def fit(self, n: int) -> None:
-        if n + 64 > len(self.plain):
+        # both: buffers a thread gave back differ in size, so the two taken together may too
+        if n + 64 > min(len(self.plain), len(self.check)):
             size = max(n + 64, 2 * len(self.plain), 1 << 20)
             self.release()
             self.plain, self.check = _take(size), _take(size)
@@ -608,82 +617,131 @@ class _Job:
         first = True
         # the AADs but for the page ordinal, and what errors name, once per column chunk
         data_header_aad, data_page_aad = self._aad(DATA_HEADER, where, None), self._aad(DATA_PAGE, where, None)
+        aads = (self._aad(DICT_HEADER, where, None), self._aad(DICT_PAGE, where, None), data_header_aad, data_page_aad)
         what, what_header = f"column {path}: page", f"column {path}: page header"
+        native = NATIVE and self.kind == _GCM
         while pos < end:
+            if native:
+                pos, first, ordinal = self._native_pages(pos, end, first, ordinal, dictionary, cipher, aads, what,
+                                                         what_header, path, sink)
+                if pos >= end:
+                    break
+            # a pair the native walk hands over (an error to raise, or a header it does not read), or every pair
             is_dict = dictionary and first
             if is_dict:
-                header_aad, page_aad = self._aad(DICT_HEADER, where, None), self._aad(DICT_PAGE, where, None)
+                header_aad, page_aad = aads[0], aads[1]
             else:
                 page_ordinal = _ordinal(ordinal, "page")
                 header_aad, page_aad = data_header_aad + page_ordinal, data_page_aad + page_ordinal
-            facts, header, header_len = self._header(pos, cipher, header_aad, path)
-            page_type, page_len, old_crc, crc_at, crc_size, _ = facts
-            if (page_type == _DICTIONARY_PAGE) != is_dict or page_type == _INDEX_PAGE:
-                raise ModuleReencryptionError(f"column {path}: page type {page_type} where "
-                                              f"{'a dictionary' if is_dict else 'a data'} page belongs")
-            if page_len is None:
-                raise ModuleReencryptionError(f"column {path}: a page header gives no page size")
-            page_at = pos + header_len
-            if page_at + page_len > end:
-                raise ModuleReencryptionError(f"column {path}: a page reaches past its column chunk")
-            page = self.src.view(page_at, page_len)
-            has_crc = crc_at >= 0
-            if self.kind == _CTR:
-                if not has_crc:
-                    raise ModuleReencryptionUnavailable(
-                        f"AES_GCM_CTR_V1 without page CRCs (column {path}): its pages are not authenticated, so "
-                        "neither a damaged source page nor a wrong new one could be detected; refused")
-                if zlib.crc32(page) != old_crc & 0xFFFFFFFF:
-                    raise ModuleReencryptionError(f"column {path}: a page does not match its CRC")
-            if self.kind == _CTR:
-                plain = self._open_ctr(cipher, page, what)
-            else:
-                plain = self._open(cipher, page, page_aad, what)
-            # the new header and page go straight to their place in the sink (the page's plaintext is out already)
-            region = sink.take(header_len + page_len)
-            direct = region[header_len:] if self.kind == _GCM else None
-            tries = max(1, self.crc_budget // max(1, page_len)) if has_crc else 1
-            raw = b""
-            for attempt in range(tries):
-                # checked below once its CRC fits: a nonce whose CRC does not is not worth checking
-                if self.kind == _CTR:
-                    new_page = self._seal_ctr(cipher, plain, what, verify=not has_crc)
-                else:
-                    new_page = self._seal(cipher, plain, page_aad, what, page=True, verify=not has_crc,
-                                          into=direct)
-                if not has_crc:
-                    break
-                crc = zlib.crc32(new_page)
-                raw = padded_varint(zigzag(crc - (1 << 32) if crc >= 1 << 31 else crc, 32), crc_size)
-                if raw is not None:
-                    if self.kind == _CTR:
-                        self._verify_ctr(cipher, new_page, plain, what)
-                    else:
-                        self._verify(cipher, new_page, plain, page_aad, what)
-                    self.result.crc_pages += 1
-                    self.result.crc_retries += attempt
-                    break
-                self.result.modules -= 1
-                self.result.module_bytes -= len(new_page)
-            else:
-                raise ModuleReencryptionUnavailable(
-                    f"column {path}: a page's new CRC does not fit the varint its header has for it after {tries} "
-                    "nonce(s)")
-            # the header as it was (parquet-java's zeros after it included), but for the new CRC's varint over the old
-            # one's (of the same size)
-            plain = memoryview(self.buf.plain)[: len(header)]  # the page's plaintext is done with
-            plain[:] = header
-            if has_crc:
-                plain[crc_at : crc_at + crc_size] = raw
-            self._seal(cipher, plain, header_aad, what_header, into=region[:header_len])
-            if direct is None:
-                region[header_len:] = new_page
+            pos = self._pair(pos, end, is_dict, cipher, header_aad, page_aad, what, what_header, path, sink)
             if not is_dict:
                 ordinal += 1
             first = False
-            pos = page_at + page_len
         if pos != end:
             raise ModuleReencryptionError(f"column {path}: pages do not end where the column chunk does")
+
+    def _native_pages(self, pos: int, end: int, first: bool, ordinal: int, dictionary: bool, cipher: _Cipher,
+                      aads: tuple[bytes, bytes, bytes, bytes], what: str, what_header: str, path: str,
+                      sink: _StreamSink | _InPlaceSink) -> tuple[int, bool, int]:
+        """The pairs from ``pos`` on re-encrypted by the C walk (``_pme_pages.c``), a window of the source at a time
+        (a file's: at most a write's worth, or one pair; one in memory: the rest of the chunk); where it stopped,
+        and the walk's state there."""
+        need = 0
+        in_memory = isinstance(self.src, _MemorySource)
+        result = self.result
+        while pos < end:
+            n = end - pos if in_memory else min(end - pos, max(_StreamSink.WRITE, need))
+            window, region = self.src.view(pos, n), sink.take(n)
+            status, used, first, ordinal, modules, module_bytes, crc_pages, crc_retries, detail = _pme_pages.pages(
+                window, region, cipher.old, cipher.new, aads, first, ordinal, dictionary, self.buf.plain,
+                self.buf.check, self.crc_budget, pos + n == end)
+            sink.untake(n - used)
+            pos += used
+            result.modules += modules
+            result.module_bytes += module_bytes
+            result.crc_pages += crc_pages
+            result.crc_retries += crc_retries
+            if status == _pme_pages.MORE:
+                if not used and detail <= n:
+                    raise AssertionError(f"the native page walk asked for {detail} bytes with {n} given")
+                need = detail
+            elif status == _pme_pages.FIT:
+                self.buf.fit(detail)
+                need = 0
+            elif status == _pme_pages.PYTHON:
+                break
+            elif status == _pme_pages.VERIFY_PAGE:
+                raise ModuleReencryptionError(f"{what}: the new module does not decrypt to the old one's plaintext")
+            elif status == _pme_pages.VERIFY_HEADER:
+                raise ModuleReencryptionError(f"{what_header}: the new module does not decrypt to the old one's "
+                                              "plaintext")
+            elif status == _pme_pages.CRC:
+                raise ModuleReencryptionUnavailable(_crc_does_not_fit(path, detail))
+        return pos, bool(first), ordinal
+
+    def _pair(self, pos: int, end: int, is_dict: bool, cipher: _Cipher, header_aad: bytes, page_aad: bytes,
+              what: str, what_header: str, path: str, sink: _StreamSink | _InPlaceSink) -> int:
+        """The page header at ``pos`` and its page re-encrypted into ``sink``; where the next header starts."""
+        facts, header, header_len = self._header(pos, cipher, header_aad, path)
+        page_type, page_len, old_crc, crc_at, crc_size, _ = facts
+        if (page_type == _DICTIONARY_PAGE) != is_dict or page_type == _INDEX_PAGE:
+            raise ModuleReencryptionError(f"column {path}: page type {page_type} where "
+                                          f"{'a dictionary' if is_dict else 'a data'} page belongs")
+        if page_len is None:
+            raise ModuleReencryptionError(f"column {path}: a page header gives no page size")
+        page_at = pos + header_len
+        if page_at + page_len > end:
+            raise ModuleReencryptionError(f"column {path}: a page reaches past its column chunk")
+        page = self.src.view(page_at, page_len)
+        has_crc = crc_at >= 0
+        if self.kind == _CTR:
+            if not has_crc:
+                raise ModuleReencryptionUnavailable(
+                    f"AES_GCM_CTR_V1 without page CRCs (column {path}): its pages are not authenticated, so "
+                    "neither a damaged source page nor a wrong new one could be detected; refused")
+            if zlib.crc32(page) != old_crc & 0xFFFFFFFF:
+                raise ModuleReencryptionError(f"column {path}: a page does not match its CRC")
+        if self.kind == _CTR:
+            plain = self._open_ctr(cipher, page, what)
+        else:
+            plain = self._open(cipher, page, page_aad, what)
+        # the new header and page go straight to their place in the sink (the page's plaintext is out already)
+        region = sink.take(header_len + page_len)
+        direct = region[header_len:] if self.kind == _GCM else None
+        tries = max(1, self.crc_budget // max(1, page_len)) if has_crc else 1
+        raw = b""
+        for attempt in range(tries):
+            # checked below once its CRC fits: a nonce whose CRC does not is not worth checking
+            if self.kind == _CTR:
+                new_page = self._seal_ctr(cipher, plain, what, verify=not has_crc)
+            else:
+                new_page = self._seal(cipher, plain, page_aad, what, page=True, verify=not has_crc, into=direct)
+            if not has_crc:
+                break
+            crc = zlib.crc32(new_page)
+            raw = padded_varint(zigzag(crc - (1 << 32) if crc >= 1 << 31 else crc, 32), crc_size)
+            if raw is not None:
+                if self.kind == _CTR:
+                    self._verify_ctr(cipher, new_page, plain, what)
+                else:
+                    self._verify(cipher, new_page, plain, page_aad, what)
+                self.result.crc_pages += 1
+                self.result.crc_retries += attempt
+                break
+            self.result.modules -= 1
+            self.result.module_bytes -= len(new_page)
+        else:
+            raise ModuleReencryptionUnavailable(_crc_does_not_fit(path, tries))
+        # the header as it was (parquet-java's zeros after it included), but for the new CRC's varint over the old
+        # one's (of the same size)
+        plain = memoryview(self.buf.plain)[: len(header)]  # the page's plaintext is done with
+        plain[:] = header
+        if has_crc:
+            plain[crc_at : crc_at + crc_size] = raw
+        self._seal(cipher, plain, header_aad, what_header, into=region[:header_len])
+        if direct is None:
+            region[header_len:] = new_page
+        return page_at + page_len
 
     def index(self, start: int, end: int, cipher: _Cipher, where: bytes, kind: int, path: str,
               sink: _StreamSink | _InPlaceSink) -> None:
@@ -725,6 +783,10 @@ class _Job:
         raise ModuleReencryptionError("footer: the old footer key still opens the new footer")
 
 
+def _crc_does_not_fit(path: str, tries: int) -> str:
+    return f"column {path}: a page's new CRC does not fit the varint its header has for it after {tries} nonce(s)"
+
+
 def _ctr(key: bytes, nonce: memoryview | bytes, data: memoryview, out: memoryview) -> None:
     """AES-CTR of ``data`` into ``out`` (``_CTR_ROOM`` bytes longer: cryptography's update_into wants them), counter
     block ``nonce || 00000001`` as the Parquet spec has it."""
@@ -762,6 +824,11 @@ class _StreamSink:
         self.pos += n
         return view
 
+    def untake(self, n: int) -> None:
+        """The last ``n`` bytes taken given back, unwritten."""
+        self._used -= n
+        self.pos -= n
+
     def skip_to(self, end: int) -> None:
         while self.pos < end:
             n = min(self.WRITE, end - self.pos)
@@ -791,6 +858,10 @@ class _InPlaceSink:
         view = self._buf[self.pos : self.pos + n]
         self.pos += n
         return view
+
+    def untake(self, n: int) -> None:
+        """The last ``n`` bytes taken given back (left as they are)."""
+        self.pos -= n
 
     def skip_to(self, end: int) -> None:
         self.pos = end
