@@ -148,6 +148,7 @@ def measure_modules(backend: Any, ledger: Any, counter: KmsCounter, dataset: dic
 
     from bench.cipher import BulkYardstick
     from keyrotation import ledger as lg
+    from keyrotation.formats import pme_modules
     from keyrotation.formats.parquet_pme import ParquetEncryption
     from keyrotation.formats.pme_modules import ModuleKeys, reencrypt_in_place
     from keyrotation_dev.sample_data import daily_partitions
@@ -206,11 +207,30 @@ def measure_modules(backend: Any, ledger: Any, counter: KmsCounter, dataset: dic
         shares.append(len(data) / MB / cpus[-1] / bulks[-1])
         data_key_shares.append(len(data) / MB / cpus[-1] / data_key_bulk)
     in_memory_cpu = statistics.median(cpus)
+    # The same file on the Python page walk, for comparison (the engine's path is the C walk where it is built).
+    python_walk: dict = {}
+    if pme_modules.NATIVE:
+        py_cpus, py_shares = [], []
+        pme_modules.NATIVE = False
+        try:
+            for _ in range(repeats):
+                buf = bytearray(data)
+                bulk_now = yardstick.mb_s()
+                cpu0 = time.thread_time()
+                reencrypt_in_place(buf, old, new)
+                py_cpus.append(time.thread_time() - cpu0)
+                py_shares.append(len(data) / MB / py_cpus[-1] / bulk_now)
+        finally:
+            pme_modules.NATIVE = True
+        python_walk = {"file_mb_per_cpu_s": round(len(data) / MB / statistics.median(py_cpus), 1),
+                       "cpu_s": round(statistics.median(py_cpus), 4),
+                       "share_of_bulk": round(statistics.median(py_shares), 4)}
     return {
         "dataset": dataset["name"], "partitions": len(partitions), "file_bytes": file_bytes, "to_version": target,
         "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "cores_used": round(cpu / wall, 2),
         "file_mb_s": round(file_bytes / MB / wall, 1), "file_mb_per_cpu_s": round(file_bytes / MB / cpu, 1),
         "kms": counter.snapshot(), "stages_s": stages, "paths": sorted(set(paths)),
+        "page_walk": "C" if pme_modules.NATIVE else "Python (the C walk is not built)",
         "bulk_mb_s": round(bulk_around, 1), "bulk_mb_s_calls": [round(b, 1) for b in around],
         "share_of_bulk": round(file_bytes / MB / cpu / bulk_around, 4),
         "data_key_bits": data_key_cipher.key_bits,
@@ -221,5 +241,6 @@ def measure_modules(backend: Any, ledger: Any, counter: KmsCounter, dataset: dic
                       "bulk_mb_s": round(statistics.median(bulks), 1),
                       "share_of_bulk": round(statistics.median(shares), 4),
                       "shares": [round(x, 4) for x in shares],
-                      "share_of_bulk_data_key_cipher": round(statistics.median(data_key_shares), 4)},
+                      "share_of_bulk_data_key_cipher": round(statistics.median(data_key_shares), 4),
+                      "python_walk": python_walk},
     }

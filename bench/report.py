@@ -242,9 +242,10 @@ def _modules_headline(res: dict) -> list[str]:
 
     beside = (", measured beside it (just before each repeat in memory, around the engine run file to file)"
               if "bulk_mb_s" in m else "")
-    return [f"| full re-encryption, Parquet PME, module by module (`reencrypt`), a file held in memory, verification "
-            f"included | ≥ {_pct(mem['goal'])} of bulk AES-256-GCM (`encrypt_into`){beside}, per core per file "
-            f"byte | {m['in_memory']['file_mb_per_cpu_s']} MB/s per core = {_pct(mem['share'])} of "
+    walk = f" ({m['page_walk']} page walk)" if "page_walk" in m else ""
+    return [f"| full re-encryption, Parquet PME, module by module (`reencrypt`){walk}, a file held in memory, "
+            f"verification included | ≥ {_pct(mem['goal'])} of bulk AES-256-GCM (`encrypt_into`){beside}, per core "
+            f"per file byte | {m['in_memory']['file_mb_per_cpu_s']} MB/s per core = {_pct(mem['share'])} of "
             f"{m['in_memory'].get('bulk_mb_s', bulk)} MB/s (median of {m['in_memory']['repeats']} paired repeats)"
             f"{own(m['in_memory'].get('share_of_bulk_data_key_cipher'))} | {_yes(mem['met'])} |",
             f"| same, file to file through the partition store (a new generation per partition, committed), "
@@ -263,7 +264,10 @@ def _modules_rows(res: dict) -> list[str]:
             f"{m['file_mb_s']} | {m['file_mb_per_cpu_s']} | {_pct(g['reencrypt_modules_file']['share'])} |",
             f"| Parquet PME, module by module, one file in memory ({im['modules']:,} modules; median of "
             f"{im['repeats']}) | | {im['file_bytes'] / 1e6:,.1f} | {fmt_seconds(im['seconds'])} | {im['cpu_s']} | 1 | "
-            f"| | {im['file_mb_per_cpu_s']} | {_pct(g['reencrypt_modules_in_memory']['share'])} |"]
+            f"| | {im['file_mb_per_cpu_s']} | {_pct(g['reencrypt_modules_in_memory']['share'])} |"] + (
+        [f"| the same file on the Python page walk (for comparison; median of {im['repeats']}) | | "
+         f"{im['file_bytes'] / 1e6:,.1f} | | {py['cpu_s']} | 1 | | | {py['file_mb_per_cpu_s']} | "
+         f"{_pct(py['share_of_bulk'])} |"] if (py := im.get("python_walk")) else [])
 
 
 def _modules_stages(res: dict) -> list[str]:

@@ -414,7 +414,7 @@ def modules_goals(m: dict, bulk: float, decode_mb_per_cpu_s: float) -> dict:
                 f"MB/s per core against {mem_bulk} MB/s for bulk AES-256-GCM (encrypt_into)"
                 + data_key.format(m["in_memory"].get("share_of_bulk_data_key_cipher", 0)) + ": each module is "
                 "decrypted, encrypted and decrypted again to verify (three AES passes over the encrypted bytes), plus "
-                "Python per module and the footer's Thrift")},
+                f"the {m.get('page_walk', 'Python')} page walk's work per module and the footer's Thrift")},
         "reencrypt_modules_file": {
             "met": whole >= GOAL_MODULES_FILE, "share": round(whole, 4), "goal": GOAL_MODULES_FILE,
             "vs_decode_path": round(m["file_mb_per_cpu_s"] / decode_mb_per_cpu_s, 1),

@@ -88,6 +88,8 @@ def test_bench_tiny_writes_every_section_with_sane_numbers(tmp_path):
     assert modules["data_key_bits"] == 128  # pyarrow's default data keys: their own cipher is reported beside
     assert res["goals"]["reencrypt_modules_in_memory"]["share"] == mem["share_of_bulk"]
     assert res["goals"]["reencrypt_modules_file"]["share"] == modules["share_of_bulk"]
+    # The engine's page walk is the C one (make install built it); the Python walk is measured beside it.
+    assert modules["page_walk"] == "C" and mem["python_walk"]["cpu_s"] > 0
     assert res["cipher"]["per_value_columns"]["encrypt_values_per_s"] > 1000
 
     # 3. Memory: the partition is at least 10x the budget, measured in a process of its own.
@@ -181,4 +183,5 @@ def test_bench_tiny_writes_every_section_with_sane_numbers(tmp_path):
     assert "## 3. SQL tables" in md and "not measured" not in md and "## 7. Census at scale" in md
     assert f"{round(r['rows_per_s']):,} rows/s" in md and "server-side `UPDATE" in md
     assert "load average" in md.lower()
+    assert "module by module (`reencrypt`) (C page walk)" in md and "on the Python page walk (for comparison" in md
     assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
