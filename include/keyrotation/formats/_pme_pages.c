@@ -341,7 +341,11 @@ static PyObject *pages(PyObject *self, PyObject *args) {
         }
         Py_ssize_t size = page_len - LEN - NONCE - TAG;
         if (size < 0 || le32(d + page_at) != (uint32_t)(page_len - LEN)) { status = ST_PYTHON; break; }
-        if (size > plain_buf.len || size > check_buf.len) { status = ST_FIT; detail = page_len; break; }
+        if (size > plain_buf.len || size > check_buf.len || header_size > check_buf.len) {
+            status = ST_FIT;
+            detail = page_len > header_len ? page_len : header_len;
+            break;
+        }
         rc = gcm(w.old, s_decrypt_into, d + page_at + LEN, d + page_at + LEN + NONCE, size + TAG, page_aad,
                  page_aad_n, plain, size);
         if (rc < 0) goto done;
