@@ -165,7 +165,8 @@ typedef struct {
     Py_ssize_t crc_at, crc_size, end;
 } Facts;
 
-/* What pme_modules' page_header() reads of a PageHeader: 0, or -1 where anything is unusual. */
+/* What thrift_compact.page_header() reads of a PageHeader: 0, or -1 where anything is unusual (a field id past 63
+ * among them: the Python walk judges those). */
 static int page_header(const unsigned char *d, Py_ssize_t n, Facts *f) {
     Py_ssize_t pos = 0;
     int64_t last = 0;
