@@ -833,8 +833,9 @@ def test_pages_larger_than_a_write_stream_through(walk, tmp_path):
 
 @pytest.mark.parametrize("walk", WALKS, indirect=True)
 def test_a_new_page_that_does_not_decrypt_to_the_old_plaintext_is_refused(walk, tmp_path, monkeypatch):
-    """The per-module check has teeth in both walks: a new key whose decryption of a page (and only of a page:
-    its AAD is the longest) comes back changed is refused, file to file with nothing left."""
+    """The per-module check has teeth in both walks: a new key whose decryption of a data page comes back changed
+    (told by its AAD, the longest, which only data page headers share, and by a plaintext longer than a header's)
+    is refused, file to file with nothing left."""
     import keyrotation.formats.pme_modules as pm
 
     class Changing:
