@@ -866,20 +866,25 @@ def test_a_new_page_that_does_not_decrypt_to_the_old_plaintext_is_refused(walk, 
     assert not dst.exists()
 
 
-def test_work_buffers_of_different_sizes_are_fitted_both(tmp_path):
+def test_work_buffers_of_different_sizes_are_fitted_both(tmp_path, monkeypatch):
     """A thread's spare buffers differ in size (a stream's copy buffer is one): the plaintext and check buffers
-    taken together are both made large enough for a page (they once were not, the check buffer then too short)."""
+    taken together are both made large enough for a page (they once were not, the check buffer then too short).
+    In memory on the Python walk, whose first fit is for a page header: a 4 MiB plaintext buffer and a 1 MiB check
+    buffer then, and pages of just over 1 MiB after."""
     import keyrotation.formats.pme_modules as pm
 
-    table, src, dst, old, new = _written(tmp_path, options={"use_dictionary": False, "compression": "none"},
-                                         rows=300_000)
-    pm._SPARE.buffers = [bytearray(4 << 20), bytearray(1 << 20)]
-    try:
-        assert pm._take(1 << 20) is not None and len(pm._SPARE.buffers) == 1
-        pm._SPARE.buffers = [bytearray(4 << 20), bytearray(1 << 20)]
-        reencrypt_file(str(src), str(dst), LOCAL, old, new)
-    finally:
-        pm._SPARE.buffers = []
+    monkeypatch.setattr(pm, "NATIVE", False)
+    blob = os.urandom(100 * 30_000)
+    table = pa.table({"a": pa.array([blob[i * 100 : (i + 1) * 100] for i in range(30_000)], pa.binary())})
+    src, dst = tmp_path / "src.parquet", tmp_path / "dst.parquet"
+    _write(src, table, {"column_keys": {"col_a": ["a"]}}, {"use_dictionary": False, "compression": "none"})
+    old = _old_keys(src)
+    new = _new_keys(src, dst, old)
+    pages = _first_data_page(src, "a")
+    assert pages[1] - pages[0] > 1 << 20  # a page longer than the smaller buffer
+    monkeypatch.setattr(pm._SPARE, "buffers", [bytearray(4 << 20), bytearray(1 << 20)], raising=False)
+    data, _ = reencrypt_bytes(src.read_bytes(), old, new)
+    dst.write_bytes(data)
     assert _read(dst).equals(table)
 
 
