@@ -195,31 +195,31 @@ def measure_modules(backend: Any, ledger: Any, counter: KmsCounter, dataset: dic
     with store.fs.open_input_stream(path) as stream:
         data = stream.read()
     new = ModuleKeys(os.urandom(len(old.footer)), {c: os.urandom(len(k)) for c, k in old.columns.items()})
-    times, cpus, bulks, shares, data_key_shares = [], [], [], [], []
-    for _ in range(repeats):
-        buf = bytearray(data)
-        bulks.append(yardstick.mb_s())
-        data_key_bulk = data_key_cipher.mb_s()
-        cpu0, start = time.thread_time(), time.perf_counter()
-        result = reencrypt_in_place(buf, old, new)
-        times.append(time.perf_counter() - start)
-        cpus.append(time.thread_time() - cpu0)
-        shares.append(len(data) / MB / cpus[-1] / bulks[-1])
-        data_key_shares.append(len(data) / MB / cpus[-1] / data_key_bulk)
+
+    def repeat() -> tuple[list[float], list[float], list[float], list[float], list[float], Any]:
+        """``repeats`` in-memory runs, each just after the yardsticks: wall and CPU seconds, bulk MB/s, shares."""
+        times, cpus, bulks, shares, data_key_shares = [], [], [], [], []
+        result = None
+        for _ in range(repeats):
+            buf = bytearray(data)
+            bulks.append(yardstick.mb_s())
+            data_key_bulk = data_key_cipher.mb_s()
+            cpu0, start = time.thread_time(), time.perf_counter()
+            result = reencrypt_in_place(buf, old, new)
+            times.append(time.perf_counter() - start)
+            cpus.append(time.thread_time() - cpu0)
+            shares.append(len(data) / MB / cpus[-1] / bulks[-1])
+            data_key_shares.append(len(data) / MB / cpus[-1] / data_key_bulk)
+        return times, cpus, bulks, shares, data_key_shares, result
+
+    times, cpus, bulks, shares, data_key_shares, result = repeat()
     in_memory_cpu = statistics.median(cpus)
     # The same file on the Python page walk, for comparison (the engine's path is the C walk where it is built).
     python_walk: dict = {}
     if pme_modules.NATIVE:
-        py_cpus, py_shares = [], []
         pme_modules.NATIVE = False
         try:
-            for _ in range(repeats):
-                buf = bytearray(data)
-                bulk_now = yardstick.mb_s()
-                cpu0 = time.thread_time()
-                reencrypt_in_place(buf, old, new)
-                py_cpus.append(time.thread_time() - cpu0)
-                py_shares.append(len(data) / MB / py_cpus[-1] / bulk_now)
+            _, py_cpus, _, py_shares, _, _ = repeat()
         finally:
             pme_modules.NATIVE = True
         python_walk = {"file_mb_per_cpu_s": round(len(data) / MB / statistics.median(py_cpus), 1),
